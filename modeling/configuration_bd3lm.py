@@ -1,0 +1,154 @@
+"""Configuration of BD3-LM, the block discrete denoising diffusion language model (Arriola et al., ICLR 2025)."""
+
+from transformers import PretrainedConfig
+
+# Field names of the original bd3lms `config.json` (model_type "bd3lm" and "mdlm") -> our HF-style names.
+ORIGINAL_FIELD_NAMES = {
+    "hidden_dim": "hidden_size",
+    "n_blocks": "num_hidden_layers",
+    "n_heads": "num_attention_heads",
+    "model_length": "max_position_embeddings",
+    "dropout": "hidden_dropout",
+}
+# Original fields with no counterpart here: how the research code chose kernels, or flags whose only legal
+# value is implied by our architecture. They are accepted on load and checked, never stored.
+ORIGINAL_FIELDS_CHECKED = {"adaln": True, "causal": False}
+ORIGINAL_FIELDS_DROPPED = ("attn_backend", "var_min", "cross_attn", "return_dict")
+
+
+class BD3LMConfig(PretrainedConfig):
+    r"""
+    Configuration of a [`BD3LMForBlockDiffusion`]: the DiT backbone of BD3-LM / MDLM plus the block-diffusion
+    hyper-parameters. `block_size == max_position_embeddings` is MDLM (one block, full attention); `block_size == 1`
+    is an autoregressive model over single-token blocks.
+
+    Args:
+        vocab_size (`int`, defaults to 50258): tokens, including the [MASK] token (GPT-2 + [MASK] at 50257).
+        hidden_size (`int`, defaults to 768): width of the residual stream.
+        num_hidden_layers (`int`, defaults to 12): number of DiT blocks.
+        num_attention_heads (`int`, defaults to 12): heads per attention; must divide `hidden_size`.
+        cond_dim (`int`, defaults to 128): width of the time-conditioning vector feeding adaLN.
+        max_position_embeddings (`int`, defaults to 1024): the training context L; `block_size` must divide it.
+        block_size (`int`, defaults to 16): tokens per diffusion block L'.
+        mask_token_id (`int`, defaults to 50257): id of the absorbing [MASK] token.
+        time_conditioning (`bool`, defaults to False): feed sigma(t) to adaLN (MDLM); BD3-LM feeds 0.
+        hidden_dropout (`float`, defaults to 0.1): dropout on the attention and MLP residual branches.
+        rope_theta (`float`, defaults to 10000.0): rotary base.
+        sampling_eps_min / sampling_eps_max (`float`): the clip range [beta, omega] of the per-block noise level.
+        layer_norm_eps (`float`, defaults to 1e-5): epsilon of the weight-only LayerNorms.
+        initializer_range (`float`, defaults to 0.02): std of the normal init of the non-zero-init weights.
+
+    The original bd3lms field names (`hidden_dim`, `n_blocks`, `n_heads`, `model_length`, `dropout`, `cross_attn`,
+    `attn_backend`, `var_min`, `adaln`, `causal`) are accepted, so an original `config.json` loads as is.
+    """
+
+    model_type = "bd3lm"
+    keys_to_ignore_at_inference = ["past_key_values"]
+
+    def __init__(
+        self,
+        vocab_size=50258,
+        hidden_size=768,
+        num_hidden_layers=12,
+        num_attention_heads=12,
+        cond_dim=128,
+        max_position_embeddings=1024,
+        block_size=16,
+        mask_token_id=None,
+        time_conditioning=False,
+        hidden_dropout=0.1,
+        rope_theta=10000.0,
+        sampling_eps_min=1e-3,
+        sampling_eps_max=1.0,
+        layer_norm_eps=1e-5,
+        initializer_range=0.02,
+        bos_token_id=None,
+        eos_token_id=None,
+        pad_token_id=None,
+        **kwargs,
+    ):
+        renamed = _take_original_fields(kwargs)
+        vocab_size = kwargs.pop("vocab_size", vocab_size)
+        hidden_size = renamed.get("hidden_size", hidden_size)
+        num_hidden_layers = renamed.get("num_hidden_layers", num_hidden_layers)
+        num_attention_heads = renamed.get("num_attention_heads", num_attention_heads)
+        max_position_embeddings = renamed.get("max_position_embeddings", max_position_embeddings)
+        hidden_dropout = renamed.get("hidden_dropout", hidden_dropout)
+        if renamed.get("cross_attn") is False:  # original MDLM flavour: one block over the whole context
+            block_size = max_position_embeddings
+
+        self.vocab_size = vocab_size
+        self.hidden_size = hidden_size
+        self.num_hidden_layers = num_hidden_layers
+        self.num_attention_heads = num_attention_heads
+        self.cond_dim = cond_dim
+        self.max_position_embeddings = max_position_embeddings
+        self.block_size = block_size
+        # The original OWT checkpoints append [MASK] as the last id.
+        self.mask_token_id = vocab_size - 1 if mask_token_id is None else mask_token_id
+        self.time_conditioning = time_conditioning
+        self.hidden_dropout = hidden_dropout
+        self.rope_theta = rope_theta
+        self.sampling_eps_min = float(sampling_eps_min)
+        self.sampling_eps_max = float(sampling_eps_max)
+        self.layer_norm_eps = layer_norm_eps
+        self.initializer_range = initializer_range
+        kwargs.setdefault("tie_word_embeddings", False)
+        super().__init__(bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id, **kwargs)
+        self.validate_bd3lm()
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    @property
+    def num_blocks(self) -> int:
+        """Number of diffusion blocks in the training context."""
+        return self.max_position_embeddings // self.block_size
+
+    def validate_bd3lm(self):
+        """Raise a ValueError naming the first inconsistent field and what is allowed."""
+        for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "cond_dim",
+                     "max_position_embeddings", "block_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"BD3LMConfig.{name} must be a positive int, got {value!r}.")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"num_attention_heads={self.num_attention_heads} must divide hidden_size={self.hidden_size}.")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim={self.head_dim} (hidden_size / num_attention_heads) must be even for rotary.")
+        if self.max_position_embeddings % self.block_size:
+            raise ValueError(
+                f"block_size={self.block_size} must divide max_position_embeddings={self.max_position_embeddings}; "
+                f"allowed: the divisors of {self.max_position_embeddings}.")
+        if not 0 <= self.mask_token_id < self.vocab_size:
+            raise ValueError(f"mask_token_id={self.mask_token_id} must be in [0, vocab_size={self.vocab_size}).")
+        if not 0.0 <= self.sampling_eps_min < self.sampling_eps_max <= 1.0:
+            raise ValueError(
+                f"need 0 <= sampling_eps_min < sampling_eps_max <= 1, got "
+                f"[{self.sampling_eps_min}, {self.sampling_eps_max}].")
+        if not 0.0 <= self.hidden_dropout < 1.0:
+            raise ValueError(f"hidden_dropout must be in [0, 1), got {self.hidden_dropout}.")
+
+    def to_dict(self):
+        output = super().to_dict()
+        # One model class serves both auto classes: keep the masked-LM entry in step with the causal-LM one that
+        # `register_for_auto_class` writes, as the original checkpoints are loaded with AutoModelForMaskedLM.
+        auto_map = output.get("auto_map")
+        if auto_map and "AutoModelForCausalLM" in auto_map:
+            auto_map.setdefault("AutoModelForMaskedLM", auto_map["AutoModelForCausalLM"])
+        return output
+
+
+def _take_original_fields(kwargs: dict) -> dict:
+    """Pop the original bd3lms field names out of `kwargs`; return them under our names (plus `cross_attn`)."""
+    renamed = {new: kwargs.pop(old) for old, new in ORIGINAL_FIELD_NAMES.items() if old in kwargs}
+    for name, allowed in ORIGINAL_FIELDS_CHECKED.items():
+        if name in kwargs and kwargs.pop(name) != allowed:
+            raise ValueError(f"original field {name}={not allowed} is not supported; only {name}={allowed} is.")
+    if "cross_attn" in kwargs:
+        renamed["cross_attn"] = kwargs["cross_attn"]
+    for name in ORIGINAL_FIELDS_DROPPED:
+        kwargs.pop(name, None)
+    return renamed

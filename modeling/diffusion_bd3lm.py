@@ -1,0 +1,82 @@
+"""Pure functions of masked (absorbing-state) block diffusion: noise levels, forward noising, SUBS, NELBO.
+
+Linear schedule: a token is masked with probability t; one t per block. The NELBO weight of a masked token is 1/t.
+"""
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def sample_block_noise_levels(batch_size: int, num_blocks: int, eps_min: float = 1e-3, eps_max: float = 1.0,
+                              generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+    """Low-discrepancy per-block noise levels t (batch_size, num_blocks) inside the clip range [eps_min, eps_max].
+
+    u ~ U(0,1) on the (B, nb) grid is shrunk into the k-th of B*nb equal strata, so that the batch covers [0, 1)
+    evenly (the original's "antithetic" sampling), then rescaled into the clip range.
+    """
+    if not 0.0 <= eps_min < eps_max <= 1.0:
+        raise ValueError(f"need 0 <= eps_min < eps_max <= 1, got [{eps_min}, {eps_max}].")
+    cells = batch_size * num_blocks
+    u = torch.rand((batch_size, num_blocks), generator=generator, device=device)
+    offsets = torch.arange(cells, device=device).view(batch_size, num_blocks) / cells
+    t = (u / cells + offsets) % 1
+    return t * (eps_max - eps_min) + eps_min
+
+
+def per_token_noise_levels(noise_levels: torch.Tensor, block_size: int, seq_len: int) -> torch.Tensor:
+    """Expand per-block t (B, nb) to per-token t (B, seq_len)."""
+    if noise_levels.shape[-1] * block_size != seq_len:
+        raise ValueError(
+            f"noise_levels has {noise_levels.shape[-1]} blocks; a sequence of {seq_len} tokens with "
+            f"block_size={block_size} needs {seq_len // block_size} (shape [batch, seq_len / block_size]).")
+    return noise_levels.repeat_interleave(block_size, dim=-1)
+
+
+def q_xt(input_ids: torch.Tensor, noise_levels: torch.Tensor, block_size: int, mask_token_id: int,
+         generator: torch.Generator | None = None, keep: torch.Tensor | None = None) -> torch.Tensor:
+    """Forward noising: each token is replaced by [MASK] with its block's probability t.
+
+    keep (B, L) bool, optional: positions never noised (a prompt, a BOS token).
+    """
+    t = per_token_noise_levels(noise_levels, block_size, input_ids.shape[-1])
+    move = torch.rand(input_ids.shape, generator=generator, device=input_ids.device) <= t
+    if keep is not None:
+        move = move & ~keep
+    return torch.where(move, mask_token_id, input_ids)
+
+
+def loss_weights(noise_levels: torch.Tensor) -> torch.Tensor:
+    """NELBO weight of a masked token under the linear schedule: 1/t (alpha_t' / (1 - alpha_t) with alpha_t = 1-t)."""
+    return 1.0 / noise_levels
+
+
+def sigma_from_noise_level(t: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
+    """The time-conditioning input of MDLM: sigma = -log(1 - t), capped at -log(eps) as the original."""
+    return torch.clamp(-torch.log(1 - t), max=-math.log(eps))
+
+
+def subs_log_probs(logits: torch.Tensor, x_t: torch.Tensor, mask_token_id: int) -> torch.Tensor:
+    """SUBS parameterization: never predict [MASK]; unmasked positions carry their input token with probability 1."""
+    logits = logits.float().clone()
+    logits[..., mask_token_id] = float("-inf")
+    log_probs = logits.log_softmax(dim=-1)
+    unmasked = x_t != mask_token_id
+    carried = torch.full_like(log_probs, float("-inf")).scatter_(-1, x_t[..., None], 0.0)
+    return torch.where(unmasked[..., None], carried, log_probs)
+
+
+def masked_token_nll(logits: torch.Tensor, x_t: torch.Tensor, x_0: torch.Tensor, mask_token_id: int) -> torch.Tensor:
+    """-log p(x_0 | x_t) per token (B, L) under SUBS: 0 where x_t is not masked."""
+    logits = logits.float().clone()
+    logits[..., mask_token_id] = float("-inf")
+    nll = F.cross_entropy(logits.transpose(1, 2), x_0, reduction="none")
+    return torch.where(x_t == mask_token_id, nll, torch.zeros_like(nll))
+
+
+def diffusion_nelbo_terms(logits: torch.Tensor, x_t: torch.Tensor, x_0: torch.Tensor, noise_levels: torch.Tensor,
+                          block_size: int, mask_token_id: int) -> torch.Tensor:
+    """Per-token NELBO terms (B, L): (1/t) * -log p(x_0 | x_t) at masked positions, 0 elsewhere."""
+    t = per_token_noise_levels(noise_levels.float(), block_size, x_t.shape[-1])
+    return loss_weights(t) * masked_token_nll(logits, x_t, x_0, mask_token_id)

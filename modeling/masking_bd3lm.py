@@ -1,0 +1,75 @@
+"""Attention masks of block diffusion, as one rule over per-token descriptors.
+
+Every token (query or key) is described by three tensors of shape (B, N):
+  block  - index of its diffusion block within its own half of the sequence,
+  clean  - True for clean tokens (the x_0 half of the 2L training pass, everything at inference),
+  valid  - False for padding.
+A query may see a key (True = attend) iff the key is valid and
+  (same block and same half)                               # M_BD: bidirectional inside a block
+  or (key is clean and key block <  query block)           # M_OBC / M_BC: earlier clean blocks
+  or (key is clean and query is clean and same block)      # M_BC: the clean half is block-causal over itself.
+At inference every token is clean, so this is block-causal attention. Padding queries see themselves only, so that
+no softmax row is empty (their outputs are never used).
+"""
+
+import torch
+
+
+def token_descriptors(position_ids: torch.Tensor, block_size: int, valid: torch.Tensor, clean: bool = True):
+    """Descriptors of tokens at `position_ids` (B, N): (block, clean, valid)."""
+    block = torch.div(position_ids, block_size, rounding_mode="floor")
+    clean = torch.full_like(valid, clean, dtype=torch.bool)
+    return block, clean, valid.bool()
+
+
+def concat_descriptors(*descriptors):
+    """Concatenate descriptor triples along the sequence."""
+    return tuple(torch.cat(parts, dim=1) for parts in zip(*descriptors))
+
+
+def may_attend(q_block, q_clean, q_valid, kv_block, kv_clean, kv_valid):
+    """The block-diffusion rule on broadcastable descriptor tensors."""
+    same_block = q_block == kv_block
+    earlier_clean = kv_clean & (kv_block < q_block)
+    same_half = q_clean == kv_clean
+    clean_block_causal = kv_clean & q_clean & same_block
+    return kv_valid & ((same_block & same_half) | earlier_clean | clean_block_causal)
+
+
+def dense_block_diffusion_mask(queries, keys, query_offset: int) -> torch.Tensor:
+    """Boolean mask (B, 1, Q, K) for sdpa / eager. The queries are keys[query_offset : query_offset + Q]."""
+    q_block, q_clean, q_valid = (t[:, :, None] for t in queries)
+    kv_block, kv_clean, kv_valid = (t[:, None, :] for t in keys)
+    mask = may_attend(q_block, q_clean, q_valid, kv_block, kv_clean, kv_valid)
+    num_queries, num_keys = queries[0].shape[1], keys[0].shape[1]
+    q_index = torch.arange(num_queries, device=mask.device)[:, None] + query_offset
+    is_self = q_index == torch.arange(num_keys, device=mask.device)[None, :]
+    mask = mask | (~q_valid & is_self)
+    return mask[:, None]
+
+
+def flex_block_diffusion_mask(queries, keys, query_offset: int):
+    """FlexAttention BlockMask of the same rule (compiled kernels skip the fully masked tiles)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    q_block, q_clean, q_valid = queries
+    kv_block, kv_clean, kv_valid = keys
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        allowed = may_attend(q_block[b, q_idx], q_clean[b, q_idx], q_valid[b, q_idx],
+                             kv_block[b, kv_idx], kv_clean[b, kv_idx], kv_valid[b, kv_idx])
+        return allowed | (~q_valid[b, q_idx] & (q_idx + query_offset == kv_idx))
+
+    batch, num_queries = q_block.shape
+    return create_block_mask(mask_mod, B=batch, H=None, Q_LEN=num_queries, KV_LEN=kv_block.shape[1],
+                             device=q_block.device)
+
+
+def training_mask_2l(seq_len: int, block_size: int) -> torch.Tensor:
+    """The original (2L, 2L) training mask over [x_t ; x_0] without padding, for reference and tests."""
+    positions = torch.arange(seq_len)[None].repeat(1, 2)
+    valid = torch.ones(1, 2 * seq_len, dtype=torch.bool)
+    block, _, valid = token_descriptors(positions, block_size, valid)
+    clean = torch.arange(2 * seq_len)[None] >= seq_len
+    tokens = (block, clean, valid)
+    return dense_block_diffusion_mask(tokens, tokens, 0)[0, 0]

@@ -1,0 +1,406 @@
+"""BD3-LM: the DiT backbone of Block Diffusion (Arriola et al., ICLR 2025) in the Hugging Face API.
+
+Three forward modes, chosen by the arguments:
+  * `model(input_ids)`: inference over a whole sequence with block-causal attention; logits for every position.
+  * `model(input_ids=x_t, labels=x_0, noise_levels=t)`: the vectorized 2L training pass over [x_t ; x_0]; logits of
+    the noisy half and, given the per-block t, the NELBO loss.
+  * `model(input_ids=block, past_key_values=cache, use_cache=True, store_kv=...)`: one block against a KV cache of
+    committed blocks; the block is committed only when `store_kv=True`.
+"""
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.cache_utils import Cache
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils import logging
+
+from .cache_bd3lm import BD3LMCache
+from .configuration_bd3lm import BD3LMConfig
+from .diffusion_bd3lm import diffusion_nelbo_terms, sigma_from_noise_level
+from .masking_bd3lm import (concat_descriptors, dense_block_diffusion_mask, flex_block_diffusion_mask,
+                            token_descriptors)
+
+logger = logging.get_logger(__name__)
+
+TIMESTEP_FEATURES = 256
+
+
+class BD3LMLayerNorm(nn.Module):
+    """LayerNorm without bias, normalized in fp32 (as the original, whatever the autocast) then scaled."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-5):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.eps = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        normed = F.layer_norm(hidden_states.float(), (hidden_states.shape[-1],), eps=self.eps)
+        return (normed * self.weight.float()).to(hidden_states.dtype)
+
+
+def modulate(hidden_states: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN: (B, T, H) * (1 + scale) + shift, with (B, 1, H) shift/scale."""
+    return hidden_states * (1 + scale) + shift
+
+
+class BD3LMTimestepEmbedder(nn.Module):
+    """Sinusoidal features of sigma (cos half first) -> Linear -> SiLU -> Linear."""
+
+    def __init__(self, cond_dim: int):
+        super().__init__()
+        self.linear_1 = nn.Linear(TIMESTEP_FEATURES, cond_dim)
+        self.linear_2 = nn.Linear(cond_dim, cond_dim)
+
+    @staticmethod
+    def sinusoidal_features(sigma: torch.Tensor, dim: int = TIMESTEP_FEATURES, max_period: float = 10000.0):
+        half = dim // 2
+        freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=sigma.device) / half)
+        args = sigma[:, None].float() * freqs[None]  # (B, half)
+        return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+    def forward(self, sigma: torch.Tensor) -> torch.Tensor:
+        features = self.sinusoidal_features(sigma).to(self.linear_1.weight.dtype)
+        return self.linear_2(F.silu(self.linear_1(features)))
+
+
+class BD3LMRotaryEmbedding(nn.Module):
+    """GPT-NeoX rotary over the full head dim; cos/sin for arbitrary (B, T) positions."""
+
+    def __init__(self, config: BD3LMConfig):
+        super().__init__()
+        self.head_dim = config.head_dim
+        self.base = config.rope_theta
+        self.register_buffer("inv_freq", self.compute_inv_freq(), persistent=False)
+
+    def compute_inv_freq(self) -> torch.Tensor:
+        # fp32 formula of the original: computing it in fp64 differs by 1 ulp for some entries.
+        return 1.0 / (self.base ** (torch.arange(0, self.head_dim, 2).float() / self.head_dim))
+
+    @torch.no_grad()
+    def forward(self, position_ids: torch.Tensor, dtype: torch.dtype):
+        freqs = position_ids[..., None].float() * self.inv_freq.float()  # (B, T, hd/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, hd)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary_pos_emb(q, k, cos, sin):
+    """q, k: (B, nh, T, hd); cos, sin: (B, T, hd)."""
+    cos, sin = cos[:, None], sin[:, None]
+    return q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+
+
+def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    """Reference attention with a boolean mask (True = attend). query (B, nh, Q, hd), key/value (B, nh, K, hd)."""
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling  # (B, nh, Q, K)
+    if attention_mask is not None:
+        scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+    weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = F.dropout(weights, p=dropout, training=module.training)
+    output = torch.matmul(weights, value).transpose(1, 2).contiguous()  # (B, Q, nh, hd)
+    return output, weights
+
+
+class BD3LMAttention(nn.Module):
+    """Fused-QKV multi-head attention with rotary; the mask carries all of block diffusion's structure."""
+
+    def __init__(self, config: BD3LMConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.num_heads = config.num_attention_heads
+        self.head_dim = config.head_dim
+        self.scaling = self.head_dim**-0.5
+        self.is_causal = False
+        self.qkv_proj = nn.Linear(config.hidden_size, 3 * config.hidden_size, bias=False)
+        self.o_proj = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+
+    def forward(self, hidden_states, position_embeddings, attention_mask, past_key_values=None, store_kv=False,
+                **kwargs):
+        batch, seq_len, _ = hidden_states.shape
+        # rows [0:H] = Q, [H:2H] = K, [2H:3H] = V, heads contiguous inside each
+        qkv = self.qkv_proj(hidden_states).view(batch, seq_len, 3, self.num_heads, self.head_dim)
+        query, key, value = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, nh, T, hd)
+        query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
+        if past_key_values is not None:
+            key, value = past_key_values.update(key, value, self.layer_idx, {"store_kv": store_kv})
+
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward)
+        output, weights = attention_interface(
+            self, query, key, value, attention_mask, dropout=0.0, scaling=self.scaling, is_causal=False, **kwargs)
+        return self.o_proj(output.reshape(batch, seq_len, -1)), weights
+
+
+class BD3LMMLP(nn.Module):
+    def __init__(self, config: BD3LMConfig):
+        super().__init__()
+        self.fc_in = nn.Linear(config.hidden_size, 4 * config.hidden_size)
+        self.fc_out = nn.Linear(4 * config.hidden_size, config.hidden_size)
+
+    def forward(self, hidden_states):
+        return self.fc_out(F.gelu(self.fc_in(hidden_states), approximate="tanh"))
+
+
+class BD3LMDecoderLayer(GradientCheckpointingLayer):
+    """DiT block: adaLN-modulated attention and MLP, each added back through a gate."""
+
+    def __init__(self, config: BD3LMConfig, layer_idx: int):
+        super().__init__()
+        self.input_layernorm = BD3LMLayerNorm(config.hidden_size, config.layer_norm_eps)
+        self.self_attn = BD3LMAttention(config, layer_idx)
+        self.post_attention_layernorm = BD3LMLayerNorm(config.hidden_size, config.layer_norm_eps)
+        self.mlp = BD3LMMLP(config)
+        self.adaln_modulation = nn.Linear(config.cond_dim, 6 * config.hidden_size)
+        self.dropout = nn.Dropout(config.hidden_dropout)
+
+    def forward(self, hidden_states, conditioning, position_embeddings, attention_mask, past_key_values=None,
+                store_kv=False, **kwargs):
+        modulation = self.adaln_modulation(conditioning)[:, None]  # (B, 1, 6H)
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation.chunk(6, dim=-1)
+
+        normed = modulate(self.input_layernorm(hidden_states), shift_msa, scale_msa)
+        attn_output, _ = self.self_attn(normed, position_embeddings, attention_mask, past_key_values, store_kv,
+                                        **kwargs)
+        hidden_states = hidden_states + gate_msa * self.dropout(attn_output)
+
+        normed = modulate(self.post_attention_layernorm(hidden_states), shift_mlp, scale_mlp)
+        return hidden_states + gate_mlp * self.dropout(self.mlp(normed))
+
+
+class BD3LMPreTrainedModel(PreTrainedModel):
+    config_class = BD3LMConfig
+    config: BD3LMConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["BD3LMDecoderLayer"]
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_flash_attn = True
+    _supports_attention_backend = True
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        # The original zero-inits every adaLN projection and the output layer: the network starts as identity
+        # residual blocks with a uniform prediction.
+        if isinstance(module, BD3LMDecoderLayer):
+            init.zeros_(module.adaln_modulation.weight)
+            init.zeros_(module.adaln_modulation.bias)
+        elif isinstance(module, BD3LMModel):
+            init.zeros_(module.norm_modulation.weight)
+            init.zeros_(module.norm_modulation.bias)
+        elif isinstance(module, BD3LMForBlockDiffusion):
+            init.zeros_(module.lm_head.weight)
+            init.zeros_(module.lm_head.bias)
+        elif isinstance(module, BD3LMRotaryEmbedding):
+            init.copy_(module.inv_freq, module.compute_inv_freq())
+
+
+class BD3LMModel(BD3LMPreTrainedModel):
+    """Embeddings, time conditioning, DiT blocks and the final modulated norm."""
+
+    def __init__(self, config: BD3LMConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.timestep_embedder = BD3LMTimestepEmbedder(config.cond_dim)
+        self.rotary_emb = BD3LMRotaryEmbedding(config)
+        self.layers = nn.ModuleList(BD3LMDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = BD3LMLayerNorm(config.hidden_size, config.layer_norm_eps)
+        self.norm_modulation = nn.Linear(config.cond_dim, 2 * config.hidden_size)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    def conditioning(self, timesteps: torch.Tensor | None, batch_size: int, device) -> torch.Tensor:
+        """c = SiLU(sigma_map(sigma)) (B, C); sigma is 0 without time conditioning, so c is a learned constant."""
+        if timesteps is None or not self.config.time_conditioning:
+            timesteps = torch.zeros(batch_size, device=device)
+        elif timesteps.shape != (batch_size,):
+            raise ValueError(f"timesteps must have shape ({batch_size},) (one sigma per row), got {tuple(timesteps.shape)}.")
+        return F.silu(self.timestep_embedder(timesteps))
+
+    def attention_mask_for(self, queries, keys, query_offset: int):
+        """The block-diffusion mask in the form the configured attention backend takes."""
+        implementation = self.config._attn_implementation
+        if implementation == "flex_attention":
+            return flex_block_diffusion_mask(queries, keys, query_offset)
+        mask = dense_block_diffusion_mask(queries, keys, query_offset)
+        if implementation.startswith("flash_attention"):
+            if not bool(mask.all()):
+                raise ValueError(
+                    f"{implementation} runs only calls where every query sees every key (one block against the KV "
+                    "cache, no padding, or a single-block model). Use attn_implementation='sdpa' or "
+                    "'flex_attention' for the block-causal and 2L training masks.")
+            return None
+        return mask
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, x0_ids=None, timesteps=None,
+                past_key_values: Cache | None = None, store_kv=False, output_hidden_states=False, **kwargs):
+        """With `x0_ids` (the 2L training pass) returns the hidden states of the x_t half only."""
+        batch, seq_len = input_ids.shape
+        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        kv_valid = _key_validity(attention_mask, batch, past_length + seq_len, input_ids.device)
+        if position_ids is None:
+            position_ids = _positions_from_validity(kv_valid)[:, past_length:]
+
+        if x0_ids is None:
+            hidden_states = self.embed_tokens(input_ids)
+            keys = token_descriptors(_positions_from_validity(kv_valid), self.config.block_size, kv_valid)
+            queries = tuple(t[:, past_length:] for t in keys)
+            query_offset = past_length
+        else:
+            # 2L pass: both halves share positions 0..L-1 and the padding of attention_mask.
+            hidden_states = self.embed_tokens(torch.cat([input_ids, x0_ids], dim=1))
+            noisy = token_descriptors(position_ids, self.config.block_size, kv_valid, clean=False)
+            clean = token_descriptors(position_ids, self.config.block_size, kv_valid, clean=True)
+            keys = queries = concat_descriptors(noisy, clean)
+            position_ids = position_ids.repeat(1, 2)
+            query_offset = 0
+
+        mask = self.attention_mask_for(queries, keys, query_offset)
+        position_embeddings = self.rotary_emb(position_ids, hidden_states.dtype)
+        conditioning = self.conditioning(timesteps, batch, input_ids.device).to(hidden_states.dtype)
+
+        all_hidden_states = (hidden_states[:, :seq_len],) if output_hidden_states else None
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, conditioning, position_embeddings, mask, past_key_values, store_kv,
+                                  **kwargs)
+            if output_hidden_states:
+                all_hidden_states += (hidden_states[:, :seq_len],)
+
+        # Only the x_t half is predicted: the clean half is context.
+        hidden_states = hidden_states[:, :seq_len]
+        shift, scale = self.norm_modulation(conditioning)[:, None].chunk(2, dim=-1)
+        hidden_states = modulate(self.norm(hidden_states), shift, scale)
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=past_key_values,
+                                       hidden_states=all_hidden_states)
+
+
+def _key_validity(attention_mask, batch: int, kv_length: int, device) -> torch.Tensor:
+    """(B, kv_length) bool: which keys (cache + this call) are real tokens."""
+    if attention_mask is None:
+        return torch.ones(batch, kv_length, dtype=torch.bool, device=device)
+    if attention_mask.dim() != 2 or attention_mask.shape != (batch, kv_length):
+        raise ValueError(
+            f"attention_mask must have shape (batch, past + current length) = ({batch}, {kv_length}), "
+            f"got {tuple(attention_mask.shape)}.")
+    return attention_mask.bool()
+
+
+def _positions_from_validity(valid: torch.Tensor) -> torch.Tensor:
+    """Positions counted over real tokens only, so that left padding does not shift blocks (padding gets 0)."""
+    return (valid.long().cumsum(-1) - 1).clamp(min=0)
+
+
+class BD3LMForBlockDiffusion(BD3LMPreTrainedModel, GenerationMixin):
+    """BD3-LM with its output layer (Linear with bias, untied) and the NELBO training loss."""
+
+    _auto_class = "AutoModelForCausalLM"
+    _tied_weights_keys = {}
+
+    def __init__(self, config: BD3LMConfig):
+        super().__init__(config)
+        self.model = BD3LMModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=True)
+        self.post_init()
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings):
+        self.lm_head = new_embeddings
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, labels=None, noise_levels=None,
+                timesteps=None, past_key_values=None, use_cache=None, store_kv=False, output_hidden_states=None,
+                return_dict=None, num_items_in_batch=None, **kwargs):
+        r"""
+        input_ids (`LongTensor` (B, L)): x_t in training, the sequence (or the current block) at inference.
+        labels (`LongTensor` (B, L), optional): switches on the 2L training pass with
+            x_0 = where(labels == -100, input_ids, labels); -100 marks positions that are neither noised nor scored.
+        noise_levels (`FloatTensor` (B, L / block_size), optional): the per-block t that made x_t; needed for `loss`.
+        timesteps (`FloatTensor` (B,), optional): sigma for time-conditioned (MDLM) models; derived from
+            noise_levels when training. Ignored when `config.time_conditioning` is False.
+        past_key_values (`BD3LMCache`, optional) / use_cache: attend to committed blocks; `store_kv=True` commits.
+        num_items_in_batch (`int`, optional): loss denominator across gradient-accumulation steps (Trainer).
+        """
+        self.check_input_ids(input_ids)
+        if past_key_values is None and use_cache:
+            past_key_values = BD3LMCache()
+        if past_key_values is not None and not isinstance(past_key_values, BD3LMCache):
+            raise ValueError(f"past_key_values must be a BD3LMCache (it can read without committing), got "
+                             f"{type(past_key_values).__name__}.")
+        if store_kv and past_key_values is None:
+            raise ValueError("store_kv=True needs a cache: pass past_key_values or use_cache=True.")
+        x0_ids = None
+        if labels is not None:
+            if past_key_values is not None:
+                raise ValueError("labels (the 2L training pass) cannot be combined with a KV cache.")
+            x0_ids = self.clean_targets(input_ids, labels)
+            if timesteps is None and noise_levels is not None and self.config.time_conditioning:
+                timesteps = sigma_from_noise_level(noise_levels[:, 0])
+
+        outputs = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids, x0_ids=x0_ids,
+                             timesteps=timesteps, past_key_values=past_key_values, store_kv=store_kv,
+                             output_hidden_states=bool(output_hidden_states), **kwargs)
+        logits = self.lm_head(outputs.last_hidden_state)
+
+        loss = None
+        if labels is not None and noise_levels is not None:
+            loss = self.nelbo(logits, input_ids, x0_ids, labels, noise_levels, attention_mask, num_items_in_batch)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values,
+                                      hidden_states=outputs.hidden_states)
+
+    def check_input_ids(self, input_ids):
+        if input_ids is None or input_ids.dim() != 2:
+            shape = None if input_ids is None else tuple(input_ids.shape)
+            raise ValueError(f"input_ids must be a (batch, seq_len) LongTensor, got shape {shape}.")
+        if input_ids.shape[1] > self.config.max_position_embeddings:
+            raise ValueError(f"sequence of {input_ids.shape[1]} tokens is longer than max_position_embeddings="
+                             f"{self.config.max_position_embeddings}.")
+        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
+            raise ValueError(f"input_ids must be in [0, vocab_size={self.config.vocab_size}), got values in "
+                             f"[{int(input_ids.min())}, {int(input_ids.max())}].")
+
+    def clean_targets(self, input_ids, labels):
+        if labels.shape != input_ids.shape:
+            raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(labels.shape)}.")
+        if input_ids.shape[1] % self.config.block_size:
+            raise ValueError(f"the training pass needs a sequence length that block_size={self.config.block_size} "
+                             f"divides, got {input_ids.shape[1]}.")
+        x0_ids = torch.where(labels == -100, input_ids, labels)
+        self.check_input_ids(x0_ids)
+        if bool((x0_ids == self.config.mask_token_id).any()):
+            raise ValueError(f"clean tokens (labels, or input_ids where labels == -100) contain the mask token id "
+                             f"{self.config.mask_token_id}.")
+        return x0_ids
+
+    def nelbo(self, logits, x_t, x_0, labels, noise_levels, attention_mask, num_items_in_batch):
+        """Sum of (1/t) * -log p(x_0 | x_t) over masked tokens, divided by the number of scored tokens."""
+        terms = diffusion_nelbo_terms(logits, x_t, x_0, noise_levels, self.config.block_size,
+                                      self.config.mask_token_id)
+        scored = labels != -100
+        if attention_mask is not None:
+            scored = scored & attention_mask.bool()
+        total = torch.where(scored, terms, torch.zeros_like(terms)).sum()
+        count = num_items_in_batch if num_items_in_batch is not None else scored.sum().clamp(min=1)
+        if torch.is_tensor(count):
+            count = count.to(total.device)
+        return total / count

@@ -1,0 +1,16 @@
+"""bd3lm_hf: Block Diffusion language models (BD3-LMs) as first-class citizens of the Hugging Face stack."""
+
+from .auto import register_auto_classes
+from .modeling import BD3LMCache, BD3LMConfig, BD3LMForBlockDiffusion, BD3LMModel, BD3LMPreTrainedModel
+from .modeling import diffusion_bd3lm as diffusion
+
+__all__ = [
+    "BD3LMCache",
+    "BD3LMConfig",
+    "BD3LMForBlockDiffusion",
+    "BD3LMModel",
+    "BD3LMPreTrainedModel",
+    "diffusion",
+    "register_auto_classes",
+]
+__version__ = "0.1.0"
