@@ -43,6 +43,7 @@ class BD3LMConfig(PretrainedConfig):
     """
 
     model_type = "bd3lm"
+    _auto_class = "AutoConfig"  # what `register_for_auto_class()` sets: save_pretrained writes the auto_map entry
     keys_to_ignore_at_inference = ["past_key_values"]
 
     def __init__(
@@ -68,7 +69,6 @@ class BD3LMConfig(PretrainedConfig):
         **kwargs,
     ):
         renamed = _take_original_fields(kwargs)
-        vocab_size = kwargs.pop("vocab_size", vocab_size)
         hidden_size = renamed.get("hidden_size", hidden_size)
         num_hidden_layers = renamed.get("num_hidden_layers", num_hidden_layers)
         num_attention_heads = renamed.get("num_attention_heads", num_attention_heads)

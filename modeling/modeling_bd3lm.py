@@ -154,6 +154,13 @@ class BD3LMMLP(nn.Module):
         return self.fc_out(F.gelu(self.fc_in(hidden_states), approximate="tanh"))
 
 
+def zero_initialized(linear: nn.Linear) -> nn.Linear:
+    """Mark a projection that `_init_weights` sets to zero, as the original does for every adaLN projection and the
+    output layer: the network starts as identity residual blocks with a uniform prediction."""
+    linear.zero_init = True
+    return linear
+
+
 class BD3LMDecoderLayer(GradientCheckpointingLayer):
     """DiT block: adaLN-modulated attention and MLP, each added back through a gate."""
 
@@ -163,7 +170,7 @@ class BD3LMDecoderLayer(GradientCheckpointingLayer):
         self.self_attn = BD3LMAttention(config, layer_idx)
         self.post_attention_layernorm = BD3LMLayerNorm(config.hidden_size, config.layer_norm_eps)
         self.mlp = BD3LMMLP(config)
-        self.adaln_modulation = nn.Linear(config.cond_dim, 6 * config.hidden_size)
+        self.adaln_modulation = zero_initialized(nn.Linear(config.cond_dim, 6 * config.hidden_size))
         self.dropout = nn.Dropout(config.hidden_dropout)
 
     def forward(self, hidden_states, conditioning, position_embeddings, attention_mask, past_key_values=None,
@@ -193,20 +200,13 @@ class BD3LMPreTrainedModel(PreTrainedModel):
 
     @torch.no_grad()
     def _init_weights(self, module):
-        super()._init_weights(module)
-        # The original zero-inits every adaLN projection and the output layer: the network starts as identity
-        # residual blocks with a uniform prediction.
-        if isinstance(module, BD3LMDecoderLayer):
-            init.zeros_(module.adaln_modulation.weight)
-            init.zeros_(module.adaln_modulation.bias)
-        elif isinstance(module, BD3LMModel):
-            init.zeros_(module.norm_modulation.weight)
-            init.zeros_(module.norm_modulation.bias)
-        elif isinstance(module, BD3LMForBlockDiffusion):
-            init.zeros_(module.lm_head.weight)
-            init.zeros_(module.lm_head.bias)
+        if getattr(module, "zero_init", False):
+            init.zeros_(module.weight)
+            init.zeros_(module.bias)
         elif isinstance(module, BD3LMRotaryEmbedding):
             init.copy_(module.inv_freq, module.compute_inv_freq())
+        else:
+            super()._init_weights(module)
 
 
 class BD3LMModel(BD3LMPreTrainedModel):
@@ -219,7 +219,7 @@ class BD3LMModel(BD3LMPreTrainedModel):
         self.rotary_emb = BD3LMRotaryEmbedding(config)
         self.layers = nn.ModuleList(BD3LMDecoderLayer(config, i) for i in range(config.num_hidden_layers))
         self.norm = BD3LMLayerNorm(config.hidden_size, config.layer_norm_eps)
-        self.norm_modulation = nn.Linear(config.cond_dim, 2 * config.hidden_size)
+        self.norm_modulation = zero_initialized(nn.Linear(config.cond_dim, 2 * config.hidden_size))
         self.gradient_checkpointing = False
         self.post_init()
 
@@ -313,13 +313,13 @@ def _positions_from_validity(valid: torch.Tensor) -> torch.Tensor:
 class BD3LMForBlockDiffusion(BD3LMPreTrainedModel, GenerationMixin):
     """BD3-LM with its output layer (Linear with bias, untied) and the NELBO training loss."""
 
-    _auto_class = "AutoModelForCausalLM"
+    _auto_class = "AutoModelForCausalLM"  # as `register_for_auto_class("AutoModelForCausalLM")`
     _tied_weights_keys = {}
 
     def __init__(self, config: BD3LMConfig):
         super().__init__(config)
         self.model = BD3LMModel(config)
-        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=True)
+        self.lm_head = zero_initialized(nn.Linear(config.hidden_size, config.vocab_size, bias=True))
         self.post_init()
 
     def get_output_embeddings(self):
@@ -353,7 +353,7 @@ class BD3LMForBlockDiffusion(BD3LMPreTrainedModel, GenerationMixin):
         if labels is not None:
             if past_key_values is not None:
                 raise ValueError("labels (the 2L training pass) cannot be combined with a KV cache.")
-            x0_ids = self.clean_targets(input_ids, labels)
+            x0_ids = self.clean_targets(input_ids, labels, attention_mask)
             if timesteps is None and noise_levels is not None and self.config.time_conditioning:
                 timesteps = sigma_from_noise_level(noise_levels[:, 0])
 
@@ -379,7 +379,7 @@ class BD3LMForBlockDiffusion(BD3LMPreTrainedModel, GenerationMixin):
             raise ValueError(f"input_ids must be in [0, vocab_size={self.config.vocab_size}), got values in "
                              f"[{int(input_ids.min())}, {int(input_ids.max())}].")
 
-    def clean_targets(self, input_ids, labels):
+    def clean_targets(self, input_ids, labels, attention_mask=None):
         if labels.shape != input_ids.shape:
             raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(labels.shape)}.")
         if input_ids.shape[1] % self.config.block_size:
@@ -387,7 +387,10 @@ class BD3LMForBlockDiffusion(BD3LMPreTrainedModel, GenerationMixin):
                              f"divides, got {input_ids.shape[1]}.")
         x0_ids = torch.where(labels == -100, input_ids, labels)
         self.check_input_ids(x0_ids)
-        if bool((x0_ids == self.config.mask_token_id).any()):
+        masked = x0_ids == self.config.mask_token_id
+        if attention_mask is not None:
+            masked = masked & attention_mask.bool()
+        if bool(masked.any()):
             raise ValueError(f"clean tokens (labels, or input_ids where labels == -100) contain the mask token id "
                              f"{self.config.mask_token_id}.")
         return x0_ids

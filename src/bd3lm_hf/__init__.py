@@ -2,7 +2,7 @@
 
 from .auto import register_auto_classes
 from .modeling import BD3LMCache, BD3LMConfig, BD3LMForBlockDiffusion, BD3LMModel, BD3LMPreTrainedModel
-from .modeling import diffusion_bd3lm as diffusion
+from . import diffusion
 
 __all__ = [
     "BD3LMCache",

@@ -1,0 +1,41 @@
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from bd3lm_hf import BD3LMConfig, BD3LMForBlockDiffusion  # noqa: E402
+
+FIXTURES = Path(__file__).parent / "fixtures"
+
+
+def tiny_config(**overrides) -> BD3LMConfig:
+    fields = dict(vocab_size=50, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, cond_dim=16,
+                  max_position_embeddings=32, block_size=4, hidden_dropout=0.0)
+    fields.update(overrides)
+    return BD3LMConfig(**fields)
+
+
+def random_model(seed: int = 0, std: float = 0.3, **overrides) -> BD3LMForBlockDiffusion:
+    """A tiny model with every weight random (the real init zeroes adaLN and the head, hiding mistakes)."""
+    torch.manual_seed(seed)
+    model = BD3LMForBlockDiffusion(tiny_config(**overrides)).eval()
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            parameter.normal_(1.0 if name.endswith("layernorm.weight") or name.endswith("norm.weight") else 0.0, std)
+    return model
+
+
+@pytest.fixture
+def model():
+    return random_model()
+
+
+@pytest.fixture
+def fixtures():
+    return FIXTURES

@@ -1,0 +1,206 @@
+"""Model behaviour on random weights: 2L pass vs per-block, backends, cache, padding, checkpointing, init, errors."""
+
+import pytest
+import torch
+from conftest import random_model, tiny_config
+
+from bd3lm_hf import BD3LMCache, BD3LMForBlockDiffusion
+from bd3lm_hf.modeling.masking_bd3lm import training_mask_2l
+
+MASK = 49  # tiny_config: vocab 50, [MASK] = last id
+
+
+def noisy_batch(seed=0, batch=3, length=32):
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.randint(0, MASK, (batch, length), generator=g)
+    xt = torch.where(torch.rand(batch, length, generator=g) < 0.5, MASK, x0)
+    return x0, xt
+
+
+def test_training_mask_matches_the_design_formula():
+    n, bs = 8, 2
+    q, kv = torch.arange(2 * n)[:, None], torch.arange(2 * n)[None]
+    x0_q, x0_kv = q >= n, kv >= n
+    bq, bkv = torch.where(x0_q, q - n, q) // bs, torch.where(x0_kv, kv - n, kv) // bs
+    expected = ((bq == bkv) & (x0_q == x0_kv)) | ((bq > bkv) & x0_kv & ~x0_q) | ((bq >= bkv) & x0_kv & x0_q)
+    assert torch.equal(training_mask_2l(n, bs), expected)
+
+
+@torch.no_grad()
+def test_2l_pass_equals_per_block_computation(model):
+    """Block k of the 2L pass == an inference forward on [clean blocks < k ; noisy block k]."""
+    x0, xt = noisy_batch()
+    bs = model.config.block_size
+    logits_2l = model(input_ids=xt, labels=x0).logits
+    for k in range(x0.shape[1] // bs):
+        window = torch.cat([x0[:, : k * bs], xt[:, k * bs : (k + 1) * bs]], dim=1)
+        per_block = model(input_ids=window).logits[:, -bs:]
+        torch.testing.assert_close(logits_2l[:, k * bs : (k + 1) * bs], per_block, atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_inference_is_block_causal(model):
+    x0, _ = noisy_batch()
+    bs = model.config.block_size
+    logits = model(input_ids=x0).logits
+    changed = x0.clone()
+    changed[:, 3 * bs :] = (changed[:, 3 * bs :] + 1) % MASK  # edit blocks 3.. only
+    edited = model(input_ids=changed).logits
+    torch.testing.assert_close(logits[:, : 3 * bs], edited[:, : 3 * bs], atol=1e-6, rtol=0)
+    assert (logits[:, 3 * bs : 4 * bs] - edited[:, 3 * bs : 4 * bs]).abs().max() > 1e-3
+
+
+@torch.no_grad()
+def test_attention_backends_agree(model):
+    """eager (reference), sdpa and flex_attention (forward on CPU) give the same logits in both modes."""
+    x0, xt = noisy_batch(batch=2)
+    attention_mask = torch.ones_like(x0)
+    attention_mask[1, :5] = 0  # left padding exercises the descriptor lookups of the flex mask_mod
+    outputs = {}
+    for implementation in ("eager", "sdpa", "flex_attention"):
+        model.set_attn_implementation(implementation)
+        outputs[implementation] = (model(input_ids=x0, attention_mask=attention_mask).logits,
+                                   model(input_ids=xt, labels=x0).logits)
+    real = attention_mask.bool()  # logits have std ~9 here: 1e-4 is fp32 reduction-order noise
+    for implementation in ("sdpa", "flex_attention"):
+        inference, training = outputs[implementation]
+        torch.testing.assert_close(inference[real], outputs["eager"][0][real], atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(training, outputs["eager"][1], atol=1e-4, rtol=1e-5)
+
+
+def test_flash_attention_needs_flash_attn_installed():
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        with pytest.raises((ImportError, ValueError), match="(?i)flash"):
+            BD3LMForBlockDiffusion(tiny_config()).set_attn_implementation("flash_attention_2")
+    else:
+        pytest.skip("flash-attn is installed: covered by the GPU tests")
+
+
+@torch.no_grad()
+def test_cache_reads_without_committing_and_matches_no_cache(model):
+    x0, xt = noisy_batch()
+    bs = model.config.block_size
+    cache = BD3LMCache()
+    model(input_ids=x0[:, : 2 * bs], past_key_values=cache, use_cache=True, store_kv=True)
+    assert cache.get_seq_length() == 2 * bs
+    committed = [layer.keys.clone() for layer in cache.layers]
+    denoise = model(input_ids=xt[:, 2 * bs : 3 * bs], past_key_values=cache, use_cache=True, store_kv=False).logits
+    assert cache.get_seq_length() == 2 * bs
+    assert all(torch.equal(a, layer.keys) for a, layer in zip(committed, cache.layers))
+    reference = model(input_ids=torch.cat([x0[:, : 2 * bs], xt[:, 2 * bs : 3 * bs]], 1)).logits[:, -bs:]
+    torch.testing.assert_close(denoise, reference, atol=1e-5, rtol=0)
+
+
+@torch.no_grad()
+def test_use_cache_without_cache_starts_one(model):
+    x0, _ = noisy_batch()
+    out = model(input_ids=x0[:, :8], use_cache=True, store_kv=True)
+    assert isinstance(out.past_key_values, BD3LMCache) and out.past_key_values.get_seq_length() == 8
+
+
+@torch.no_grad()
+def test_left_padding_gives_the_unpadded_logits(model):
+    x0, _ = noisy_batch(batch=2, length=14)
+    short = x0[1, 6:]
+    padded = x0.clone()
+    padded[1, :6] = 0
+    attention_mask = torch.ones_like(padded)
+    attention_mask[1, :6] = 0
+    logits = model(input_ids=padded, attention_mask=attention_mask).logits
+    alone = model(input_ids=short[None]).logits
+    # same math, other reduction shapes: fp32 noise only
+    torch.testing.assert_close(logits[1, 6:], alone[0], atol=1e-4, rtol=1e-4)
+    assert logits.isfinite().all()
+
+
+@torch.no_grad()
+def test_padding_in_training_pass_changes_nothing_for_real_tokens(model):
+    x0, xt = noisy_batch(batch=2)
+    attention_mask = torch.ones_like(x0)
+    attention_mask[1, 24:] = 0
+    t = torch.full((2, 8), 0.5)
+    labels = x0.clone()
+    labels[attention_mask == 0] = -100
+    padded = model(input_ids=xt, labels=labels, noise_levels=t, attention_mask=attention_mask)
+    alone = model(input_ids=xt[1:, :24], labels=x0[1:, :24], noise_levels=t[1:, :6])
+    torch.testing.assert_close(padded.logits[1, :24], alone.logits[0], atol=1e-4, rtol=1e-4)
+    assert padded.logits.isfinite().all()
+
+
+def test_loss_is_sum_over_masked_divided_by_scored_tokens(model):
+    x0, xt = noisy_batch()
+    t = torch.rand(3, 8) * 0.9 + 0.1
+    out = model(input_ids=xt, labels=x0, noise_levels=t)
+    logits = out.logits.detach().clone()
+    logits[..., MASK] = float("-inf")
+    nll = -logits.log_softmax(-1).gather(-1, x0[..., None])[..., 0]
+    weights = 1 / t.repeat_interleave(4, dim=1)
+    expected = (weights * nll * (xt == MASK)).sum() / x0.numel()
+    torch.testing.assert_close(out.loss.detach(), expected, atol=1e-5, rtol=1e-5)
+    halved = model(input_ids=xt, labels=x0, noise_levels=t, num_items_in_batch=2 * x0.numel())
+    torch.testing.assert_close(halved.loss.detach(), expected / 2, atol=1e-5, rtol=1e-5)
+    assert model(input_ids=xt, labels=x0).loss is None
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    x0, xt = noisy_batch()
+    t = torch.full((3, 8), 0.5)
+    grads = []
+    for checkpointing in (False, True):
+        model = random_model(std=0.1).train()
+        if checkpointing:
+            model.gradient_checkpointing_enable()
+        model(input_ids=xt, labels=x0, noise_levels=t).loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-5)
+
+
+def test_init_keeps_the_original_zero_inits():
+    model = BD3LMForBlockDiffusion(tiny_config())
+    zero = [model.lm_head.weight, model.lm_head.bias, model.model.norm_modulation.weight]
+    zero += [layer.adaln_modulation.weight for layer in model.model.layers]
+    assert all(bool((p == 0).all()) for p in zero)
+    assert model.model.embed_tokens.weight.std() > 0.01
+    assert torch.equal(model.model.layers[0].input_layernorm.weight, torch.ones(32))
+    x0, _ = noisy_batch()
+    assert torch.equal(model(input_ids=x0).logits, torch.zeros(3, 32, 50))  # uniform prediction at init
+
+
+def test_dropout_is_active_in_train_mode_only():
+    model = random_model(hidden_dropout=0.5)
+    x0, _ = noisy_batch()
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=x0).logits, model(input_ids=x0).logits)
+        model.train()
+        assert not torch.equal(model(input_ids=x0).logits, model(input_ids=x0).logits)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(input_ids=torch.tensor([[1, 2, 50]])), "vocab_size=50"),
+        (dict(input_ids=torch.tensor([[1, -1]])), r"\[0, vocab_size"),
+        (dict(input_ids=torch.zeros(1, 33, dtype=torch.long)), "max_position_embeddings=32"),
+        (dict(input_ids=torch.zeros(2, 3, 4, dtype=torch.long)), r"\(batch, seq_len\)"),
+        (dict(input_ids=torch.zeros(1, 8, dtype=torch.long), labels=torch.zeros(1, 7, dtype=torch.long)), "shape"),
+        (dict(input_ids=torch.zeros(1, 6, dtype=torch.long), labels=torch.zeros(1, 6, dtype=torch.long)),
+         "block_size=4 divides"),
+        (dict(input_ids=torch.zeros(1, 8, dtype=torch.long), labels=torch.full((1, 8), MASK)), "mask token"),
+        (dict(input_ids=torch.zeros(1, 8, dtype=torch.long), labels=torch.zeros(1, 8, dtype=torch.long),
+              noise_levels=torch.ones(1, 3)), "needs 2"),
+        (dict(input_ids=torch.zeros(1, 8, dtype=torch.long), attention_mask=torch.ones(1, 7)), "attention_mask"),
+        (dict(input_ids=torch.zeros(1, 4, dtype=torch.long), store_kv=True), "needs a cache"),
+    ],
+)
+def test_bad_inputs_raise_clear_errors(model, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        model(**kwargs)
+
+
+def test_plain_dynamic_cache_is_refused(model):
+    from transformers import DynamicCache
+
+    with pytest.raises(ValueError, match="BD3LMCache"):
+        model(input_ids=torch.zeros(1, 4, dtype=torch.long), past_key_values=DynamicCache(), use_cache=True)
