@@ -1,0 +1,64 @@
+import json
+
+import pytest
+
+from bd3lm_hf import BD3LMConfig
+
+
+def test_defaults_are_the_paper_small_model():
+    config = BD3LMConfig()
+    assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads) == (768, 12, 12)
+    assert (config.vocab_size, config.mask_token_id, config.max_position_embeddings) == (50258, 50257, 1024)
+    assert config.num_blocks == 1024 // 16
+
+
+def test_paper_small_parameter_count():
+    import torch
+
+    from bd3lm_hf import BD3LMForBlockDiffusion
+
+    with torch.device("meta"):
+        model = BD3LMForBlockDiffusion(BD3LMConfig())
+    assert sum(p.numel() for p in model.parameters()) == 169_627_218  # DESIGN.md §3, original "small"
+
+
+def test_original_config_json_is_accepted(fixtures):
+    original = json.loads((fixtures / "bd3lm_public" / "config.json").read_text())
+    config = BD3LMConfig(**{k: v for k, v in original.items() if k != "model_type"})
+    assert (config.hidden_size, config.num_hidden_layers, config.num_attention_heads) == (64, 2, 4)
+    assert (config.max_position_embeddings, config.block_size, config.hidden_dropout) == (32, 4, 0.0)
+    for dropped in ("hidden_dim", "n_blocks", "attn_backend", "cross_attn", "var_min"):
+        assert dropped not in config.to_dict()
+
+
+def test_original_mdlm_flavour_is_one_block(fixtures):
+    original = json.loads((fixtures / "mdlm_public" / "config.json").read_text())
+    config = BD3LMConfig(**{k: v for k, v in original.items() if k != "model_type"})
+    assert config.block_size == config.max_position_embeddings == 32 and config.time_conditioning
+
+
+def test_save_and_reload(tmp_path):
+    config = BD3LMConfig(vocab_size=100, hidden_size=32, num_attention_heads=4, max_position_embeddings=64,
+                         block_size=8, mask_token_id=3, eos_token_id=5)
+    config.save_pretrained(tmp_path)
+    again = BD3LMConfig.from_pretrained(tmp_path)
+    assert again.to_dict() == config.to_dict()
+
+
+@pytest.mark.parametrize(
+    "fields, message",
+    [
+        (dict(block_size=5), "block_size=5 must divide max_position_embeddings=1024"),
+        (dict(num_attention_heads=5), "num_attention_heads=5 must divide hidden_size=768"),
+        (dict(mask_token_id=50258), r"mask_token_id=50258 must be in \[0, vocab_size=50258\)"),
+        (dict(sampling_eps_min=0.5, sampling_eps_max=0.4), "sampling_eps_min < sampling_eps_max"),
+        (dict(hidden_size=0), "hidden_size must be a positive int"),
+        (dict(hidden_size=36, num_attention_heads=4), "must be even"),
+        (dict(hidden_dropout=1.5), "hidden_dropout"),
+        (dict(causal=True), "causal=True is not supported"),
+        (dict(adaln=False), "adaln=False is not supported"),
+    ],
+)
+def test_invalid_config_raises(fields, message):
+    with pytest.raises(ValueError, match=message):
+        BD3LMConfig(**fields)

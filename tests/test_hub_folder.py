@@ -1,0 +1,83 @@
+"""The saved folder is a Hub repo: flat code that imports only torch/transformers, loadable with
+trust_remote_code in a process where bd3lm_hf cannot be imported."""
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import random_model
+from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForMaskedLM
+from transformers.dynamic_module_utils import get_imports
+
+import bd3lm_hf
+
+MODELING = Path(bd3lm_hf.modeling.__file__).parent
+ALLOWED = {"torch", "transformers"}
+
+
+@pytest.mark.parametrize("path", sorted(MODELING.glob("*.py")), ids=lambda p: p.name)
+def test_modeling_files_import_only_torch_and_transformers(path):
+    external = {name for name in get_imports(path) if name not in sys.stdlib_module_names}
+    assert external <= ALLOWED, f"{path.name} imports {external - ALLOWED}"
+
+
+def test_modeling_folder_is_flat():
+    assert not [p for p in MODELING.rglob("*.py") if p.parent != MODELING]
+
+
+BLOCK_IMPORT = textwrap.dedent("""
+    import importlib.abc, sys
+    class Refuse(importlib.abc.MetaPathFinder):
+        def find_spec(self, name, path=None, target=None):
+            if name == "bd3lm_hf" or name.startswith("bd3lm_hf."):
+                raise ImportError("bd3lm_hf is deliberately not importable here")
+    sys.meta_path.insert(0, Refuse())
+""")
+
+
+def test_saved_folder_loads_in_a_fresh_process_without_the_package(tmp_path):
+    model = random_model()
+    model.save_pretrained(tmp_path / "repo")
+    files = {p.name for p in (tmp_path / "repo").iterdir()}
+    assert {"config.json", "model.safetensors", "modeling_bd3lm.py", "configuration_bd3lm.py", "cache_bd3lm.py",
+            "masking_bd3lm.py", "diffusion_bd3lm.py"} <= files
+    auto_map = json.loads((tmp_path / "repo" / "config.json").read_text())["auto_map"]
+    assert auto_map == {"AutoConfig": "configuration_bd3lm.BD3LMConfig",
+                        "AutoModelForCausalLM": "modeling_bd3lm.BD3LMForBlockDiffusion",
+                        "AutoModelForMaskedLM": "modeling_bd3lm.BD3LMForBlockDiffusion"}
+    ids = torch.randint(0, 49, (2, 16))
+    torch.save(ids, tmp_path / "ids.pt")
+    with torch.no_grad():
+        torch.save(model(input_ids=ids).logits, tmp_path / "expected.pt")
+    script = BLOCK_IMPORT + textwrap.dedent(f"""
+        import torch
+        from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+        try:
+            import bd3lm_hf
+            raise SystemExit("bd3lm_hf was importable")
+        except ImportError:
+            pass
+        for auto in (AutoModelForCausalLM, AutoModelForMaskedLM):
+            model = auto.from_pretrained({str(tmp_path / 'repo')!r}, trust_remote_code=True).eval()
+            assert "bd3lm_hf" not in type(model).__module__, type(model).__module__
+            with torch.no_grad():
+                logits = model(input_ids=torch.load({str(tmp_path / 'ids.pt')!r})).logits
+            assert torch.equal(logits, torch.load({str(tmp_path / 'expected.pt')!r})), "logits differ"
+        print("OK")
+    """)
+    env = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PATH": "/usr/bin:/bin",
+           "HF_HOME": str(tmp_path / "hf_home")}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]
+
+
+def test_register_auto_classes_resolves_in_process(tmp_path):
+    bd3lm_hf.register_auto_classes()
+    random_model().save_pretrained(tmp_path)
+    assert type(AutoConfig.from_pretrained(tmp_path)).__name__ == "BD3LMConfig"
+    for auto in (AutoModelForCausalLM, AutoModelForMaskedLM):
+        assert isinstance(auto.from_pretrained(tmp_path), bd3lm_hf.BD3LMForBlockDiffusion)
