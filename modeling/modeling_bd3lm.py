@@ -338,7 +338,9 @@ class BD3LMForBlockDiffusion(BD3LMPreTrainedModel, GenerationMixin):
         noise_levels (`FloatTensor` (B, L / block_size), optional): the per-block t that made x_t; needed for `loss`.
         timesteps (`FloatTensor` (B,), optional): sigma for time-conditioned (MDLM) models; derived from
             noise_levels when training. Ignored when `config.time_conditioning` is False.
-        past_key_values (`BD3LMCache`, optional) / use_cache: attend to committed blocks; `store_kv=True` commits.
+        past_key_values (`BD3LMCache`, optional) / use_cache: attend to committed blocks. store_kv: `True` commits
+            this call's keys/values, an int n commits its first n tokens (a finished block sent along with the first
+            denoising step of the next one), `False` commits nothing.
         num_items_in_batch (`int`, optional): loss denominator across gradient-accumulation steps (Trainer).
         """
         self.check_input_ids(input_ids)

@@ -130,3 +130,15 @@ def test_cli_reports_errors_without_traceback(fixtures, tmp_path, caplog):
     save_file(state, tmp_path / "src" / "model.safetensors")
     assert cli(["convert", str(tmp_path / "src"), str(tmp_path / "dst")]) == 2
     assert not (tmp_path / "dst").exists()
+
+
+def test_block_size_contradicting_the_checkpoint_config_is_an_error(fixtures, tmp_path):
+    with pytest.raises(ConversionError, match="block_size: checkpoint has 4, given 8"):
+        load_original(fixtures / "bd3lm_public", {"block_size": 8})
+    assert cli(["convert", str(fixtures / "bd3lm_public"), str(tmp_path / "out"), "--block-size", "8"]) == 2
+
+
+def test_ckpt_config_contradicting_the_weights_is_an_error(fixtures, tmp_path):
+    _lightning_checkpoint(fixtures, tmp_path / "last.ckpt")
+    with pytest.raises(ConversionError, match="n_heads: checkpoint has 4, given 8"):
+        load_original(tmp_path / "last.ckpt", {"block_size": 4, "model_length": 32, "n_heads": 8})

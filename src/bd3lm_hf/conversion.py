@@ -177,11 +177,11 @@ def load_original(src: str | os.PathLike, original_config: dict | None = None) -
     """
     src = Path(src)
     if src.is_dir():
-        original_config = json.loads((src / "config.json").read_text())
+        original_config = merge_config_fields(json.loads((src / "config.json").read_text()), original_config)
         state_dict = load_file(src / "model.safetensors")
     elif src.suffix == ".ckpt":
         state_dict = read_lightning_checkpoint(src)
-        original_config = {**config_fields_from_weights(state_dict), **(original_config or {})}
+        original_config = merge_config_fields(config_fields_from_weights(state_dict), original_config)
         missing = [name for name in ("block_size", "model_length") if name not in original_config]
         if missing:
             raise ConversionError(f"a .ckpt does not record {missing}: pass them (CLI: --block-size, "
@@ -193,6 +193,15 @@ def load_original(src: str | os.PathLike, original_config: dict | None = None) -
     model = BD3LMForBlockDiffusion(config)
     model.load_state_dict(weights, strict=True)
     return model.eval()
+
+
+def merge_config_fields(recorded: dict, given: dict | None) -> dict:
+    """`recorded` (config.json, or what the weights determine) completed by `given`; a conflict is an error."""
+    conflicts = [f"{k}: checkpoint has {recorded[k]!r}, given {v!r}" for k, v in (given or {}).items()
+                 if k in recorded and recorded[k] != v]
+    if conflicts:
+        raise ConversionError("the given config fields contradict the checkpoint:\n  " + "\n  ".join(conflicts))
+    return {**recorded, **(given or {})}
 
 
 def read_lightning_checkpoint(path: Path, use_ema: bool = True) -> dict[str, torch.Tensor]:
@@ -232,7 +241,7 @@ def config_fields_from_weights(state_dict: dict[str, torch.Tensor]) -> dict:
     vocab_size, hidden_dim = state_dict["backbone.vocab_embed.embedding"].shape
     layers = {int(m.group(1)) for k in state_dict if (m := re.match(r"backbone\.blocks\.(\d+)\.", k))}
     fields = {"vocab_size": vocab_size, "hidden_dim": hidden_dim, "n_blocks": len(layers),
-              "cond_dim": state_dict["backbone.sigma_map.mlp.0.weight"].shape[0], "dropout": 0.1}
+              "cond_dim": state_dict["backbone.sigma_map.mlp.0.weight"].shape[0]}
     if ROTARY_KEY in state_dict:
         fields["n_heads"] = hidden_dim // (2 * state_dict[ROTARY_KEY].shape[0])
     return fields
