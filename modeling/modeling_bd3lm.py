@@ -14,7 +14,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import GenerationMixin, PreTrainedModel
+from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -25,6 +25,7 @@ from transformers.utils import logging
 from .cache_bd3lm import BD3LMCache
 from .configuration_bd3lm import BD3LMConfig
 from .diffusion_bd3lm import diffusion_nelbo_terms, sigma_from_noise_level
+from .generation_bd3lm import BD3LMGenerationConfig, BD3LMGenerationMixin
 from .masking_bd3lm import (concat_descriptors, dense_block_diffusion_mask, flex_block_diffusion_mask,
                             token_descriptors)
 
@@ -310,9 +311,11 @@ def _positions_from_validity(valid: torch.Tensor) -> torch.Tensor:
     return (valid.long().cumsum(-1) - 1).clamp(min=0)
 
 
-class BD3LMForBlockDiffusion(BD3LMPreTrainedModel, GenerationMixin):
-    """BD3-LM with its output layer (Linear with bias, untied) and the NELBO training loss."""
+class BD3LMForBlockDiffusion(BD3LMPreTrainedModel, BD3LMGenerationMixin):
+    """BD3-LM with its output layer (Linear with bias, untied), the NELBO training loss and block-diffusion
+    `generate()` (see `generation_bd3lm.py`)."""
 
+    generation_config_class = BD3LMGenerationConfig
     _auto_class = "AutoModelForCausalLM"  # as `register_for_auto_class("AutoModelForCausalLM")`
     _tied_weights_keys = {}
 
@@ -330,7 +333,7 @@ class BD3LMForBlockDiffusion(BD3LMPreTrainedModel, GenerationMixin):
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, labels=None, noise_levels=None,
                 timesteps=None, past_key_values=None, use_cache=None, store_kv=False, output_hidden_states=None,
-                return_dict=None, num_items_in_batch=None, **kwargs):
+                return_dict=None, num_items_in_batch=None, logits_to_keep=0, **kwargs):
         r"""
         input_ids (`LongTensor` (B, L)): x_t in training, the sequence (or the current block) at inference.
         labels (`LongTensor` (B, L), optional): switches on the 2L training pass with
@@ -342,6 +345,7 @@ class BD3LMForBlockDiffusion(BD3LMPreTrainedModel, GenerationMixin):
             this call's keys/values, an int n commits its first n tokens (a finished block sent along with the first
             denoising step of the next one), `False` commits nothing.
         num_items_in_batch (`int`, optional): loss denominator across gradient-accumulation steps (Trainer).
+        logits_to_keep (`int`, defaults to 0): compute logits for the last n positions only (0 = all).
         """
         self.check_input_ids(input_ids)
         if past_key_values is None and use_cache:
@@ -362,7 +366,12 @@ class BD3LMForBlockDiffusion(BD3LMPreTrainedModel, GenerationMixin):
         outputs = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids, x0_ids=x0_ids,
                              timesteps=timesteps, past_key_values=past_key_values, store_kv=store_kv,
                              output_hidden_states=bool(output_hidden_states), **kwargs)
-        logits = self.lm_head(outputs.last_hidden_state)
+        hidden_states = outputs.last_hidden_state
+        if logits_to_keep:
+            if labels is not None and noise_levels is not None:
+                raise ValueError("logits_to_keep cannot be combined with the training loss (it needs every position).")
+            hidden_states = hidden_states[:, -logits_to_keep:]
+        logits = self.lm_head(hidden_states)
 
         loss = None
         if labels is not None and noise_levels is not None:

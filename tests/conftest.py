@@ -9,7 +9,11 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+from transformers.utils import logging as hf_logging  # noqa: E402
+
 from bd3lm_hf import BD3LMConfig, BD3LMForBlockDiffusion  # noqa: E402
+
+hf_logging.enable_propagation()  # let pytest's caplog see transformers' warnings
 
 FIXTURES = Path(__file__).parent / "fixtures"
 

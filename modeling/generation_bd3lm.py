@@ -1,0 +1,456 @@
+"""Block-diffusion generation for BD3-LM: blocks left to right with an exact KV cache, masked diffusion inside.
+
+The hot loop is made of small pure functions (one model call, one sampler step); `generate` wires them together.
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+from transformers import GenerationConfig, GenerationMixin
+from transformers.generation import (LogitsProcessorList, StoppingCriteriaList, TemperatureLogitsWarper,
+                                     TopKLogitsWarper, TopPLogitsWarper)
+from transformers.utils import ModelOutput, logging
+
+from .cache_bd3lm import BD3LMCache
+
+logger = logging.get_logger(__name__)
+
+SAMPLERS = ("ddpm", "first_hitting", "confidence")
+ENTROPY_WINDOW, ENTROPY_THRESHOLD = 256, 4.0  # the paper's stop rule: unigram entropy of the last 256 tokens < 4 nats
+UNSUPPORTED = {"num_beams": 1, "num_return_sequences": 1, "assistant_model": None, "prompt_lookup_num_tokens": None,
+               "penalty_alpha": None, "num_beam_groups": 1}
+
+
+class BD3LMGenerationConfig(GenerationConfig):
+    r"""
+    Generation settings of block diffusion, on top of the standard ones (`max_new_tokens`, `min_new_tokens`,
+    `do_sample`, `temperature`, `top_k`, `top_p`, `eos_token_id`, `pad_token_id`, `return_dict_in_generate`).
+
+    Args:
+        block_size (`int`, optional): tokens per block; defaults to the model's (`config.block_size`).
+        num_steps (`int`, optional): denoising steps per block of the `ddpm` sampler; defaults to `block_size`.
+        sampler (`str`, defaults to "ddpm"): `"ddpm"` (T steps from t=1 to 0, each masked token revealed with
+            probability (t-s)/t), `"first_hitting"` (one masked position per model call) or `"confidence"` (every
+            position whose top probability reaches `confidence_threshold`, at least one per call).
+        confidence_threshold (`float`, defaults to 0.9): threshold of the `confidence` sampler.
+        entropy_stop (`bool`, defaults to False): stop a row when the unigram entropy of its last 256 tokens falls
+            below 4 nats (the paper's rule against degenerate repetition).
+        output_history (`bool`, defaults to False): return the canvas after every model call.
+    """
+
+    def __init__(self, block_size=None, num_steps=None, sampler="ddpm", confidence_threshold=0.9, entropy_stop=False,
+                 output_history=False, **kwargs):
+        super().__init__(**kwargs)
+        self.block_size = block_size
+        self.num_steps = num_steps
+        self.sampler = sampler
+        self.confidence_threshold = confidence_threshold
+        self.entropy_stop = entropy_stop
+        self.output_history = output_history
+
+    @classmethod
+    def from_model_config(cls, model_config) -> "BD3LMGenerationConfig":
+        """Defaults for a model: its special tokens; block settings resolve to the model's at generate time."""
+        config = model_config if isinstance(model_config, dict) else model_config.to_dict()
+        return cls(**{name: config[name] for name in ("bos_token_id", "eos_token_id", "pad_token_id")
+                      if config.get(name) is not None})
+
+    def validate_for(self, model_config) -> None:
+        """Raise a ValueError for settings block diffusion cannot honour; warn where it can proceed."""
+        for name, default in UNSUPPORTED.items():
+            if getattr(self, name, default) not in (default, None):
+                raise ValueError(f"{name}={getattr(self, name)!r} is not supported by block-diffusion generation "
+                                 f"(allowed: {default!r}).")
+        if self.sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {self.sampler!r}; allowed: {', '.join(SAMPLERS)}.")
+        block_size = self.block_size
+        if not isinstance(block_size, int) or block_size < 1:
+            raise ValueError(f"block_size must be a positive int, got {block_size!r}.")
+        if model_config.max_position_embeddings % block_size:
+            raise ValueError(f"block_size={block_size} must divide the context max_position_embeddings="
+                             f"{model_config.max_position_embeddings}.")
+        if block_size != model_config.block_size:
+            logger.warning(f"generating with block_size={block_size}, but the model was trained with block_size="
+                           f"{model_config.block_size}; expect worse samples.")
+        if not isinstance(self.num_steps, int) or self.num_steps < 1:
+            raise ValueError(f"num_steps must be a positive int, got {self.num_steps!r}.")
+        if not 0.0 <= self.confidence_threshold <= 1.0:
+            raise ValueError(f"confidence_threshold must be in [0, 1], got {self.confidence_threshold}.")
+        if self.max_new_tokens is not None and self.max_new_tokens <= 0:
+            raise ValueError(f"max_new_tokens must be > 0, got {self.max_new_tokens}.")
+
+
+@dataclass
+class BD3LMGenerateOutput(ModelOutput):
+    """
+    sequences (`LongTensor` (B, prompt + max_new_tokens)): the prompts as given, then the new tokens (padded after
+        EOS). nfe (`int`): model calls, every one counted. past_key_values (`BD3LMCache`): the committed blocks.
+        history (`tuple[LongTensor]`): the canvas (block-aligned layout) after every denoising step, when asked.
+    """
+
+    sequences: torch.LongTensor | None = None
+    nfe: int | None = None
+    past_key_values: BD3LMCache | None = None
+    history: tuple[torch.LongTensor, ...] | None = None
+
+
+# --- small pure functions of the hot loop -------------------------------------------------------------------------
+
+
+def align_prompts(input_ids, attention_mask, block_size: int, filler: int):
+    """Re-pad left-padded prompts so that every row's blocks start at the same columns.
+
+    Row i keeps its prompt of p_i tokens and gets a left padding that is a multiple of block_size, chosen so that
+    its first unfinished block starts at the common column `prefix` = max_i floor(p_i / bs) * bs. Returns
+    (canvas (B, prefix + bs), valid (B, prefix + bs), prompt_lengths (B,), prefix).
+    """
+    valid = attention_mask.bool()
+    lengths = valid.sum(-1)
+    complete = torch.div(lengths, block_size, rounding_mode="floor") * block_size
+    prefix = int(complete.max())
+    width = prefix + block_size
+    starts = prefix - complete  # left padding of each row, a multiple of block_size
+    columns = torch.arange(width, device=input_ids.device)[None]
+    valid_out = (columns >= starts[:, None]) & (columns < (starts + lengths)[:, None])
+    canvas = torch.full((input_ids.shape[0], width), filler, dtype=input_ids.dtype, device=input_ids.device)
+    canvas[valid_out] = input_ids[valid]
+    return canvas, valid_out, lengths, prefix
+
+
+def process_logits(logits, mask_token_id: int, banned_eos, eos_ids, logits_processor, warpers, context):
+    """(B, bs, V) raw logits -> (greedy scores, sampling scores): SUBS (never [MASK]), EOS ban, processors."""
+    scores = logits.float()
+    scores[..., mask_token_id] = float("-inf")
+    if eos_ids is not None:
+        scores[..., eos_ids] = scores[..., eos_ids].masked_fill(banned_eos[..., None], float("-inf"))
+    batch, size, vocab = scores.shape
+    if logits_processor:
+        flat_context = context.repeat_interleave(size, dim=0)
+        scores = logits_processor(flat_context, scores.view(-1, vocab)).view(batch, size, vocab)
+    if not warpers:
+        return scores, scores
+    return scores, warpers(None, scores.reshape(-1, vocab).clone()).view(batch, size, vocab)
+
+
+def choose_tokens(greedy_scores, sampling_scores, do_sample: bool):
+    """Tokens (B, bs) and their probability (the confidence) under the distribution they come from."""
+    if not do_sample:
+        probs = greedy_scores.softmax(-1)
+        confidence, tokens = probs.max(-1)
+        return tokens, confidence
+    log_probs = sampling_scores.log_softmax(-1)
+    uniform = torch.rand_like(log_probs).clamp(min=1e-20, max=1 - 1e-7)
+    gumbel = -torch.log(-torch.log(uniform))
+    tokens = (log_probs + gumbel).argmax(-1)  # Gumbel-max: a draw from softmax(scores)
+    return tokens, log_probs.gather(-1, tokens[..., None])[..., 0].exp()
+
+
+def most_confident(confidence, masked, count):
+    """(B, bs) bool: the `count` (B,) most confident masked positions per row, ties broken by position."""
+    scores = confidence.masked_fill(~masked, -1.0)
+    order = scores.sort(dim=-1, descending=True, stable=True).indices
+    ranks = torch.empty_like(order).scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
+    return masked & (ranks < count[:, None])
+
+
+def ddpm_reveal(masked, confidence, step: int, num_steps: int, do_sample: bool):
+    """Positions revealed going from t = 1 - step/T to s = 1 - (step+1)/T: each with probability (t-s)/t; greedily,
+    the expected number, rounded, taking the most confident."""
+    t, s = 1 - step / num_steps, 1 - (step + 1) / num_steps
+    reveal_probability = (t - s) / t
+    if do_sample:
+        return masked & (torch.rand(masked.shape, device=masked.device) < reveal_probability)
+    count = torch.floor(masked.sum(-1) * reveal_probability + 0.5).long()
+    return most_confident(confidence, masked, count)
+
+
+def first_hitting_reveal(masked, confidence, do_sample: bool):
+    """One masked position per row: uniformly at random, or greedily the most confident."""
+    scores = torch.rand(masked.shape, device=masked.device) if do_sample else confidence
+    return most_confident(scores, masked, masked.any(-1).long())
+
+
+def confidence_reveal(masked, confidence, threshold: float):
+    """Every masked position whose confidence reaches the threshold, and at least the most confident one."""
+    return (masked & (confidence >= threshold)) | most_confident(confidence, masked, masked.any(-1).long())
+
+
+def unigram_entropy(tokens: torch.Tensor) -> torch.Tensor:
+    _, counts = torch.unique(tokens, return_counts=True)
+    return torch.special.entr(counts.float() / counts.sum()).sum()
+
+
+# --- generate -----------------------------------------------------------------------------------------------------
+
+
+class BD3LMGenerationMixin(GenerationMixin):
+    """`generate()` for block diffusion; mixed into `BD3LMForBlockDiffusion`."""
+
+    def resolve_generation_config(self, generation_config, kwargs):
+        """Our config class from (`generation_config` or the model's), overridden by matching `kwargs`."""
+        base = generation_config if generation_config is not None else self.generation_config
+        config = BD3LMGenerationConfig.from_dict(base.to_dict())
+        unused = config.update(**kwargs)
+        if config.block_size is None:
+            config.block_size = self.config.block_size
+        if config.num_steps is None:
+            config.num_steps = config.block_size
+        for name in ("eos_token_id", "pad_token_id", "bos_token_id"):
+            if getattr(config, name) is None:
+                setattr(config, name, getattr(self.config, name, None))
+        config.validate_for(self.config)
+        return config, unused
+
+    @torch.no_grad()
+    def generate(self, input_ids=None, attention_mask=None, generation_config=None, streamer=None,
+                 logits_processor=None, stopping_criteria=None, use_cache=True, **kwargs):
+        r"""
+        Generate text block by block; inside a block, tokens are revealed by masked diffusion.
+
+        The algorithm (the body carries the same numbers):
+        ```
+        1. Resolve the generation config (the model's, then `generation_config`, then `kwargs`) and check inputs.
+        2. Lay the prompts out block-aligned: every row's blocks start at its first real token (as in training)
+           and its first unfinished block starts at a common column. A prompt tail shorter than a block stays as
+           fixed tokens inside the first block to denoise.
+        3. For each block, left to right:
+           a. Start it fully masked, except fixed prompt tokens and rows that are already finished (padding).
+           b. Denoise it with the sampler. Each model call sees the committed cache plus this block and never
+              writes the block; the first call of a block also carries the still uncommitted tokens before it
+              (the prompt, or the block just finished) and commits them: no extra forward per block.
+              - ddpm: T steps from t=1 to 0; each masked token is revealed with probability (t-s)/t. A step that
+                reveals nothing leaves the block unchanged, so the next step reuses the probabilities (no call).
+              - first_hitting: one masked position per call.
+              - confidence: every position whose probability reaches the threshold, at least one per call.
+              With `do_sample=False` tokens are the argmax and the positions are chosen by confidence (ties by
+              position), so greedy output depends neither on the random state nor on the other rows.
+           c. Finish the block: stop rows at EOS (after `min_new_tokens`), at `max_new_tokens`, on a stopping
+              criterion or the entropy rule; stream the new tokens.
+        4. Return the prompts followed by the new tokens (padded after EOS), or a `BD3LMGenerateOutput`.
+        ```
+
+        Args:
+            input_ids (`LongTensor` (B, L)): prompts, left-padded as a tokenizer does with `padding_side="left"`.
+            attention_mask (`LongTensor` (B, L), optional): 1 for real tokens; padding is read from here only.
+            generation_config ([`BD3LMGenerationConfig`], optional): base settings; `kwargs` override its fields.
+            streamer (`BaseStreamer`, optional): receives the prompt, then each finished block (batch size 1).
+            logits_processor / stopping_criteria: extra HF processors (applied per position, with the row's
+                context) and criteria (checked after every block; True stops a row).
+            use_cache (`bool`, defaults to True): False recomputes the whole prefix at every call (reference).
+
+        Top-p follows transformers (`TopPLogitsWarper` keeps the smallest set whose mass reaches p, the crossing
+        token included); the original bd3lms code keeps tokens while the cumulative mass is <= p, one token fewer.
+        """
+        # 1. configuration and inputs
+        config, unused = self.resolve_generation_config(generation_config, kwargs)
+        unused.pop("return_full_text", None)
+        if unused:
+            raise ValueError(f"generate() got arguments it does not use: {sorted(unused)}.")
+        input_ids, attention_mask = self.prepare_prompts(input_ids, attention_mask, config)
+        batch, prompt_width = input_ids.shape
+        if streamer is not None and batch != 1:
+            raise ValueError("streamers support batch size 1 only (as in transformers).")
+        max_new_tokens = _max_new_tokens(config, prompt_width)
+        mask_id, bs = self.config.mask_token_id, config.block_size
+        eos_ids = _as_id_tensor(config.eos_token_id, input_ids.device)
+        pad_id = _first_id(config.pad_token_id, config.eos_token_id, default=mask_id)
+
+        # 2. block-aligned layout: complete prompt blocks, then `num_blocks` blocks to denoise
+        aligned, aligned_valid, prompt_lengths, prefix = align_prompts(input_ids, attention_mask, bs, pad_id)
+        first_new = prefix + prompt_lengths % bs  # (B,) column of each row's first new token
+        num_blocks = math.ceil(int((first_new - prefix).max() + max_new_tokens) / bs)
+        width = prefix + num_blocks * bs
+        if width > self.config.max_position_embeddings:
+            raise ValueError(f"prompt + max_new_tokens needs {width} positions, more than the context "
+                             f"max_position_embeddings={self.config.max_position_embeddings}.")
+        canvas = aligned.new_full((batch, width), mask_id)
+        canvas[:, :prefix] = aligned[:, :prefix]
+        prompt_tail = torch.zeros_like(canvas, dtype=torch.bool)
+        prompt_tail[:, prefix:prefix + bs] = aligned_valid[:, prefix:]
+        canvas[prompt_tail] = aligned[:, prefix:][aligned_valid[:, prefix:]]
+        valid = torch.ones_like(canvas, dtype=torch.bool)
+        valid[:, :prefix] = aligned_valid[:, :prefix]
+        new_index = torch.arange(width, device=canvas.device)[None] - first_new[:, None]  # < 0: prompt
+        banned_eos = (new_index >= 0) & (new_index < (config.min_new_tokens or 0))
+        done = torch.zeros(batch, dtype=torch.bool, device=canvas.device)
+        warpers = _sampling_warpers(config) if config.do_sample else None
+        logits_processor = logits_processor or LogitsProcessorList()
+        stopping_criteria = stopping_criteria or StoppingCriteriaList()
+        cache = BD3LMCache() if use_cache else None
+        state = {"nfe": 0, "committed": 0, "history": [] if config.output_history else None}
+        if streamer is not None:
+            streamer.put(input_ids.cpu())
+
+        # 3. blocks, left to right
+        for block in range(num_blocks):
+            start = prefix + block * bs
+            end = start + bs
+            # 3a. fixed tokens: the prompt tail, or padding in finished rows
+            fixed = prompt_tail[:, start:end] | done[:, None]
+            canvas[:, start:end] = torch.where(done[:, None], pad_id, canvas[:, start:end])
+            valid[:, start:end] &= ~done[:, None]
+            # 3b. denoise
+            self.denoise_block(canvas, valid, start, end, fixed, cache, state, config, banned_eos, eos_ids,
+                               logits_processor, warpers, input_ids)
+            # 3c. finish rows, stream
+            done = self.finish_block(canvas, valid, start, end, first_new, done, config, eos_ids, pad_id,
+                                     max_new_tokens, stopping_criteria, input_ids, streamer)
+            if bool(done.all()):
+                break
+
+        # 4. output
+        if streamer is not None:
+            streamer.end()
+        new_tokens = _gather_new_tokens(canvas, first_new, max_new_tokens, pad_id)
+        # Blocks never reached (every row stopped) still hold [MASK]: they are padding of finished rows.
+        new_tokens.masked_fill_(new_tokens == mask_id, pad_id)
+        sequences = torch.cat([input_ids, new_tokens], dim=1)
+        if not config.return_dict_in_generate:
+            return sequences
+        history = tuple(state["history"]) if state["history"] is not None else None
+        return BD3LMGenerateOutput(sequences=sequences, nfe=state["nfe"], past_key_values=cache, history=history)
+
+    def prepare_prompts(self, input_ids, attention_mask, config):
+        """Validate the prompts; an empty prompt starts from BOS."""
+        if input_ids is None or input_ids.shape[-1] == 0:
+            if config.bos_token_id is None:
+                raise ValueError("an empty prompt needs a bos_token_id (in the model or generation config) to start.")
+            batch = 1 if input_ids is None else input_ids.shape[0]
+            input_ids = torch.full((batch, 1), config.bos_token_id, dtype=torch.long, device=self.device)
+            attention_mask = None
+        if input_ids.dim() != 2:
+            raise ValueError(f"input_ids must be (batch, seq_len), got shape {tuple(input_ids.shape)}.")
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        if attention_mask.shape != input_ids.shape:
+            raise ValueError(f"attention_mask {tuple(attention_mask.shape)} must have the shape of input_ids "
+                             f"{tuple(input_ids.shape)}.")
+        real = attention_mask.bool()
+        if not bool(real.any(-1).all()):
+            raise ValueError("every row needs at least one real token (attention_mask all 0 in some row).")
+        tokens = input_ids[real]
+        if int(tokens.min()) < 0 or int(tokens.max()) >= self.config.vocab_size:
+            raise ValueError(f"input_ids must be in [0, vocab_size={self.config.vocab_size}), got values in "
+                             f"[{int(tokens.min())}, {int(tokens.max())}].")
+        if bool((tokens == self.config.mask_token_id).any()):
+            raise ValueError(f"the prompt contains the mask token id {self.config.mask_token_id}; generation fills "
+                             "masks itself, a prompt must be clean text.")
+        return input_ids, attention_mask
+
+    def denoise_block(self, canvas, valid, start, end, fixed, cache, state, config, banned_eos, eos_ids,
+                      logits_processor, warpers, prompts):
+        """Step 3b: reveal every masked position of canvas[:, start:end] in place."""
+        mask_id = self.config.mask_token_id
+        scores = None
+        for step in range(config.num_steps if config.sampler == "ddpm" else config.block_size):
+            masked = (canvas[:, start:end] == mask_id) & ~fixed
+            if not bool(masked.any()):
+                break
+            if scores is None:  # the block changed since the last call (or there was none)
+                logits = self.block_logits(canvas, valid, start, end, cache, state)
+                context = torch.cat([prompts, canvas[:, :start]], dim=1) if logits_processor else None
+                scores = process_logits(logits, mask_id, banned_eos[:, start:end], eos_ids, logits_processor,
+                                        warpers, context)
+            tokens, confidence = choose_tokens(*scores, config.do_sample)
+            reveal = self.reveal(masked, confidence, step, config)
+            canvas[:, start:end] = torch.where(reveal, tokens, canvas[:, start:end])
+            if bool(reveal.any()):  # otherwise the next step reuses these probabilities, without a call
+                scores = None
+            if state["history"] is not None:
+                state["history"].append(canvas.clone())
+
+    @staticmethod
+    def reveal(masked, confidence, step, config):
+        if config.sampler == "ddpm":
+            return ddpm_reveal(masked, confidence, step, config.num_steps, config.do_sample)
+        if config.sampler == "first_hitting":
+            return first_hitting_reveal(masked, confidence, config.do_sample)
+        return confidence_reveal(masked, confidence, config.confidence_threshold)
+
+    def block_logits(self, canvas, valid, start, end, cache, state):
+        """One model call: logits (B, bs, V) of canvas[:, start:end].
+
+        With a cache, the call carries canvas[:, committed:end] and commits the tokens before `start` (the prompt or
+        the block just finished) in the same forward; without, it recomputes canvas[:, :end].
+        """
+        state["nfe"] += 1
+        if cache is None:
+            return self(input_ids=canvas[:, :end], attention_mask=valid[:, :end], logits_to_keep=end - start).logits
+        committed = state["committed"]
+        out = self(input_ids=canvas[:, committed:end], attention_mask=valid[:, :end], past_key_values=cache,
+                   use_cache=True, store_kv=start - committed or False, logits_to_keep=end - start)
+        state["committed"] = start
+        return out.logits
+
+    def finish_block(self, canvas, valid, start, end, first_new, done, config, eos_ids, pad_id, max_new_tokens,
+                     stopping_criteria, prompts, streamer):
+        """Step 3c: per-row stops after a finished block; returns the updated `done` (B,)."""
+        index = torch.arange(start, end, device=canvas.device)[None] - first_new[:, None]
+        is_new = (index >= 0) & (index < max_new_tokens) & ~done[:, None]
+        block = canvas[:, start:end]
+        if eos_ids is not None:
+            eos = is_new & torch.isin(block, eos_ids)
+            after_eos = (eos.long().cumsum(-1) - eos.long()) > 0
+            block.masked_fill_(after_eos & is_new, pad_id)
+            is_new &= ~after_eos
+            done = done | eos.any(-1)
+        if streamer is not None and bool(is_new.any()):
+            streamer.put(block[is_new].cpu())
+        done = done | (index[:, -1] >= max_new_tokens - 1)
+        if len(stopping_criteria):
+            produced = _gather_new_tokens(canvas[:, :end], first_new, int(index[:, -1].max()) + 1, pad_id)
+            done = done | stopping_criteria(torch.cat([prompts, produced], dim=1), None).to(done.device)
+        if config.entropy_stop:
+            done = done | low_entropy_rows(canvas[:, :end], valid[:, :end])
+        return done
+
+
+def low_entropy_rows(canvas, valid):
+    """(B,) bool: rows whose last 256 real tokens have a unigram entropy below 4 nats."""
+    rows = []
+    for tokens, real in zip(canvas, valid):
+        window = tokens[real][-ENTROPY_WINDOW:]
+        rows.append(len(window) >= ENTROPY_WINDOW and float(unigram_entropy(window)) < ENTROPY_THRESHOLD)
+    return torch.tensor(rows, device=canvas.device)
+
+
+def _gather_new_tokens(canvas, first_new, count: int, pad_id: int):
+    """(B, count): the `count` canvas tokens of each row from its first new column; pad past the canvas."""
+    columns = first_new[:, None] + torch.arange(count, device=canvas.device)[None]
+    inside = columns < canvas.shape[1]
+    gathered = canvas.gather(1, columns.clamp(max=canvas.shape[1] - 1))
+    return torch.where(inside, gathered, pad_id)
+
+
+def _max_new_tokens(config, prompt_width: int) -> int:
+    if config.max_new_tokens is not None:
+        return config.max_new_tokens
+    if config.max_length is not None and config.max_length > prompt_width:
+        return config.max_length - prompt_width
+    raise ValueError(f"set max_new_tokens (max_length={config.max_length} leaves no room after a prompt of "
+                     f"{prompt_width} tokens).")
+
+
+def _sampling_warpers(config) -> LogitsProcessorList:
+    warpers = LogitsProcessorList()
+    if config.temperature is not None and config.temperature != 1.0:
+        warpers.append(TemperatureLogitsWarper(config.temperature))
+    if config.top_k is not None and config.top_k != 0:
+        warpers.append(TopKLogitsWarper(config.top_k))
+    if config.top_p is not None and config.top_p < 1.0:
+        warpers.append(TopPLogitsWarper(config.top_p))
+    return warpers
+
+
+def _as_id_tensor(ids, device):
+    if ids is None:
+        return None
+    return torch.tensor([ids] if isinstance(ids, int) else list(ids), device=device)
+
+
+def _first_id(*candidates, default):
+    for ids in candidates:
+        if ids is not None:
+            return ids if isinstance(ids, int) else list(ids)[0]
+    return default

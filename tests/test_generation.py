@@ -1,0 +1,262 @@
+"""Block-diffusion generate(): exact cache, samplers, ragged batches, EOS, streaming, pipeline, bad input."""
+
+import logging
+
+import pytest
+import torch
+from conftest import random_model
+from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, StoppingCriteriaList, pipeline
+from transformers.generation.streamers import BaseStreamer
+
+from bd3lm_hf import BD3LMCache
+from bd3lm_hf.modeling.generation_bd3lm import BD3LMGenerationConfig, BD3LMGenerateOutput
+
+SAMPLERS = ["ddpm", "first_hitting", "confidence"]
+MASK = 49
+
+
+@pytest.fixture(scope="module")
+def gen_model():
+    return random_model(seed=1, std=0.12, max_position_embeddings=128)
+
+
+def prompts(lengths=(7, 4, 10), seed=0):
+    """Left-padded prompts of different lengths, as a tokenizer with padding_side='left' makes them."""
+    g = torch.Generator().manual_seed(seed)
+    width = max(lengths)
+    ids = torch.zeros(len(lengths), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for row, length in enumerate(lengths):
+        ids[row, width - length:] = torch.randint(0, MASK, (length,), generator=g)
+        mask[row, width - length:] = 1
+    return ids, mask
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+@pytest.mark.parametrize("do_sample", [False, True])
+def test_cached_equals_uncached(gen_model, sampler, do_sample):
+    ids, mask = prompts()
+    outputs = []
+    for use_cache in (True, False):
+        torch.manual_seed(123)
+        outputs.append(gen_model.generate(ids, attention_mask=mask, max_new_tokens=13, sampler=sampler,
+                                          do_sample=do_sample, use_cache=use_cache, return_dict_in_generate=True))
+    assert torch.equal(outputs[0].sequences, outputs[1].sequences)
+    assert outputs[0].nfe == outputs[1].nfe
+    assert outputs[0].sequences.shape == (3, 10 + 13)
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_ragged_batch_equals_one_by_one_greedy(gen_model, sampler):
+    ids, mask = prompts()
+    batched = gen_model.generate(ids, attention_mask=mask, max_new_tokens=11, sampler=sampler, do_sample=False)
+    new_tokens = batched[:, ids.shape[1]:]
+    assert len({tuple(row.tolist()) for row in new_tokens}) > 1  # the rows really differ
+    for row in range(ids.shape[0]):
+        alone = ids[row, mask[row].bool()][None]
+        single = gen_model.generate(alone, max_new_tokens=11, sampler=sampler, do_sample=False)
+        assert torch.equal(single[0, alone.shape[1]:], new_tokens[row]), (sampler, row)
+
+
+def test_padding_comes_from_attention_mask_not_token_values(gen_model):
+    ids, mask = prompts()
+    other_pad = ids.masked_fill(mask == 0, 17)
+    a = gen_model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    b = gen_model.generate(other_pad, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    assert torch.equal(a[:, ids.shape[1]:], b[:, ids.shape[1]:])
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_greedy_output_does_not_depend_on_the_random_state(gen_model, sampler):
+    ids, mask = prompts()
+    runs = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        runs.append(gen_model.generate(ids, attention_mask=mask, max_new_tokens=9, sampler=sampler, do_sample=False))
+    assert torch.equal(*runs)
+
+
+def test_sampling_depends_on_the_seed(gen_model):
+    ids, mask = prompts()
+    runs = []
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        runs.append(gen_model.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=True))
+    assert not torch.equal(*runs)
+
+
+def test_nfe_counts_every_model_call(gen_model):
+    prompt = torch.randint(0, MASK, (1, 8))  # two complete blocks: committed by the first denoising call
+    out = gen_model.generate(prompt, max_new_tokens=8, sampler="ddpm", num_steps=4, do_sample=False,
+                             return_dict_in_generate=True)
+    assert out.nfe == 2 * 4  # 2 blocks x 4 steps; prompt and finished blocks ride along, no extra forward
+    out = gen_model.generate(prompt, max_new_tokens=8, sampler="first_hitting", do_sample=False,
+                             return_dict_in_generate=True)
+    assert out.nfe == 8  # one call per token
+    out = gen_model.generate(prompt, max_new_tokens=8, sampler="confidence", confidence_threshold=0.0,
+                             do_sample=False, return_dict_in_generate=True)
+    assert out.nfe == 2  # threshold 0: a whole block per call
+
+
+def test_ddpm_steps_that_reveal_nothing_reuse_probabilities(gen_model):
+    prompt = torch.randint(0, MASK, (1, 4))
+    out = gen_model.generate(prompt, max_new_tokens=8, num_steps=64, do_sample=False, output_history=True,
+                             return_dict_in_generate=True)
+    assert out.nfe <= 2 * 4  # at most one call per revealed token, although 64 steps per block ran
+    assert out.nfe < len(out.history) <= 2 * 64  # one canvas per step
+    assert not (out.sequences == MASK).any()
+
+
+def test_fused_commit_leaves_the_cache_as_separate_commits(gen_model):
+    prompt = torch.randint(0, MASK, (1, 6))
+    out = gen_model.generate(prompt, max_new_tokens=14, do_sample=False, return_dict_in_generate=True)
+    committed = out.past_key_values.get_seq_length()
+    assert committed == 16  # prompt 6 + 14 new = 20 = 5 blocks; the last block is never needed again
+    reference = BD3LMCache()
+    for start in range(0, committed, 4):  # one commit call per block, as the original does
+        gen_model(input_ids=out.sequences[:, start:start + 4], past_key_values=reference, use_cache=True,
+                  store_kv=True)
+    for ours, theirs in zip(out.past_key_values.layers, reference.layers):
+        torch.testing.assert_close(ours.keys, theirs.keys, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ours.values, theirs.values, atol=1e-5, rtol=1e-5)
+
+
+def test_eos_stops_a_row_and_pads_it(gen_model):
+    ids, mask = prompts()
+    free = gen_model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False)[:, ids.shape[1]:]
+    eos = int(free[0, 5])
+    first = int((free[0] == eos).nonzero()[0])
+    out = gen_model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, eos_token_id=eos,
+                             pad_token_id=0)[:, ids.shape[1]:]
+    assert torch.equal(out[0, :first + 1], free[0, :first + 1])
+    assert (out[0, first + 1:] == 0).all()
+    late = gen_model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, eos_token_id=eos,
+                              pad_token_id=0, min_new_tokens=first + 1)[:, ids.shape[1]:]
+    assert not (late[0, : first + 1] == eos).any()
+
+
+def test_stopping_criteria_stop_rows(gen_model):
+    class AfterFive(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), input_ids.shape[1] >= 10 + 5, dtype=torch.bool)
+
+    ids, mask = prompts()
+    out = gen_model.generate(ids, attention_mask=mask, max_new_tokens=40, do_sample=False, pad_token_id=0,
+                             stopping_criteria=StoppingCriteriaList([AfterFive()]), return_dict_in_generate=True)
+    free = gen_model.generate(ids, attention_mask=mask, max_new_tokens=40, do_sample=False,
+                              return_dict_in_generate=True)
+    assert out.nfe < free.nfe
+    assert (out.sequences[:, -8:] == 0).all()
+
+
+def test_entropy_stop_ends_degenerate_rows():
+    repetitive = random_model(seed=0, std=0.5, max_position_embeddings=512)  # collapses onto one token
+    prompt = torch.randint(0, MASK, (1, 4))
+    free = repetitive.generate(prompt, max_new_tokens=300, do_sample=False, return_dict_in_generate=True)
+    stopped = repetitive.generate(prompt, max_new_tokens=300, do_sample=False, entropy_stop=True, pad_token_id=0,
+                                  return_dict_in_generate=True)
+    assert stopped.nfe < free.nfe
+    assert stopped.sequences.shape == free.sequences.shape
+
+
+class Collect(BaseStreamer):
+    def __init__(self):
+        self.chunks, self.ended = [], False
+
+    def put(self, value):
+        self.chunks.append(value.flatten().tolist())
+
+    def end(self):
+        self.ended = True
+
+
+def test_streamer_gets_the_prompt_then_each_finished_block(gen_model):
+    prompt = torch.randint(0, MASK, (1, 6))
+    streamer = Collect()
+    out = gen_model.generate(prompt, max_new_tokens=9, do_sample=False, streamer=streamer)
+    assert streamer.chunks[0] == prompt[0].tolist() and streamer.ended
+    assert [len(c) for c in streamer.chunks[1:]] == [2, 4, 3]  # block-aligned: 6 prompt tokens end inside block 1
+    assert sum(streamer.chunks[1:], []) == out[0, 6:].tolist()
+
+
+def test_generation_config_round_trip_and_kwargs_override(gen_model, tmp_path):
+    config = BD3LMGenerationConfig(sampler="first_hitting", max_new_tokens=5, do_sample=False)
+    config.save_pretrained(tmp_path)
+    loaded = BD3LMGenerationConfig.from_pretrained(tmp_path)
+    assert (loaded.sampler, loaded.max_new_tokens) == ("first_hitting", 5)
+    prompt = torch.randint(0, MASK, (1, 4))
+    out = gen_model.generate(prompt, generation_config=loaded, return_dict_in_generate=True)
+    assert out.sequences.shape[1] == 9 and out.nfe == 8  # 2 blocks of 4 masked positions, one hit per call
+    overridden = gen_model.generate(prompt, generation_config=loaded, max_new_tokens=2, return_dict_in_generate=True)
+    assert overridden.sequences.shape[1] == 6
+
+
+def test_empty_prompt_starts_from_bos(gen_model):
+    out = gen_model.generate(torch.zeros(1, 0, dtype=torch.long), bos_token_id=3, max_new_tokens=4, do_sample=False)
+    assert out.shape == (1, 5) and out[0, 0] == 3 and not (out == MASK).any()  # BOS, then 4 new tokens
+    with pytest.raises(ValueError, match="bos_token_id"):
+        gen_model.generate(torch.zeros(1, 0, dtype=torch.long), max_new_tokens=4)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(input_ids=torch.tensor([[1, MASK, 2]])), "mask token id 49"),
+        (dict(input_ids=torch.tensor([[1, 50]])), r"vocab_size=50"),
+        (dict(max_new_tokens=0), "max_new_tokens"),
+        (dict(num_beams=2), "num_beams=2 is not supported"),
+        (dict(assistant_model=object()), "assistant_model"),
+        (dict(sampler="euler"), "unknown sampler 'euler'"),
+        (dict(block_size=5), "block_size=5 must divide"),
+        (dict(max_new_tokens=200), "more than the context"),
+        (dict(num_steps=0), "num_steps must be a positive int"),
+        (dict(confidence_threshold=1.5), "confidence_threshold"),
+        (dict(frobnicate=True), "frobnicate"),
+        (dict(input_ids=torch.ones(2, 3, dtype=torch.long), streamer=Collect()), "batch size 1"),
+    ],
+)
+def test_bad_generate_inputs(gen_model, kwargs, message):
+    kwargs = {"input_ids": torch.ones(1, 3, dtype=torch.long), "max_new_tokens": 4, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        gen_model.generate(**kwargs)
+
+
+def test_untrained_block_size_warns_but_generates(gen_model, caplog):
+    with caplog.at_level(logging.WARNING):
+        out = gen_model.generate(torch.ones(1, 3, dtype=torch.long), max_new_tokens=8, block_size=8)
+    assert "trained with block_size=4" in caplog.text
+    assert out.shape == (1, 11)
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    from bd3lm_hf.tokenization import gpt2_tokenizer_with_mask
+
+    folder = tmp_path_factory.mktemp("exported")
+    model = random_model(seed=2, std=0.05, vocab_size=50258, max_position_embeddings=64, eos_token_id=50256,
+                         bos_token_id=50256, pad_token_id=50256)
+    model.save_pretrained(folder)
+    gpt2_tokenizer_with_mask().save_pretrained(folder)
+    return folder
+
+
+def test_pipeline_on_an_exported_folder(exported, caplog):
+    model = AutoModelForCausalLM.from_pretrained(exported, trust_remote_code=True)
+    tokenizer = AutoTokenizer.from_pretrained(exported, trust_remote_code=True)
+    with caplog.at_level(logging.WARNING):
+        generator = pipeline("text-generation", model=model, tokenizer=tokenizer, trust_remote_code=True)
+        full = generator("To be, or not to be", max_new_tokens=8, do_sample=False)
+        new_only = generator(["To be, or not to be", "Friends, Romans, countrymen, lend me"], max_new_tokens=8,
+                             do_sample=False, return_full_text=False, batch_size=2)
+    assert "not supported" not in caplog.text
+    assert full[0]["generated_text"].startswith("To be, or not to be")
+    assert len(new_only) == 2 and not new_only[0][0]["generated_text"].startswith("To be")
+    direct = model.generate(**tokenizer("To be, or not to be", return_tensors="pt"), max_new_tokens=8,
+                            do_sample=False)
+    assert full[0]["generated_text"] == tokenizer.decode(direct[0], skip_special_tokens=True)
+
+
+def test_generate_output_type(gen_model):
+    out = gen_model.generate(torch.ones(1, 3, dtype=torch.long), max_new_tokens=4, return_dict_in_generate=True)
+    assert isinstance(out, BD3LMGenerateOutput) and out.history is None
+    assert gen_model.can_generate()
