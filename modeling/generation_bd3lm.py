@@ -18,6 +18,8 @@ logger = logging.get_logger(__name__)
 
 SAMPLERS = ("ddpm", "first_hitting", "confidence")
 ENTROPY_WINDOW, ENTROPY_THRESHOLD = 256, 4.0  # the paper's stop rule: unigram entropy of the last 256 tokens < 4 nats
+# transformers' defaults for fields left unset by the model and the user (what `GenerationMixin.generate` applies)
+HF_DEFAULTS = {"max_length": 20, "do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0}
 UNSUPPORTED = {"num_beams": 1, "num_return_sequences": 1, "assistant_model": None, "prompt_lookup_num_tokens": None,
                "penalty_alpha": None, "num_beam_groups": 1}
 
@@ -136,9 +138,8 @@ def process_logits(logits, mask_token_id: int, banned_eos, eos_ids, logits_proce
 def choose_tokens(greedy_scores, sampling_scores, do_sample: bool):
     """Tokens (B, bs) and their probability (the confidence) under the distribution they come from."""
     if not do_sample:
-        probs = greedy_scores.softmax(-1)
-        confidence, tokens = probs.max(-1)
-        return tokens, confidence
+        best, tokens = greedy_scores.max(-1)
+        return tokens, (best - greedy_scores.logsumexp(-1)).exp()  # the top probability, without a softmax
     log_probs = sampling_scores.log_softmax(-1)
     uniform = torch.rand_like(log_probs).clamp(min=1e-20, max=1 - 1e-7)
     gumbel = -torch.log(-torch.log(uniform))
@@ -192,6 +193,9 @@ class BD3LMGenerationMixin(GenerationMixin):
         base = generation_config if generation_config is not None else self.generation_config
         config = BD3LMGenerationConfig.from_dict(base.to_dict())
         unused = config.update(**kwargs)
+        for name, value in HF_DEFAULTS.items():
+            if getattr(config, name, None) is None:
+                setattr(config, name, value)
         if config.block_size is None:
             config.block_size = self.config.block_size
         if config.num_steps is None:
@@ -244,7 +248,6 @@ class BD3LMGenerationMixin(GenerationMixin):
         """
         # 1. configuration and inputs
         config, unused = self.resolve_generation_config(generation_config, kwargs)
-        unused.pop("return_full_text", None)
         if unused:
             raise ValueError(f"generate() got arguments it does not use: {sorted(unused)}.")
         input_ids, attention_mask = self.prepare_prompts(input_ids, attention_mask, config)
