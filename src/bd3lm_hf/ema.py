@@ -1,0 +1,103 @@
+"""Exponential moving average of the weights as a Trainer callback (the original's EMA, decay 0.9999)."""
+
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import TrainerCallback
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+EMA_FILE = "ema_state.safetensors"
+
+
+class EMACallback(TrainerCallback):
+    """Keeps an EMA of the trainable weights; evaluates and exports the EMA weights, as the original does.
+
+    After every optimizer step: ema -= (1 - d) * (ema - w), with the warm-up d = min(decay, (1 + n) / (10 + n)).
+    Around each evaluation the EMA weights are swapped in (and back out afterwards); at the end of training they
+    are copied into the model, so `trainer.save_model()` / export writes them. The EMA is saved next to every
+    checkpoint (`ema_state.safetensors`) and restored on resume.
+
+    Register it AFTER callbacks that must see the EMA weights during evaluation (e.g. `ClipSearchCallback`): its
+    `on_evaluate` puts the training weights back.
+    """
+
+    def __init__(self, decay: float = 0.9999, warmup: bool = True):
+        if not 0.0 <= decay <= 1.0:
+            raise ValueError(f"EMA decay must be in [0, 1], got {decay}.")
+        self.decay = decay
+        self.warmup = warmup
+        self.num_updates = 0
+        self.shadow: dict[str, torch.Tensor] | None = None
+        self.stored: dict[str, torch.Tensor] | None = None
+
+    @staticmethod
+    def _parameters(model) -> dict[str, torch.nn.Parameter]:
+        return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.shadow = {name: p.detach().clone().float() for name, p in self._parameters(model).items()}
+        self.num_updates = 0
+        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}" / EMA_FILE
+        if state.global_step > 0 and checkpoint.is_file():
+            self.load(checkpoint)
+
+    @torch.no_grad()
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        self.num_updates += 1
+        decay = self.decay
+        if self.warmup:
+            decay = min(decay, (1 + self.num_updates) / (10 + self.num_updates))
+        for name, parameter in self._parameters(model).items():
+            shadow = self.shadow[name]
+            shadow.sub_((1.0 - decay) * (shadow - parameter.detach().float()))
+        if control.should_evaluate:
+            self.swap_in(model)
+
+    def on_evaluate(self, args, state, control, model=None, **kwargs):
+        self.swap_out(model)
+
+    def on_save(self, args, state, control, **kwargs):
+        self.save(Path(args.output_dir) / f"checkpoint-{state.global_step}" / EMA_FILE)
+
+    def on_train_end(self, args, state, control, model=None, **kwargs):
+        self.swap_out(model)
+        self.copy_to(model)
+        logger.info("copied the EMA weights (%d updates) into the model", self.num_updates)
+
+    @torch.no_grad()
+    def copy_to(self, model):
+        for name, parameter in self._parameters(model).items():
+            parameter.copy_(self.shadow[name].to(parameter.dtype))
+
+    @torch.no_grad()
+    def swap_in(self, model):
+        if self.stored is None:
+            self.stored = {name: p.detach().clone() for name, p in self._parameters(model).items()}
+            self.copy_to(model)
+
+    @torch.no_grad()
+    def swap_out(self, model):
+        if self.stored is not None:
+            for name, parameter in self._parameters(model).items():
+                parameter.copy_(self.stored[name])
+            self.stored = None
+
+    def save(self, path: Path):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.contiguous() for k, v in self.shadow.items()}, str(path),
+                  metadata={"num_updates": str(self.num_updates), "decay": str(self.decay)})
+
+    def load(self, path: Path):
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as handle:
+            metadata = handle.metadata()
+        loaded = load_file(str(path))
+        if set(loaded) != set(self.shadow):
+            raise ValueError(f"EMA state {path} does not match the model's trainable parameters.")
+        self.shadow = {name: tensor.to(self.shadow[name].device) for name, tensor in loaded.items()}
+        self.num_updates = int(metadata["num_updates"])
+        logger.info("resumed the EMA from %s (%d updates)", path, self.num_updates)

@@ -1,0 +1,46 @@
+"""PEFT LoRA defaults for BD3-LM: which projections to adapt, so that `LoraConfig` works without guessing names."""
+
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
+
+# The attention and MLP projections of every DiT block. The adaLN projections and the output layer stay frozen:
+# they carry the (constant) conditioning and the vocabulary, as for LoRA on AR models.
+DEFAULT_LORA_TARGET_MODULES = ["qkv_proj", "o_proj", "fc_in", "fc_out"]
+
+
+def register_peft_defaults() -> None:
+    """Teach PEFT the default targets of model_type "bd3lm": `LoraConfig()` then needs no `target_modules`."""
+    from peft.utils import constants
+
+    for mapping in ("TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING",):
+        table = getattr(constants, mapping, None)
+        if table is not None:
+            table.setdefault("bd3lm", list(DEFAULT_LORA_TARGET_MODULES))
+    try:  # PEFT copies the table into its mapping module at import time
+        from peft.utils import other
+
+        table = getattr(other, "TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING", None)
+        if table is not None:
+            table.setdefault("bd3lm", list(DEFAULT_LORA_TARGET_MODULES))
+    except ImportError:
+        pass
+
+
+def lora_config(r: int = 8, lora_alpha: int = 16, lora_dropout: float = 0.0, target_modules=None, **kwargs):
+    """A `peft.LoraConfig` for BD3-LM with the default target modules."""
+    from peft import LoraConfig
+
+    return LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
+                      target_modules=list(target_modules or DEFAULT_LORA_TARGET_MODULES), **kwargs)
+
+
+def add_lora(model, config=None):
+    """Wrap `model` with LoRA adapters (defaults above); only adapter weights stay trainable."""
+    from peft import get_peft_model
+
+    register_peft_defaults()
+    peft_model = get_peft_model(model, config or lora_config())
+    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
+    logger.info("LoRA: %d trainable parameters", trainable)
+    return peft_model

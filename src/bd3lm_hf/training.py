@@ -1,0 +1,185 @@
+"""Training and finetuning with the stock `transformers.Trainer`: data -> collator -> Trainer + callbacks -> export.
+
+    from bd3lm_hf.training import BD3LMTrainingConfig, train
+    summary = train(BD3LMTrainingConfig(max_position_embeddings=64), TrainingArguments("out", max_steps=800))
+
+The same function backs `bd3lm-hf train` (every field of both dataclasses is a flag) and runs unchanged under
+`accelerate launch`.
+"""
+
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments, set_seed
+from transformers.utils import logging
+
+from .callbacks import BlockDiffusionCallback, ClipSearchCallback
+from .collator import DataCollatorForBlockDiffusion
+from .data import load_text_dataset, sft_tokenize, shakespeare_files, train_bpe_tokenizer, wrap_tokenize
+from .ema import EMACallback
+from .modeling import BD3LMConfig, BD3LMForBlockDiffusion
+from .tokenization import gpt2_tokenizer_with_mask
+
+logger = logging.get_logger(__name__)
+
+
+@dataclass
+class BD3LMTrainingConfig:
+    """What to train: data, tokenizer, model shape, noise schedule and the paper's extras (EMA, clip search)."""
+
+    data: list[str] = field(default_factory=lambda: ["shakespeare"],
+                            metadata={"help": "data files (.txt/.md: one document each; .json/.jsonl rows), or "
+                                              "'shakespeare' for the bundled plays"})
+    eval_data: list[str] = field(default_factory=list, metadata={"help": "held-out files (default: see eval_split)"})
+    eval_split: float = field(default=0.05, metadata={"help": "fraction of training sequences held out when no "
+                                                              "eval_data is given (shakespeare: whole plays)"})
+    shakespeare_plays: int = field(default=12, metadata={"help": "plays to train on; the next 2 are held out"})
+    text_column: str = "text"
+    sft: bool = field(default=False, metadata={"help": "prompt/response finetuning instead of wrap pretraining"})
+    prompt_column: str = "prompt"
+    response_column: str = "response"
+    messages_column: str | None = field(default=None, metadata={"help": "chat messages column (uses the template)"})
+    tokenizer: str = field(default="bpe", metadata={"help": "'bpe' (trained on the data), 'gpt2' (GPT-2 BPE + "
+                                                            "[MASK]) or a tokenizer folder"})
+    bpe_vocab_size: int = 1024
+    init_from: str | None = field(default=None, metadata={"help": "pretrained BD3-LM folder to finetune"})
+    max_position_embeddings: int = field(default=64, metadata={"help": "sequence length L"})
+    block_size: int = 4
+    hidden_size: int = 128
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    cond_dim: int = 64
+    hidden_dropout: float = 0.0
+    attn_implementation: str = field(default="sdpa", metadata={"help": "sdpa (CPU and GPU), flex_attention (GPU)"})
+    eps_min: float = field(default=1e-3, metadata={"help": "training clip range: lowest t"})
+    eps_max: float = field(default=1.0, metadata={"help": "training clip range: highest t"})
+    resample: bool = False
+    ema_decay: float = field(default=0.9999, metadata={"help": "0 disables the EMA"})
+    clip_search: bool = False
+    clip_search_batches: int = 100
+    lora: bool = False
+    lora_r: int = 8
+    lora_alpha: int = 16
+
+
+def build_tokenizer(config: BD3LMTrainingConfig, texts: list[str]):
+    if config.tokenizer == "bpe":
+        return train_bpe_tokenizer(texts, config.bpe_vocab_size)
+    if config.tokenizer == "gpt2":
+        return gpt2_tokenizer_with_mask()
+    tokenizer = AutoTokenizer.from_pretrained(config.tokenizer, trust_remote_code=True)
+    if tokenizer.mask_token_id is None:
+        raise ValueError(f"tokenizer {config.tokenizer} has no mask token; block diffusion needs one.")
+    return tokenizer
+
+
+def load_datasets(config: BD3LMTrainingConfig):
+    """(train, eval) raw datasets."""
+    if config.data == ["shakespeare"]:
+        plays = shakespeare_files()
+        if not 1 <= config.shakespeare_plays <= len(plays) - 2:
+            raise ValueError(f"shakespeare_plays must be in [1, {len(plays) - 2}], got {config.shakespeare_plays}.")
+        train_files = plays[: config.shakespeare_plays]
+        eval_files = config.eval_data or plays[config.shakespeare_plays: config.shakespeare_plays + 2]
+        return load_text_dataset(train_files, config.text_column), load_text_dataset(eval_files, config.text_column)
+    train = load_text_dataset(config.data, config.text_column)
+    return train, load_text_dataset(config.eval_data, config.text_column) if config.eval_data else None
+
+
+def tokenize(config: BD3LMTrainingConfig, dataset, tokenizer):
+    if config.sft:
+        return sft_tokenize(dataset, tokenizer, config.block_size, config.max_position_embeddings,
+                            config.prompt_column, config.response_column, config.messages_column)
+    return wrap_tokenize(dataset, tokenizer, config.max_position_embeddings, config.block_size, config.text_column)
+
+
+def split_off_eval(train_set, fraction: float):
+    if not 0.0 < fraction < 1.0:
+        raise ValueError(f"eval_split must be in (0, 1), got {fraction}.")
+    held_out = max(1, int(len(train_set) * fraction))
+    if held_out >= len(train_set):
+        raise ValueError(f"only {len(train_set)} sequences: too few to hold {held_out} out for evaluation.")
+    return train_set.select(range(len(train_set) - held_out)), train_set.select(range(len(train_set) - held_out,
+                                                                                       len(train_set)))
+
+
+def build_model(config: BD3LMTrainingConfig, tokenizer):
+    if config.init_from:
+        model = AutoModelForCausalLM.from_pretrained(config.init_from, trust_remote_code=True,
+                                                     attn_implementation=config.attn_implementation)
+        if model.config.block_size != config.block_size:  # the paper: pretrain with L' = L, finetune per L'
+            logger.warning("finetuning with block_size=%d (the checkpoint used %d)", config.block_size,
+                           model.config.block_size)
+            model.config.block_size = config.block_size
+            model.config.validate_bd3lm()
+        return model
+    model_config = BD3LMConfig(
+        vocab_size=len(tokenizer), mask_token_id=tokenizer.mask_token_id, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+        max_position_embeddings=config.max_position_embeddings, block_size=config.block_size,
+        hidden_size=config.hidden_size, num_hidden_layers=config.num_hidden_layers,
+        num_attention_heads=config.num_attention_heads, cond_dim=config.cond_dim,
+        hidden_dropout=config.hidden_dropout, sampling_eps_min=config.eps_min, sampling_eps_max=config.eps_max)
+    model = BD3LMForBlockDiffusion(model_config)
+    model.set_attn_implementation(config.attn_implementation)
+    return model
+
+
+def build_trainer(config: BD3LMTrainingConfig, args: TrainingArguments, train_set=None, eval_set=None,
+                  tokenizer=None, model=None) -> Trainer:
+    """Everything but the loop: data (unless given), tokenizer, model, collator, callbacks, Trainer."""
+    if train_set is None:
+        raw_train, raw_eval = load_datasets(config)
+        if tokenizer is None:
+            texts = raw_train[config.text_column] if config.text_column in raw_train.column_names else []
+            tokenizer = build_tokenizer(config, texts)
+        train_set = tokenize(config, raw_train, tokenizer)
+        eval_set = tokenize(config, raw_eval, tokenizer) if raw_eval is not None else None
+        if eval_set is None:
+            train_set, eval_set = split_off_eval(train_set, config.eval_split)
+    set_seed(args.seed)  # the model's init too must follow the seed (Trainer seeds only after it is built)
+    model = model or build_model(config, tokenizer)
+    collator = DataCollatorForBlockDiffusion(
+        mask_token_id=model.config.mask_token_id, block_size=model.config.block_size, eps_min=config.eps_min,
+        eps_max=config.eps_max, resample=config.resample, pad_token_id=model.config.pad_token_id, seed=args.seed)
+    callbacks = [BlockDiffusionCallback(collator)]
+    if config.clip_search and eval_set is not None:
+        callbacks.append(ClipSearchCallback(collator, num_batches=config.clip_search_batches))
+    if config.lora:
+        from .lora import add_lora, lora_config
+
+        model = add_lora(model, lora_config(r=config.lora_r, lora_alpha=config.lora_alpha))
+    elif config.ema_decay > 0:
+        callbacks.append(EMACallback(config.ema_decay))  # after ClipSearchCallback: see its docstring
+    args.remove_unused_columns = False  # prompt_length reaches the collator
+    return Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set, data_collator=collator,
+                   processing_class=tokenizer, callbacks=callbacks)
+
+
+def train(config: BD3LMTrainingConfig, args: TrainingArguments, resume_from_checkpoint=None, **overrides) -> dict:
+    """Train, evaluate, save the model (EMA weights) and tokenizer to `args.output_dir`; return a summary."""
+    trainer = build_trainer(config, args, **overrides)
+    result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+    metrics = trainer.evaluate() if trainer.eval_dataset is not None else {}
+    trainer.save_model(args.output_dir)
+    summary = {
+        "steps": result.global_step,
+        "tokens": result.global_step * args.train_batch_size * args.gradient_accumulation_steps
+        * args.world_size * config.max_position_embeddings,
+        "train_loss": result.training_loss,
+        "eval_nelbo": metrics.get("eval_loss"),
+        "eval_perplexity": metrics.get("eval_perplexity"),
+        "saved_to": str(Path(args.output_dir).resolve()),
+        "trainer": trainer,
+    }
+    if trainer.is_world_process_zero():
+        ppl = summary["eval_perplexity"]
+        logger.info(
+            "training done: %d steps, %d tokens, eval NELBO %s (perplexity %s), saved to %s", summary["steps"],
+            summary["tokens"], _fmt(summary["eval_nelbo"]), _fmt(ppl), summary["saved_to"])
+    return summary
+
+
+def _fmt(value):
+    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.3f}"
