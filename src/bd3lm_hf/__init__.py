@@ -1,6 +1,7 @@
 """bd3lm_hf: Block Diffusion language models (BD3-LMs) as first-class citizens of the Hugging Face stack."""
 
 from .auto import register_auto_classes
+from .collator import DataCollatorForBlockDiffusion
 from .modeling import BD3LMCache, BD3LMConfig, BD3LMForBlockDiffusion, BD3LMModel, BD3LMPreTrainedModel
 from . import diffusion
 
@@ -10,6 +11,7 @@ __all__ = [
     "BD3LMForBlockDiffusion",
     "BD3LMModel",
     "BD3LMPreTrainedModel",
+    "DataCollatorForBlockDiffusion",
     "diffusion",
     "register_auto_classes",
 ]

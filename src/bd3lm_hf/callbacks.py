@@ -11,7 +11,7 @@ from transformers import TrainerCallback
 from transformers.utils import logging
 
 from .collator import EVAL_RANGE
-from .modeling.diffusion_bd3lm import diffusion_nelbo_terms, q_xt
+from .modeling.diffusion_bd3lm import diffusion_nelbo_terms, q_xt, sample_block_noise_levels
 
 logger = logging.get_logger(__name__)
 
@@ -74,13 +74,12 @@ def candidate_intervals(widths=(0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9)
 
 
 @torch.no_grad()
-def per_block_losses(model, x0, attention_mask, keep, interval, mask_token_id: int, block_size: int):
+def per_block_losses(model, x0, attention_mask, keep, interval, mask_token_id: int, block_size: int,
+                     generator: torch.Generator | None = None):
     """(B, nb) mean NELBO term per block for clean `x0` noised with t in `interval` (low-discrepancy)."""
-    from .modeling.diffusion_bd3lm import sample_block_noise_levels
-
     batch, length = x0.shape
-    t = sample_block_noise_levels(batch, length // block_size, *interval, device=x0.device)
-    x_t = q_xt(x0, t, block_size, mask_token_id, keep=keep)
+    t = sample_block_noise_levels(batch, length // block_size, *interval, generator=generator).to(x0.device)
+    x_t = q_xt(x0.cpu(), t.cpu(), block_size, mask_token_id, generator=generator, keep=keep.cpu()).to(x0.device)
     labels = x0.masked_fill(keep, -100)
     logits = model(input_ids=x_t, labels=labels, attention_mask=attention_mask).logits
     terms = diffusion_nelbo_terms(logits, x_t, x0, t, block_size, mask_token_id) * (~keep)
@@ -95,10 +94,12 @@ class ClipSearchCallback(TrainerCallback):
     Register it BEFORE `EMACallback`, so that it searches with the EMA weights as the original does.
     """
 
-    def __init__(self, collator, num_batches: int = 100, intervals: list[tuple[float, float]] | None = None):
+    def __init__(self, collator, num_batches: int = 100, intervals: list[tuple[float, float]] | None = None,
+                 seed: int = 0):
         self.collator = collator
         self.num_batches = num_batches
         self.intervals = intervals or candidate_intervals()
+        self.seed = seed
 
     def on_evaluate(self, args, state, control, model=None, eval_dataloader=None, metrics=None, **kwargs):
         if eval_dataloader is None:
@@ -115,6 +116,7 @@ class ClipSearchCallback(TrainerCallback):
         model.eval()
         variances = dict.fromkeys(self.intervals, 0.0)
         device = next(model.parameters()).device
+        generator = torch.Generator().manual_seed(self.seed)  # every search draws the same noise
         for index, batch in enumerate(dataloader):
             if index >= self.num_batches:
                 break
@@ -124,7 +126,7 @@ class ClipSearchCallback(TrainerCallback):
             attention_mask = batch["attention_mask"].to(device)
             for interval in self.intervals:
                 losses = per_block_losses(model, x0, attention_mask, keep, interval, self.collator.mask_token_id,
-                                          self.collator.block_size)
+                                          self.collator.block_size, generator)
                 variances[interval] += float(_all_reduce_sum(losses.var()))
         model.train(was_training)
         return min(self.intervals, key=lambda interval: (variances[interval], interval != EVAL_RANGE))

@@ -19,7 +19,21 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--config", help="original config.json to use with a .ckpt")
     convert.add_argument("--block-size", type=int, help="block size of a .ckpt (not recorded in it)")
     convert.add_argument("--model-length", type=int, help="training context length of a .ckpt")
+
+    commands.add_parser("train", add_help=False,
+                        help="train or finetune with transformers.Trainer (every BD3LMTrainingConfig and "
+                             "TrainingArguments field is a flag; `bd3lm-hf train --help` lists them)")
     return parser
+
+
+def run_train(argv: list[str]) -> None:
+    from transformers import HfArgumentParser, TrainingArguments
+
+    from .training import BD3LMTrainingConfig, train
+
+    parser = HfArgumentParser((BD3LMTrainingConfig, TrainingArguments), prog="bd3lm-hf train")
+    config, args = parser.parse_args_into_dataclasses(args=argv)
+    train(config, args)
 
 
 def run_convert(args) -> None:
@@ -36,7 +50,7 @@ def run_convert(args) -> None:
     convert_to_ours(args.src, args.dst, original_config or None)
 
 
-COMMANDS = {"convert": run_convert}
+COMMANDS = {"convert": run_convert, "train": lambda args: run_train(args.rest)}
 
 
 def _stderr_handler():
@@ -48,7 +62,13 @@ def _stderr_handler():
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser()
+    if argv[:1] == ["train"]:  # its flags come from the dataclasses, parsed by HfArgumentParser
+        args = parser.parse_args(argv[:1])
+        args.rest = argv[1:]
+    else:
+        args = parser.parse_args(argv)
     logging.set_verbosity_warning()
     logging.enable_default_handler()
     package_logger = logging.get_logger("bd3lm_hf")

