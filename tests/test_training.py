@@ -43,8 +43,9 @@ def small_config(**overrides):
 
 
 def test_training_on_shakespeare_lowers_the_nelbo(tmp_path):
-    """The tiny model of DESIGN.md §5 on 6 plays: held-out NELBO from ln(1025) = 6.93 at init (uniform prediction)
-    to about 5.5 after 300 steps (measured 5.45 on 2 CPU cores, ~35 s)."""
+    """The tiny model of DESIGN.md §5 on 6 plays: held-out NELBO from ~ln(1025) = 6.93 at init (uniform prediction;
+    measured 7.02, the 1/t weights make the estimate noisy) to 5.39 after 300 steps (perplexity 219; ~33 s on
+    2 CPU cores)."""
     config = BD3LMTrainingConfig(shakespeare_plays=6)
     args = arguments(tmp_path, per_device_train_batch_size=16, per_device_eval_batch_size=64, learning_rate=2e-3,
                      max_steps=300, warmup_steps=30, logging_steps=50)
@@ -53,7 +54,7 @@ def test_training_on_shakespeare_lowers_the_nelbo(tmp_path):
     before = trainer.evaluate()["eval_loss"]
     trainer.train()
     after = trainer.evaluate()
-    assert abs(before - 6.93) < 0.1
+    assert abs(before - 6.93) < 0.3
     assert after["eval_loss"] < before - 1.0, (before, after)
     assert after["eval_perplexity"] == pytest.approx(torch.tensor(after["eval_loss"]).exp().item(), rel=1e-6)
     model, tokenizer = trainer.model, trainer.processing_class
