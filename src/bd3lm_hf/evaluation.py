@@ -1,0 +1,69 @@
+"""Evaluation: NELBO perplexity on held-out text, and timed sampling through `pipeline("text-generation")`."""
+
+import math
+import time
+
+import torch
+from tqdm.auto import tqdm
+from transformers import pipeline
+from transformers.utils import logging
+
+from .collator import DataCollatorForBlockDiffusion
+from .data import load_text_dataset, wrap_tokenize
+
+logger = logging.get_logger(__name__)
+
+
+@torch.no_grad()
+def nelbo_perplexity(model, tokenizer, files, batch_size: int = 32, max_sequences: int | None = None,
+                     seed: int = 0) -> dict:
+    """Token-mean NELBO (t over [1e-3, 1], the paper's bound) and its exp, on `files` wrapped into sequences of
+    the model's context length."""
+    config = model.config
+    sequences = wrap_tokenize(load_text_dataset(files), tokenizer, config.max_position_embeddings,
+                              config.block_size)
+    if max_sequences is not None:
+        sequences = sequences.select(range(min(max_sequences, len(sequences))))
+    collator = DataCollatorForBlockDiffusion(config.mask_token_id, config.block_size, seed=seed)
+    collator.training = False  # evaluation range [1e-3, 1]
+    model.eval()
+    total, count = 0.0, 0
+    for start in tqdm(range(0, len(sequences), batch_size), desc="NELBO", leave=False):
+        batch = collator(sequences.select(range(start, min(start + batch_size, len(sequences)))).to_list())
+        batch = {k: v.to(model.device) for k, v in batch.items()}
+        scored = int((batch["labels"] != -100).sum())
+        total += float(model(**batch).loss) * scored
+        count += scored
+    nelbo = total / count
+    return {"nelbo": nelbo, "perplexity": math.exp(nelbo), "tokens": count, "sequences": len(sequences)}
+
+
+class CallCounter:
+    """Counts forward calls of a model (the true NFE of whatever drives it, pipeline included)."""
+
+    def __init__(self, model):
+        self.calls = 0
+        self.handle = model.register_forward_pre_hook(self._count)
+
+    def _count(self, module, args):
+        self.calls += 1
+
+    def close(self):
+        self.handle.remove()
+
+
+def sample_with_pipeline(model, tokenizer, prompts, seed: int = 0, **generate_kwargs) -> dict:
+    """Generate through `pipeline("text-generation")`; report texts, model calls (NFE) and new tokens/s."""
+    generator = pipeline("text-generation", model=model, tokenizer=tokenizer, trust_remote_code=True)
+    counter = CallCounter(model)
+    torch.manual_seed(seed)
+    start = time.perf_counter()
+    try:
+        outputs = generator(list(prompts), return_full_text=False, **generate_kwargs)
+    finally:
+        counter.close()
+    seconds = time.perf_counter() - start
+    texts = [output[0]["generated_text"] for output in outputs]
+    new_tokens = sum(len(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in texts)
+    return {"prompts": list(prompts), "texts": texts, "nfe": counter.calls, "new_tokens": new_tokens,
+            "seconds": seconds, "tokens_per_second": new_tokens / seconds if seconds else float("nan")}

@@ -1,0 +1,174 @@
+"""Hub export and push: a folder that loads with `trust_remote_code=True`, with a model card, and its upload."""
+
+import shutil
+from importlib import resources
+from pathlib import Path
+
+import torch
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from transformers.utils import logging
+
+from .modeling import BD3LMConfig, BD3LMForBlockDiffusion
+
+logger = logging.get_logger(__name__)
+
+TAGS = ["block-diffusion", "bd3lm", "diffusion", "masked-diffusion", "text-generation", "custom_code"]
+PAPER_URL = "https://arxiv.org/abs/2503.09573"
+# The paper's test perplexities (upper bounds for diffusion models; L = 1024 on OWT) and generative perplexities
+# (GPT2-Large, L = 1024, ~1K NFE, nucleus 0.9).
+PAPER_RESULTS = """## Results reported in the paper
+
+| model | LM1B test PPL (<=) | OWT test PPL (<=) | generative PPL (OWT, L=1024) |
+|---|---|---|---|
+| AR | 22.83 | 17.54 | 14.1 |
+| SEDD | 32.68 | 24.10 | - |
+| MDLM | 31.78 | 22.98 | 46.8 |
+| BD3-LM, block 16 | 30.60 | 22.27 | 33.4 |
+| BD3-LM, block 8 | 29.83 | 21.68 | 30.4 |
+| BD3-LM, block 4 | 28.23 | 20.73 | 25.7 |
+"""
+# The released checkpoints of the paper (kuleshov-group on the Hub), by name: block size and a one-line summary.
+PAPER_CHECKPOINTS = {
+    "bd3lm-owt-block_size4": (4, "BD3-LM with block size 4 trained on OpenWebText (the paper's best perplexity)."),
+    "bd3lm-owt-block_size8": (8, "BD3-LM with block size 8 trained on OpenWebText."),
+    "bd3lm-owt-block_size16": (16, "BD3-LM with block size 16 trained on OpenWebText."),
+    "bd3lm-owt-block_size1024-pretrain": (1024, "The block-size-1024 (L' = L, MDLM-like) pretraining checkpoint "
+                                                "from which the BD3-LMs are finetuned, trained on OpenWebText."),
+    "mdlm-owt": (1024, "MDLM (one block over the whole context, time-conditioned) trained on OpenWebText."),
+}
+
+
+class HubError(ValueError):
+    """A Hub operation cannot proceed; the message says why (and never holds a token)."""
+
+
+def card_template() -> str:
+    return (resources.files("bd3lm_hf.model_cards") / "template.md").read_text(encoding="utf-8")
+
+
+def render_card(config: BD3LMConfig, repo_id: str, num_parameters: int, summary: str, results: str = "",
+                provenance: str = "", metrics: dict | None = None, datasets=None,
+                license: str = "apache-2.0", example_prompt: str = "To be, or not to be",
+                clip_range: str | None = None) -> ModelCard:
+    """The model card: YAML metadata (library, pipeline, tags, license, datasets, evaluation) and usage."""
+    eval_results = None
+    if metrics and metrics.get("eval_perplexity") is not None:
+        eval_results = [EvalResult(task_type="text-generation", dataset_type=(datasets or ["text"])[0],
+                                   dataset_name=(datasets or ["held-out text"])[0], metric_type="perplexity",
+                                   metric_name="NELBO perplexity (upper bound)",
+                                   metric_value=round(float(metrics["eval_perplexity"]), 3))]
+    card_data = ModelCardData(library_name="transformers", pipeline_tag="text-generation", tags=list(TAGS),
+                              license=license, datasets=datasets, model_name=repo_id.split("/")[-1],
+                              eval_results=eval_results)
+    fields = {name: getattr(config, name) for name in (
+        "block_size", "num_hidden_layers", "hidden_size", "num_attention_heads", "max_position_embeddings",
+        "vocab_size", "mask_token_id")}
+    clip_range = clip_range or f"[{config.sampling_eps_min:.4g}, {config.sampling_eps_max:.4g}]"
+    return ModelCard.from_template(card_data, template_str=card_template(), model_name=repo_id.split("/")[-1],
+                                   repo_id=repo_id, summary=summary, results=results or _metrics_table(metrics),
+                                   provenance=provenance, num_parameters=f"{num_parameters:,}",
+                                   example_prompt=example_prompt, clip_range=clip_range, **fields)
+
+
+def _metrics_table(metrics: dict | None) -> str:
+    if not metrics:
+        return ""
+    rows = "\n".join(f"| {name} | {value:.4g} |" for name, value in metrics.items() if isinstance(value, float))
+    return f"## Evaluation (last run)\n\n| metric | value |\n|---|---|\n{rows}\n"
+
+
+def export_for_hub(model, tokenizer, out_dir, repo_id: str | None = None, metrics: dict | None = None,
+                   datasets=None, license: str = "apache-2.0", summary: str | None = None,
+                   overwrite: bool = False) -> Path:
+    """Write a Hub-ready folder: config.json (with auto_map), the modeling code, model.safetensors,
+    generation_config.json, tokenizer files and a README.md model card. Refuses an existing folder unless
+    `overwrite`."""
+    out_dir = Path(out_dir)
+    if tokenizer is None:
+        raise HubError("export needs the tokenizer: a Hub model without one cannot be used by pipeline().")
+    if not isinstance(model, BD3LMForBlockDiffusion) and type(model).__name__ != "BD3LMForBlockDiffusion":
+        raise HubError(f"export_for_hub takes a BD3LMForBlockDiffusion, got {type(model).__name__} (merge LoRA "
+                       "adapters with merge_and_unload() first).")
+    if out_dir.exists() and any(out_dir.iterdir()):
+        if not overwrite:
+            raise HubError(f"{out_dir} exists and is not empty; pass overwrite=True (CLI: --overwrite).")
+        shutil.rmtree(out_dir)
+    repo_id = repo_id or out_dir.name
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    summary = summary or f"A BD3-LM with block size {model.config.block_size}, trained with `bd3lm_hf`."
+    card = render_card(model.config, repo_id, sum(p.numel() for p in model.parameters()), summary,
+                       metrics=metrics, datasets=datasets, license=license)
+    card.save(out_dir / "README.md")
+    logger.info("exported %s (%d files)", out_dir, len(list(out_dir.iterdir())))
+    return out_dir
+
+
+def paper_card(name: str) -> ModelCard:
+    """The card of a converted paper checkpoint: what it is, the paper's tables, how to convert and load it."""
+    if name not in PAPER_CHECKPOINTS:
+        raise HubError(f"unknown paper checkpoint {name!r}; known: {sorted(PAPER_CHECKPOINTS)}.")
+    block_size, summary = PAPER_CHECKPOINTS[name]
+    config = BD3LMConfig(block_size=block_size, time_conditioning=name.startswith("mdlm"))
+    with torch.device("meta"):
+        parameters = sum(p.numel() for p in BD3LMForBlockDiffusion(config).parameters())
+    provenance = (f"## Provenance: converted from `kuleshov-group/{name}`\n\n"
+                  "Converted losslessly (every key mapped and shape-checked; the round trip back to the original "
+                  "format is byte-identical) by the `bd3lm_hf` package:\n\n"
+                  f"```bash\nhf download kuleshov-group/{name} --local-dir {name}\n"
+                  f"bd3lm-hf convert {name} {name}-hf --with-gpt2-tokenizer\n```\n\n"
+                  f"The usage above then runs with `\"{name}-hf\"` (a local folder) or the repo you push it to "
+                  f"(`bd3lm-hf push {name}-hf <namespace>/{name}-hf`). The clip range stored with the weights "
+                  "(the grid-searched one) is kept. Tokenizer: GPT-2 BPE with [MASK] appended at id 50257.")
+    return render_card(config, f"{name}-hf", parameters, summary, results=PAPER_RESULTS, provenance=provenance,
+                       datasets=["Skylion007/openwebtext"], license="apache-2.0",
+                       example_prompt="The capital of France is",
+                       clip_range="the grid-searched range stored with the weights (kept by the conversion)")
+
+
+def validate_repo_id(repo_id: str) -> None:
+    from huggingface_hub.utils import HFValidationError
+    from huggingface_hub.utils import validate_repo_id as hub_validate
+
+    try:
+        hub_validate(repo_id)
+    except HFValidationError as error:
+        raise HubError(f"invalid repo id {repo_id!r}: {error}") from None
+    if "/" not in repo_id:
+        raise HubError(f"invalid repo id {repo_id!r}: use <namespace>/<name>.")
+
+
+def folder_files(folder) -> list[str]:
+    folder = Path(folder)
+    return sorted(str(p.relative_to(folder)) for p in folder.rglob("*") if p.is_file())
+
+
+def push_to_hub(folder, repo_id: str, private: bool = False, dry_run: bool = False, token: str | None = None):
+    """Upload an exported folder with `huggingface_hub` (token from `token`, HF_TOKEN or `hf auth login`).
+
+    `dry_run=True` returns the file list and the card without touching the network. Errors never contain the
+    token."""
+    folder = Path(folder)
+    validate_repo_id(repo_id)
+    if not (folder / "config.json").is_file() or not (folder / "README.md").is_file():
+        raise HubError(f"{folder} is not an exported folder (no config.json / README.md): run `bd3lm-hf export`.")
+    if dry_run:
+        return {"repo_id": repo_id, "private": private, "files": folder_files(folder),
+                "card": (folder / "README.md").read_text(encoding="utf-8")}
+    from huggingface_hub import HfApi, get_token
+
+    token = token or get_token()
+    if not token:
+        raise HubError("no Hugging Face token found: run `hf auth login` or set HF_TOKEN, then push again.")
+    try:
+        api = HfApi(token=token)
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        commit = api.upload_folder(folder_path=str(folder), repo_id=repo_id,
+                                   commit_message="Upload BD3-LM (bd3lm_hf export)")
+    except Exception as error:  # network, auth, offline mode: report without a traceback or the token
+        raise HubError(f"push to {repo_id} failed: {_without(str(error), token)}") from None
+    return {"repo_id": repo_id, "url": getattr(commit, "commit_url", str(commit))}
+
+
+def _without(message: str, secret: str) -> str:
+    return message.replace(secret, "***") if secret else message

@@ -1,0 +1,144 @@
+"""Hub export and push, model cards, and the demo's steps (shortened)."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from conftest import random_model
+from huggingface_hub import ModelCard
+
+from bd3lm_hf.cli import main as cli
+from bd3lm_hf.hub import PAPER_CHECKPOINTS, HubError, export_for_hub, paper_card, push_to_hub
+from bd3lm_hf.tokenization import gpt2_tokenizer_with_mask
+from test_hub_folder import BLOCK_IMPORT
+
+EXPECTED_FILES = ["README.md", "cache_bd3lm.py", "config.json", "configuration_bd3lm.py", "diffusion_bd3lm.py",
+                  "generation_bd3lm.py", "generation_config.json", "masking_bd3lm.py", "model.safetensors",
+                  "modeling_bd3lm.py", "tokenizer.json", "tokenizer_config.json"]
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("hub") / "tiny-bd3lm"
+    model = random_model(seed=3, std=0.05, vocab_size=50258, max_position_embeddings=64, eos_token_id=50256,
+                         bos_token_id=50256, pad_token_id=50256)
+    export_for_hub(model, gpt2_tokenizer_with_mask(), folder, repo_id="someone/tiny-bd3lm",
+                   metrics={"eval_nelbo": 5.2, "eval_perplexity": 181.27}, datasets=["shakespeare"])
+    return folder
+
+
+def test_export_writes_exactly_the_hub_files(exported):
+    assert sorted(p.name for p in exported.iterdir()) == EXPECTED_FILES
+    config = json.loads((exported / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_bd3lm.BD3LMForBlockDiffusion"
+
+
+def test_card_metadata_parses(exported):
+    card = ModelCard.load(exported / "README.md")
+    data = card.data.to_dict()
+    assert data["library_name"] == "transformers" and data["pipeline_tag"] == "text-generation"
+    assert {"block-diffusion", "custom_code"} <= set(data["tags"])
+    assert data["license"] == "apache-2.0" and data["datasets"] == ["shakespeare"]
+    assert data["model-index"][0]["results"][0]["metrics"][0]["value"] == 181.27
+    assert 'from_pretrained("someone/tiny-bd3lm", trust_remote_code=True)' in card.text
+
+
+def test_card_usage_snippet_runs_on_the_folder_without_the_package(exported, tmp_path):
+    card = ModelCard.load(exported / "README.md").text
+    snippet = card.split("```python\n", 1)[1].split("```", 1)[0].replace("someone/tiny-bd3lm", str(exported))
+    script = BLOCK_IMPORT + snippet
+    env = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HF_HOME": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "model calls:" in result.stdout
+
+
+def test_exported_folder_generates_in_a_fresh_process(exported, tmp_path):
+    script = BLOCK_IMPORT + textwrap.dedent(f"""
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        model = AutoModelForCausalLM.from_pretrained({str(exported)!r}, trust_remote_code=True)
+        tokenizer = AutoTokenizer.from_pretrained({str(exported)!r}, trust_remote_code=True)
+        out = model.generate(**tokenizer(["To be", "Friends, Romans"], return_tensors="pt", padding=True),
+                             max_new_tokens=8, return_dict_in_generate=True)
+        assert out.sequences.shape[1] >= 8 and out.nfe > 0
+        print("OK")
+    """)
+    env = {"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HF_HOME": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path)
+    assert result.returncode == 0 and "OK" in result.stdout, result.stderr[-3000:]
+
+
+def test_dry_run_lists_exactly_the_files_and_the_card(exported, capsys):
+    assert cli(["push", str(exported), "someone/tiny-bd3lm", "--dry-run", "--private"]) == 0
+    out = capsys.readouterr().out
+    listed = [line.strip() for line in out.split("--- README.md")[0].splitlines()[1:]]
+    assert listed == EXPECTED_FILES
+    assert "private" in out.splitlines()[0] and "library_name: transformers" in out
+
+
+def test_push_without_a_token_is_a_clear_error(exported, monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HOME", str(tmp_path))  # no cached token
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    with pytest.raises(HubError, match="no Hugging Face token found"):
+        push_to_hub(exported, "someone/tiny-bd3lm")
+
+
+def test_push_failure_never_shows_the_token(exported, monkeypatch, tmp_path, capfd):
+    secret = "hf_thisIsASecretToken1234567890"
+    monkeypatch.setenv("HF_TOKEN", secret)
+    assert cli(["push", str(exported), "someone/tiny-bd3lm"]) == 2  # offline: the upload fails
+    captured = capfd.readouterr()
+    assert "push to someone/tiny-bd3lm failed" in captured.err
+    assert secret not in captured.out + captured.err and "Traceback" not in captured.err
+
+
+@pytest.mark.parametrize("repo_id", ["no-namespace", "bad//slashes", "white space/x", "a/b" + "c" * 100])
+def test_invalid_repo_ids(exported, repo_id):
+    with pytest.raises(HubError, match="invalid repo id"):
+        push_to_hub(exported, repo_id, dry_run=True)
+
+
+def test_export_refuses_an_existing_folder_and_a_missing_tokenizer(exported, tmp_path):
+    model = random_model()
+    with pytest.raises(HubError, match="exists and is not empty"):
+        export_for_hub(model, gpt2_tokenizer_with_mask(), exported)
+    with pytest.raises(HubError, match="needs the tokenizer"):
+        export_for_hub(model, None, tmp_path / "new")
+    model.save_pretrained(tmp_path / "bare")
+    assert cli(["export", str(tmp_path / "bare"), str(tmp_path / "out")]) == 2  # no tokenizer in the folder
+
+
+def test_export_cli_overwrites_only_when_asked(exported, tmp_path):
+    assert cli(["export", str(exported), str(tmp_path / "again")]) == 0
+    assert cli(["export", str(exported), str(tmp_path / "again")]) == 2
+    assert cli(["export", str(exported), str(tmp_path / "again"), "--overwrite"]) == 0
+
+
+@pytest.mark.parametrize("name", sorted(PAPER_CHECKPOINTS))
+def test_paper_cards_are_committed_and_current(name):
+    from pathlib import Path
+
+    committed = Path(__file__).parents[1] / "model_cards" / f"{name}.md"
+    assert committed.read_text() == str(paper_card(name)), "run: python model_cards/render_paper_cards.py"
+    card = ModelCard.load(committed)
+    assert card.data.library_name == "transformers" and "block-diffusion" in card.data.tags
+    assert "169,627,218" in card.text and f"bd3lm-hf convert {name}" in card.text and "20.73" in card.text
+
+
+def test_demo_steps_run_shortened(tmp_path, capsys):
+    from bd3lm_hf.data import shakespeare_files
+    from bd3lm_hf.demo import main as demo
+
+    held_out = tmp_path / "held_out.txt"
+    held_out.write_text(shakespeare_files()[5].read_text()[:20_000])
+    result = demo(["--max_steps", "10", "--shakespeare_plays", "1", "--eval_data", str(held_out),
+                   "--hidden_size", "32", "--num_hidden_layers",
+                   "1", "--cond_dim", "16", "--bpe_vocab_size", "300", "--max_position_embeddings", "32",
+                   "--output_dir", str(tmp_path / "run"), "--export_dir", str(tmp_path / "export"),
+                   "--eval_sequences", "8", "--max_new_tokens", "8", "--prompts", "ROMEO.\n"])
+    out = capsys.readouterr().out
+    assert "NELBO" in out and "perplexity <=" in out and "model calls (NFE)" in out and "tokens/s" in out
+    assert (tmp_path / "export" / "README.md").is_file() and result["summary"]["steps"] == 10
