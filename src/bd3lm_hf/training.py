@@ -163,6 +163,8 @@ def train(config: BD3LMTrainingConfig, args: TrainingArguments, resume_from_chec
     result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
     metrics = trainer.evaluate() if trainer.eval_dataset is not None else {}
     trainer.save_model(args.output_dir)
+    if metrics:
+        trainer.save_metrics("eval", metrics)  # eval_results.json: what `bd3lm-hf export --metrics` puts on the card
     summary = {
         "steps": result.global_step,
         "tokens": result.global_step * args.train_batch_size * args.gradient_accumulation_steps
