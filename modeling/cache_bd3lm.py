@@ -29,3 +29,52 @@ class BD3LMCache(DynamicCache):
         keys = torch.cat([committed.keys, key_states], dim=-2)
         values = torch.cat([committed.values, value_states], dim=-2)
         return keys, values
+
+
+class BD3LMStaticCache(DynamicCache):
+    """Preallocated keys/values (B, heads, max_cache_len, head_dim) per layer and a committed-length cursor, so
+    that one denoising call has fixed shapes (capturable by CUDA graphs / `torch.compile(mode="reduce-overhead")`).
+
+    Every call writes its keys/values at [cursor, cursor + T) and returns the whole buffer; the model masks what
+    lies past cursor + T. `store_kv` advances the cursor (True: by T, an int n: by n), so uncommitted rows are
+    scratch, overwritten by the next call (as in the original code). Selected by `cache_implementation="static"`.
+    """
+
+    def __init__(self, max_cache_len: int):
+        super().__init__()
+        self.max_cache_len = max_cache_len
+        self.buffers: list[tuple[torch.Tensor, torch.Tensor]] = []
+        self.cursors: list[torch.Tensor] = []
+
+    def allocate(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        batch, heads, _, head_dim = key_states.shape
+        shape = (batch, heads, self.max_cache_len, head_dim)
+        keys = torch.zeros(shape, dtype=key_states.dtype, device=key_states.device)
+        values = torch.zeros(shape[:-1] + (value_states.shape[-1],), dtype=value_states.dtype,
+                             device=value_states.device)
+        self.buffers.append((keys, values))
+        self.cursors.append(torch.zeros((), dtype=torch.long, device=key_states.device))
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
+               cache_kwargs: dict | None = None, *args, **kwargs):
+        if layer_idx == len(self.buffers):
+            self.allocate(key_states, value_states)
+        keys, values = self.buffers[layer_idx]
+        cursor = self.cursors[layer_idx]
+        positions = cursor + torch.arange(key_states.shape[-2], device=key_states.device)
+        keys.index_copy_(2, positions, key_states)
+        values.index_copy_(2, positions, value_states)
+        store = (cache_kwargs or {}).get("store_kv", True)
+        if store is not False:
+            cursor.add_(key_states.shape[-2] if store is True else store)
+        return keys, values
+
+    def committed_length(self) -> torch.Tensor:
+        """The cursor as a 0-d tensor (no host sync), 0 before the first call."""
+        return self.cursors[0] if self.cursors else torch.zeros((), dtype=torch.long)
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return int(self.cursors[layer_idx]) if layer_idx < len(self.cursors) else 0
+
+    def get_max_length(self, layer_idx: int | None = None) -> int:
+        return self.max_cache_len

@@ -12,7 +12,7 @@ from transformers.generation import (LogitsProcessorList, StoppingCriteriaList, 
                                      TopKLogitsWarper, TopPLogitsWarper)
 from transformers.utils import ModelOutput, logging
 
-from .cache_bd3lm import BD3LMCache
+from .cache_bd3lm import BD3LMCache, BD3LMStaticCache
 
 logger = logging.get_logger(__name__)
 
@@ -280,8 +280,9 @@ class BD3LMGenerationMixin(GenerationMixin):
         warpers = _sampling_warpers(config) if config.do_sample else None
         logits_processor = logits_processor or LogitsProcessorList()
         stopping_criteria = stopping_criteria or StoppingCriteriaList()
-        cache = BD3LMCache() if use_cache else None
-        state = {"nfe": 0, "committed": 0, "history": [] if config.output_history else None}
+        cache = self.make_cache(config, width) if use_cache else None
+        state = {"nfe": 0, "committed": 0, "history": [] if config.output_history else None,
+                 "forward": self.step_function(cache)}
         if streamer is not None:
             streamer.put(input_ids.cpu())
 
@@ -314,6 +315,23 @@ class BD3LMGenerationMixin(GenerationMixin):
         history = tuple(state["history"]) if state["history"] is not None else None
         return BD3LMGenerateOutput(sequences=sequences, nfe=state["nfe"], past_key_values=cache, history=history)
 
+    @staticmethod
+    def make_cache(config, width: int):
+        """`cache_implementation`: None / "dynamic" (BD3LMCache) or "static" (preallocated, fixed shapes)."""
+        implementation = getattr(config, "cache_implementation", None)
+        if implementation in (None, "dynamic"):
+            return BD3LMCache()
+        if implementation == "static":
+            return BD3LMStaticCache(max_cache_len=width)
+        raise ValueError(f"cache_implementation={implementation!r} is not supported; allowed: None, 'dynamic', "
+                         "'static'.")
+
+    def step_function(self, cache):
+        """The forward of one denoising call: compiled (CUDA graphs) with a static cache on GPU, eager elsewhere."""
+        if isinstance(cache, BD3LMStaticCache) and self.device.type == "cuda":
+            return torch.compile(self.denoise_forward, mode="reduce-overhead", dynamic=False)
+        return self.denoise_forward
+
     def prepare_prompts(self, input_ids, attention_mask, config):
         """Validate the prompts; an empty prompt starts from BOS."""
         if input_ids is None or input_ids.shape[-1] == 0:
@@ -345,21 +363,25 @@ class BD3LMGenerationMixin(GenerationMixin):
                       logits_processor, warpers, prompts):
         """Step 3b: reveal every masked position of canvas[:, start:end] in place."""
         mask_id = self.config.mask_token_id
-        scores = None
+        scores, stale = None, True
+        # Every sampler runs its full number of steps (a step with nothing left to reveal draws its random numbers
+        # and changes nothing), so the random stream, hence the sampled tokens, do not depend on the cache. With a
+        # static cache the loop has no host synchronization: one call per step, no reuse of probabilities (which
+        # would need to read `reveal` on the host). The first step always calls: it commits the previous block.
+        sync_free = isinstance(cache, BD3LMStaticCache)
         for step in range(config.num_steps if config.sampler == "ddpm" else config.block_size):
             masked = (canvas[:, start:end] == mask_id) & ~fixed
-            if not bool(masked.any()):
-                break
-            if scores is None:  # the block changed since the last call (or there was none)
+            if stale and (step == 0 or sync_free or bool(masked.any())):
                 logits = self.block_logits(canvas, valid, start, end, cache, state)
                 context = torch.cat([prompts, canvas[:, :start]], dim=1) if logits_processor else None
                 scores = process_logits(logits, mask_id, banned_eos[:, start:end], eos_ids, logits_processor,
                                         warpers, context)
+                stale = False
             tokens, confidence = choose_tokens(*scores, config.do_sample)
             reveal = self.reveal(masked, confidence, step, config)
             canvas[:, start:end] = torch.where(reveal, tokens, canvas[:, start:end])
-            if bool(reveal.any()):  # otherwise the next step reuses these probabilities, without a call
-                scores = None
+            # Without a reveal the block is unchanged: the next step reuses these probabilities, without a call.
+            stale = sync_free or bool(reveal.any())
             if state["history"] is not None:
                 state["history"].append(canvas.clone())
 
@@ -379,12 +401,12 @@ class BD3LMGenerationMixin(GenerationMixin):
         """
         state["nfe"] += 1
         if cache is None:
-            return self(input_ids=canvas[:, :end], attention_mask=valid[:, :end], logits_to_keep=end - start).logits
+            return state["forward"](canvas[:, :end], valid[:, :end], None, False, end - start)
         committed = state["committed"]
-        out = self(input_ids=canvas[:, committed:end], attention_mask=valid[:, :end], past_key_values=cache,
-                   use_cache=True, store_kv=start - committed or False, logits_to_keep=end - start)
+        mask = valid if isinstance(cache, BD3LMStaticCache) else valid[:, :end]  # static: the whole buffer
+        logits = state["forward"](canvas[:, committed:end], mask, cache, start - committed or False, end - start)
         state["committed"] = start
-        return out.logits
+        return logits
 
     def finish_block(self, canvas, valid, start, end, first_new, done, config, eos_ids, pad_id, max_new_tokens,
                      stopping_criteria, prompts, streamer):

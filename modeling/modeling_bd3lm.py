@@ -22,7 +22,7 @@ from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutpu
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import logging
 
-from .cache_bd3lm import BD3LMCache
+from .cache_bd3lm import BD3LMCache, BD3LMStaticCache
 from .configuration_bd3lm import BD3LMConfig
 from .diffusion_bd3lm import diffusion_nelbo_terms, sigma_from_noise_level
 from .generation_bd3lm import BD3LMGenerationConfig, BD3LMGenerationMixin
@@ -257,18 +257,25 @@ class BD3LMModel(BD3LMPreTrainedModel):
                 past_key_values: Cache | None = None, store_kv=False, output_hidden_states=False, **kwargs):
         """With `x0_ids` (the 2L training pass) returns the hidden states of the x_t half only."""
         batch, seq_len = input_ids.shape
-        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
-        kv_valid = _key_validity(attention_mask, batch, past_length + seq_len, input_ids.device)
-        if position_ids is None:
-            position_ids = _positions_from_validity(kv_valid)[:, past_length:]
-
-        if x0_ids is None:
+        if isinstance(past_key_values, BD3LMStaticCache):
+            queries, keys, position_ids, query_offset = self.static_cache_layout(
+                past_key_values, attention_mask, position_ids, batch, seq_len, input_ids.device)
             hidden_states = self.embed_tokens(input_ids)
-            keys = token_descriptors(_positions_from_validity(kv_valid), self.config.block_size, kv_valid)
+        elif x0_ids is None:
+            past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+            kv_valid = _key_validity(attention_mask, batch, past_length + seq_len, input_ids.device)
+            positions = _positions_from_validity(kv_valid)
+            if position_ids is None:
+                position_ids = positions[:, past_length:]
+            hidden_states = self.embed_tokens(input_ids)
+            keys = token_descriptors(positions, self.config.block_size, kv_valid)
             queries = tuple(t[:, past_length:] for t in keys)
             query_offset = past_length
         else:
             # 2L pass: both halves share positions 0..L-1 and the padding of attention_mask.
+            kv_valid = _key_validity(attention_mask, batch, seq_len, input_ids.device)
+            if position_ids is None:
+                position_ids = _positions_from_validity(kv_valid)
             hidden_states = self.embed_tokens(torch.cat([input_ids, x0_ids], dim=1))
             noisy = token_descriptors(position_ids, self.config.block_size, kv_valid, clean=False)
             clean = token_descriptors(position_ids, self.config.block_size, kv_valid, clean=True)
@@ -293,6 +300,20 @@ class BD3LMModel(BD3LMPreTrainedModel):
         hidden_states = modulate(self.norm(hidden_states), shift, scale)
         return BaseModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=past_key_values,
                                        hidden_states=all_hidden_states)
+
+    def static_cache_layout(self, cache, attention_mask, position_ids, batch: int, seq_len: int, device):
+        """Descriptors over the whole preallocated buffer, computed from the cursor tensor (no host sync): keys
+        past cursor + seq_len are stale and masked out."""
+        start = cache.committed_length().to(device)
+        kv_valid = _key_validity(attention_mask, batch, cache.max_cache_len, device)
+        kv_valid = kv_valid & (torch.arange(cache.max_cache_len, device=device) < start + seq_len)
+        positions = _positions_from_validity(kv_valid)
+        query_index = start + torch.arange(seq_len, device=device)
+        keys = token_descriptors(positions, self.config.block_size, kv_valid)
+        queries = tuple(t[:, query_index] for t in keys)
+        if position_ids is None:
+            position_ids = positions[:, query_index]
+        return queries, keys, position_ids, start
 
 
 def _key_validity(attention_mask, batch: int, kv_length: int, device) -> torch.Tensor:
@@ -350,9 +371,9 @@ class BD3LMForBlockDiffusion(BD3LMPreTrainedModel, BD3LMGenerationMixin):
         self.check_input_ids(input_ids)
         if past_key_values is None and use_cache:
             past_key_values = BD3LMCache()
-        if past_key_values is not None and not isinstance(past_key_values, BD3LMCache):
-            raise ValueError(f"past_key_values must be a BD3LMCache (it can read without committing), got "
-                             f"{type(past_key_values).__name__}.")
+        if past_key_values is not None and not isinstance(past_key_values, (BD3LMCache, BD3LMStaticCache)):
+            raise ValueError(f"past_key_values must be a BD3LMCache or BD3LMStaticCache (they can read without "
+                             f"committing), got {type(past_key_values).__name__}.")
         if store_kv and past_key_values is None:
             raise ValueError("store_kv=True needs a cache: pass past_key_values or use_cache=True.")
         x0_ids = None
@@ -378,6 +399,13 @@ class BD3LMForBlockDiffusion(BD3LMPreTrainedModel, BD3LMGenerationMixin):
             loss = self.nelbo(logits, input_ids, x0_ids, labels, noise_levels, attention_mask, num_items_in_batch)
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values,
                                       hidden_states=outputs.hidden_states)
+
+    def denoise_forward(self, input_ids, attention_mask, past_key_values, store_kv, logits_to_keep):
+        """The generation hot path: one call against the cache, without input checks (generate validated the
+        prompt; the rest are its own tokens), so that it can be compiled whole."""
+        outputs = self.model(input_ids, attention_mask=attention_mask, past_key_values=past_key_values,
+                             store_kv=store_kv)
+        return self.lm_head(outputs.last_hidden_state[:, -logits_to_keep:])
 
     def check_input_ids(self, input_ids):
         if input_ids is None or input_ids.dim() != 2:
