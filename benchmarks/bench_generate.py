@@ -67,7 +67,8 @@ def run_case(case: dict) -> dict:
     else:
         model = build_bd3lm(case["shape"], case["block_size"], context, device, dtype)
         kwargs = dict(max_new_tokens=new_tokens, do_sample=False, sampler=case["sampler"],
-                      num_steps=case["num_steps"], use_cache=case["kind"] == "cached", return_dict_in_generate=True)
+                      num_steps=case["num_steps"], use_cache=case["kind"] == "cached", return_dict_in_generate=True,
+                      cache_implementation=case.get("cache"))
     synchronize(device)
     if device == "cuda":
         model.generate(prompt, **{**kwargs, "max_new_tokens": 32, "min_new_tokens": None} if case["kind"] == "ar"
@@ -83,7 +84,7 @@ def run_case(case: dict) -> dict:
     peak = (torch.cuda.max_memory_allocated() if device == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     return {**case, "seconds": seconds, "tokens_per_s": produced / seconds, "nfe": nfe,
-            "nfe_per_token": nfe / new_tokens, "peak_mib": peak / 2**20}
+            "nfe_per_token": nfe / new_tokens, "peak_mib": peak / 2**20, "ms_per_call": 1000 * seconds / nfe}
 
 
 def synchronize(device):
@@ -96,11 +97,12 @@ def isolated(case: dict) -> dict:
         return pool.apply(run_case, (case,))
 
 
-def bd3lm_cases(base: dict, steps_per_block=(16, 4)):
+def bd3lm_cases(base: dict, steps_per_block=(16, 4), kinds=("cached", "uncached", "cached static")):
     rows = []
     for steps in steps_per_block:
-        for kind in ("cached", "uncached"):
-            rows.append({**base, "name": f"{base['model']}: bd3lm {kind}, ddpm {steps} steps/block", "kind": kind,
+        for kind in kinds:
+            rows.append({**base, "name": f"{base['model']}: bd3lm {kind}, ddpm {steps} steps/block",
+                         "kind": kind.split()[0], "cache": "static" if "static" in kind else None,
                          "sampler": "ddpm", "num_steps": steps})
     return rows
 
@@ -115,13 +117,18 @@ def cases(gpu: bool, new_tokens: int):
         return rows
     rows = []
     for batch in (1, 16):
-        base = dict(device="cuda", dtype="bfloat16", model="small", shape=GPU_MODEL, block_size=16,
-                    new_tokens=new_tokens, batch=batch)
-        rows += [{**base, "name": "small: bd3lm cached, first_hitting", "kind": "cached", "sampler": "first_hitting",
-                  "num_steps": 16}]
-        rows += bd3lm_cases(base, steps_per_block=(4,))
-        rows += [{**base, "name": "small: AR baseline (Llama, HF generate, static cache)", "kind": "ar",
-                  "static": True}]
+        for block_size in (4, 16):
+            base = dict(device="cuda", dtype="bfloat16", model=f"small-bs{block_size}", shape=GPU_MODEL,
+                        block_size=block_size, new_tokens=new_tokens, batch=batch)
+            for cache in (None, "static"):
+                label = "static+compiled" if cache else "eager"
+                rows.append({**base, "name": f"small-bs{block_size}: bd3lm {label}, first_hitting",
+                             "kind": "cached", "cache": cache, "sampler": "first_hitting",
+                             "num_steps": block_size})
+                rows.append({**base, "name": f"small-bs{block_size}: bd3lm {label}, 4 tokens/call", "kind": "cached",
+                             "cache": cache, "sampler": "ddpm", "num_steps": max(block_size // 4, 1)})
+        rows.append({**base, "model": "small-ar", "name": "small: AR baseline (Llama, HF generate, static cache)",
+                     "kind": "ar", "static": True})
     return rows
 
 
@@ -134,12 +141,38 @@ def machine(gpu: bool) -> str:
 
 
 def table(rows) -> str:
-    lines = ["| case | batch | new tokens | tokens/s | NFE | NFE/token | peak MiB | seconds |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = ["| case | batch | new tokens | tokens/s | NFE | NFE/token | ms/call | peak MiB | seconds |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for row in rows:
         lines.append(f"| {row['name']} | {row['batch']} | {row['new_tokens']} | {row['tokens_per_s']:.1f} | "
-                     f"{row['nfe']} | {row['nfe_per_token']:.3f} | {row['peak_mib']:.0f} | {row['seconds']:.2f} |")
+                     f"{row['nfe']} | {row['nfe_per_token']:.3f} | {row['ms_per_call']:.2f} | {row['peak_mib']:.0f} | "
+                     f"{row['seconds']:.2f} |")
     return "\n".join(lines)
+
+
+ORIGINAL_H100 = {"first_hitting": 59.6, "4 tokens/call": 218.0}  # DESIGN.md §5: bd3lms, batch 1, block 16
+H100_HBM_BYTES_PER_S = 3.35e12
+
+
+def gpu_summary(rows) -> list[str]:
+    """GPU targets: vs the original sampler (batch 1, block 16) and vs the AR baseline at 4 tokens per call."""
+    lines = []
+    weights = sum(p.numel() for p in build_bd3lm(GPU_MODEL, 16, 1040, "meta", torch.bfloat16).parameters()) * 2
+    lines.append(f"HBM floor per call: {weights / 2**20:.0f} MiB of bf16 weights / 3.35 TB/s = "
+                 f"{1000 * weights / H100_HBM_BYTES_PER_S:.3f} ms")
+    for row in rows:
+        if row["batch"] == 1 and row["model"] == "small-bs16" and row.get("cache") == "static":
+            for sampler, original in ORIGINAL_H100.items():
+                if row["name"].endswith(sampler):
+                    lines.append(f"{row['name']}: {row['tokens_per_s'] / original:.1f}x the original's "
+                                 f"{original} tok/s (target 20x), {row['ms_per_call']:.2f} ms/call (target <= 0.8)")
+    for batch in (1, 16):
+        ar = next((r for r in rows if r["kind"] == "ar" and r["batch"] == batch), None)
+        for row in rows:
+            if ar and row["batch"] == batch and row["name"].endswith("4 tokens/call") and row.get("cache"):
+                lines.append(f"batch {batch}, {row['name']} / AR: {row['tokens_per_s'] / ar['tokens_per_s']:.2f}x "
+                             "(target 2x)")
+    return lines
 
 
 def summary_ratios(rows) -> list[str]:
@@ -164,10 +197,11 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gpu", action="store_true")
     parser.add_argument("--new-tokens", type=int, default=1024)
+    parser.add_argument("--only", default=None, help="run only the cases whose name contains this text")
     args = parser.parse_args()
-    rows = [isolated(case) for case in cases(args.gpu, args.new_tokens)]
+    rows = [isolated(case) for case in cases(args.gpu, args.new_tokens) if not args.only or args.only in case["name"]]
     report = table(rows)
-    ratios = summary_ratios(rows)
+    ratios = gpu_summary(rows) if args.gpu else summary_ratios(rows)
     models = "; ".join(f"{name} = {shape}" for name, shape in
                        ({row["model"]: row["shape"] for row in rows}).items())
     text = (f"\n## bench_generate ({'GPU' if args.gpu else 'CPU'}) — {datetime.date.today()}\n\nMachine: "
