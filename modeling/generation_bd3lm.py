@@ -259,36 +259,24 @@ class BD3LMGenerationMixin(GenerationMixin):
         eos_ids = _as_id_tensor(config.eos_token_id, input_ids.device)
         pad_id = _first_id(config.pad_token_id, config.eos_token_id, default=mask_id)
 
-        # 2. block-aligned layout: complete prompt blocks, then `num_blocks` blocks to denoise
-        aligned, aligned_valid, prompt_lengths, prefix = align_prompts(input_ids, attention_mask, bs, pad_id)
-        first_new = prefix + prompt_lengths % bs  # (B,) column of each row's first new token
-        num_blocks = math.ceil(int((first_new - prefix).max() + max_new_tokens) / bs)
-        width = prefix + num_blocks * bs
-        if width > self.config.max_position_embeddings:
-            raise ValueError(f"prompt + max_new_tokens needs {width} positions, more than the context "
-                             f"max_position_embeddings={self.config.max_position_embeddings}.")
-        canvas = aligned.new_full((batch, width), mask_id)
-        canvas[:, :prefix] = aligned[:, :prefix]
-        prompt_tail = torch.zeros_like(canvas, dtype=torch.bool)
-        prompt_tail[:, prefix:prefix + bs] = aligned_valid[:, prefix:]
-        canvas[prompt_tail] = aligned[:, prefix:][aligned_valid[:, prefix:]]
-        valid = torch.ones_like(canvas, dtype=torch.bool)
-        valid[:, :prefix] = aligned_valid[:, :prefix]
-        new_index = torch.arange(width, device=canvas.device)[None] - first_new[:, None]  # < 0: prompt
+        # 2. block-aligned layout: complete prompt blocks, then the blocks to denoise
+        canvas, valid, prompt_tail, first_new = self.build_canvas(input_ids, attention_mask, bs, max_new_tokens,
+                                                                  pad_id)
+        prefix = int(first_new.min()) // bs * bs  # the first block to denoise starts here in every row
+        new_index = torch.arange(canvas.shape[1], device=canvas.device)[None] - first_new[:, None]  # < 0: prompt
         banned_eos = (new_index >= 0) & (new_index < (config.min_new_tokens or 0))
         done = torch.zeros(batch, dtype=torch.bool, device=canvas.device)
         warpers = _sampling_warpers(config) if config.do_sample else None
         logits_processor = logits_processor or LogitsProcessorList()
         stopping_criteria = stopping_criteria or StoppingCriteriaList()
-        cache = self.make_cache(config, width) if use_cache else None
+        cache = self.make_cache(config, canvas.shape[1]) if use_cache else None
         state = {"nfe": 0, "committed": 0, "history": [] if config.output_history else None,
                  "forward": self.step_function(cache)}
         if streamer is not None:
             streamer.put(input_ids.cpu())
 
         # 3. blocks, left to right
-        for block in range(num_blocks):
-            start = prefix + block * bs
+        for start in range(prefix, canvas.shape[1], bs):
             end = start + bs
             # 3a. fixed tokens: the prompt tail, or padding in finished rows
             fixed = prompt_tail[:, start:end] | done[:, None]
@@ -314,6 +302,27 @@ class BD3LMGenerationMixin(GenerationMixin):
             return sequences
         history = tuple(state["history"]) if state["history"] is not None else None
         return BD3LMGenerateOutput(sequences=sequences, nfe=state["nfe"], past_key_values=cache, history=history)
+
+    def build_canvas(self, input_ids, attention_mask, block_size: int, max_new_tokens: int, pad_id: int):
+        """The block-aligned canvas (B, W): aligned prompts, then [MASK] up to the last block any row needs.
+
+        Returns (canvas, valid, prompt_tail, first_new): `valid` marks real tokens, `prompt_tail` the fixed prompt
+        tokens inside the first block to denoise, `first_new` (B,) each row's first new column."""
+        aligned, aligned_valid, prompt_lengths, prefix = align_prompts(input_ids, attention_mask, block_size, pad_id)
+        first_new = prefix + prompt_lengths % block_size
+        num_blocks = math.ceil(int((first_new - prefix).max() + max_new_tokens) / block_size)
+        width = prefix + num_blocks * block_size
+        if width > self.config.max_position_embeddings:
+            raise ValueError(f"prompt + max_new_tokens needs {width} positions, more than the context "
+                             f"max_position_embeddings={self.config.max_position_embeddings}.")
+        canvas = aligned.new_full((aligned.shape[0], width), self.config.mask_token_id)
+        canvas[:, :prefix] = aligned[:, :prefix]
+        prompt_tail = torch.zeros_like(canvas, dtype=torch.bool)
+        prompt_tail[:, prefix:prefix + block_size] = aligned_valid[:, prefix:]
+        canvas[prompt_tail] = aligned[:, prefix:][aligned_valid[:, prefix:]]
+        valid = torch.ones_like(canvas, dtype=torch.bool)
+        valid[:, :prefix] = aligned_valid[:, :prefix]
+        return canvas, valid, prompt_tail, first_new
 
     @staticmethod
     def make_cache(config, width: int):
@@ -373,7 +382,8 @@ class BD3LMGenerationMixin(GenerationMixin):
             masked = (canvas[:, start:end] == mask_id) & ~fixed
             if stale and (step == 0 or sync_free or bool(masked.any())):
                 logits = self.block_logits(canvas, valid, start, end, cache, state)
-                context = torch.cat([prompts, canvas[:, :start]], dim=1) if logits_processor else None
+                # the sequence so far, left-padded as transformers' processors expect it
+                context = torch.where(valid[:, :start], canvas[:, :start], pad_id) if logits_processor else None
                 scores = process_logits(logits, mask_id, banned_eos[:, start:end], eos_ids, logits_processor,
                                         warpers, context)
                 stale = False

@@ -260,3 +260,23 @@ def test_generate_output_type(gen_model):
     out = gen_model.generate(torch.ones(1, 3, dtype=torch.long), max_new_tokens=4, return_dict_in_generate=True)
     assert isinstance(out, BD3LMGenerateOutput) and out.history is None
     assert gen_model.can_generate()
+
+
+def test_logits_processors_apply_per_position_with_the_sequence_so_far(gen_model):
+    from transformers import LogitsProcessor, LogitsProcessorList, RepetitionPenaltyLogitsProcessor
+
+    ids, mask = prompts()
+    free = gen_model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False)[:, ids.shape[1]:]
+    banned = int(free.flatten().mode().values)
+    seen = []
+
+    class Ban(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            seen.append(input_ids.shape)
+            scores[:, banned] = float("-inf")
+            return scores
+
+    out = gen_model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
+                             logits_processor=LogitsProcessorList([Ban(), RepetitionPenaltyLogitsProcessor(1.3)]))
+    assert not (out[:, ids.shape[1]:] == banned).any()
+    assert seen and all(shape[0] == 3 * 4 for shape in seen)  # one row per (sequence, block position)
