@@ -271,7 +271,7 @@ class BD3LMGenerationMixin(GenerationMixin):
         stopping_criteria = stopping_criteria or StoppingCriteriaList()
         cache = self.make_cache(config, canvas.shape[1]) if use_cache else None
         state = {"nfe": 0, "committed": 0, "history": [] if config.output_history else None,
-                 "forward": self.step_function(cache)}
+                 "forward": self.step_function(cache), "pad_id": pad_id}
         if streamer is not None:
             streamer.put(input_ids.cpu())
 
@@ -383,7 +383,8 @@ class BD3LMGenerationMixin(GenerationMixin):
             if stale and (step == 0 or sync_free or bool(masked.any())):
                 logits = self.block_logits(canvas, valid, start, end, cache, state)
                 # the sequence so far, left-padded as transformers' processors expect it
-                context = torch.where(valid[:, :start], canvas[:, :start], pad_id) if logits_processor else None
+                context = (torch.where(valid[:, :start], canvas[:, :start], state["pad_id"]) if logits_processor
+                           else None)
                 scores = process_logits(logits, mask_id, banned_eos[:, start:end], eos_ids, logits_processor,
                                         warpers, context)
                 stale = False
