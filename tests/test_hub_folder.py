@@ -57,10 +57,12 @@ def test_saved_folder_loads_in_a_fresh_process_without_the_package(tmp_path):
         import torch
         from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
         try:
-            import bd3lm_hf
-            raise SystemExit("bd3lm_hf was importable")
+            import bd3lm_hf  # noqa: F401
         except ImportError:
-            pass
+            importable = False
+        else:
+            importable = True
+        assert not importable, "bd3lm_hf was importable"
         for auto in (AutoModelForCausalLM, AutoModelForMaskedLM):
             model = auto.from_pretrained({str(tmp_path / 'repo')!r}, trust_remote_code=True).eval()
             assert "bd3lm_hf" not in type(model).__module__, type(model).__module__

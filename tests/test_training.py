@@ -142,7 +142,8 @@ def test_ema_follows_the_warmed_up_formula_and_is_what_gets_evaluated():
     name, parameter = next(iter(model.named_parameters()))
     assert torch.equal(parameter, callback.shadow[name])
     callback.on_evaluate(args, State, Control, model=model)  # and the training weights back
-    assert all(not torch.equal(p, trained[n]) or True for n, p in model.named_parameters())
+    assert all(torch.equal(p, trained[n]) for n, p in model.named_parameters())
+    assert not torch.equal(parameter, callback.shadow[name])
     callback.on_train_end(args, State, Control, model=model)
     assert torch.equal(parameter, callback.shadow[name])
 

@@ -173,7 +173,7 @@ class _CurrentStderrHandler(std_logging.StreamHandler):
 
     @stream.setter
     def stream(self, value):
-        pass
+        del value  # logging assigns a stream at setup; ours is always the current sys.stderr
 
 
 def _stderr_handler():

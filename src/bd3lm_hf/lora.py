@@ -11,20 +11,9 @@ DEFAULT_LORA_TARGET_MODULES = ["qkv_proj", "o_proj", "fc_in", "fc_out"]
 
 def register_peft_defaults() -> None:
     """Teach PEFT the default targets of model_type "bd3lm": `LoraConfig()` then needs no `target_modules`."""
-    from peft.utils import constants
+    from peft.utils.constants import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as defaults
 
-    for mapping in ("TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING",):
-        table = getattr(constants, mapping, None)
-        if table is not None:
-            table.setdefault("bd3lm", list(DEFAULT_LORA_TARGET_MODULES))
-    try:  # PEFT copies the table into its mapping module at import time
-        from peft.utils import other
-
-        table = getattr(other, "TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING", None)
-        if table is not None:
-            table.setdefault("bd3lm", list(DEFAULT_LORA_TARGET_MODULES))
-    except ImportError:
-        pass
+    defaults.setdefault("bd3lm", list(DEFAULT_LORA_TARGET_MODULES))
 
 
 def lora_config(r: int = 8, lora_alpha: int = 16, lora_dropout: float = 0.0, target_modules=None, **kwargs):
