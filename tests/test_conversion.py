@@ -142,3 +142,19 @@ def test_ckpt_config_contradicting_the_weights_is_an_error(fixtures, tmp_path):
     _lightning_checkpoint(fixtures, tmp_path / "last.ckpt")
     with pytest.raises(ConversionError, match="n_heads: checkpoint has 4, given 8"):
         load_original(tmp_path / "last.ckpt", {"block_size": 4, "model_length": 32, "n_heads": 8})
+
+
+def test_mask_token_id_follows_the_vocabulary():
+    from bd3lm_hf.conversion import config_to_original
+
+    lm1b = config_from_original({"vocab_size": 30522, "hidden_dim": 64, "n_blocks": 1, "n_heads": 4,
+                                 "cond_dim": 16, "model_length": 32, "block_size": 4})
+    assert lm1b.mask_token_id == 103
+    owt = config_from_original({"vocab_size": 50258, "hidden_dim": 64, "n_blocks": 1, "n_heads": 4,
+                                "cond_dim": 16, "model_length": 32, "block_size": 4})
+    assert owt.mask_token_id == 50257
+    given = config_from_original({"vocab_size": 100, "hidden_dim": 64, "n_blocks": 1, "n_heads": 4, "cond_dim": 16,
+                                  "model_length": 32, "block_size": 4, "mask_token_id": 7})
+    assert given.mask_token_id == 7
+    with pytest.raises(ConversionError, match="mask_token_id=7 cannot be expressed"):
+        config_to_original(given)

@@ -23,6 +23,8 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--config", help="original config.json to use with a .ckpt")
     convert.add_argument("--block-size", type=int, help="block size of a .ckpt (not recorded in it)")
     convert.add_argument("--model-length", type=int, help="training context length of a .ckpt")
+    convert.add_argument("--mask-token-id", type=int,
+                         help="[MASK] id (default: the last id; 103 for the bert-base-uncased vocabulary of LM1B)")
     convert.add_argument("--with-gpt2-tokenizer", action="store_true",
                          help="also save the GPT-2 BPE + [MASK] tokenizer (the OWT checkpoints' vocabulary)")
 
@@ -76,6 +78,8 @@ def run_convert(args) -> None:
         original_config["block_size"] = args.block_size
     if args.model_length is not None:
         original_config["model_length"] = args.model_length
+    if args.mask_token_id is not None:
+        original_config["mask_token_id"] = args.mask_token_id
     convert_to_ours(args.src, args.dst, original_config or None)
     if args.with_gpt2_tokenizer:
         from .tokenization import gpt2_tokenizer_with_mask

@@ -22,6 +22,7 @@ ORIGINAL_PREFIX = "backbone."
 # Non-parameter state of the original: derived (rotary) or moved into our config (clip range).
 ROTARY_KEY = "backbone.rotary_emb.inv_freq"
 CLIP_KEYS = ("sampling_eps_min", "sampling_eps_max")
+BERT_VOCAB_SIZE, BERT_MASK_ID = 30522, 103
 
 GLOBAL_KEY_MAP = {
     "vocab_embed.embedding": "model.embed_tokens.weight",
@@ -88,11 +89,20 @@ def config_from_original(original: dict, clip_range: tuple[float, float] | None 
         fields.setdefault("sampling_eps_max", 1.0)
     if clip_range is not None:  # the grid-searched values saved with the weights win over config.json
         fields["sampling_eps_min"], fields["sampling_eps_max"] = clip_range
+    if "mask_token_id" not in fields and fields.get("vocab_size") == BERT_VOCAB_SIZE:
+        # The original records no mask id: OWT models append [MASK] last (our default), LM1B models use
+        # bert-base-uncased, whose own [MASK] is 103.
+        fields["mask_token_id"] = BERT_MASK_ID
+        logger.info("vocab_size %d (bert-base-uncased, LM1B): mask_token_id = %d", BERT_VOCAB_SIZE, BERT_MASK_ID)
     return BD3LMConfig(**fields)
 
 
 def config_to_original(config: BD3LMConfig) -> dict:
     """The original bd3lms `config.json` fields for our config."""
+    if config.mask_token_id not in (config.vocab_size - 1, BERT_MASK_ID if config.vocab_size == BERT_VOCAB_SIZE
+                                    else None):
+        raise ConversionError(f"mask_token_id={config.mask_token_id} cannot be expressed in the original format "
+                              "(which assumes the last id, or 103 for the bert-base-uncased vocabulary).")
     inverse = {v: k for k, v in ORIGINAL_FIELD_NAMES.items()}
     original = {inverse[name]: getattr(config, name) for name in inverse}
     is_mdlm = config.block_size == config.max_position_embeddings
