@@ -91,3 +91,15 @@ def test_empty_and_missing_files(tmp_path):
 def test_too_little_text_for_one_sequence(gpt2):
     with pytest.raises(ValueError, match="fewer than seq_len=64 tokens"):
         wrap_tokenize(Dataset.from_dict({"text": ["a few words"]}), gpt2, seq_len=64, block_size=4)
+
+
+def test_sft_with_a_chat_template():
+    tokenizer = gpt2_tokenizer_with_mask()
+    tokenizer.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                               "{% if add_generation_prompt %}assistant:{% endif %}")
+    rows = Dataset.from_list([{"messages": [{"role": "user", "content": "Who wrote Hamlet?"},
+                                            {"role": "assistant", "content": " Shakespeare."}]}])
+    encoded = sft_tokenize(rows, tokenizer, block_size=4, max_length=64, messages_column="messages")[0]
+    prompt = tokenizer.decode(encoded["input_ids"][: encoded["prompt_length"]])
+    assert prompt == "user: Who wrote Hamlet?\nassistant:"
+    assert tokenizer.decode(encoded["input_ids"][encoded["prompt_length"]:]).startswith(" Shakespeare.")

@@ -280,3 +280,17 @@ def test_logits_processors_apply_per_position_with_the_sequence_so_far(gen_model
                              logits_processor=LogitsProcessorList([Ban(), RepetitionPenaltyLogitsProcessor(1.3)]))
     assert not (out[:, ids.shape[1]:] == banned).any()
     assert seen and all(shape[0] == 3 * 4 for shape in seen)  # one row per (sequence, block position)
+
+
+def test_text_streamer_prints_the_generated_text(exported, capsys):
+    from transformers import TextIteratorStreamer, TextStreamer
+
+    model = AutoModelForCausalLM.from_pretrained(exported, trust_remote_code=True)
+    tokenizer = AutoTokenizer.from_pretrained(exported, trust_remote_code=True)
+    inputs = tokenizer("To be, or not to be", return_tensors="pt")
+    out = model.generate(**inputs, max_new_tokens=10, do_sample=False, streamer=TextStreamer(tokenizer, skip_prompt=True))
+    printed = capsys.readouterr().out
+    assert printed.strip() == tokenizer.decode(out[0, inputs.input_ids.shape[1]:], skip_special_tokens=True).strip()
+    iterator = TextIteratorStreamer(tokenizer, skip_prompt=True)
+    model.generate(**inputs, max_new_tokens=10, do_sample=False, streamer=iterator)
+    assert "".join(iterator).strip() == printed.strip()

@@ -240,3 +240,27 @@ def test_training_config_bad_input(tmp_path):
     with pytest.raises(ValueError, match="shakespeare_plays"):
         build_trainer(BD3LMTrainingConfig(shakespeare_plays=41), arguments(tmp_path))
     assert main(["train", "--output_dir", str(tmp_path), "--data", str(tmp_path / "missing.txt")]) == 2
+
+
+def test_sft_finetuning_end_to_end(tmp_path):
+    rows = [{"prompt": f"Q{i}: what follows {i}?\nA:", "response": f" {i + 1}, then {i + 2}."} for i in range(64)]
+    (tmp_path / "sft.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    config = small_config(sft=True, data=[str(tmp_path / "sft.jsonl")], eval_data=[str(tmp_path / "sft.jsonl")],
+                          tokenizer="gpt2", max_position_embeddings=32)
+    trainer = build_trainer(config, arguments(tmp_path / "run", max_steps=4))
+    batch = trainer.data_collator([trainer.train_dataset[0], trainer.train_dataset[1]])
+    prompt_length = trainer.train_dataset[0]["prompt_length"]
+    assert (batch["labels"][0, :prompt_length] == -100).all()
+    prompt = torch.tensor(trainer.train_dataset[0]["input_ids"][:prompt_length])
+    assert torch.equal(batch["input_ids"][0, :prompt_length], prompt)  # the prompt is never noised
+    result = trainer.train()
+    assert result.global_step == 4 and torch.isfinite(torch.tensor(result.training_loss))
+
+
+def test_bf16_training_on_cpu(tmp_path, small_data):
+    train_set, eval_set, tokenizer = small_data
+    trainer = build_trainer(small_config(ema_decay=0), arguments(tmp_path, max_steps=3, bf16=True),
+                            train_set=train_set, eval_set=eval_set, tokenizer=tokenizer)
+    trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert len(losses) == 3 and all(loss == loss and loss < 20 for loss in losses)

@@ -109,8 +109,8 @@ def sft_tokenize(dataset: Dataset, tokenizer, block_size: int, max_length: int, 
     def encode(row):
         if messages_column:
             messages = row[messages_column]
-            prompt = tokenizer.apply_chat_template(messages[:-1], tokenize=True, add_generation_prompt=True)
-            prompt = prompt["input_ids"] if isinstance(prompt, dict) else list(prompt)
+            prompt = list(tokenizer.apply_chat_template(messages[:-1], tokenize=True, add_generation_prompt=True,
+                                                        return_dict=True)["input_ids"])
             response = tokenizer(messages[-1]["content"], add_special_tokens=False)["input_ids"]
         else:
             prompt = tokenizer(row[prompt_column], add_special_tokens=False)["input_ids"]
