@@ -30,6 +30,13 @@ class BD3LMCache(DynamicCache):
         values = torch.cat([committed.values, value_states], dim=-2)
         return keys, values
 
+    def evict(self, num_tokens: int) -> None:
+        """Drop the oldest `num_tokens` committed tokens of every layer (sliding-window generation)."""
+        for layer in self.layers:
+            if layer.is_initialized and layer.keys.numel():
+                layer.keys = layer.keys[..., num_tokens:, :]
+                layer.values = layer.values[..., num_tokens:, :]
+
 
 class BD3LMStaticCache(DynamicCache):
     """Preallocated keys/values (B, heads, max_cache_len, head_dim) per layer and a committed-length cursor, so

@@ -231,6 +231,8 @@ class BD3LMGenerationMixin(GenerationMixin):
               position), so greedy output depends neither on the random state nor on the other rows.
            c. Finish the block: stop rows at EOS (after `min_new_tokens`), at `max_new_tokens`, on a stopping
               criterion or the entropy rule; stream the new tokens.
+           Past the training context, the oldest blocks leave the cache (a sliding window of
+           max_position_embeddings tokens, as the original code), so the length is unbounded.
         4. Return the prompts followed by the new tokens (padded after EOS), or a `BD3LMGenerateOutput`.
         ```
 
@@ -260,8 +262,9 @@ class BD3LMGenerationMixin(GenerationMixin):
         pad_id = _first_id(config.pad_token_id, config.eos_token_id, default=mask_id)
 
         # 2. block-aligned layout: complete prompt blocks, then the blocks to denoise
+        sliding = use_cache and getattr(config, "cache_implementation", None) in (None, "dynamic")
         canvas, valid, prompt_tail, first_new = self.build_canvas(input_ids, attention_mask, bs, max_new_tokens,
-                                                                  pad_id)
+                                                                  pad_id, sliding)
         prefix = int(first_new.min()) // bs * bs  # the first block to denoise starts here in every row
         new_index = torch.arange(canvas.shape[1], device=canvas.device)[None] - first_new[:, None]  # < 0: prompt
         banned_eos = (new_index >= 0) & (new_index < (config.min_new_tokens or 0))
@@ -270,7 +273,7 @@ class BD3LMGenerationMixin(GenerationMixin):
         logits_processor = logits_processor or LogitsProcessorList()
         stopping_criteria = stopping_criteria or StoppingCriteriaList()
         cache = self.make_cache(config, canvas.shape[1]) if use_cache else None
-        state = {"nfe": 0, "committed": 0, "history": [] if config.output_history else None,
+        state = {"nfe": 0, "committed": 0, "window_start": 0, "history": [] if config.output_history else None,
                  "forward": self.step_function(cache), "pad_id": pad_id}
         if streamer is not None:
             streamer.put(input_ids.cpu())
@@ -303,7 +306,8 @@ class BD3LMGenerationMixin(GenerationMixin):
         history = tuple(state["history"]) if state["history"] is not None else None
         return BD3LMGenerateOutput(sequences=sequences, nfe=state["nfe"], past_key_values=cache, history=history)
 
-    def build_canvas(self, input_ids, attention_mask, block_size: int, max_new_tokens: int, pad_id: int):
+    def build_canvas(self, input_ids, attention_mask, block_size: int, max_new_tokens: int, pad_id: int,
+                     sliding: bool = False):
         """The block-aligned canvas (B, W): aligned prompts, then [MASK] up to the last block any row needs.
 
         Returns (canvas, valid, prompt_tail, first_new): `valid` marks real tokens, `prompt_tail` the fixed prompt
@@ -312,9 +316,14 @@ class BD3LMGenerationMixin(GenerationMixin):
         first_new = prefix + prompt_lengths % block_size
         num_blocks = math.ceil(int((first_new - prefix).max() + max_new_tokens) / block_size)
         width = prefix + num_blocks * block_size
-        if width > self.config.max_position_embeddings:
+        context = self.config.max_position_embeddings
+        if prefix + block_size > context:
+            raise ValueError(f"the prompt needs {prefix + block_size} positions with its first block, more than the "
+                             f"context max_position_embeddings={context}.")
+        if width > context and not sliding:
             raise ValueError(f"prompt + max_new_tokens needs {width} positions, more than the context "
-                             f"max_position_embeddings={self.config.max_position_embeddings}.")
+                             f"max_position_embeddings={context}; generating past it (a sliding window over the "
+                             "cache) needs the dynamic cache (use_cache=True, cache_implementation=None).")
         canvas = aligned.new_full((aligned.shape[0], width), self.config.mask_token_id)
         canvas[:, :prefix] = aligned[:, :prefix]
         prompt_tail = torch.zeros_like(canvas, dtype=torch.bool)
@@ -413,9 +422,26 @@ class BD3LMGenerationMixin(GenerationMixin):
         state["nfe"] += 1
         if cache is None:
             return state["forward"](canvas[:, :end], valid[:, :end], None, False, end - start)
+        if isinstance(cache, BD3LMStaticCache):  # the mask spans the whole preallocated buffer
+            return self.cached_call(canvas, valid, 0, start, end, cache, state)
+        # Past the training context, the oldest committed blocks leave the cache: every call sees at most
+        # max_position_embeddings tokens (rotary positions keep counting, so relative distances stay exact).
+        window_start = max(0, end - self.config.max_position_embeddings)
+        if window_start > state["window_start"]:
+            cache.evict(min(window_start, state["committed"]) - state["window_start"])
+            state["window_start"] = window_start
+            state["committed"] = max(state["committed"], window_start)  # a finished block already out of view
+        return self.cached_call(canvas, valid, window_start, start, end, cache, state)
+
+    def cached_call(self, canvas, valid, window_start, start, end, cache, state):
+        """canvas[:, committed:end] against the cache of canvas[:, window_start:committed]; commits up to `start`."""
         committed = state["committed"]
-        mask = valid if isinstance(cache, BD3LMStaticCache) else valid[:, :end]  # static: the whole buffer
-        logits = state["forward"](canvas[:, committed:end], mask, cache, start - committed or False, end - start)
+        mask = valid if isinstance(cache, BD3LMStaticCache) else valid[:, window_start:end]
+        positions = None
+        if window_start:  # absolute positions; the window alone would restart them at 0
+            positions = (valid[:, :end].long().cumsum(-1) - 1).clamp(min=0)[:, committed:end]
+        logits = state["forward"](canvas[:, committed:end], mask, cache, start - committed or False, end - start,
+                                  positions)
         state["committed"] = start
         return logits
 

@@ -208,7 +208,9 @@ def test_empty_prompt_starts_from_bos(gen_model):
         (dict(assistant_model=object()), "assistant_model"),
         (dict(sampler="euler"), "unknown sampler 'euler'"),
         (dict(block_size=5), "block_size=5 must divide"),
-        (dict(max_new_tokens=200), "more than the context"),
+        (dict(max_new_tokens=200, use_cache=False), "needs the dynamic cache"),
+        (dict(max_new_tokens=200, cache_implementation="static"), "needs the dynamic cache"),
+        (dict(input_ids=torch.ones(1, 130, dtype=torch.long)), "the prompt needs 132 positions"),
         (dict(num_steps=0), "num_steps must be a positive int"),
         (dict(confidence_threshold=1.5), "confidence_threshold"),
         (dict(frobnicate=True), "frobnicate"),
@@ -294,3 +296,20 @@ def test_text_streamer_prints_the_generated_text(exported, capsys):
     iterator = TextIteratorStreamer(tokenizer, skip_prompt=True)
     model.generate(**inputs, max_new_tokens=10, do_sample=False, streamer=iterator)
     assert "".join(iterator).strip() == printed.strip()
+
+
+def test_generation_past_the_context_slides_the_cache():
+    """Past max_position_embeddings the oldest blocks leave the cache (the original's sliding window): the
+    length is unbounded, the tokens inside the first context are those of ordinary generation, and a ragged batch
+    still equals its rows one by one."""
+    model = random_model(seed=1, std=0.12, max_position_embeddings=32)
+    ids, mask = prompts()
+    long = model.generate(ids, attention_mask=mask, max_new_tokens=60, do_sample=False, return_dict_in_generate=True)
+    short = model.generate(ids, attention_mask=mask, max_new_tokens=13, do_sample=False)
+    assert long.sequences.shape == (3, 70) and not (long.sequences == MASK).any()
+    assert torch.equal(long.sequences[:, : short.shape[1]], short)
+    assert long.past_key_values.get_seq_length() <= 32 - 4
+    for row in range(3):
+        alone = ids[row, mask[row].bool()][None]
+        single = model.generate(alone, max_new_tokens=60, do_sample=False)
+        assert torch.equal(single[0, alone.shape[1]:], long.sequences[row, ids.shape[1]:])
