@@ -12,6 +12,8 @@ At inference every token is clean, so this is block-causal attention. Padding qu
 no softmax row is empty (their outputs are never used).
 """
 
+import functools
+
 import torch
 
 
@@ -63,6 +65,21 @@ def flex_block_diffusion_mask(queries, keys, query_offset: int):
     batch, num_queries = q_block.shape
     return create_block_mask(mask_mod, B=batch, H=None, Q_LEN=num_queries, KV_LEN=kv_block.shape[1],
                              device=q_block.device)
+
+
+@functools.lru_cache(maxsize=8)
+def flex_training_mask(seq_len: int, block_size: int, device: str):
+    """The 2L BlockMask without padding, from the index structure alone: built once per (L, block size, device)
+    and shared by every training step (one batch-independent mask instead of one per batch row)."""
+    from torch.nn.attention.flex_attention import create_block_mask
+
+    def mask_mod(b, h, q_idx, kv_idx):
+        q_clean, kv_clean = q_idx >= seq_len, kv_idx >= seq_len
+        q_block = torch.where(q_clean, q_idx - seq_len, q_idx) // block_size
+        kv_block = torch.where(kv_clean, kv_idx - seq_len, kv_idx) // block_size
+        return may_attend(q_block, q_clean, True, kv_block, kv_clean, True)
+
+    return create_block_mask(mask_mod, B=None, H=None, Q_LEN=2 * seq_len, KV_LEN=2 * seq_len, device=device)
 
 
 def training_mask_2l(seq_len: int, block_size: int) -> torch.Tensor:

@@ -27,7 +27,7 @@ from .configuration_bd3lm import BD3LMConfig
 from .diffusion_bd3lm import diffusion_nelbo_terms, sigma_from_noise_level
 from .generation_bd3lm import BD3LMGenerationConfig, BD3LMGenerationMixin
 from .masking_bd3lm import (concat_descriptors, dense_block_diffusion_mask, flex_block_diffusion_mask,
-                            token_descriptors)
+                            flex_training_mask, token_descriptors)
 
 logger = logging.get_logger(__name__)
 
@@ -238,10 +238,12 @@ class BD3LMModel(BD3LMPreTrainedModel):
             raise ValueError(f"timesteps must have shape ({batch_size},) (one sigma per row), got {tuple(timesteps.shape)}.")
         return F.silu(self.timestep_embedder(timesteps))
 
-    def attention_mask_for(self, queries, keys, query_offset: int):
+    def attention_mask_for(self, queries, keys, query_offset: int, training_length: int | None = None):
         """The block-diffusion mask in the form the configured attention backend takes."""
         implementation = self.config._attn_implementation
         if implementation == "flex_attention":
+            if training_length is not None and bool(keys[2].all()):  # 2L pass without padding: one shared mask
+                return flex_training_mask(training_length, self.config.block_size, str(keys[0].device))
             return flex_block_diffusion_mask(queries, keys, query_offset)
         mask = dense_block_diffusion_mask(queries, keys, query_offset)
         if implementation.startswith("flash_attention"):
@@ -283,7 +285,7 @@ class BD3LMModel(BD3LMPreTrainedModel):
             position_ids = position_ids.repeat(1, 2)
             query_offset = 0
 
-        mask = self.attention_mask_for(queries, keys, query_offset)
+        mask = self.attention_mask_for(queries, keys, query_offset, seq_len if x0_ids is not None else None)
         position_embeddings = self.rotary_emb(position_ids, hidden_states.dtype)
         conditioning = self.conditioning(timesteps, batch, input_ids.device).to(hidden_states.dtype)
 

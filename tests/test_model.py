@@ -204,3 +204,15 @@ def test_plain_dynamic_cache_is_refused(model):
 
     with pytest.raises(ValueError, match="BD3LMCache"):
         model(input_ids=torch.zeros(1, 4, dtype=torch.long), past_key_values=DynamicCache(), use_cache=True)
+
+
+def test_flex_training_mask_is_built_once_and_matches_the_rule():
+    from bd3lm_hf.modeling.masking_bd3lm import flex_training_mask
+
+    first, again = flex_training_mask(16, 4, "cpu"), flex_training_mask(16, 4, "cpu")
+    assert first is again
+    dense = first.to_dense()[0, 0].bool()  # (2L/128 tiles): every tile holds allowed pairs or none
+    assert dense.shape[0] == 1 and bool(dense.all())
+    mask_mod_rule = torch.stack([torch.stack([first.mask_mod(0, 0, torch.tensor(q), torch.tensor(k))
+                                              for k in range(32)]) for q in range(32)])
+    assert torch.equal(mask_mod_rule, training_mask_2l(16, 4))
