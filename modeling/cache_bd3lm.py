@@ -54,13 +54,23 @@ class BD3LMStaticCache(DynamicCache):
         self.cursors: list[torch.Tensor] = []
 
     def allocate(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        batch, heads, _, head_dim = key_states.shape
-        shape = (batch, heads, self.max_cache_len, head_dim)
-        keys = torch.zeros(shape, dtype=key_states.dtype, device=key_states.device)
-        values = torch.zeros(shape[:-1] + (value_states.shape[-1],), dtype=value_states.dtype,
-                             device=value_states.device)
-        self.buffers.append((keys, values))
-        self.cursors.append(torch.zeros((), dtype=torch.long, device=key_states.device))
+        """Lazily, at a layer's first update (eager use)."""
+        self.allocate_layer(*key_states.shape[:2], key_states.shape[-1], key_states.dtype, key_states.device)
+
+    def early_initialization(self, batch_size: int, num_layers: int, num_heads: int, head_dim: int, dtype,
+                             device) -> None:
+        """Allocate every layer before the first call, so that a compiled step never allocates."""
+        for _ in range(num_layers - len(self.buffers)):
+            self.allocate_layer(batch_size, num_heads, head_dim, dtype, device)
+
+    def allocate_layer(self, batch_size: int, num_heads: int, head_dim: int, dtype, device) -> None:
+        shape = (batch_size, num_heads, self.max_cache_len, head_dim)
+        buffers = (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
+        cursor = torch.zeros((), dtype=torch.long, device=device)
+        for tensor in (*buffers, cursor):  # fixed addresses, mutated in place: what CUDA graphs need
+            torch._dynamo.mark_static_address(tensor)
+        self.buffers.append(buffers)
+        self.cursors.append(cursor)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
                cache_kwargs: dict | None = None, *args, **kwargs):

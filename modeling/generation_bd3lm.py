@@ -272,7 +272,7 @@ class BD3LMGenerationMixin(GenerationMixin):
         warpers = _sampling_warpers(config) if config.do_sample else None
         logits_processor = logits_processor or LogitsProcessorList()
         stopping_criteria = stopping_criteria or StoppingCriteriaList()
-        cache = self.make_cache(config, canvas.shape[1]) if use_cache else None
+        cache = self.make_cache(config, batch, canvas.shape[1]) if use_cache else None
         state = {"nfe": 0, "committed": 0, "window_start": 0, "history": [] if config.output_history else None,
                  "forward": self.step_function(cache), "pad_id": pad_id}
         if streamer is not None:
@@ -333,14 +333,16 @@ class BD3LMGenerationMixin(GenerationMixin):
         valid[:, :prefix] = aligned_valid[:, :prefix]
         return canvas, valid, prompt_tail, first_new
 
-    @staticmethod
-    def make_cache(config, width: int):
+    def make_cache(self, config, batch_size: int, width: int):
         """`cache_implementation`: None / "dynamic" (BD3LMCache) or "static" (preallocated, fixed shapes)."""
         implementation = getattr(config, "cache_implementation", None)
         if implementation in (None, "dynamic"):
             return BD3LMCache()
         if implementation == "static":
-            return BD3LMStaticCache(max_cache_len=width)
+            cache = BD3LMStaticCache(max_cache_len=width)
+            cache.early_initialization(batch_size, self.config.num_hidden_layers, self.config.num_attention_heads,
+                                       self.config.head_dim, self.dtype, self.device)
+            return cache
         raise ValueError(f"cache_implementation={implementation!r} is not supported; allowed: None, 'dynamic', "
                          "'static'.")
 
