@@ -13,9 +13,9 @@ python -m pip install -q --no-deps pytest 2>/dev/null
 python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" \
   | tee -a "$OUT/gpu.txt"
 # 1. correctness on the GPU: flex training forward+backward, bf16, flash (if installed), compiled static cache
-python -m pytest -q tests/test_gpu.py tests/test_static_cache.py tests/test_golden.py tests/test_model.py \
+python -m pytest -q tests/test_gpu.py tests/test_static_cache.py tests/test_golden.py \
   -p no:cacheprovider 2>&1 | tee "$OUT/tests.log" | tail -15
-# 2. speed
+# 2. speed (if the 10-minute limit of one call is short, run the two benchmarks in separate calls)
 timeout 900 python benchmarks/bench_generate.py --gpu 2>&1 | tee "$OUT/bench_generate.log" | tail -30
 timeout 600 python benchmarks/bench_train.py --gpu 2>&1 | tee "$OUT/bench_train.log" | tail -15
 cp benchmarks/RESULTS.md "$OUT/RESULTS.md"
