@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments, set_seed
 from transformers.utils import logging
 
@@ -51,7 +52,10 @@ class BD3LMTrainingConfig:
     num_attention_heads: int = 4
     cond_dim: int = 64
     hidden_dropout: float = 0.0
-    attn_implementation: str = field(default="sdpa", metadata={"help": "sdpa (CPU and GPU), flex_attention (GPU)"})
+    attn_implementation: str = field(default="auto", metadata={"help": "auto (flex_attention on a GPU, where the "
+                                                                       "2L BlockMask skips masked tiles; sdpa on "
+                                                                       "CPU, where flex has no backward), sdpa, "
+                                                                       "flex_attention, eager"})
     eps_min: float = field(default=1e-3, metadata={"help": "training clip range: lowest t"})
     eps_max: float = field(default=1.0, metadata={"help": "training clip range: highest t"})
     resample: bool = False
@@ -104,10 +108,16 @@ def split_off_eval(train_set, fraction: float):
                                                                                        len(train_set)))
 
 
+def attention_backend(config: BD3LMTrainingConfig) -> str:
+    if config.attn_implementation != "auto":
+        return config.attn_implementation
+    return "flex_attention" if torch.cuda.is_available() else "sdpa"
+
+
 def build_model(config: BD3LMTrainingConfig, tokenizer):
     if config.init_from:
         model = AutoModelForCausalLM.from_pretrained(config.init_from, trust_remote_code=True,
-                                                     attn_implementation=config.attn_implementation)
+                                                     attn_implementation=attention_backend(config))
         if model.config.block_size != config.block_size:  # the paper: pretrain with L' = L, finetune per L'
             logger.warning("finetuning with block_size=%d (the checkpoint used %d)", config.block_size,
                            model.config.block_size)
@@ -122,7 +132,7 @@ def build_model(config: BD3LMTrainingConfig, tokenizer):
         num_attention_heads=config.num_attention_heads, cond_dim=config.cond_dim,
         hidden_dropout=config.hidden_dropout, sampling_eps_min=config.eps_min, sampling_eps_max=config.eps_max)
     model = BD3LMForBlockDiffusion(model_config)
-    model.set_attn_implementation(config.attn_implementation)
+    model.set_attn_implementation(attention_backend(config))
     return model
 
 
