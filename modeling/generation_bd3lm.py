@@ -151,7 +151,8 @@ def most_confident(confidence, masked, count):
     """(B, bs) bool: the `count` (B,) most confident masked positions per row, ties broken by position."""
     scores = confidence.masked_fill(~masked, -1.0)
     order = scores.sort(dim=-1, descending=True, stable=True).indices
-    ranks = torch.empty_like(order).scatter_(-1, order, torch.arange(order.shape[-1], device=order.device).expand_as(order))
+    positions = torch.arange(order.shape[-1], device=order.device).expand_as(order)
+    ranks = torch.empty_like(order).scatter_(-1, order, positions)  # rank of each position by confidence
     return masked & (ranks < count[:, None])
 
 

@@ -235,7 +235,8 @@ class BD3LMModel(BD3LMPreTrainedModel):
         if timesteps is None or not self.config.time_conditioning:
             timesteps = torch.zeros(batch_size, device=device)
         elif timesteps.shape != (batch_size,):
-            raise ValueError(f"timesteps must have shape ({batch_size},) (one sigma per row), got {tuple(timesteps.shape)}.")
+            raise ValueError(f"timesteps must have shape ({batch_size},) (one sigma per row), got "
+                             f"{tuple(timesteps.shape)}.")
         return F.silu(self.timestep_embedder(timesteps))
 
     def attention_mask_for(self, queries, keys, query_offset: int, training_length: int | None = None):
@@ -423,7 +424,8 @@ class BD3LMForBlockDiffusion(BD3LMPreTrainedModel, BD3LMGenerationMixin):
 
     def clean_targets(self, input_ids, labels, attention_mask=None):
         if labels.shape != input_ids.shape:
-            raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, got {tuple(labels.shape)}.")
+            raise ValueError(f"labels must have the shape of input_ids {tuple(input_ids.shape)}, got "
+                             f"{tuple(labels.shape)}.")
         if input_ids.shape[1] % self.config.block_size:
             raise ValueError(f"the training pass needs a sequence length that block_size={self.config.block_size} "
                              f"divides, got {input_ids.shape[1]}.")

@@ -17,7 +17,8 @@ from bd3lm_hf.conversion import (ConversionError, config_from_original, convert_
 def test_round_trip_is_bit_identical(fixtures, tmp_path, case):
     assert cli(["convert", str(fixtures / case), str(tmp_path / "ours")]) == 0
     assert cli(["convert", str(tmp_path / "ours"), str(tmp_path / "original"), "--to-original"]) == 0
-    assert (tmp_path / "original" / "model.safetensors").read_bytes() == (fixtures / case / "model.safetensors").read_bytes()
+    original_weights = (fixtures / case / "model.safetensors").read_bytes()
+    assert (tmp_path / "original" / "model.safetensors").read_bytes() == original_weights
     original, back = (json.loads((d / "config.json").read_text()) for d in (fixtures / case, tmp_path / "original"))
     for field in ("block_size", "vocab_size", "hidden_dim", "n_blocks", "n_heads", "cond_dim", "model_length",
                   "time_conditioning", "cross_attn"):

@@ -290,7 +290,8 @@ def test_text_streamer_prints_the_generated_text(exported, capsys):
     model = AutoModelForCausalLM.from_pretrained(exported, trust_remote_code=True)
     tokenizer = AutoTokenizer.from_pretrained(exported, trust_remote_code=True)
     inputs = tokenizer("To be, or not to be", return_tensors="pt")
-    out = model.generate(**inputs, max_new_tokens=10, do_sample=False, streamer=TextStreamer(tokenizer, skip_prompt=True))
+    streamer = TextStreamer(tokenizer, skip_prompt=True)
+    out = model.generate(**inputs, max_new_tokens=10, do_sample=False, streamer=streamer)
     printed = capsys.readouterr().out
     assert printed.strip() == tokenizer.decode(out[0, inputs.input_ids.shape[1]:], skip_special_tokens=True).strip()
     iterator = TextIteratorStreamer(tokenizer, skip_prompt=True)

@@ -134,7 +134,7 @@ def test_ema_follows_the_warmed_up_formula_and_is_what_gets_evaluated():
         decay = min(0.999, (1 + step) / (10 + step))
         for n, p in model.named_parameters():
             expected[n] = expected[n] - (1 - decay) * (expected[n] - p.detach())
-    for n, p in model.named_parameters():
+    for n, _ in model.named_parameters():
         torch.testing.assert_close(callback.shadow[n], expected[n])
     trained = {n: p.detach().clone() for n, p in model.named_parameters()}
     Control.should_evaluate = True
