@@ -49,7 +49,7 @@ class BD3LMStaticCache(DynamicCache):
 
     def __init__(self, max_cache_len: int):
         super().__init__()
-        self.max_cache_len = max_cache_len
+        self.capacity = max_cache_len  # (5.17's Cache has a read-only `max_cache_len` property)
         self.buffers: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.cursors: list[torch.Tensor] = []
 
@@ -64,7 +64,7 @@ class BD3LMStaticCache(DynamicCache):
             self.allocate_layer(batch_size, num_heads, head_dim, dtype, device)
 
     def allocate_layer(self, batch_size: int, num_heads: int, head_dim: int, dtype, device) -> None:
-        shape = (batch_size, num_heads, self.max_cache_len, head_dim)
+        shape = (batch_size, num_heads, self.capacity, head_dim)
         buffers = (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
         cursor = torch.zeros((), dtype=torch.long, device=device)
         for tensor in (*buffers, cursor):  # fixed addresses, mutated in place: what CUDA graphs need
@@ -94,4 +94,4 @@ class BD3LMStaticCache(DynamicCache):
         return int(self.cursors[layer_idx]) if layer_idx < len(self.cursors) else 0
 
     def get_max_length(self, layer_idx: int | None = None) -> int:
-        return self.max_cache_len
+        return self.capacity

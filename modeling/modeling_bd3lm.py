@@ -308,8 +308,8 @@ class BD3LMModel(BD3LMPreTrainedModel):
         """Descriptors over the whole preallocated buffer, computed from the cursor tensor (no host sync): keys
         past cursor + seq_len are stale and masked out."""
         start = cache.committed_length().to(device)
-        kv_valid = _key_validity(attention_mask, batch, cache.max_cache_len, device)
-        kv_valid = kv_valid & (torch.arange(cache.max_cache_len, device=device) < start + seq_len)
+        kv_valid = _key_validity(attention_mask, batch, cache.capacity, device)
+        kv_valid = kv_valid & (torch.arange(cache.capacity, device=device) < start + seq_len)
         positions = _positions_from_validity(kv_valid)
         query_index = start + torch.arange(seq_len, device=device)
         keys = token_descriptors(positions, self.config.block_size, kv_valid)
