@@ -288,7 +288,7 @@ class BD3LMGenerationMixin(GenerationMixin):
             valid[:, start:end] &= ~done[:, None]
             # 3b. denoise
             self.denoise_block(canvas, valid, start, end, fixed, cache, state, config, banned_eos, eos_ids,
-                               logits_processor, warpers, input_ids)
+                               logits_processor, warpers)
             # 3c. finish rows, stream
             done = self.finish_block(canvas, valid, start, end, first_new, done, config, eos_ids, pad_id,
                                      max_new_tokens, stopping_criteria, input_ids, streamer)
@@ -381,7 +381,7 @@ class BD3LMGenerationMixin(GenerationMixin):
         return input_ids, attention_mask
 
     def denoise_block(self, canvas, valid, start, end, fixed, cache, state, config, banned_eos, eos_ids,
-                      logits_processor, warpers, prompts):
+                      logits_processor, warpers):
         """Step 3b: reveal every masked position of canvas[:, start:end] in place."""
         mask_id = self.config.mask_token_id
         scores, stale = None, True
