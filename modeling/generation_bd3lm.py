@@ -121,7 +121,8 @@ def align_prompts(input_ids, attention_mask, block_size: int, filler: int):
 
 
 def process_logits(logits, mask_token_id: int, banned_eos, eos_ids, logits_processor, warpers, context):
-    """(B, bs, V) raw logits -> (greedy scores, sampling scores): SUBS (never [MASK]), EOS ban, processors."""
+    """(B, bs, V) raw logits -> scores: SUBS (never [MASK]), EOS ban, processors, then the sampling warpers
+    (temperature, top-k, top-p) when sampling."""
     scores = logits.float()
     scores[..., mask_token_id] = float("-inf")
     if eos_ids is not None:
@@ -130,17 +131,17 @@ def process_logits(logits, mask_token_id: int, banned_eos, eos_ids, logits_proce
     if logits_processor:
         flat_context = context.repeat_interleave(size, dim=0)
         scores = logits_processor(flat_context, scores.view(-1, vocab)).view(batch, size, vocab)
-    if not warpers:
-        return scores, scores
-    return scores, warpers(None, scores.reshape(-1, vocab).clone()).view(batch, size, vocab)
+    if warpers:
+        scores = warpers(None, scores.reshape(-1, vocab)).view(batch, size, vocab)
+    return scores
 
 
-def choose_tokens(greedy_scores, sampling_scores, do_sample: bool):
+def choose_tokens(scores, do_sample: bool):
     """Tokens (B, bs) and their probability (the confidence) under the distribution they come from."""
     if not do_sample:
-        best, tokens = greedy_scores.max(-1)
-        return tokens, (best - greedy_scores.logsumexp(-1)).exp()  # the top probability, without a softmax
-    log_probs = sampling_scores.log_softmax(-1)
+        best, tokens = scores.max(-1)
+        return tokens, (best - scores.logsumexp(-1)).exp()  # the top probability, without a softmax
+    log_probs = scores.log_softmax(-1)
     uniform = torch.rand_like(log_probs).clamp(min=1e-20, max=1 - 1e-7)
     gumbel = -torch.log(-torch.log(uniform))
     tokens = (log_probs + gumbel).argmax(-1)  # Gumbel-max: a draw from softmax(scores)
@@ -400,7 +401,7 @@ class BD3LMGenerationMixin(GenerationMixin):
                 scores = process_logits(logits, mask_id, banned_eos[:, start:end], eos_ids, logits_processor,
                                         warpers, context)
                 stale = False
-            tokens, confidence = choose_tokens(*scores, config.do_sample)
+            tokens, confidence = choose_tokens(scores, config.do_sample)
             reveal = self.reveal(masked, confidence, step, config)
             canvas[:, start:end] = torch.where(reveal, tokens, canvas[:, start:end])
             # Without a reveal the block is unchanged: the next step reuses these probabilities, without a call.
