@@ -159,3 +159,24 @@ def test_mask_token_id_follows_the_vocabulary():
     assert given.mask_token_id == 7
     with pytest.raises(ConversionError, match="mask_token_id=7 cannot be expressed"):
         config_to_original(given)
+
+
+def test_convert_with_the_gpt2_tokenizer_gives_a_pipeline_ready_folder(tmp_path, fixtures):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+
+    from bd3lm_hf import BD3LMConfig
+    from bd3lm_hf.conversion import convert_to_original
+
+    owt_like = BD3LMForBlockDiffusion(BD3LMConfig(vocab_size=50258, hidden_size=32, num_hidden_layers=1,
+                                                  num_attention_heads=4, cond_dim=16, max_position_embeddings=32,
+                                                  block_size=4))
+    owt_like.save_pretrained(tmp_path / "ours")
+    convert_to_original(tmp_path / "ours", tmp_path / "original")  # an original-format OWT-vocabulary checkpoint
+    assert cli(["convert", str(tmp_path / "original"), str(tmp_path / "back"), "--with-gpt2-tokenizer"]) == 0
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "back", trust_remote_code=True)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "back", trust_remote_code=True)
+    assert model.config.eos_token_id == tokenizer.eos_token_id == 50256
+    text = pipeline("text-generation", model=model, tokenizer=tokenizer)("Hello", max_new_tokens=4)
+    assert text[0]["generated_text"].startswith("Hello")
+    # a tokenizer that does not match the vocabulary is refused
+    assert cli(["convert", str(fixtures / "bd3lm_public"), str(tmp_path / "bad"), "--with-gpt2-tokenizer"]) == 2

@@ -80,11 +80,12 @@ def run_convert(args) -> None:
         original_config["model_length"] = args.model_length
     if args.mask_token_id is not None:
         original_config["mask_token_id"] = args.mask_token_id
-    convert_to_ours(args.src, args.dst, original_config or None)
+    tokenizer = None
     if args.with_gpt2_tokenizer:
         from .tokenization import gpt2_tokenizer_with_mask
 
-        gpt2_tokenizer_with_mask().save_pretrained(args.dst)
+        tokenizer = gpt2_tokenizer_with_mask()
+    convert_to_ours(args.src, args.dst, original_config or None, tokenizer)
 
 
 def run_train(argv: list[str]) -> None:

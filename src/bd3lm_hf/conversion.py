@@ -257,11 +257,21 @@ def config_fields_from_weights(state_dict: dict[str, torch.Tensor]) -> dict:
     return fields
 
 
-def convert_to_ours(src: str | os.PathLike, dst: str | os.PathLike,
-                    original_config: dict | None = None) -> BD3LMForBlockDiffusion:
-    """Original folder or `.ckpt` -> our Hub folder (config, code, weights)."""
+def convert_to_ours(src: str | os.PathLike, dst: str | os.PathLike, original_config: dict | None = None,
+                    tokenizer=None) -> BD3LMForBlockDiffusion:
+    """Original folder or `.ckpt` -> our Hub folder (config, code, weights, and `tokenizer` when given)."""
     model = load_original(src, original_config)
+    if tokenizer is not None:
+        if len(tokenizer) != model.config.vocab_size or tokenizer.mask_token_id != model.config.mask_token_id:
+            raise ConversionError(f"the tokenizer ({len(tokenizer)} tokens, [MASK] = {tokenizer.mask_token_id}) "
+                                  f"does not match the checkpoint (vocab_size={model.config.vocab_size}, "
+                                  f"mask_token_id={model.config.mask_token_id}).")
+        model.config.bos_token_id = model.config.eos_token_id = tokenizer.eos_token_id
+        model.config.pad_token_id = tokenizer.pad_token_id
+        model.generation_config.eos_token_id = model.generation_config.pad_token_id = tokenizer.eos_token_id
     model.save_pretrained(dst)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(dst)
     logger.info("converted %s -> %s", src, dst)
     return model
 
