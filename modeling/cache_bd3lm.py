@@ -93,5 +93,19 @@ class BD3LMStaticCache(DynamicCache):
     def get_seq_length(self, layer_idx: int = 0) -> int:
         return int(self.cursors[layer_idx]) if layer_idx < len(self.cursors) else 0
 
+    def fits(self, batch_size: int, num_layers: int, dtype, device) -> bool:
+        """Whether this cache can serve another generation of this shape as it is (its buffers reused in place)."""
+        if len(self.buffers) != num_layers:
+            return False
+        keys = self.buffers[0][0]
+        return keys.shape[0] == batch_size and keys.dtype == dtype and keys.device == torch.device(device)
+
+    def reset(self) -> None:
+        """Empty the cache in place: same tensors, same addresses, so compiled steps replay without recompiling."""
+        for (keys, values), cursor in zip(self.buffers, self.cursors):
+            keys.zero_()
+            values.zero_()
+            cursor.zero_()
+
     def get_max_length(self, layer_idx: int | None = None) -> int:
         return self.capacity

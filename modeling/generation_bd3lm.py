@@ -7,8 +7,9 @@ import math
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from transformers import GenerationConfig, GenerationMixin
-from transformers.generation import (LogitsProcessorList, StoppingCriteriaList, TemperatureLogitsWarper,
+from transformers.generation import (CompileConfig, LogitsProcessorList, StoppingCriteriaList, TemperatureLogitsWarper,
                                      TopKLogitsWarper, TopPLogitsWarper)
 from transformers.utils import ModelOutput, logging
 
@@ -274,9 +275,9 @@ class BD3LMGenerationMixin(GenerationMixin):
         warpers = _sampling_warpers(config) if config.do_sample else None
         logits_processor = logits_processor or LogitsProcessorList()
         stopping_criteria = stopping_criteria or StoppingCriteriaList()
-        cache = self.make_cache(config, batch, canvas.shape[1]) if use_cache else None
+        cache = self.make_cache(config, batch) if use_cache else None
         state = {"nfe": 0, "committed": 0, "window_start": 0, "history": [] if config.output_history else None,
-                 "forward": self.step_function(cache), "pad_id": pad_id}
+                 "forward": self.step_function(cache, config), "pad_id": pad_id}
         if streamer is not None:
             streamer.put(input_ids.cpu())
 
@@ -335,24 +336,70 @@ class BD3LMGenerationMixin(GenerationMixin):
         valid[:, :prefix] = aligned_valid[:, :prefix]
         return canvas, valid, prompt_tail, first_new
 
-    def make_cache(self, config, batch_size: int, width: int):
-        """`cache_implementation`: None / "dynamic" (BD3LMCache) or "static" (preallocated, fixed shapes)."""
+    def make_cache(self, config, batch_size: int):
+        """`cache_implementation`: None / "dynamic" (BD3LMCache) or "static" (preallocated, fixed shapes).
+
+        The static cache holds the whole context (max_position_embeddings tokens), whatever the prompt and
+        max_new_tokens, and is kept on the model and reset in place by the next generation of the same batch size:
+        the compiled denoising step then replays without recompiling (transformers keeps its StaticCache likewise).
+        """
         implementation = getattr(config, "cache_implementation", None)
         if implementation in (None, "dynamic"):
             return BD3LMCache()
-        if implementation == "static":
-            cache = BD3LMStaticCache(max_cache_len=width)
-            cache.early_initialization(batch_size, self.config.num_hidden_layers, self.config.num_attention_heads,
-                                       self.config.head_dim, self.dtype, self.device)
+        if implementation != "static":
+            raise ValueError(f"cache_implementation={implementation!r} is not supported; allowed: None, 'dynamic', "
+                             "'static'.")
+        cache = getattr(self, "_bd3lm_static_cache", None)
+        layers = self.config.num_hidden_layers
+        if (cache is not None and cache.capacity == self.config.max_position_embeddings
+                and cache.fits(batch_size, layers, self.dtype, self.device)):
+            cache.reset()
             return cache
-        raise ValueError(f"cache_implementation={implementation!r} is not supported; allowed: None, 'dynamic', "
-                         "'static'.")
+        cache = BD3LMStaticCache(max_cache_len=self.config.max_position_embeddings)
+        cache.early_initialization(batch_size, layers, self.config.num_attention_heads, self.config.head_dim,
+                                   self.dtype, self.device)
+        self._bd3lm_static_cache = cache
+        return cache
 
-    def step_function(self, cache):
-        """The forward of one denoising call: compiled (CUDA graphs) with a static cache on GPU, eager elsewhere."""
-        if isinstance(cache, BD3LMStaticCache) and self.device.type == "cuda":
-            return torch.compile(self.denoise_forward, mode="reduce-overhead", dynamic=False)
-        return self.denoise_forward
+    def compiles_steps(self, cache, config) -> bool:
+        """transformers' rule for compiling a decoding step: a static cache, on CUDA/XPU (elsewhere only when
+        `compile_config._compile_all_devices` is set, as in transformers' own tests), unless `disable_compile`."""
+        if not isinstance(cache, BD3LMStaticCache) or config.disable_compile:
+            return False
+        compile_config = config.compile_config
+        if self.device.type in ("cuda", "xpu") or getattr(compile_config, "_compile_all_devices", None):
+            return True
+        if compile_config is not None:
+            logger.warning_once(f"compile_config is set but the model is on {self.device.type}: the denoising step "
+                                "runs eagerly (compiling there needs compile_config._compile_all_devices = True).")
+        return False
+
+    def step_function(self, cache, config):
+        """The forward of one denoising call.
+
+        When `compiles_steps`, the calls of a block's two fixed shapes, (B, bs) and (B, 2 bs) (the first call of a
+        block also commits the finished one), run through `torch.compile(denoise_forward)` with `compile_config`
+        (default: fullgraph, static shapes, mode "reduce-overhead", i.e. CUDA graphs captured once per shape and
+        replayed); the first call, whose width depends on the prompt, runs eagerly so that no prompt length
+        triggers a compilation.
+        """
+        if not self.compiles_steps(cache, config):
+            return self.denoise_forward
+        compiled = self.compiled_denoise_forward(config.compile_config)
+        block_widths = (config.block_size, 2 * config.block_size)
+
+        def forward(input_ids, *args):
+            return (compiled if input_ids.shape[1] in block_widths else self.denoise_forward)(input_ids, *args)
+
+        return forward
+
+    def compiled_denoise_forward(self, compile_config=None):
+        """`torch.compile(self.denoise_forward)`, built once per compile settings and kept on the model."""
+        compile_config = compile_config or CompileConfig(fullgraph=True, dynamic=False)
+        settings = compile_config.to_dict()
+        if getattr(self, "_bd3lm_compiled", (None,))[0] != settings:
+            self._bd3lm_compiled = (settings, torch.compile(self.denoise_forward, **settings))
+        return self._bd3lm_compiled[1]
 
     def prepare_prompts(self, input_ids, attention_mask, config):
         """Validate the prompts; an empty prompt starts from BOS."""
@@ -440,12 +487,16 @@ class BD3LMGenerationMixin(GenerationMixin):
     def cached_call(self, canvas, valid, window_start, start, end, cache, state):
         """canvas[:, committed:end] against the cache of canvas[:, window_start:committed]; commits up to `start`."""
         committed = state["committed"]
-        mask = valid if isinstance(cache, BD3LMStaticCache) else valid[:, window_start:end]
+        if isinstance(cache, BD3LMStaticCache):  # (B, capacity): columns past the canvas are masked by the cursor
+            mask = F.pad(valid, (0, cache.capacity - valid.shape[1]), value=True)
+        else:
+            mask = valid[:, window_start:end]
         positions = None
         if window_start:  # absolute positions; the window alone would restart them at 0
             positions = (valid[:, :end].long().cumsum(-1) - 1).clamp(min=0)[:, committed:end]
-        logits = state["forward"](canvas[:, committed:end], mask, cache, start - committed or False, end - start,
-                                  positions)
+        # contiguous: a compiled step is specialised on strides, and the canvas width varies between generations
+        tokens = canvas[:, committed:end].contiguous()
+        logits = state["forward"](tokens, mask, cache, start - committed or False, end - start, positions)
         state["committed"] = start
         return logits
 

@@ -6,6 +6,8 @@ import torch
 from conftest import random_model
 from test_generation import SAMPLERS, prompts
 
+from transformers.generation import CompileConfig
+
 from bd3lm_hf.modeling.cache_bd3lm import BD3LMStaticCache
 from bd3lm_hf.modeling.generation_bd3lm import BD3LMGenerationMixin
 
@@ -91,25 +93,90 @@ def test_unknown_cache_implementation(gen_model):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_compiled_static_generation_matches_eager_on_gpu():
-    model = random_model(seed=1, std=0.12, max_position_embeddings=128).cuda().to(torch.bfloat16)
+    """The default CUDA path (inductor, CUDA graphs) gives the eager tokens in fp32, for every sampler; in bf16 a
+    second prompt of another length replays the captured graphs without recompiling."""
+    torch._dynamo.reset()
+    model = random_model(seed=1, std=0.12, max_position_embeddings=128).cuda()
     ids, mask = (t.cuda() for t in prompts())
-    outputs = [model.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False,
-                              cache_implementation=implementation) for implementation in (None, "static")]
-    assert torch.equal(*outputs)
+    for sampler in SAMPLERS:
+        outputs = [model.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False, sampler=sampler,
+                                  cache_implementation=implementation, disable_compile=disable)
+                   for implementation, disable in ((None, True), ("static", True), ("static", False))]
+        assert torch.equal(outputs[0], outputs[1]) and torch.equal(outputs[1], outputs[2]), sampler
+    model = model.to(torch.bfloat16)
+    model.generate(ids, attention_mask=mask, max_new_tokens=24, cache_implementation="static")
+    other_ids, other_mask = (t.cuda() for t in prompts(lengths=(3, 9, 14), seed=1))
+    with torch.compiler.set_stance("fail_on_recompile"):
+        model.generate(other_ids, attention_mask=other_mask, max_new_tokens=40, cache_implementation="static")
 
 
-def test_denoising_step_compiles_as_one_graph():
-    """What the CUDA path captures: `denoise_forward` against a static cache traces with fullgraph=True (no graph
-    breaks, no host reads) and matches eager. Checked here with the CPU inductor backend."""
-    model = random_model(seed=1, std=0.12, max_position_embeddings=64)
-    caches = [BD3LMStaticCache(max_cache_len=32) for _ in range(2)]
-    for cache in caches:
-        cache.early_initialization(2, 2, 4, 8, torch.float32, "cpu")
-    valid = torch.ones(2, 32, dtype=torch.bool)
-    ids = torch.randint(0, 49, (2, 8))
-    step = torch.compile(model.denoise_forward, fullgraph=True, dynamic=False)
-    with torch.no_grad():
-        compiled = step(ids, valid, caches[0], 4, 4)
-        eager = model.denoise_forward(ids, valid, caches[1], 4, 4)
-    torch.testing.assert_close(compiled, eager, atol=1e-5, rtol=1e-5)
-    assert caches[0].get_seq_length() == caches[1].get_seq_length() == 4
+def test_generation_compiled_with_inductor_gives_the_eager_tokens(gen_model):
+    """What the CUDA path runs, with the CPU inductor backend: the block-sized denoising calls compiled whole
+    (fullgraph, static shapes), same tokens as the eager static path."""
+    torch._dynamo.reset()
+    compile_config = CompileConfig(fullgraph=True, dynamic=False, mode=None)
+    compile_config._compile_all_devices = True
+    ids, mask = prompts()
+    compiled = gen_model.generate(ids, attention_mask=mask, max_new_tokens=21, cache_implementation="static",
+                                  compile_config=compile_config)
+    eager = gen_model.generate(ids, attention_mask=mask, max_new_tokens=21, cache_implementation="static",
+                               disable_compile=True)
+    assert torch.equal(compiled, eager)
+
+
+def counting_compile_config(graphs: list) -> CompileConfig:
+    """Compile with a backend that records each graph dynamo captures and runs it as traced (eager kernels), on
+    CPU too: what `mode="reduce-overhead"` would capture as CUDA graphs on a GPU."""
+
+    def recording_backend(graph_module, example_inputs):
+        graphs.append(graph_module)
+        return graph_module.forward
+
+    config = CompileConfig(fullgraph=True, dynamic=False, backend=recording_backend, mode=None)
+    config._compile_all_devices = True  # transformers' switch for compiling off CUDA (its tests use it too)
+    return config
+
+
+def test_compiled_step_captures_two_graphs_and_never_recompiles(gen_model):
+    """Generation compiles the block-sized calls only: one graph for (B, bs), one for (B, 2 bs) (the call that
+    also commits the finished block). Another prompt length or max_new_tokens replays them: no recompilation."""
+    torch._dynamo.reset()
+    graphs = []
+    compile_config = counting_compile_config(graphs)
+    ids, mask = prompts()
+    settings = dict(do_sample=False, cache_implementation="static", return_dict_in_generate=True)
+    compiled = gen_model.generate(ids, attention_mask=mask, max_new_tokens=21, compile_config=compile_config,
+                                  **settings)
+    eager = gen_model.generate(ids, attention_mask=mask, max_new_tokens=21, disable_compile=True, **settings)
+    assert torch.equal(compiled.sequences, eager.sequences) and compiled.nfe == eager.nfe
+    assert len(graphs) == 2
+    other_ids, other_mask = prompts(lengths=(3, 9, 14), seed=1)
+    with torch.compiler.set_stance("fail_on_recompile"):
+        again = gen_model.generate(other_ids, attention_mask=other_mask, max_new_tokens=30,
+                                   compile_config=compile_config, **settings)
+    reference = gen_model.generate(other_ids, attention_mask=other_mask, max_new_tokens=30, **settings)
+    assert torch.equal(again.sequences, reference.sequences) and len(graphs) == 2
+
+
+def test_static_cache_is_reused_in_place_and_reset(gen_model):
+    ids, mask = prompts()
+    first = gen_model.generate(ids, attention_mask=mask, max_new_tokens=9, cache_implementation="static",
+                               return_dict_in_generate=True).past_key_values
+    addresses = [keys.data_ptr() for keys, _ in first.buffers]
+    assert first.capacity == gen_model.config.max_position_embeddings
+    second = gen_model.generate(ids[:, -3:], attention_mask=mask[:, -3:], max_new_tokens=5,
+                                cache_implementation="static", return_dict_in_generate=True).past_key_values
+    assert second is first and [keys.data_ptr() for keys, _ in second.buffers] == addresses
+    third = gen_model.generate(ids[:2], attention_mask=mask[:2], max_new_tokens=5, cache_implementation="static",
+                               return_dict_in_generate=True).past_key_values
+    assert third is not first and third.buffers[0][0].shape[0] == 2  # another batch size: a cache of its own
+
+
+def test_compile_config_on_cpu_warns_and_runs_eagerly(gen_model, caplog):
+    ids, mask = prompts()
+    config = CompileConfig(fullgraph=True, dynamic=False)  # no _compile_all_devices: CPU stays eager
+    out = gen_model.generate(ids, attention_mask=mask, max_new_tokens=5, cache_implementation="static",
+                             compile_config=config)
+    reference = gen_model.generate(ids, attention_mask=mask, max_new_tokens=5, cache_implementation="static")
+    assert torch.equal(out, reference)
+    assert "compile_config is set but the model is on cpu" in caplog.text
