@@ -57,11 +57,16 @@ def sigma_from_noise_level(t: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
     return torch.clamp(-torch.log(1 - t), max=-math.log(eps))
 
 
+def subs_logits(logits: torch.Tensor, mask_token_id: int) -> torch.Tensor:
+    """fp32 logits that never predict [MASK]: one converting copy (the model's returned logits stay untouched)."""
+    logits = logits.to(torch.float32, copy=True)
+    logits[..., mask_token_id] = float("-inf")
+    return logits
+
+
 def subs_log_probs(logits: torch.Tensor, x_t: torch.Tensor, mask_token_id: int) -> torch.Tensor:
     """SUBS parameterization: never predict [MASK]; unmasked positions carry their input token with probability 1."""
-    logits = logits.float().clone()
-    logits[..., mask_token_id] = float("-inf")
-    log_probs = logits.log_softmax(dim=-1)
+    log_probs = subs_logits(logits, mask_token_id).log_softmax(dim=-1)
     unmasked = x_t != mask_token_id
     carried = torch.full_like(log_probs, float("-inf")).scatter_(-1, x_t[..., None], 0.0)
     return torch.where(unmasked[..., None], carried, log_probs)
@@ -69,9 +74,8 @@ def subs_log_probs(logits: torch.Tensor, x_t: torch.Tensor, mask_token_id: int) 
 
 def masked_token_nll(logits: torch.Tensor, x_t: torch.Tensor, x_0: torch.Tensor, mask_token_id: int) -> torch.Tensor:
     """-log p(x_0 | x_t) per token (B, L) under SUBS: 0 where x_t is not masked."""
-    logits = logits.float().clone()
-    logits[..., mask_token_id] = float("-inf")
-    nll = F.cross_entropy(logits.transpose(1, 2), x_0, reduction="none")
+    logits = subs_logits(logits, mask_token_id)  # (B, L, V) fp32
+    nll = F.cross_entropy(logits.flatten(0, 1), x_0.flatten(), reduction="none").view_as(x_0)
     return torch.where(x_t == mask_token_id, nll, torch.zeros_like(nll))
 
 

@@ -17,6 +17,7 @@ from transformers.utils import logging
 
 from .callbacks import BlockDiffusionCallback, ClipSearchCallback
 from .collator import DataCollatorForBlockDiffusion
+from .compilation import compile_decoder_layers, should_compile_layers
 from .data import load_text_dataset, sft_tokenize, shakespeare_files, train_bpe_tokenizer, wrap_tokenize
 from .ema import EMACallback
 from .modeling import BD3LMConfig, BD3LMForBlockDiffusion
@@ -56,6 +57,8 @@ class BD3LMTrainingConfig:
                                                                        "2L BlockMask skips masked tiles; sdpa on "
                                                                        "CPU, where flex has no backward), sdpa, "
                                                                        "flex_attention, eager"})
+    compile_layers: str = field(default="auto", metadata={"help": "torch.compile each decoder layer: auto (on a "
+                                                                  "GPU), on, off"})
     eps_min: float = field(default=1e-3, metadata={"help": "training clip range: lowest t"})
     eps_max: float = field(default=1.0, metadata={"help": "training clip range: highest t"})
     resample: bool = False
@@ -139,6 +142,7 @@ def build_model(config: BD3LMTrainingConfig, tokenizer):
 def build_trainer(config: BD3LMTrainingConfig, args: TrainingArguments, train_set=None, eval_set=None,
                   tokenizer=None, model=None) -> Trainer:
     """Everything but the loop: data (unless given), tokenizer, model, collator, callbacks, Trainer."""
+    compile_layers = should_compile_layers(config.compile_layers)
     if train_set is None:
         raw_train, raw_eval = load_datasets(config)
         if tokenizer is None:
@@ -162,6 +166,8 @@ def build_trainer(config: BD3LMTrainingConfig, args: TrainingArguments, train_se
         model = add_lora(model, lora_config(r=config.lora_r, lora_alpha=config.lora_alpha))
     elif config.ema_decay > 0:
         callbacks.append(EMACallback(config.ema_decay))  # after ClipSearchCallback: see its docstring
+    if compile_layers:
+        compile_decoder_layers(model)
     args.remove_unused_columns = False  # prompt_length reaches the collator
     return Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set, data_collator=collator,
                    processing_class=tokenizer, callbacks=callbacks)

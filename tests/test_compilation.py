@@ -1,0 +1,64 @@
+"""Compiled decoder layers for training (issue: GPU fast path): same loss and gradients as eager, same parameter
+names, wired into build_trainer; checked on CPU (the GPU speed is in benchmarks/bench_train.py)."""
+
+import pytest
+import torch
+from conftest import random_model
+from test_training import arguments, small_config, small_data  # noqa: F401 (fixture)
+
+from bd3lm_hf.compilation import compile_decoder_layers, decoder_layers, should_compile_layers
+from bd3lm_hf.training import build_trainer
+
+
+def training_batch(seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x0 = torch.randint(0, 49, (3, 16), generator=g)
+    xt = torch.where(torch.rand(3, 16, generator=g) < 0.5, 49, x0)
+    mask = torch.ones(3, 16, dtype=torch.long)
+    mask[0, :4] = 0  # a padded row: the dense mask path
+    return dict(input_ids=xt, labels=x0, noise_levels=torch.rand(3, 4, generator=g).clamp(min=0.05),
+                attention_mask=mask)
+
+
+def loss_and_grads(model, batch):
+    model.zero_grad(set_to_none=True)
+    loss = model(**batch).loss
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
+
+
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compiled_layers_give_the_eager_loss_and_gradients(backend):
+    torch._dynamo.reset()
+    eager, compiled = (random_model(seed=3, std=0.1, max_position_embeddings=16).train() for _ in range(2))
+    names = list(compiled.state_dict())
+    compile_decoder_layers(compiled, backend=backend)
+    assert list(compiled.state_dict()) == names  # compiled in place: checkpoints are unchanged
+    for seed in (0, 1):  # a second batch replays the compiled graph
+        batch = training_batch(seed)
+        expected_loss, expected = loss_and_grads(eager, batch)
+        loss, grads = loss_and_grads(compiled, batch)
+        torch.testing.assert_close(loss, expected_loss, atol=1e-5, rtol=1e-5)
+        for name, grad in expected.items():
+            torch.testing.assert_close(grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_decoder_layers_are_found_under_peft():
+    from peft import LoraConfig, get_peft_model
+
+    model = random_model()
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules=["qkv_proj"]))
+    assert decoder_layers(peft_model) == list(model.model.layers)
+    with pytest.raises(ValueError, match="no decoder layers"):
+        decoder_layers(torch.nn.Linear(2, 2))
+
+
+def test_build_trainer_compiles_layers_on_request(tmp_path, small_data):  # noqa: F811
+    train_set, eval_set, tokenizer = small_data
+    for choice, compiled in (("on", True), ("off", False), ("auto", torch.cuda.is_available())):
+        trainer = build_trainer(small_config(compile_layers=choice), arguments(tmp_path, max_steps=1),
+                                train_set=train_set, eval_set=eval_set, tokenizer=tokenizer)
+        layers = decoder_layers(trainer.model)
+        assert all((layer._compiled_call_impl is not None) == compiled for layer in layers), choice
+    with pytest.raises(ValueError, match="compile_layers must be one of"):
+        should_compile_layers("yes")
