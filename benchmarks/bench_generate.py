@@ -2,9 +2,13 @@
 
     python benchmarks/bench_generate.py                 # CPU: tiny model, 1024 new tokens, block 16
     python benchmarks/bench_generate.py --gpu           # CUDA: paper "small" (H768, 12 layers, V50258), bf16
+    python benchmarks/bench_generate.py --gpu --batch 1 # one batch size (to fit one 10-minute device call)
+    python benchmarks/bench_generate.py --smoke --results /tmp/r.md  # the GPU case list on CPU, tiny (tests)
 
-Each case runs in a fresh process (peak memory is per case: max RSS on CPU, max allocated on CUDA). Prints a table
-and appends it, with the machine, to benchmarks/RESULTS.md. Compare ratios within one run only.
+CPU: each case runs in a fresh process (peak memory = max RSS of the case). GPU: one process (compiled graphs are
+per process), peak memory = max allocated during the timed run; every case is warmed up first, compiled ones with
+the full length (CUDA graphs captured before timing). Prints a table and appends it, with the machine, to
+benchmarks/RESULTS.md (or --results). Compare ratios within one run only.
 """
 
 import argparse
@@ -26,6 +30,8 @@ CPU_MODELS = {
                            vocab_size=50258),
 }
 GPU_MODEL = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, cond_dim=128, vocab_size=50258)
+ORIGINAL_H100 = {"first_hitting": 59.6, "4 tokens/call": 218.0}  # DESIGN.md §5: bd3lms, batch 1, block 16
+H100_HBM_BYTES_PER_S = 3.35e12
 
 
 def build_bd3lm(model_shape, block_size, context, device, dtype):
@@ -51,45 +57,54 @@ def build_llama(model_shape, context, device, dtype):
     return LlamaForCausalLM(config).to(device=device, dtype=dtype).eval()
 
 
-def run_case(case: dict) -> dict:
-    """Runs one case; returns its row. Executed in a fresh process."""
+def context_for(case) -> int:
+    context = 1 + case["new_tokens"] + case["block_size"]
+    return context + -context % case["block_size"]
+
+
+def build_model(case, models: dict):
+    """One model per (kind, shape, block size), shared by the cases of a GPU run."""
     device, dtype = case["device"], getattr(torch, case["dtype"])
+    key = (case["kind"] == "ar", case["model"], case["block_size"])
+    if key not in models:
+        models[key] = (build_llama(case["shape"], context_for(case), device, dtype) if case["kind"] == "ar"
+                       else build_bd3lm(case["shape"], case["block_size"], context_for(case), device, dtype))
+    return models[key]
+
+
+def generate_kwargs(case, new_tokens: int) -> dict:
+    if case["kind"] == "ar":
+        return dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
+                    cache_implementation=case.get("cache"))
+    return dict(max_new_tokens=new_tokens, do_sample=False, sampler=case["sampler"], num_steps=case["num_steps"],
+                use_cache=case["kind"] == "cached", return_dict_in_generate=True,
+                cache_implementation=case.get("cache"), disable_compile=not case.get("compiled", True))
+
+
+def run_case(case: dict, models: dict | None = None) -> dict:
+    """Runs one case; returns its row."""
+    device = case["device"]
     torch.set_num_threads(case.get("threads", torch.get_num_threads()))
+    model = build_model(case, {} if models is None else models)
     prompt = torch.full((case["batch"], 1), 0, dtype=torch.long, device=device)
     new_tokens = case["new_tokens"]
-    context = 1 + new_tokens + case["block_size"]
-    context += -context % case["block_size"]
-    if case["kind"] == "ar":
-        model = build_llama(case["shape"], context, device, dtype)
-        kwargs = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0)
-        if case.get("static"):
-            kwargs["cache_implementation"] = "static"
-    else:
-        model = build_bd3lm(case["shape"], case["block_size"], context, device, dtype)
-        kwargs = dict(max_new_tokens=new_tokens, do_sample=False, sampler=case["sampler"],
-                      num_steps=case["num_steps"], use_cache=case["kind"] == "cached", return_dict_in_generate=True,
-                      cache_implementation=case.get("cache"))
-    synchronize(device)
-    if device == "cuda":
-        model.generate(prompt, **{**kwargs, "max_new_tokens": 32, "min_new_tokens": None} if case["kind"] == "ar"
-                       else {**kwargs, "max_new_tokens": 32})  # warm-up
+    if device == "cuda":  # compiled paths warm up at full length: every graph is captured before timing
+        warm_up = new_tokens if case.get("cache") == "static" and case.get("compiled", True) else 64
+        model.generate(prompt, **generate_kwargs(case, min(warm_up, new_tokens)))
+        torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     with torch.no_grad():
-        out = model.generate(prompt, **kwargs)
-    synchronize(device)
+        out = model.generate(prompt, **generate_kwargs(case, new_tokens))
+    if device == "cuda":
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    produced = case["batch"] * new_tokens
     nfe = out.nfe if case["kind"] != "ar" else new_tokens  # AR: one call per token (prefill included)
     peak = (torch.cuda.max_memory_allocated() if device == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
-    return {**case, "seconds": seconds, "tokens_per_s": produced / seconds, "nfe": nfe,
+    row = {key: value for key, value in case.items() if key != "shape"}
+    return {**row, "seconds": seconds, "tokens_per_s": case["batch"] * new_tokens / seconds, "nfe": nfe,
             "nfe_per_token": nfe / new_tokens, "peak_mib": peak / 2**20, "ms_per_call": 1000 * seconds / nfe}
-
-
-def synchronize(device):
-    if device == "cuda":
-        torch.cuda.synchronize()
 
 
 def isolated(case: dict) -> dict:
@@ -97,47 +112,50 @@ def isolated(case: dict) -> dict:
         return pool.apply(run_case, (case,))
 
 
-def bd3lm_cases(base: dict, steps_per_block=(16, 4), kinds=("cached", "uncached", "cached static")):
+def cpu_cases(new_tokens: int) -> list[dict]:
     rows = []
-    for steps in steps_per_block:
-        for kind in kinds:
-            rows.append({**base, "name": f"{base['model']}: bd3lm {kind}, ddpm {steps} steps/block",
-                         "kind": kind.split()[0], "cache": "static" if "static" in kind else None,
-                         "sampler": "ddpm", "num_steps": steps})
+    for model, shape in CPU_MODELS.items():
+        base = dict(device="cpu", dtype="float32", model=model, shape=shape, block_size=16, new_tokens=new_tokens,
+                    batch=1, threads=2)
+        for steps in (16, 4):
+            for kind in ("cached", "uncached", "cached static"):
+                rows.append({**base, "name": f"{model}: bd3lm {kind}, ddpm {steps} steps/block",
+                             "kind": kind.split()[0], "cache": "static" if "static" in kind else None,
+                             "sampler": "ddpm", "num_steps": steps})
+        rows.append({**base, "name": f"{model}: AR baseline (Llama, HF generate)", "kind": "ar"})
     return rows
 
 
-def cases(gpu: bool, new_tokens: int):
-    if not gpu:
-        rows = []
-        for model, shape in CPU_MODELS.items():
-            base = dict(device="cpu", dtype="float32", model=model, shape=shape, block_size=16,
-                        new_tokens=new_tokens, batch=1, threads=2)
-            rows += bd3lm_cases(base) + [{**base, "name": f"{model}: AR baseline (Llama, HF generate)", "kind": "ar"}]
-        return rows
+def gpu_cases(new_tokens: int, batches, blocks, device="cuda", dtype="bfloat16", shape=None) -> list[dict]:
+    """Batch x block size x sampler x path: eager (dynamic cache), static+eager (batch 1, block 16: what the
+    cache alone gives) and static+compiled; then the AR baseline with HF's static cache (compiled by HF)."""
+    shape = shape or GPU_MODEL
     rows = []
-    for batch in (1, 16):
-        for block_size in (4, 16):
-            base = dict(device="cuda", dtype="bfloat16", model=f"small-bs{block_size}", shape=GPU_MODEL,
-                        block_size=block_size, new_tokens=new_tokens, batch=batch)
-            for cache in (None, "static"):
-                label = "static+compiled" if cache else "eager"
-                rows.append({**base, "name": f"small-bs{block_size}: bd3lm {label}, first_hitting",
-                             "kind": "cached", "cache": cache, "sampler": "first_hitting",
-                             "num_steps": block_size})
-                rows.append({**base, "name": f"small-bs{block_size}: bd3lm {label}, 4 tokens/call", "kind": "cached",
-                             "cache": cache, "sampler": "ddpm", "num_steps": max(block_size // 4, 1)})
-        rows.append({**base, "model": "small-ar", "name": "small: AR baseline (Llama, HF generate, static cache)",
-                     "kind": "ar", "static": True})
+    samplers = {"first_hitting": ("first_hitting", None), "4 tokens/call": ("ddpm", 4)}
+    for batch in batches:
+        for block_size in blocks:
+            base = dict(device=device, dtype=dtype, model=f"small-bs{block_size}", shape=shape, block_size=block_size,
+                        new_tokens=new_tokens, batch=batch, kind="cached")
+            paths = [("eager", None, False), ("static+compiled", "static", True)]
+            if batch == 1 and block_size == 16:
+                paths.insert(1, ("static+eager", "static", False))
+            for label, cache, compiled in paths:
+                for sampler_label, (sampler, tokens_per_call) in samplers.items():
+                    steps = block_size if tokens_per_call is None else max(block_size // tokens_per_call, 1)
+                    rows.append({**base, "name": f"small-bs{block_size}: bd3lm {label}, {sampler_label}",
+                                 "cache": cache, "compiled": compiled, "sampler": sampler, "num_steps": steps})
+        rows.append(dict(device=device, dtype=dtype, model="small-ar", shape=shape, block_size=1,
+                         new_tokens=new_tokens, batch=batch, kind="ar", cache="static",
+                         name="small: AR baseline (Llama, HF generate, static cache)"))
     return rows
 
 
-def machine(gpu: bool) -> str:
-    if gpu:
+def machine(device: str) -> str:
+    if device == "cuda":
         return f"{torch.cuda.get_device_name()} (torch {torch.__version__})"
     cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                 if line.startswith("model name")), platform.processor())
-    return f"CPU {cpu}, 2 threads (torch {torch.__version__})"
+    return f"CPU {cpu}, {torch.get_num_threads()} threads (torch {torch.__version__})"
 
 
 def table(rows) -> str:
@@ -150,32 +168,31 @@ def table(rows) -> str:
     return "\n".join(lines)
 
 
-ORIGINAL_H100 = {"first_hitting": 59.6, "4 tokens/call": 218.0}  # DESIGN.md §5: bd3lms, batch 1, block 16
-H100_HBM_BYTES_PER_S = 3.35e12
+def hbm_floor_ms(shape) -> float:
+    weights = sum(p.numel() for p in build_bd3lm(shape, 16, 1040, "meta", torch.bfloat16).parameters()) * 2
+    return 1000 * weights / H100_HBM_BYTES_PER_S
 
 
-def gpu_summary(rows) -> list[str]:
-    """GPU targets: vs the original sampler (batch 1, block 16) and vs the AR baseline at 4 tokens per call."""
-    lines = []
-    weights = sum(p.numel() for p in build_bd3lm(GPU_MODEL, 16, 1040, "meta", torch.bfloat16).parameters()) * 2
-    lines.append(f"HBM floor per call: {weights / 2**20:.0f} MiB of bf16 weights / 3.35 TB/s = "
-                 f"{1000 * weights / H100_HBM_BYTES_PER_S:.3f} ms")
+def gpu_summary(rows, shape) -> list[str]:
+    """The issue's targets: vs the original sampler (batch 1, block 16), ms/call vs the HBM floor, vs AR."""
+    lines = [f"HBM floor per call (bf16 weights / 3.35 TB/s): {hbm_floor_ms(shape):.3f} ms"]
     for row in rows:
-        if row["batch"] == 1 and row["model"] == "small-bs16" and row.get("cache") == "static":
+        if row["batch"] == 1 and row["block_size"] == 16 and row["kind"] == "cached":
             for sampler, original in ORIGINAL_H100.items():
                 if row["name"].endswith(sampler):
-                    lines.append(f"{row['name']}: {row['tokens_per_s'] / original:.1f}x the original's "
-                                 f"{original} tok/s (target 20x), {row['ms_per_call']:.2f} ms/call (target <= 0.8)")
-    for batch in (1, 16):
+                    lines.append(f"{row['name']}: {row['tokens_per_s'] / original:.1f}x the original's {original} "
+                                 f"tok/s (target 20x), {row['ms_per_call']:.3f} ms/call (target <= 0.8)")
+    for batch in sorted({row["batch"] for row in rows}):
         ar = next((r for r in rows if r["kind"] == "ar" and r["batch"] == batch), None)
         for row in rows:
-            if ar and row["batch"] == batch and row["name"].endswith("4 tokens/call") and row.get("cache"):
+            if ar and row["batch"] == batch and row["name"].endswith("4 tokens/call") and row.get("compiled") \
+                    and row.get("cache") == "static":
                 lines.append(f"batch {batch}, {row['name']} / AR: {row['tokens_per_s'] / ar['tokens_per_s']:.2f}x "
                              "(target 2x)")
     return lines
 
 
-def summary_ratios(rows) -> list[str]:
+def cpu_summary(rows) -> list[str]:
     """Speed-ups within this run: cached / uncached, and cached at 4 tokens per call / the AR baseline."""
     ratios = []
     for model, batch in sorted({(row["model"], row["batch"]) for row in rows}):
@@ -185,7 +202,7 @@ def summary_ratios(rows) -> list[str]:
             if cached and uncached:
                 ratios.append(f"{model}, batch {batch}: cached / uncached at {steps} steps/block = "
                               f"{cached['tokens_per_s'] / uncached['tokens_per_s']:.2f}x")
-        ar = next((row for name, row in same.items() if row["kind"] == "ar"), None)
+        ar = next((row for row in same.values() if row["kind"] == "ar"), None)
         four = same.get("bd3lm cached, ddpm 4 steps/block")
         if ar and four:
             ratios.append(f"{model}, batch {batch}: cached at 4 tokens/NFE / AR baseline = "
@@ -193,23 +210,44 @@ def summary_ratios(rows) -> list[str]:
     return ratios
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--gpu", action="store_true")
-    parser.add_argument("--new-tokens", type=int, default=1024)
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--gpu", action="store_true")
+    mode.add_argument("--smoke", action="store_true", help="the GPU case list on CPU with a tiny model")
+    parser.add_argument("--new-tokens", type=int, default=None, help="default: 1024 (--smoke: 24)")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 16], help="GPU batch sizes")
+    parser.add_argument("--block", type=int, nargs="+", default=[4, 16], help="GPU block sizes")
     parser.add_argument("--only", default=None, help="run only the cases whose name contains this text")
-    args = parser.parse_args()
-    rows = [isolated(case) for case in cases(args.gpu, args.new_tokens) if not args.only or args.only in case["name"]]
-    report = table(rows)
-    ratios = gpu_summary(rows) if args.gpu else summary_ratios(rows)
-    models = "; ".join(f"{name} = {shape}" for name, shape in
-                       ({row["model"]: row["shape"] for row in rows}).items())
-    text = (f"\n## bench_generate ({'GPU' if args.gpu else 'CPU'}) — {datetime.date.today()}\n\nMachine: "
-            f"{machine(args.gpu)}. Models: {models}. Block 16, random weights, greedy, prompt = 1 token.\n\n"
-            f"{report}\n\n" + "\n".join(f"- {r}" for r in ratios) + "\n")
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
+    new_tokens = args.new_tokens or (24 if args.smoke else 1024)
+    if args.gpu:
+        all_cases = gpu_cases(new_tokens, args.batch, args.block)
+    elif args.smoke:
+        all_cases = gpu_cases(new_tokens, args.batch, args.block, "cpu", "float32", CPU_MODELS["tiny"])
+    else:
+        all_cases = cpu_cases(new_tokens)
+    selected = [case for case in all_cases if not args.only or args.only in case["name"]]
+    if not selected:
+        raise SystemExit(f"no case matches --only {args.only!r}")
+    models = {}
+    rows = []
+    for case in selected:
+        rows.append(isolated(case) if case["device"] == "cpu" and not args.smoke else run_case(case, models))
+        print(f"{rows[-1]['name']} (batch {rows[-1]['batch']}): {rows[-1]['tokens_per_s']:.1f} tok/s, "
+              f"{rows[-1]['ms_per_call']:.3f} ms/call", flush=True)
+    shape = selected[0]["shape"]
+    summary = gpu_summary(rows, shape) if args.gpu or args.smoke else cpu_summary(rows)
+    models_text = "; ".join(f"{name} = {shape}" for name, shape in {c["model"]: c["shape"] for c in selected}.items())
+    title = "GPU" if args.gpu else ("smoke, CPU" if args.smoke else "CPU")
+    text = (f"\n## bench_generate ({title}) — {datetime.date.today()}\n\nMachine: {machine(selected[0]['device'])}. "
+            f"Models: {models_text}. Random weights, greedy, prompt = 1 token.\n\n{table(rows)}\n\n"
+            + "\n".join(f"- {line}" for line in summary) + "\n")
     print(text)
-    with RESULTS.open("a") as handle:
+    with args.results.open("a") as handle:
         handle.write(text)
+    return rows
 
 
 if __name__ == "__main__":

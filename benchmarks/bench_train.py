@@ -1,14 +1,18 @@
 """Training-step speed and memory: the vectorized 2L pass (flex BlockMask / sdpa dense mask) vs two separate passes.
 
     python benchmarks/bench_train.py            # CPU: tiny model (flex has no backward on CPU: sdpa rows only)
-    python benchmarks/bench_train.py --gpu      # CUDA: paper "small" (H768, 12 layers, V50258), bf16, L=1024
+    python benchmarks/bench_train.py --gpu      # CUDA: paper "small" (H768, 12 layers, V50258), bf16, B16, L1024
+    python benchmarks/bench_train.py --smoke --results /tmp/r.md   # the GPU row list on CPU, tiny (tests)
 
-One training step = forward + backward + AdamW step on a batch noised by the collator. "two passes" runs the model
-on x_0 and on x_t separately (block-causal, L tokens each): the FLOPs of the naive alternative to the 2L pass, for
-comparison. Prints a table and appends it, with the machine, to benchmarks/RESULTS.md.
+One training step = forward + backward + AdamW step on a batch noised by the collator, with fp32 weights under
+bf16 autocast on the GPU (what `TrainingArguments(bf16=True)` and the original's bf16 training do). Rows: the 2L
+pass with flex attention (eager layers, then `compile_decoder_layers`), with sdpa's dense mask, and "two passes"
+(the model on x_0 and on x_t separately, block-causal, L tokens each: the naive alternative, for comparison).
+Prints a table and appends it, with the machine, to benchmarks/RESULTS.md (or --results).
 """
 
 import argparse
+import contextlib
 import datetime
 import time
 from pathlib import Path
@@ -16,19 +20,23 @@ from pathlib import Path
 import torch
 
 from bd3lm_hf import BD3LMConfig, BD3LMForBlockDiffusion, DataCollatorForBlockDiffusion
+from bd3lm_hf.compilation import compile_decoder_layers
 
 RESULTS = Path(__file__).parent / "RESULTS.md"
 CPU = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, cond_dim=64, vocab_size=1025,
            max_position_embeddings=256, batch=8, steps=5)
 GPU = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, cond_dim=128, vocab_size=50258,
            max_position_embeddings=1024, batch=16, steps=10)
+SMOKE = dict(CPU, max_position_embeddings=32, batch=2, steps=1)
+ORIGINAL_H100 = {"tokens_per_s": 69.7e3, "peak_gib": 33.8}  # DESIGN.md §5: bd3lms 2L pass, flex, bf16, B16, L1024
 
 
-def make_model(shape, block_size, implementation, device, dtype):
+def make_model(shape, block_size, implementation, device):
     fields = {k: v for k, v in shape.items() if k not in ("batch", "steps")}
+    torch.manual_seed(0)
     model = BD3LMForBlockDiffusion(BD3LMConfig(block_size=block_size, hidden_dropout=0.0, **fields))
     model.set_attn_implementation(implementation)
-    return model.to(device=device, dtype=dtype).train()
+    return model.to(device=device).train()
 
 
 def batch_for(shape, block_size, device):
@@ -37,63 +45,92 @@ def batch_for(shape, block_size, device):
     return {k: v.to(device) for k, v in collator([{"input_ids": row} for row in x0.tolist()]).items()}
 
 
-def training_step(model, optimizer, batch, mode):
-    if mode == "two passes":
-        labels = batch["labels"]
-        clean = model(input_ids=labels).logits
-        noisy = model(input_ids=batch["input_ids"]).logits
-        loss = noisy.float().logsumexp(-1).mean() + 0 * clean.float().mean()
-    else:
-        loss = model(**batch).loss
+def training_step(model, optimizer, batch, mode, autocast):
+    with autocast():
+        if mode == "two passes":
+            clean = model(input_ids=batch["labels"]).logits
+            noisy = model(input_ids=batch["input_ids"]).logits
+            loss = noisy.float().logsumexp(-1).mean() + 0 * clean.float().mean()
+        else:
+            loss = model(**batch).loss
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 
 
-def measure(shape, block_size, implementation, mode, device, dtype) -> dict:
-    model = make_model(shape, block_size, implementation, device, dtype)
+def measure(shape, row, device) -> dict:
+    model = make_model(shape, row["block"], row["attention"], device)
+    if row["compiled"]:
+        compile_decoder_layers(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    batch = batch_for(shape, block_size, device)
-    training_step(model, optimizer, batch, mode)  # warm-up (and compilation)
+    batch = batch_for(shape, row["block"], device)
+    autocast = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device == "cuda"
+                else contextlib.nullcontext)
+    for _ in range(2):  # warm-up (compilation, autotuning, allocator)
+        training_step(model, optimizer, batch, row["mode"], autocast)
     if device == "cuda":
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     for _ in range(shape["steps"]):
-        training_step(model, optimizer, batch, mode)
+        training_step(model, optimizer, batch, row["mode"], autocast)
     if device == "cuda":
         torch.cuda.synchronize()
     seconds = (time.perf_counter() - start) / shape["steps"]
     tokens = shape["batch"] * shape["max_position_embeddings"]
     peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
-    return {"mode": mode, "attention": implementation, "block": block_size, "tokens_per_s": tokens / seconds,
-            "ms_per_step": 1000 * seconds, "peak_gib": peak}
+    return {**row, "tokens_per_s": tokens / seconds, "ms_per_step": 1000 * seconds, "peak_gib": peak}
 
 
-def main():
+def rows_for(gpu: bool, blocks) -> list[dict]:
+    """(pass, attention, compiled layers) per block size; flex rows need a GPU (no flex backward on CPU)."""
+    variants = [("2L", "sdpa", False), ("two passes", "sdpa", False)]
+    if gpu:
+        variants = [("2L", "flex_attention", False), ("2L", "flex_attention", True)] + variants
+    return [{"mode": mode, "attention": attention, "compiled": compiled, "block": block}
+            for block in blocks for mode, attention, compiled in variants]
+
+
+def summary(rows) -> list[str]:
+    lines = []
+    for row in rows:
+        if row["attention"] == "flex_attention":
+            lines.append(f"2L flex, block {row['block']}, {'compiled' if row['compiled'] else 'eager'} layers: "
+                         f"{row['tokens_per_s'] / ORIGINAL_H100['tokens_per_s']:.2f}x the original's 69.7k tok/s "
+                         f"(target 1.5x), peak {row['peak_gib']:.1f} GiB (original 33.8)")
+    return lines
+
+
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--gpu", action="store_true")
-    args = parser.parse_args()
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--gpu", action="store_true")
+    mode.add_argument("--smoke", action="store_true", help="the GPU row list on CPU with a tiny model, sdpa only")
+    parser.add_argument("--block", type=int, nargs="+", default=[4, 16])
+    parser.add_argument("--results", type=Path, default=RESULTS)
+    args = parser.parse_args(argv)
     device = "cuda" if args.gpu else "cpu"
-    dtype = torch.bfloat16 if args.gpu else torch.float32
-    shape = GPU if args.gpu else CPU
+    shape = GPU if args.gpu else (SMOKE if args.smoke else CPU)
     rows = []
-    for block_size in (4, 16):
-        modes = [("2L", "sdpa"), ("two passes", "sdpa")]
-        if args.gpu:
-            modes.insert(0, ("2L", "flex_attention"))
-        for mode, implementation in modes:
-            rows.append(measure(shape, block_size, implementation, mode, device, dtype))
-            print(rows[-1], flush=True)
-    lines = ["| pass | attention | block | tokens/s | ms/step | peak GiB |", "|---|---|---|---|---|---|"]
-    lines += [f"| {r['mode']} | {r['attention']} | {r['block']} | {r['tokens_per_s']:.0f} | {r['ms_per_step']:.1f} | "
+    for row in rows_for(args.gpu, args.block):
+        if args.smoke and row["attention"] == "flex_attention":
+            continue
+        rows.append(measure(shape, row, device))
+        print(rows[-1], flush=True)
+    lines = ["| pass | attention | layers | block | tokens/s | ms/step | peak GiB |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['mode']} | {r['attention']} | {'compiled' if r['compiled'] else 'eager'} | {r['block']} | "
+              f"{r['tokens_per_s']:.0f} | {r['ms_per_step']:.1f} | "
               f"{'n/a' if r['peak_gib'] != r['peak_gib'] else format(r['peak_gib'], '.1f')} |" for r in rows]
-    machine = torch.cuda.get_device_name() if args.gpu else "CPU, 2 threads"
-    text = (f"\n## bench_train ({'GPU' if args.gpu else 'CPU'}) — {datetime.date.today()}\n\nMachine: {machine} "
-            f"(torch {torch.__version__}). Model: {shape}, {dtype}, AdamW step included.\n\n" + "\n".join(lines) + "\n")
+    machine = torch.cuda.get_device_name() if args.gpu else f"CPU, {torch.get_num_threads()} threads"
+    precision = "fp32 weights, bf16 autocast" if args.gpu else "fp32"
+    title = "GPU" if args.gpu else ("smoke, CPU" if args.smoke else "CPU")
+    text = (f"\n## bench_train ({title}) — {datetime.date.today()}\n\nMachine: {machine} (torch {torch.__version__})."
+            f" Model: {shape}, {precision}, AdamW step included.\n\n" + "\n".join(lines) + "\n\n"
+            + "\n".join(f"- {line}" for line in summary(rows)) + "\n")
     print(text)
-    with RESULTS.open("a") as handle:
+    with args.results.open("a") as handle:
         handle.write(text)
+    return rows
 
 
 if __name__ == "__main__":

@@ -1,0 +1,32 @@
+"""The benchmark scripts run (their GPU case lists on CPU, tiny model, `--smoke`) and write their tables: what a
+session with a GPU machine runs must not have rotted. Speed itself is never asserted here."""
+
+import sys
+from pathlib import Path
+
+BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
+sys.path.insert(0, str(BENCHMARKS))
+
+import bench_generate  # noqa: E402
+import bench_train  # noqa: E402
+
+
+def test_bench_generate_smoke_runs_the_gpu_case_list(tmp_path):
+    results = tmp_path / "RESULTS.md"
+    rows = bench_generate.main(["--smoke", "--new-tokens", "8", "--batch", "1", "2", "--results", str(results)])
+    names = {row["name"] for row in rows}
+    assert "small-bs16: bd3lm static+compiled, first_hitting" in names
+    assert "small: AR baseline (Llama, HF generate, static cache)" in names
+    assert all(row["tokens_per_s"] > 0 and row["nfe"] > 0 for row in rows)
+    four = [row for row in rows if row["name"].endswith("4 tokens/call") and row["kind"] == "cached"]
+    assert all(row["nfe_per_token"] <= 0.5 for row in four)  # 4 tokens per call (1 step per block of 4)
+    text = results.read_text()
+    assert "## bench_generate (smoke, CPU)" in text and "target 20x" in text and "/ AR:" in text
+
+
+def test_bench_train_smoke_runs(tmp_path):
+    results = tmp_path / "RESULTS.md"
+    rows = bench_train.main(["--smoke", "--block", "4", "--results", str(results)])
+    assert [(row["mode"], row["attention"]) for row in rows] == [("2L", "sdpa"), ("two passes", "sdpa")]
+    assert "## bench_train (smoke, CPU)" in results.read_text()
+    assert [row["attention"] for row in bench_train.rows_for(True, [16])][:2] == ["flex_attention"] * 2
