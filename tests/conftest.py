@@ -43,3 +43,12 @@ def model():
 @pytest.fixture
 def fixtures():
     return FIXTURES
+
+
+@pytest.fixture
+def fresh_dynamo():
+    """Compiled-code caches emptied before and after a test that compiles: compilations (another backend, flex
+    inside a compiled layer) must not leak into later tests (seen: the CPU flex kernel then failed to build)."""
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()

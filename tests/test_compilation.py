@@ -1,13 +1,13 @@
 """Compiled decoder layers for training (issue: GPU fast path): same loss and gradients as eager, same parameter
-names, wired into build_trainer; checked on CPU (the GPU speed is in benchmarks/bench_train.py)."""
+names; checked on CPU (the Trainer wiring: tests/test_training.py) (the GPU speed is in benchmarks/bench_train.py)."""
 
 import pytest
 import torch
 from conftest import random_model
-from test_training import arguments, small_config, small_data  # noqa: F401 (fixture)
 
-from bd3lm_hf.compilation import compile_decoder_layers, decoder_layers, should_compile_layers
-from bd3lm_hf.training import build_trainer
+from bd3lm_hf.compilation import compile_decoder_layers, decoder_layers
+
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 def training_batch(seed=0):
@@ -29,7 +29,6 @@ def loss_and_grads(model, batch):
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 def test_compiled_layers_give_the_eager_loss_and_gradients(backend):
-    torch._dynamo.reset()
     eager, compiled = (random_model(seed=3, std=0.1, max_position_embeddings=16).train() for _ in range(2))
     names = list(compiled.state_dict())
     compile_decoder_layers(compiled, backend=backend)
@@ -53,12 +52,14 @@ def test_decoder_layers_are_found_under_peft():
         decoder_layers(torch.nn.Linear(2, 2))
 
 
-def test_build_trainer_compiles_layers_on_request(tmp_path, small_data):  # noqa: F811
-    train_set, eval_set, tokenizer = small_data
-    for choice, compiled in (("on", True), ("off", False), ("auto", torch.cuda.is_available())):
-        trainer = build_trainer(small_config(compile_layers=choice), arguments(tmp_path, max_steps=1),
-                                train_set=train_set, eval_set=eval_set, tokenizer=tokenizer)
-        layers = decoder_layers(trainer.model)
-        assert all((layer._compiled_call_impl is not None) == compiled for layer in layers), choice
-    with pytest.raises(ValueError, match="compile_layers must be one of"):
-        should_compile_layers("yes")
+def test_compiled_layers_take_the_flex_block_mask():
+    """The GPU training path: flex BlockMasks (the shared 2L mask without padding, a per-batch one with padding)
+    passed into fullgraph-compiled layers. Forward only: flex has no backward on CPU (tests/test_gpu.py)."""
+    eager, compiled = (random_model(seed=3, std=0.1, max_position_embeddings=16).train() for _ in range(2))
+    for model in (eager, compiled):
+        model.set_attn_implementation("flex_attention")
+    compile_decoder_layers(compiled, backend="aot_eager")
+    with torch.no_grad():
+        for batch in (training_batch(0), {k: v for k, v in training_batch(1).items() if k != "attention_mask"}):
+            torch.testing.assert_close(compiled(**batch).loss, eager(**batch).loss, atol=1e-5, rtol=1e-5)
+    

@@ -11,6 +11,8 @@ from transformers.generation import CompileConfig
 from bd3lm_hf.modeling.cache_bd3lm import BD3LMStaticCache
 from bd3lm_hf.modeling.generation_bd3lm import BD3LMGenerationMixin
 
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
+
 
 @pytest.fixture(scope="module")
 def gen_model():
@@ -95,7 +97,6 @@ def test_unknown_cache_implementation(gen_model):
 def test_compiled_static_generation_matches_eager_on_gpu():
     """The default CUDA path (inductor, CUDA graphs) gives the eager tokens in fp32, for every sampler; in bf16 a
     second prompt of another length replays the captured graphs without recompiling."""
-    torch._dynamo.reset()
     model = random_model(seed=1, std=0.12, max_position_embeddings=128).cuda()
     ids, mask = (t.cuda() for t in prompts())
     for sampler in SAMPLERS:
@@ -113,7 +114,6 @@ def test_compiled_static_generation_matches_eager_on_gpu():
 def test_generation_compiled_with_inductor_gives_the_eager_tokens(gen_model):
     """What the CUDA path runs, with the CPU inductor backend: the block-sized denoising calls compiled whole
     (fullgraph, static shapes), same tokens as the eager static path."""
-    torch._dynamo.reset()
     compile_config = CompileConfig(fullgraph=True, dynamic=False, mode=None)
     compile_config._compile_all_devices = True
     ids, mask = prompts()
@@ -140,7 +140,6 @@ def counting_compile_config(graphs: list) -> CompileConfig:
 def test_compiled_step_captures_two_graphs_and_never_recompiles(gen_model):
     """Generation compiles the block-sized calls only: one graph for (B, bs), one for (B, 2 bs) (the call that
     also commits the finished block). Another prompt length or max_new_tokens replays them: no recompilation."""
-    torch._dynamo.reset()
     graphs = []
     compile_config = counting_compile_config(graphs)
     ids, mask = prompts()

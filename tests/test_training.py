@@ -13,6 +13,7 @@ from transformers import AutoModelForCausalLM, TrainingArguments
 
 from bd3lm_hf.callbacks import ClipSearchCallback, candidate_intervals
 from bd3lm_hf.data import load_text_dataset, shakespeare_files, train_bpe_tokenizer, wrap_tokenize
+from bd3lm_hf.compilation import decoder_layers, should_compile_layers
 from bd3lm_hf.ema import EMACallback
 from bd3lm_hf.training import BD3LMTrainingConfig, build_model, build_trainer
 
@@ -264,3 +265,14 @@ def test_bf16_training_on_cpu(tmp_path, small_data):
     trainer.train()
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     assert len(losses) == 3 and all(loss == loss and loss < 20 for loss in losses)
+
+
+def test_build_trainer_compiles_layers_on_request(tmp_path, small_data):
+    train_set, eval_set, tokenizer = small_data
+    for choice, compiled in (("on", True), ("off", False), ("auto", torch.cuda.is_available())):
+        trainer = build_trainer(small_config(compile_layers=choice), arguments(tmp_path, max_steps=1),
+                                train_set=train_set, eval_set=eval_set, tokenizer=tokenizer)
+        layers = decoder_layers(trainer.model)
+        assert all((layer._compiled_call_impl is not None) == compiled for layer in layers), choice
+    with pytest.raises(ValueError, match="compile_layers must be one of"):
+        should_compile_layers("yes")
