@@ -137,15 +137,41 @@ def process_logits(logits, mask_token_id: int, banned_eos, eos_ids, logits_proce
     return scores
 
 
-def choose_tokens(scores, do_sample: bool):
-    """Tokens (B, bs) and their probability (the confidence) under the distribution they come from."""
-    if not do_sample:
+@dataclass(frozen=True)
+class StepRule:
+    """How a denoising step picks tokens and positions: fixed for a generation (constants of a compiled step)."""
+
+    mask_token_id: int
+    sampler: str
+    do_sample: bool
+    confidence_threshold: float
+
+
+def draw_step_noise(rule: StepRule, batch: int, block_size: int, vocab_size: int, device):
+    """The uniform draws of one step, taken before it (so the stream is the same compiled or not, cached or not):
+    (B, bs, V) for the Gumbel-max tokens, (B, bs) for the positions of the random samplers; None when greedy."""
+    if not rule.do_sample:
+        return None, None
+    tokens = torch.rand(batch, block_size, vocab_size, device=device)
+    positions = torch.rand(batch, block_size, device=device) if rule.sampler != "confidence" else None
+    return tokens, positions
+
+
+def ddpm_reveal_probabilities(num_steps: int, device) -> torch.Tensor:
+    """(T,) fp32: step k goes from t = 1 - k/T to s = 1 - (k+1)/T and reveals each masked token with (t-s)/t."""
+    times = [(1 - step / num_steps, 1 - (step + 1) / num_steps) for step in range(num_steps)]
+    return torch.tensor([(t - s) / t for t, s in times], dtype=torch.float32, device=device)
+
+
+def choose_tokens(scores, uniform=None):
+    """Tokens (B, bs) and their probability (the confidence) under the distribution they come from: the argmax, or
+    with `uniform` (B, bs, V) a Gumbel-max draw from softmax(scores)."""
+    if uniform is None:
         best, tokens = scores.max(-1)
         return tokens, (best - scores.logsumexp(-1)).exp()  # the top probability, without a softmax
     log_probs = scores.log_softmax(-1)
-    uniform = torch.rand_like(log_probs).clamp(min=1e-20, max=1 - 1e-7)
-    gumbel = -torch.log(-torch.log(uniform))
-    tokens = (log_probs + gumbel).argmax(-1)  # Gumbel-max: a draw from softmax(scores)
+    gumbel = -torch.log(-torch.log(uniform.clamp(min=1e-20, max=1 - 1e-7)))
+    tokens = (log_probs + gumbel).argmax(-1)
     return tokens, log_probs.gather(-1, tokens[..., None])[..., 0].exp()
 
 
@@ -158,26 +184,42 @@ def most_confident(confidence, masked, count):
     return masked & (ranks < count[:, None])
 
 
-def ddpm_reveal(masked, confidence, step: int, num_steps: int, do_sample: bool):
-    """Positions revealed going from t = 1 - step/T to s = 1 - (step+1)/T: each with probability (t-s)/t; greedily,
-    the expected number, rounded, taking the most confident."""
-    t, s = 1 - step / num_steps, 1 - (step + 1) / num_steps
-    reveal_probability = (t - s) / t
-    if do_sample:
-        return masked & (torch.rand(masked.shape, device=masked.device) < reveal_probability)
-    count = torch.floor(masked.sum(-1) * reveal_probability + 0.5).long()
-    return most_confident(confidence, masked, count)
+def reveal_positions(masked, confidence, reveal_probability, uniform, rule: StepRule):
+    """(B, bs) bool: the masked positions this step reveals.
+
+    ddpm: each with probability `reveal_probability`, or greedily the expected number, rounded, most confident
+    first; first_hitting: one per row, at random or the most confident; confidence: every position whose confidence
+    reaches the threshold, and at least the most confident one."""
+    at_least_one = masked.any(-1).long()
+    if rule.sampler == "ddpm":
+        if rule.do_sample:
+            return masked & (uniform < reveal_probability)
+        count = torch.floor(masked.sum(-1) * reveal_probability + 0.5).long()
+        return most_confident(confidence, masked, count)
+    if rule.sampler == "first_hitting":
+        return most_confident(uniform if rule.do_sample else confidence, masked, at_least_one)
+    return (masked & (confidence >= rule.confidence_threshold)) | most_confident(confidence, masked, at_least_one)
 
 
-def first_hitting_reveal(masked, confidence, do_sample: bool):
-    """One masked position per row: uniformly at random, or greedily the most confident."""
-    scores = torch.rand(masked.shape, device=masked.device) if do_sample else confidence
-    return most_confident(scores, masked, masked.any(-1).long())
+def sample_step(scores, block, fixed, noise, reveal_probability, rule: StepRule):
+    """One sampler step on a block (B, bs): its tokens after revealing the chosen masked positions."""
+    masked = (block == rule.mask_token_id) & ~fixed
+    tokens, confidence = choose_tokens(scores, noise[0])
+    reveal = reveal_positions(masked, confidence, reveal_probability, noise[1], rule)
+    return torch.where(reveal, tokens, block)
 
 
-def confidence_reveal(masked, confidence, threshold: float):
-    """Every masked position whose confidence reaches the threshold, and at least the most confident one."""
-    return (masked & (confidence >= threshold)) | most_confident(confidence, masked, masked.any(-1).long())
+def step_reveal_probability(state, step: int):
+    """The ddpm step's reveal probability as a 0-d device tensor (no host transfer, no recompilation per step)."""
+    table = state["reveal_probabilities"]
+    return None if table is None else table[step]
+
+
+def processor_context(canvas, valid, start: int, state):
+    """The sequence so far, left-padded as transformers' processors expect it (None without processors)."""
+    if not state["logits_processor"]:
+        return None
+    return torch.where(valid[:, :start], canvas[:, :start], state["pad_id"])
 
 
 def unigram_entropy(tokens: torch.Tensor) -> torch.Tensor:
@@ -276,8 +318,12 @@ class BD3LMGenerationMixin(GenerationMixin):
         logits_processor = logits_processor or LogitsProcessorList()
         stopping_criteria = stopping_criteria or StoppingCriteriaList()
         cache = self.make_cache(config, batch) if use_cache else None
+        rule = StepRule(mask_id, config.sampler, bool(config.do_sample), float(config.confidence_threshold))
         state = {"nfe": 0, "committed": 0, "window_start": 0, "history": [] if config.output_history else None,
-                 "forward": self.step_function(cache, config), "pad_id": pad_id}
+                 "pad_id": pad_id, "rule": rule, "eos_ids": eos_ids, "warpers": warpers,
+                 "logits_processor": logits_processor, "step": self.step_function(cache, config, logits_processor),
+                 "reveal_probabilities": (ddpm_reveal_probabilities(config.num_steps, canvas.device)
+                                          if config.sampler == "ddpm" else None)}
         if streamer is not None:
             streamer.put(input_ids.cpu())
 
@@ -289,8 +335,7 @@ class BD3LMGenerationMixin(GenerationMixin):
             canvas[:, start:end] = torch.where(done[:, None], pad_id, canvas[:, start:end])
             valid[:, start:end] &= ~done[:, None]
             # 3b. denoise
-            self.denoise_block(canvas, valid, start, end, fixed, cache, state, config, banned_eos, eos_ids,
-                               logits_processor, warpers)
+            self.denoise_block(canvas, valid, start, end, fixed, banned_eos, cache, state, config)
             # 3c. finish rows, stream
             done = self.finish_block(canvas, valid, start, end, first_new, done, config, eos_ids, pad_id,
                                      max_new_tokens, stopping_criteria, input_ids, streamer)
@@ -361,45 +406,61 @@ class BD3LMGenerationMixin(GenerationMixin):
         self._bd3lm_static_cache = cache
         return cache
 
-    def compiles_steps(self, cache, config) -> bool:
+    def compiles_steps(self, cache, config, logits_processor=None) -> bool:
         """transformers' rule for compiling a decoding step: a static cache, on CUDA/XPU (elsewhere only when
-        `compile_config._compile_all_devices` is set, as in transformers' own tests), unless `disable_compile`."""
+        `compile_config._compile_all_devices` is set, as in transformers' own tests), unless `disable_compile`; and
+        here no custom logits processors (arbitrary Python, run eagerly)."""
         if not isinstance(cache, BD3LMStaticCache) or config.disable_compile:
             return False
         compile_config = config.compile_config
-        if self.device.type in ("cuda", "xpu") or getattr(compile_config, "_compile_all_devices", None):
-            return True
-        if compile_config is not None:
-            logger.warning_once(f"compile_config is set but the model is on {self.device.type}: the denoising step "
-                                "runs eagerly (compiling there needs compile_config._compile_all_devices = True).")
-        return False
+        if not (self.device.type in ("cuda", "xpu") or getattr(compile_config, "_compile_all_devices", None)):
+            if compile_config is not None:
+                logger.warning_once(f"compile_config is set but the model is on {self.device.type}: the denoising "
+                                    "step runs eagerly (compiling there needs compile_config._compile_all_devices).")
+            return False
+        if logits_processor:
+            logger.warning_once("custom logits processors run eagerly: the denoising step is not compiled.")
+            return False
+        return True
 
-    def step_function(self, cache, config):
-        """The forward of one denoising call.
+    def step_function(self, cache, config, logits_processor=None):
+        """The static-cache step (`denoise_step`: one model call and one sampler step), or None for the other paths.
 
-        When `compiles_steps`, the calls of a block's two fixed shapes, (B, bs) and (B, 2 bs) (the first call of a
-        block also commits the finished one), run through `torch.compile(denoise_forward)` with `compile_config`
+        When `compiles_steps`, the steps of a block's two fixed shapes, (B, bs) and (B, 2 bs) (the first call of a
+        block also commits the finished one), run through `torch.compile(denoise_step)` with `compile_config`
         (default: fullgraph, static shapes, mode "reduce-overhead", i.e. CUDA graphs captured once per shape and
         replayed); the first call, whose width depends on the prompt, runs eagerly so that no prompt length
         triggers a compilation.
         """
-        if not self.compiles_steps(cache, config):
-            return self.denoise_forward
-        compiled = self.compiled_denoise_forward(config.compile_config)
+        if not isinstance(cache, BD3LMStaticCache):
+            return None
+        if not self.compiles_steps(cache, config, logits_processor):
+            return self.denoise_step
+        compiled = self.compiled_denoise_step(config.compile_config)
         block_widths = (config.block_size, 2 * config.block_size)
 
-        def forward(input_ids, *args):
-            return (compiled if input_ids.shape[1] in block_widths else self.denoise_forward)(input_ids, *args)
+        def step(tokens, *args):
+            return (compiled if tokens.shape[1] in block_widths else self.denoise_step)(tokens, *args)
 
-        return forward
+        return step
 
-    def compiled_denoise_forward(self, compile_config=None):
-        """`torch.compile(self.denoise_forward)`, built once per compile settings and kept on the model."""
+    def compiled_denoise_step(self, compile_config=None):
+        """`torch.compile(self.denoise_step)`, built once per compile settings and kept on the model."""
         compile_config = compile_config or CompileConfig(fullgraph=True, dynamic=False)
         settings = compile_config.to_dict()
         if getattr(self, "_bd3lm_compiled", (None,))[0] != settings:
-            self._bd3lm_compiled = (settings, torch.compile(self.denoise_forward, **settings))
+            self._bd3lm_compiled = (settings, torch.compile(self.denoise_step, **settings))
         return self._bd3lm_compiled[1]
+
+    def denoise_step(self, tokens, attention_mask, cache, store_kv, fixed, banned_eos, eos_ids, warpers, noise,
+                     reveal_probability, rule: StepRule, logits_processor=None, context=None):
+        """One model call on `tokens` (B, T), whose last bs tokens are the block being denoised, then one sampler
+        step on that block; returns its new tokens (B, bs). A function of its inputs only (the random draws come in
+        as `noise`), so that it compiles into one graph."""
+        block_size = fixed.shape[1]
+        logits = self.denoise_forward(tokens, attention_mask, cache, store_kv, block_size)
+        scores = process_logits(logits, rule.mask_token_id, banned_eos, eos_ids, logits_processor, warpers, context)
+        return sample_step(scores, tokens[:, -block_size:], fixed, noise, reveal_probability, rule)
 
     def prepare_prompts(self, input_ids, attention_mask, config):
         """Validate the prompts; an empty prompt starts from BOS."""
@@ -428,41 +489,55 @@ class BD3LMGenerationMixin(GenerationMixin):
                              "masks itself, a prompt must be clean text.")
         return input_ids, attention_mask
 
-    def denoise_block(self, canvas, valid, start, end, fixed, cache, state, config, banned_eos, eos_ids,
-                      logits_processor, warpers):
-        """Step 3b: reveal every masked position of canvas[:, start:end] in place."""
-        mask_id = self.config.mask_token_id
+    def denoise_block(self, canvas, valid, start, end, fixed, banned_eos, cache, state, config):
+        """Step 3b: reveal every masked position of canvas[:, start:end] in place.
+
+        Every sampler runs its full number of steps (a step with nothing left to reveal draws its random numbers and
+        changes nothing), so the random stream, hence the sampled tokens, do not depend on the cache."""
+        num_steps = config.num_steps if config.sampler == "ddpm" else config.block_size
+        banned = banned_eos[:, start:end].contiguous()
+        denoise = self.denoise_static if isinstance(cache, BD3LMStaticCache) else self.denoise_reusing
+        denoise(canvas, valid, start, end, fixed, banned, cache, state, num_steps)
+
+    def denoise_reusing(self, canvas, valid, start, end, fixed, banned_eos, cache, state, num_steps: int):
+        """Dynamic cache or none: a step that reveals nothing leaves the block unchanged, so the next step reuses its
+        scores without a model call (knowing that is a host synchronization). The first step always calls: it
+        commits the previous block."""
+        rule = state["rule"]
         scores, stale = None, True
-        # Every sampler runs its full number of steps (a step with nothing left to reveal draws its random numbers
-        # and changes nothing), so the random stream, hence the sampled tokens, do not depend on the cache. With a
-        # static cache the loop has no host synchronization: one call per step, no reuse of probabilities (which
-        # would need to read `reveal` on the host). The first step always calls: it commits the previous block.
-        sync_free = isinstance(cache, BD3LMStaticCache)
-        for step in range(config.num_steps if config.sampler == "ddpm" else config.block_size):
-            masked = (canvas[:, start:end] == mask_id) & ~fixed
-            if stale and (step == 0 or sync_free or bool(masked.any())):
+        for step in range(num_steps):
+            noise = self.step_noise(canvas, state, end - start)
+            block = canvas[:, start:end]
+            if stale and (step == 0 or bool(((block == rule.mask_token_id) & ~fixed).any())):
                 logits = self.block_logits(canvas, valid, start, end, cache, state)
-                # the sequence so far, left-padded as transformers' processors expect it
-                context = (torch.where(valid[:, :start], canvas[:, :start], state["pad_id"]) if logits_processor
-                           else None)
-                scores = process_logits(logits, mask_id, banned_eos[:, start:end], eos_ids, logits_processor,
-                                        warpers, context)
-                stale = False
-            tokens, confidence = choose_tokens(scores, config.do_sample)
-            reveal = self.reveal(masked, confidence, step, config)
-            canvas[:, start:end] = torch.where(reveal, tokens, canvas[:, start:end])
-            # Without a reveal the block is unchanged: the next step reuses these probabilities, without a call.
-            stale = sync_free or bool(reveal.any())
+                scores = process_logits(logits, rule.mask_token_id, banned_eos, state["eos_ids"],
+                                        state["logits_processor"], state["warpers"],
+                                        processor_context(canvas, valid, start, state))
+            new_block = sample_step(scores, block, fixed, noise, step_reveal_probability(state, step), rule)
+            stale = bool((new_block != block).any())
+            canvas[:, start:end] = new_block
             if state["history"] is not None:
                 state["history"].append(canvas.clone())
 
-    @staticmethod
-    def reveal(masked, confidence, step, config):
-        if config.sampler == "ddpm":
-            return ddpm_reveal(masked, confidence, step, config.num_steps, config.do_sample)
-        if config.sampler == "first_hitting":
-            return first_hitting_reveal(masked, confidence, config.do_sample)
-        return confidence_reveal(masked, confidence, config.confidence_threshold)
+    def denoise_static(self, canvas, valid, start, end, fixed, banned_eos, cache, state, num_steps: int):
+        """Static cache: one `denoise_step` per step (compiled on GPU) and nothing read back from the device."""
+        mask = F.pad(valid, (0, cache.capacity - valid.shape[1]), value=True)  # columns past the canvas: masked
+        for step in range(num_steps):
+            noise = self.step_noise(canvas, state, end - start)
+            committed = state["committed"]
+            # contiguous: a compiled step is specialised on strides, and the canvas width varies between generations
+            tokens = canvas[:, committed:end].contiguous()
+            canvas[:, start:end] = state["step"](
+                tokens, mask, cache, start - committed or False, fixed, banned_eos, state["eos_ids"], state["warpers"],
+                noise, step_reveal_probability(state, step), state["rule"], state["logits_processor"] or None,
+                processor_context(canvas, valid, start, state))
+            state["committed"] = start
+            state["nfe"] += 1
+            if state["history"] is not None:
+                state["history"].append(canvas.clone())
+
+    def step_noise(self, canvas, state, block_size: int):
+        return draw_step_noise(state["rule"], canvas.shape[0], block_size, self.config.vocab_size, canvas.device)
 
     def block_logits(self, canvas, valid, start, end, cache, state):
         """One model call: logits (B, bs, V) of canvas[:, start:end].
@@ -472,9 +547,7 @@ class BD3LMGenerationMixin(GenerationMixin):
         """
         state["nfe"] += 1
         if cache is None:
-            return state["forward"](canvas[:, :end], valid[:, :end], None, False, end - start)
-        if isinstance(cache, BD3LMStaticCache):  # the mask spans the whole preallocated buffer
-            return self.cached_call(canvas, valid, 0, start, end, cache, state)
+            return self.denoise_forward(canvas[:, :end], valid[:, :end], None, False, end - start)
         # Past the training context, the oldest committed blocks leave the cache: every call sees at most
         # max_position_embeddings tokens (rotary positions keep counting, so relative distances stay exact).
         window_start = max(0, end - self.config.max_position_embeddings)
@@ -482,21 +555,12 @@ class BD3LMGenerationMixin(GenerationMixin):
             cache.evict(min(window_start, state["committed"]) - state["window_start"])
             state["window_start"] = window_start
             state["committed"] = max(state["committed"], window_start)  # a finished block already out of view
-        return self.cached_call(canvas, valid, window_start, start, end, cache, state)
-
-    def cached_call(self, canvas, valid, window_start, start, end, cache, state):
-        """canvas[:, committed:end] against the cache of canvas[:, window_start:committed]; commits up to `start`."""
         committed = state["committed"]
-        if isinstance(cache, BD3LMStaticCache):  # (B, capacity): columns past the canvas are masked by the cursor
-            mask = F.pad(valid, (0, cache.capacity - valid.shape[1]), value=True)
-        else:
-            mask = valid[:, window_start:end]
         positions = None
         if window_start:  # absolute positions; the window alone would restart them at 0
             positions = (valid[:, :end].long().cumsum(-1) - 1).clamp(min=0)[:, committed:end]
-        # contiguous: a compiled step is specialised on strides, and the canvas width varies between generations
-        tokens = canvas[:, committed:end].contiguous()
-        logits = state["forward"](tokens, mask, cache, start - committed or False, end - start, positions)
+        logits = self.denoise_forward(canvas[:, committed:end], valid[:, window_start:end], cache,
+                                      start - committed or False, end - start, positions)
         state["committed"] = start
         return logits
 

@@ -157,6 +157,20 @@ def test_compiled_step_captures_two_graphs_and_never_recompiles(gen_model):
     assert torch.equal(again.sequences, reference.sequences) and len(graphs) == 2
 
 
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_compiled_step_samples_the_eager_tokens(gen_model, sampler):
+    """The random draws are taken outside the compiled step, so sampling too gives the eager tokens (with an
+    eager-kernel backend; inductor's own kernels may round differently), and the dynamic cache's."""
+    ids, mask = prompts()
+    settings = dict(do_sample=True, top_k=20, sampler=sampler, max_new_tokens=13, return_dict_in_generate=True)
+    outputs = []
+    for extra in (dict(cache_implementation="static", compile_config=counting_compile_config([])),
+                  dict(cache_implementation="static", disable_compile=True), dict(cache_implementation=None)):
+        torch.manual_seed(11)
+        outputs.append(gen_model.generate(ids, attention_mask=mask, **settings, **extra).sequences)
+    assert torch.equal(outputs[0], outputs[1]) and torch.equal(outputs[1], outputs[2])
+
+
 def test_static_cache_is_reused_in_place_and_reset(gen_model):
     ids, mask = prompts()
     first = gen_model.generate(ids, attention_mask=mask, max_new_tokens=9, cache_implementation="static",
