@@ -67,6 +67,9 @@ def build_model(case, models: dict):
     device, dtype = case["device"], getattr(torch, case["dtype"])
     key = (case["kind"] == "ar", case["model"], case["block_size"])
     if key not in models:
+        # Compiled graphs are kept per code object, up to torch._dynamo.config.recompile_limit (8): a new model
+        # starts from an empty cache (the previous model's graphs are not used again).
+        torch._dynamo.reset()
         models[key] = (build_llama(case["shape"], context_for(case), device, dtype) if case["kind"] == "ar"
                        else build_bd3lm(case["shape"], case["block_size"], context_for(case), device, dtype))
     return models[key]
