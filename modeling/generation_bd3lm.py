@@ -147,13 +147,15 @@ class StepRule:
     confidence_threshold: float
 
 
-def draw_step_noise(rule: StepRule, batch: int, block_size: int, vocab_size: int, device):
+def draw_step_noise(rule: StepRule, batch: int, block_size: int, vocab_size: int, device, generator=None):
     """The uniform draws of one step, taken before it (so the stream is the same compiled or not, cached or not):
-    (B, bs, V) for the Gumbel-max tokens, (B, bs) for the positions of the random samplers; None when greedy."""
+    (B, bs, V) for the Gumbel-max tokens, (B, bs) for the positions of the random samplers; None when greedy.
+    From `generator` if given, else torch's default generator."""
     if not rule.do_sample:
         return None, None
-    tokens = torch.rand(batch, block_size, vocab_size, device=device)
-    positions = torch.rand(batch, block_size, device=device) if rule.sampler != "confidence" else None
+    tokens = torch.rand(batch, block_size, vocab_size, device=device, generator=generator)
+    positions = (torch.rand(batch, block_size, device=device, generator=generator)
+                 if rule.sampler != "confidence" else None)
     return tokens, positions
 
 
@@ -253,7 +255,7 @@ class BD3LMGenerationMixin(GenerationMixin):
 
     @torch.no_grad()
     def generate(self, input_ids=None, attention_mask=None, generation_config=None, streamer=None,
-                 logits_processor=None, stopping_criteria=None, use_cache=True, **kwargs):
+                 logits_processor=None, stopping_criteria=None, use_cache=True, generator=None, **kwargs):
         r"""
         Generate text block by block; inside a block, tokens are revealed by masked diffusion.
 
@@ -289,6 +291,8 @@ class BD3LMGenerationMixin(GenerationMixin):
             logits_processor / stopping_criteria: extra HF processors (applied per position, with the row's
                 context) and criteria (checked after every block; True stops a row).
             use_cache (`bool`, defaults to True): False recomputes the whole prefix at every call (reference).
+            generator (`torch.Generator`, optional): the source of every random draw when sampling (on the model's
+                device); by default torch's global generator (`set_seed`).
 
         Top-p follows transformers (`TopPLogitsWarper` keeps the smallest set whose mass reaches p, the crossing
         token included); the original bd3lms code keeps tokens while the cumulative mass is <= p, one token fewer.
@@ -298,6 +302,10 @@ class BD3LMGenerationMixin(GenerationMixin):
         if unused:
             raise ValueError(f"generate() got arguments it does not use: {sorted(unused)}.")
         input_ids, attention_mask = self.prepare_prompts(input_ids, attention_mask, config)
+        if generator is not None and (not isinstance(generator, torch.Generator)
+                                      or generator.device.type != self.device.type):
+            raise ValueError(f"generator must be a torch.Generator on the model's device ({self.device.type}), got "
+                             f"{generator!r}.")
         batch, prompt_width = input_ids.shape
         if streamer is not None and batch != 1:
             raise ValueError("streamers support batch size 1 only (as in transformers).")
@@ -320,7 +328,7 @@ class BD3LMGenerationMixin(GenerationMixin):
         cache = self.make_cache(config, batch) if use_cache else None
         rule = StepRule(mask_id, config.sampler, bool(config.do_sample), float(config.confidence_threshold))
         state = {"nfe": 0, "committed": 0, "window_start": 0, "history": [] if config.output_history else None,
-                 "pad_id": pad_id, "rule": rule, "eos_ids": eos_ids, "warpers": warpers,
+                 "pad_id": pad_id, "rule": rule, "eos_ids": eos_ids, "warpers": warpers, "generator": generator,
                  "logits_processor": logits_processor, "step": self.step_function(cache, config, logits_processor),
                  "reveal_probabilities": (ddpm_reveal_probabilities(config.num_steps, canvas.device)
                                           if config.sampler == "ddpm" else None)}
@@ -537,7 +545,8 @@ class BD3LMGenerationMixin(GenerationMixin):
                 state["history"].append(canvas.clone())
 
     def step_noise(self, canvas, state, block_size: int):
-        return draw_step_noise(state["rule"], canvas.shape[0], block_size, self.config.vocab_size, canvas.device)
+        return draw_step_noise(state["rule"], canvas.shape[0], block_size, self.config.vocab_size, canvas.device,
+                               state["generator"])
 
     def block_logits(self, canvas, valid, start, end, cache, state):
         """One model call: logits (B, bs, V) of canvas[:, start:end].

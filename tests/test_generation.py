@@ -85,6 +85,17 @@ def test_sampling_depends_on_the_seed(gen_model):
     assert not torch.equal(*runs)
 
 
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_a_generator_makes_sampling_reproducible_without_the_global_rng(gen_model, sampler):
+    ids, mask = prompts()
+    global_state = torch.get_rng_state()
+    runs = [gen_model.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=True, sampler=sampler,
+                               generator=torch.Generator().manual_seed(seed), cache_implementation=cache)
+            for seed, cache in ((3, None), (3, "static"), (4, None))]
+    assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
+    assert torch.equal(torch.get_rng_state(), global_state)  # the global stream is left alone
+
+
 def test_nfe_counts_every_model_call(gen_model):
     prompt = torch.randint(0, MASK, (1, 8))  # two complete blocks: committed by the first denoising call
     out = gen_model.generate(prompt, max_new_tokens=8, sampler="ddpm", num_steps=4, do_sample=False,
@@ -214,6 +225,7 @@ def test_empty_prompt_starts_from_bos(gen_model):
         (dict(num_steps=0), "num_steps must be a positive int"),
         (dict(confidence_threshold=1.5), "confidence_threshold"),
         (dict(frobnicate=True), "frobnicate"),
+        (dict(do_sample=True, generator=7), "generator must be a torch.Generator"),
         (dict(input_ids=torch.ones(2, 3, dtype=torch.long), streamer=Collect()), "batch size 1"),
     ],
 )
