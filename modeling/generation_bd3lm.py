@@ -88,13 +88,14 @@ class BD3LMGenerationConfig(GenerationConfig):
 class BD3LMGenerateOutput(ModelOutput):
     """
     sequences (`LongTensor` (B, prompt + max_new_tokens)): the prompts as given, then the new tokens (padded after
-        EOS). nfe (`int`): model calls, every one counted. past_key_values (`BD3LMCache`): the committed blocks.
+        EOS). nfe (`int`): model calls, every one counted. past_key_values (`BD3LMCache` or `BD3LMStaticCache`): the
+        committed blocks (a static cache is the model's own, reset by its next static generation).
         history (`tuple[LongTensor]`): the canvas (block-aligned layout) after every denoising step, when asked.
     """
 
     sequences: torch.LongTensor | None = None
     nfe: int | None = None
-    past_key_values: BD3LMCache | None = None
+    past_key_values: BD3LMCache | BD3LMStaticCache | None = None
     history: tuple[torch.LongTensor, ...] | None = None
 
 
@@ -302,10 +303,7 @@ class BD3LMGenerationMixin(GenerationMixin):
         if unused:
             raise ValueError(f"generate() got arguments it does not use: {sorted(unused)}.")
         input_ids, attention_mask = self.prepare_prompts(input_ids, attention_mask, config)
-        if generator is not None and (not isinstance(generator, torch.Generator)
-                                      or generator.device.type != self.device.type):
-            raise ValueError(f"generator must be a torch.Generator on the model's device ({self.device.type}), got "
-                             f"{generator!r}.")
+        _check_generator(generator, self.device)
         batch, prompt_width = input_ids.shape
         if streamer is not None and batch != 1:
             raise ValueError("streamers support batch size 1 only (as in transformers).")
@@ -326,12 +324,7 @@ class BD3LMGenerationMixin(GenerationMixin):
         logits_processor = logits_processor or LogitsProcessorList()
         stopping_criteria = stopping_criteria or StoppingCriteriaList()
         cache = self.make_cache(config, batch) if use_cache else None
-        rule = StepRule(mask_id, config.sampler, bool(config.do_sample), float(config.confidence_threshold))
-        state = {"nfe": 0, "committed": 0, "window_start": 0, "history": [] if config.output_history else None,
-                 "pad_id": pad_id, "rule": rule, "eos_ids": eos_ids, "warpers": warpers, "generator": generator,
-                 "logits_processor": logits_processor, "step": self.step_function(cache, config, logits_processor),
-                 "reveal_probabilities": (ddpm_reveal_probabilities(config.num_steps, canvas.device)
-                                          if config.sampler == "ddpm" else None)}
+        state = self.loop_state(config, cache, canvas.device, pad_id, eos_ids, warpers, logits_processor, generator)
         if streamer is not None:
             streamer.put(input_ids.cpu())
 
@@ -361,6 +354,17 @@ class BD3LMGenerationMixin(GenerationMixin):
             return sequences
         history = tuple(state["history"]) if state["history"] is not None else None
         return BD3LMGenerateOutput(sequences=sequences, nfe=state["nfe"], past_key_values=cache, history=history)
+
+    def loop_state(self, config, cache, device, pad_id, eos_ids, warpers, logits_processor, generator) -> dict:
+        """What the denoising loop carries: counters (nfe, committed, window_start), the per-generation constants of
+        a step (rule, EOS ids, warpers, processors, ddpm probabilities, generator) and the step function."""
+        rule = StepRule(self.config.mask_token_id, config.sampler, bool(config.do_sample),
+                        float(config.confidence_threshold))
+        probabilities = ddpm_reveal_probabilities(config.num_steps, device) if config.sampler == "ddpm" else None
+        return {"nfe": 0, "committed": 0, "window_start": 0, "history": [] if config.output_history else None,
+                "pad_id": pad_id, "rule": rule, "eos_ids": eos_ids, "warpers": warpers, "generator": generator,
+                "logits_processor": logits_processor, "reveal_probabilities": probabilities,
+                "step": self.step_function(cache, config, logits_processor)}
 
     def build_canvas(self, input_ids, attention_mask, block_size: int, max_new_tokens: int, pad_id: int,
                      sliding: bool = False):
@@ -611,6 +615,12 @@ def _gather_new_tokens(canvas, first_new, count: int, pad_id: int):
     inside = columns < canvas.shape[1]
     gathered = canvas.gather(1, columns.clamp(max=canvas.shape[1] - 1))
     return torch.where(inside, gathered, pad_id)
+
+
+def _check_generator(generator, device) -> None:
+    if generator is not None and (not isinstance(generator, torch.Generator) or generator.device.type != device.type):
+        raise ValueError(f"generator must be a torch.Generator on the model's device ({device.type}), got "
+                         f"{generator!r}.")
 
 
 def _max_new_tokens(config, prompt_width: int) -> int:
