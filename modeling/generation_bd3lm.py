@@ -457,11 +457,12 @@ class BD3LMGenerationMixin(GenerationMixin):
         return step
 
     def compiled_denoise_step(self, compile_config=None):
-        """`torch.compile(self.denoise_step)`, built once per compile settings and kept on the model."""
+        """`torch.compile(self.denoise_step)`, built once per compile settings and kept on the model (keyed by the
+        model's id too: a deep copy of the model must not call the original's bound step)."""
         compile_config = compile_config or CompileConfig(fullgraph=True, dynamic=False)
-        settings = compile_config.to_dict()
-        if getattr(self, "_bd3lm_compiled", (None,))[0] != settings:
-            self._bd3lm_compiled = (settings, torch.compile(self.denoise_step, **settings))
+        key = (id(self), compile_config.to_dict())
+        if getattr(self, "_bd3lm_compiled", (None,))[0] != key:
+            self._bd3lm_compiled = (key, torch.compile(self.denoise_step, **key[1]))
         return self._bd3lm_compiled[1]
 
     def denoise_step(self, tokens, attention_mask, cache, store_kv, fixed, banned_eos, eos_ids, warpers, noise,

@@ -172,6 +172,23 @@ def test_compiled_step_samples_the_eager_tokens(gen_model, sampler):
     assert torch.equal(outputs[0], outputs[1]) and torch.equal(outputs[1], outputs[2])
 
 
+def test_a_deep_copy_compiles_its_own_step(gen_model):
+    import copy
+
+    ids, mask = prompts()
+    settings = dict(max_new_tokens=9, cache_implementation="static", compile_config=counting_compile_config([]))
+    gen_model.generate(ids, attention_mask=mask, **settings)
+    twin = copy.deepcopy(gen_model)
+    with torch.no_grad():
+        for parameter in twin.parameters():
+            parameter.mul_(-1.0)
+    assert twin.compiled_denoise_step(settings["compile_config"]) is not gen_model.compiled_denoise_step(
+        settings["compile_config"])
+    expected = twin.generate(ids, attention_mask=mask, max_new_tokens=9, cache_implementation="static",
+                             disable_compile=True)
+    assert torch.equal(twin.generate(ids, attention_mask=mask, **settings), expected)
+
+
 def test_static_cache_is_reused_in_place_and_reset(gen_model):
     ids, mask = prompts()
     first = gen_model.generate(ids, attention_mask=mask, max_new_tokens=9, cache_implementation="static",
