@@ -1,6 +1,7 @@
 """Block-diffusion generation for BD3-LM: blocks left to right with an exact KV cache, masked diffusion inside.
 
-The hot loop is made of small pure functions (one model call, one sampler step); `generate` wires them together.
+The hot loop is made of small pure functions (one model call here, one sampler step in `sampling_bd3lm.py`);
+`generate` wires them together.
 """
 
 import math
@@ -9,16 +10,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from transformers import GenerationConfig, GenerationMixin
-from transformers.generation import (CompileConfig, LogitsProcessorList, StoppingCriteriaList, TemperatureLogitsWarper,
-                                     TopKLogitsWarper, TopPLogitsWarper)
+from transformers.generation import CompileConfig, LogitsProcessorList, StoppingCriteriaList
 from transformers.utils import ModelOutput, logging
 
 from .cache_bd3lm import BD3LMCache, BD3LMStaticCache
+from .sampling_bd3lm import (SAMPLERS, StepRule, ddpm_reveal_probabilities, draw_step_noise, low_entropy_rows,
+                             process_logits, sample_step, sampling_warpers)
 
 logger = logging.get_logger(__name__)
 
-SAMPLERS = ("ddpm", "first_hitting", "confidence")
-ENTROPY_WINDOW, ENTROPY_THRESHOLD = 256, 4.0  # the paper's stop rule: unigram entropy of the last 256 tokens < 4 nats
 # transformers' defaults for fields left unset by the model and the user (what `GenerationMixin.generate` applies)
 HF_DEFAULTS = {"max_length": 20, "do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0}
 UNSUPPORTED = {"num_beams": 1, "num_return_sequences": 1, "assistant_model": None, "prompt_lookup_num_tokens": None,
@@ -122,96 +122,6 @@ def align_prompts(input_ids, attention_mask, block_size: int, filler: int):
     return canvas, valid_out, lengths, prefix
 
 
-def process_logits(logits, mask_token_id: int, banned_eos, eos_ids, logits_processor, warpers, context):
-    """(B, bs, V) raw logits -> scores: SUBS (never [MASK]), EOS ban, processors, then the sampling warpers
-    (temperature, top-k, top-p) when sampling."""
-    scores = logits.float()
-    scores[..., mask_token_id] = float("-inf")
-    if eos_ids is not None:
-        scores[..., eos_ids] = scores[..., eos_ids].masked_fill(banned_eos[..., None], float("-inf"))
-    batch, size, vocab = scores.shape
-    if logits_processor:
-        flat_context = context.repeat_interleave(size, dim=0)
-        scores = logits_processor(flat_context, scores.view(-1, vocab)).view(batch, size, vocab)
-    if warpers:
-        scores = warpers(None, scores.reshape(-1, vocab)).view(batch, size, vocab)
-    return scores
-
-
-@dataclass(frozen=True)
-class StepRule:
-    """How a denoising step picks tokens and positions: fixed for a generation (constants of a compiled step)."""
-
-    mask_token_id: int
-    sampler: str
-    do_sample: bool
-    confidence_threshold: float
-
-
-def draw_step_noise(rule: StepRule, batch: int, block_size: int, vocab_size: int, device, generator=None):
-    """The uniform draws of one step, taken before it (so the stream is the same compiled or not, cached or not):
-    (B, bs, V) for the Gumbel-max tokens, (B, bs) for the positions of the random samplers; None when greedy.
-    From `generator` if given, else torch's default generator."""
-    if not rule.do_sample:
-        return None, None
-    tokens = torch.rand(batch, block_size, vocab_size, device=device, generator=generator)
-    positions = (torch.rand(batch, block_size, device=device, generator=generator)
-                 if rule.sampler != "confidence" else None)
-    return tokens, positions
-
-
-def ddpm_reveal_probabilities(num_steps: int, device) -> torch.Tensor:
-    """(T,) fp32: step k goes from t = 1 - k/T to s = 1 - (k+1)/T and reveals each masked token with (t-s)/t."""
-    times = [(1 - step / num_steps, 1 - (step + 1) / num_steps) for step in range(num_steps)]
-    return torch.tensor([(t - s) / t for t, s in times], dtype=torch.float32, device=device)
-
-
-def choose_tokens(scores, uniform=None):
-    """Tokens (B, bs) and their probability (the confidence) under the distribution they come from: the argmax, or
-    with `uniform` (B, bs, V) a Gumbel-max draw from softmax(scores)."""
-    if uniform is None:
-        best, tokens = scores.max(-1)
-        return tokens, (best - scores.logsumexp(-1)).exp()  # the top probability, without a softmax
-    log_probs = scores.log_softmax(-1)
-    gumbel = -torch.log(-torch.log(uniform.clamp(min=1e-20, max=1 - 1e-7)))
-    tokens = (log_probs + gumbel).argmax(-1)
-    return tokens, log_probs.gather(-1, tokens[..., None])[..., 0].exp()
-
-
-def most_confident(confidence, masked, count):
-    """(B, bs) bool: the `count` (B,) most confident masked positions per row, ties broken by position."""
-    scores = confidence.masked_fill(~masked, -1.0)
-    order = scores.sort(dim=-1, descending=True, stable=True).indices
-    positions = torch.arange(order.shape[-1], device=order.device).expand_as(order)
-    ranks = torch.empty_like(order).scatter_(-1, order, positions)  # rank of each position by confidence
-    return masked & (ranks < count[:, None])
-
-
-def reveal_positions(masked, confidence, reveal_probability, uniform, rule: StepRule):
-    """(B, bs) bool: the masked positions this step reveals.
-
-    ddpm: each with probability `reveal_probability`, or greedily the expected number, rounded, most confident
-    first; first_hitting: one per row, at random or the most confident; confidence: every position whose confidence
-    reaches the threshold, and at least the most confident one."""
-    at_least_one = masked.any(-1).long()
-    if rule.sampler == "ddpm":
-        if rule.do_sample:
-            return masked & (uniform < reveal_probability)
-        count = torch.floor(masked.sum(-1) * reveal_probability + 0.5).long()
-        return most_confident(confidence, masked, count)
-    if rule.sampler == "first_hitting":
-        return most_confident(uniform if rule.do_sample else confidence, masked, at_least_one)
-    return (masked & (confidence >= rule.confidence_threshold)) | most_confident(confidence, masked, at_least_one)
-
-
-def sample_step(scores, block, fixed, noise, reveal_probability, rule: StepRule):
-    """One sampler step on a block (B, bs): its tokens after revealing the chosen masked positions."""
-    masked = (block == rule.mask_token_id) & ~fixed
-    tokens, confidence = choose_tokens(scores, noise[0])
-    reveal = reveal_positions(masked, confidence, reveal_probability, noise[1], rule)
-    return torch.where(reveal, tokens, block)
-
-
 def step_reveal_probability(state, step: int):
     """The ddpm step's reveal probability as a 0-d device tensor (no host transfer, no recompilation per step)."""
     table = state["reveal_probabilities"]
@@ -223,11 +133,6 @@ def processor_context(canvas, valid, start: int, state):
     if not state["logits_processor"]:
         return None
     return torch.where(valid[:, :start], canvas[:, :start], state["pad_id"])
-
-
-def unigram_entropy(tokens: torch.Tensor) -> torch.Tensor:
-    _, counts = torch.unique(tokens, return_counts=True)
-    return torch.special.entr(counts.float() / counts.sum()).sum()
 
 
 # --- generate -----------------------------------------------------------------------------------------------------
@@ -320,7 +225,7 @@ class BD3LMGenerationMixin(GenerationMixin):
         new_index = torch.arange(canvas.shape[1], device=canvas.device)[None] - first_new[:, None]  # < 0: prompt
         banned_eos = (new_index >= 0) & (new_index < (config.min_new_tokens or 0))
         done = torch.zeros(batch, dtype=torch.bool, device=canvas.device)
-        warpers = _sampling_warpers(config) if config.do_sample else None
+        warpers = sampling_warpers(config) if config.do_sample else None
         logits_processor = logits_processor or LogitsProcessorList()
         stopping_criteria = stopping_criteria or StoppingCriteriaList()
         cache = self.make_cache(config, batch) if use_cache else None
@@ -601,15 +506,6 @@ class BD3LMGenerationMixin(GenerationMixin):
         return done
 
 
-def low_entropy_rows(canvas, valid):
-    """(B,) bool: rows whose last 256 real tokens have a unigram entropy below 4 nats."""
-    rows = []
-    for tokens, real in zip(canvas, valid):
-        window = tokens[real][-ENTROPY_WINDOW:]
-        rows.append(len(window) >= ENTROPY_WINDOW and float(unigram_entropy(window)) < ENTROPY_THRESHOLD)
-    return torch.tensor(rows, device=canvas.device)
-
-
 def _gather_new_tokens(canvas, first_new, count: int, pad_id: int):
     """(B, count): the `count` canvas tokens of each row from its first new column; pad past the canvas."""
     columns = first_new[:, None] + torch.arange(count, device=canvas.device)[None]
@@ -631,17 +527,6 @@ def _max_new_tokens(config, prompt_width: int) -> int:
         return config.max_length - prompt_width
     raise ValueError(f"set max_new_tokens (max_length={config.max_length} leaves no room after a prompt of "
                      f"{prompt_width} tokens).")
-
-
-def _sampling_warpers(config) -> LogitsProcessorList:
-    warpers = LogitsProcessorList()
-    if config.temperature is not None and config.temperature != 1.0:
-        warpers.append(TemperatureLogitsWarper(config.temperature))
-    if config.top_k is not None and config.top_k != 0:
-        warpers.append(TopKLogitsWarper(config.top_k))
-    if config.top_p is not None and config.top_p < 1.0:
-        warpers.append(TopPLogitsWarper(config.top_p))
-    return warpers
 
 
 def _as_id_tensor(ids, device):

@@ -16,7 +16,7 @@ from test_hub_folder import BLOCK_IMPORT
 
 EXPECTED_FILES = ["README.md", "cache_bd3lm.py", "config.json", "configuration_bd3lm.py", "diffusion_bd3lm.py",
                   "generation_bd3lm.py", "generation_config.json", "masking_bd3lm.py", "model.safetensors",
-                  "modeling_bd3lm.py", "tokenizer.json", "tokenizer_config.json"]
+                  "modeling_bd3lm.py", "sampling_bd3lm.py", "tokenizer.json", "tokenizer_config.json"]
 
 
 @pytest.fixture(scope="module")

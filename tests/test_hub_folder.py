@@ -44,7 +44,7 @@ def test_saved_folder_loads_in_a_fresh_process_without_the_package(tmp_path):
     model.save_pretrained(tmp_path / "repo")
     files = {p.name for p in (tmp_path / "repo").iterdir()}
     assert {"config.json", "model.safetensors", "modeling_bd3lm.py", "configuration_bd3lm.py", "cache_bd3lm.py",
-            "masking_bd3lm.py", "diffusion_bd3lm.py"} <= files
+            "masking_bd3lm.py", "diffusion_bd3lm.py", "generation_bd3lm.py", "sampling_bd3lm.py"} <= files
     auto_map = json.loads((tmp_path / "repo" / "config.json").read_text())["auto_map"]
     assert auto_map == {"AutoConfig": "configuration_bd3lm.BD3LMConfig",
                         "AutoModelForCausalLM": "modeling_bd3lm.BD3LMForBlockDiffusion",

@@ -1,0 +1,131 @@
+"""The sampler math of block diffusion: small pure functions of one denoising step, device-side and in fp32.
+
+A step turns the model's logits for a block into scores (SUBS: never [MASK]; EOS banned before `min_new_tokens`;
+processors and warpers), picks tokens (argmax or Gumbel-max) and reveals masked positions by the sampler's rule.
+The random draws are inputs (`draw_step_noise`), so a step is a function of its arguments: compiled or eager,
+cached or not, it gives the same tokens.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from transformers.generation import (LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper,
+                                     TopPLogitsWarper)
+
+SAMPLERS = ("ddpm", "first_hitting", "confidence")
+ENTROPY_WINDOW, ENTROPY_THRESHOLD = 256, 4.0  # the paper's stop rule: unigram entropy of the last 256 tokens < 4 nats
+
+
+def process_logits(logits, mask_token_id: int, banned_eos, eos_ids, logits_processor, warpers, context):
+    """(B, bs, V) raw logits -> scores: SUBS (never [MASK]), EOS ban, processors, then the sampling warpers
+    (temperature, top-k, top-p) when sampling."""
+    scores = logits.to(torch.float32, copy=True)  # the caller's logits stay as they are
+    scores[..., mask_token_id] = float("-inf")
+    if eos_ids is not None:
+        scores[..., eos_ids] = scores[..., eos_ids].masked_fill(banned_eos[..., None], float("-inf"))
+    batch, size, vocab = scores.shape
+    if logits_processor:
+        flat_context = context.repeat_interleave(size, dim=0)
+        scores = logits_processor(flat_context, scores.view(-1, vocab)).view(batch, size, vocab)
+    if warpers:
+        scores = warpers(None, scores.reshape(-1, vocab)).view(batch, size, vocab)
+    return scores
+
+
+@dataclass(frozen=True)
+class StepRule:
+    """How a denoising step picks tokens and positions: fixed for a generation (constants of a compiled step)."""
+
+    mask_token_id: int
+    sampler: str
+    do_sample: bool
+    confidence_threshold: float
+
+
+def draw_step_noise(rule: StepRule, batch: int, block_size: int, vocab_size: int, device, generator=None):
+    """The uniform draws of one step, taken before it (so the stream is the same compiled or not, cached or not):
+    (B, bs, V) for the Gumbel-max tokens, (B, bs) for the positions of the random samplers; None when greedy.
+    From `generator` if given, else torch's default generator."""
+    if not rule.do_sample:
+        return None, None
+    tokens = torch.rand(batch, block_size, vocab_size, device=device, generator=generator)
+    positions = (torch.rand(batch, block_size, device=device, generator=generator)
+                 if rule.sampler != "confidence" else None)
+    return tokens, positions
+
+
+def ddpm_reveal_probabilities(num_steps: int, device) -> torch.Tensor:
+    """(T,) fp32: step k goes from t = 1 - k/T to s = 1 - (k+1)/T and reveals each masked token with (t-s)/t."""
+    times = [(1 - step / num_steps, 1 - (step + 1) / num_steps) for step in range(num_steps)]
+    return torch.tensor([(t - s) / t for t, s in times], dtype=torch.float32, device=device)
+
+
+def choose_tokens(scores, uniform=None):
+    """Tokens (B, bs) and their probability (the confidence) under the distribution they come from: the argmax, or
+    with `uniform` (B, bs, V) a Gumbel-max draw from softmax(scores)."""
+    if uniform is None:
+        best, tokens = scores.max(-1)
+        return tokens, (best - scores.logsumexp(-1)).exp()  # the top probability, without a softmax
+    log_probs = scores.log_softmax(-1)
+    gumbel = -torch.log(-torch.log(uniform.clamp(min=1e-20, max=1 - 1e-7)))
+    tokens = (log_probs + gumbel).argmax(-1)
+    return tokens, log_probs.gather(-1, tokens[..., None])[..., 0].exp()
+
+
+def most_confident(confidence, masked, count):
+    """(B, bs) bool: the `count` (B,) most confident masked positions per row, ties broken by position."""
+    scores = confidence.masked_fill(~masked, -1.0)
+    order = scores.sort(dim=-1, descending=True, stable=True).indices
+    positions = torch.arange(order.shape[-1], device=order.device).expand_as(order)
+    ranks = torch.empty_like(order).scatter_(-1, order, positions)  # rank of each position by confidence
+    return masked & (ranks < count[:, None])
+
+
+def reveal_positions(masked, confidence, reveal_probability, uniform, rule: StepRule):
+    """(B, bs) bool: the masked positions this step reveals.
+
+    ddpm: each with probability `reveal_probability`, or greedily the expected number, rounded, most confident
+    first; first_hitting: one per row, at random or the most confident; confidence: every position whose confidence
+    reaches the threshold, and at least the most confident one."""
+    at_least_one = masked.any(-1).long()
+    if rule.sampler == "ddpm":
+        if rule.do_sample:
+            return masked & (uniform < reveal_probability)
+        count = torch.floor(masked.sum(-1) * reveal_probability + 0.5).long()
+        return most_confident(confidence, masked, count)
+    if rule.sampler == "first_hitting":
+        return most_confident(uniform if rule.do_sample else confidence, masked, at_least_one)
+    return (masked & (confidence >= rule.confidence_threshold)) | most_confident(confidence, masked, at_least_one)
+
+
+def sample_step(scores, block, fixed, noise, reveal_probability, rule: StepRule):
+    """One sampler step on a block (B, bs): its tokens after revealing the chosen masked positions."""
+    masked = (block == rule.mask_token_id) & ~fixed
+    tokens, confidence = choose_tokens(scores, noise[0])
+    reveal = reveal_positions(masked, confidence, reveal_probability, noise[1], rule)
+    return torch.where(reveal, tokens, block)
+
+
+def sampling_warpers(config) -> LogitsProcessorList:
+    warpers = LogitsProcessorList()
+    if config.temperature is not None and config.temperature != 1.0:
+        warpers.append(TemperatureLogitsWarper(config.temperature))
+    if config.top_k is not None and config.top_k != 0:
+        warpers.append(TopKLogitsWarper(config.top_k))
+    if config.top_p is not None and config.top_p < 1.0:
+        warpers.append(TopPLogitsWarper(config.top_p))
+    return warpers
+
+
+def unigram_entropy(tokens: torch.Tensor) -> torch.Tensor:
+    _, counts = torch.unique(tokens, return_counts=True)
+    return torch.special.entr(counts.float() / counts.sum()).sum()
+
+
+def low_entropy_rows(canvas, valid):
+    """(B,) bool: rows whose last 256 real tokens have a unigram entropy below 4 nats."""
+    rows = []
+    for tokens, real in zip(canvas, valid):
+        window = tokens[real][-ENTROPY_WINDOW:]
+        rows.append(len(window) >= ENTROPY_WINDOW and float(unigram_entropy(window)) < ENTROPY_THRESHOLD)
+    return torch.tensor(rows, device=canvas.device)

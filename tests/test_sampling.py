@@ -1,0 +1,74 @@
+"""The sampler math (`modeling/sampling_bd3lm.py`) as pure functions: probabilities, ranks, reveal rules, SUBS/EOS
+scores and the Gumbel-max draw."""
+
+import pytest
+import torch
+
+from bd3lm_hf.modeling.sampling_bd3lm import (StepRule, choose_tokens, ddpm_reveal_probabilities, draw_step_noise,
+                                              most_confident, process_logits, reveal_positions, sample_step)
+
+MASK = 7
+
+
+def rule(sampler="ddpm", do_sample=False, threshold=0.9):
+    return StepRule(MASK, sampler, do_sample, threshold)
+
+
+def test_ddpm_probabilities_reveal_everything_at_the_last_step():
+    probabilities = ddpm_reveal_probabilities(4, "cpu")
+    torch.testing.assert_close(probabilities, torch.tensor([1 / 4, 1 / 3, 1 / 2, 1.0]))
+    assert probabilities.dtype == torch.float32
+
+
+def test_most_confident_takes_count_per_row_ties_by_position():
+    confidence = torch.tensor([[0.5, 0.9, 0.5, 0.1], [0.3, 0.3, 0.3, 0.3]])
+    masked = torch.tensor([[True, True, True, False], [True, True, True, True]])
+    chosen = most_confident(confidence, masked, torch.tensor([2, 3]))
+    assert chosen.tolist() == [[True, True, False, False], [True, True, True, False]]
+
+
+def test_reveal_rules():
+    masked = torch.tensor([[True, True, True, True, False]])
+    confidence = torch.tensor([[0.2, 0.95, 0.4, 0.91, 0.99]])
+    half = torch.tensor(0.5)
+    assert reveal_positions(masked, confidence, half, None, rule()).sum() == 2  # round(4 * 0.5)
+    assert reveal_positions(masked, confidence, None, None, rule("first_hitting")).tolist() == [
+        [False, True, False, False, False]]
+    assert reveal_positions(masked, confidence, None, None, rule("confidence")).tolist() == [
+        [False, True, False, True, False]]  # >= 0.9, never the unmasked position
+    low = reveal_positions(masked, confidence, None, None, rule("confidence", threshold=0.99))
+    assert low.tolist() == [[False, True, False, False, False]]  # at least one
+    uniform = torch.tensor([[0.1, 0.9, 0.4, 0.6, 0.0]])
+    sampled = reveal_positions(masked, confidence, half, uniform, rule(do_sample=True))
+    assert sampled.tolist() == [[True, False, True, False, False]]
+
+
+def test_scores_never_pick_mask_and_ban_eos_where_asked():
+    logits = torch.zeros(1, 2, 10)
+    logits[..., MASK] = 100.0
+    logits[..., 3] = 50.0  # EOS
+    eos_ids = torch.tensor([3])
+    scores = process_logits(logits, MASK, torch.tensor([[True, False]]), eos_ids, None, None, None)
+    tokens, confidence = choose_tokens(scores)
+    assert tokens[0, 1] == 3 and tokens[0, 0] != 3 and not (tokens == MASK).any()
+    assert torch.isfinite(confidence).all() and logits[0, 0, MASK] == 100.0  # the model's logits are untouched
+
+
+def test_gumbel_max_draws_follow_the_softmax():
+    scores = torch.log(torch.tensor([[[0.6, 0.3, 0.1]]])).expand(1, 20000, 3)
+    uniform = torch.rand(1, 20000, 3, generator=torch.Generator().manual_seed(0))
+    tokens, probability = choose_tokens(scores, uniform)
+    frequencies = torch.bincount(tokens.flatten(), minlength=3).float() / tokens.numel()
+    torch.testing.assert_close(frequencies, torch.tensor([0.6, 0.3, 0.1]), atol=0.015, rtol=0)
+    torch.testing.assert_close(probability, torch.tensor([0.6, 0.3, 0.1])[tokens], atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("sampler", ["ddpm", "first_hitting", "confidence"])
+def test_a_step_changes_only_masked_unfixed_positions(sampler):
+    block = torch.tensor([[MASK, 2, MASK, MASK]])
+    fixed = torch.tensor([[False, False, False, True]])  # e.g. a prompt token slot
+    noise = draw_step_noise(rule(sampler, True), 1, 4, 10, "cpu", torch.Generator().manual_seed(0))
+    scores = process_logits(torch.randn(1, 4, 10), MASK, torch.zeros(1, 4, dtype=torch.bool), None, None, None, None)
+    new = sample_step(scores, block, fixed, noise, torch.tensor(1.0), rule(sampler, True))
+    assert new[0, 1] == 2 and new[0, 3] == MASK and (new[0, :3] != MASK).sum() >= 1
+    assert noise[0].shape == (1, 4, 10) and (noise[1] is None) == (sampler == "confidence")
