@@ -17,6 +17,7 @@ import multiprocessing
 import platform
 import resource
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -235,9 +236,16 @@ def main(argv=None):
     if not selected:
         raise SystemExit(f"no case matches --only {args.only!r}")
     models = {}
-    rows = []
+    rows, failures = [], []
     for case in selected:
-        rows.append(isolated(case) if case["device"] == "cpu" and not args.smoke else run_case(case, models))
+        try:
+            rows.append(isolated(case) if case["device"] == "cpu" and not args.smoke else run_case(case, models))
+        except Exception as error:  # one failing case must not cost the figures of the others
+            traceback.print_exc()
+            failures.append(f"FAILED {case['name']} (batch {case['batch']}): {type(error).__name__}: {error}")
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            continue
         print(f"{rows[-1]['name']} (batch {rows[-1]['batch']}): {rows[-1]['tokens_per_s']:.1f} tok/s, "
               f"{rows[-1]['ms_per_call']:.3f} ms/call", flush=True)
     shape = selected[0]["shape"]
@@ -246,10 +254,12 @@ def main(argv=None):
     title = "GPU" if args.gpu else ("smoke, CPU" if args.smoke else "CPU")
     text = (f"\n## bench_generate ({title}) — {datetime.date.today()}\n\nMachine: {machine(selected[0]['device'])}. "
             f"Models: {models_text}. Random weights, greedy, prompt = 1 token.\n\n{table(rows)}\n\n"
-            + "\n".join(f"- {line}" for line in summary) + "\n")
+            + "\n".join(f"- {line}" for line in failures + summary) + "\n")
     print(text)
     with args.results.open("a") as handle:
         handle.write(text)
+    if failures:
+        raise SystemExit(f"{len(failures)} case(s) failed (see the log and {args.results})")
     return rows
 
 

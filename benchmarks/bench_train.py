@@ -15,6 +15,7 @@ import argparse
 import contextlib
 import datetime
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -111,11 +112,18 @@ def main(argv=None):
     args = parser.parse_args(argv)
     device = "cuda" if args.gpu else "cpu"
     shape = GPU if args.gpu else (SMOKE if args.smoke else CPU)
-    rows = []
+    rows, failures = [], []
     for row in rows_for(args.gpu, args.block):
         if args.smoke and row["attention"] == "flex_attention":
             continue
-        rows.append(measure(shape, row, device))
+        try:
+            rows.append(measure(shape, row, device))
+        except Exception as error:  # one failing row must not cost the figures of the others
+            traceback.print_exc()
+            failures.append(f"FAILED {row}: {type(error).__name__}: {error}")
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            continue
         print(rows[-1], flush=True)
     lines = ["| pass | attention | layers | block | tokens/s | ms/step | peak GiB |", "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['mode']} | {r['attention']} | {'compiled' if r['compiled'] else 'eager'} | {r['block']} | "
@@ -126,10 +134,12 @@ def main(argv=None):
     title = "GPU" if args.gpu else ("smoke, CPU" if args.smoke else "CPU")
     text = (f"\n## bench_train ({title}) — {datetime.date.today()}\n\nMachine: {machine} (torch {torch.__version__})."
             f" Model: {shape}, {precision}, AdamW step included.\n\n" + "\n".join(lines) + "\n\n"
-            + "\n".join(f"- {line}" for line in summary(rows)) + "\n")
+            + "\n".join(f"- {line}" for line in failures + summary(rows)) + "\n")
     print(text)
     with args.results.open("a") as handle:
         handle.write(text)
+    if failures:
+        raise SystemExit(f"{len(failures)} row(s) failed (see the log and {args.results})")
     return rows
 
 

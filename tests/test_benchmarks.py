@@ -30,3 +30,25 @@ def test_bench_train_smoke_runs(tmp_path):
     assert [(row["mode"], row["attention"]) for row in rows] == [("2L", "sdpa"), ("two passes", "sdpa")]
     assert "## bench_train (smoke, CPU)" in results.read_text()
     assert [row["attention"] for row in bench_train.rows_for(True, [16])][:2] == ["flex_attention"] * 2
+
+
+def test_a_failing_case_is_reported_and_the_others_still_written(tmp_path, monkeypatch):
+    results = tmp_path / "RESULTS.md"
+    real_run_case = bench_generate.run_case
+
+    def flaky(case, models=None):
+        if "static+compiled" in case["name"]:
+            raise RuntimeError("simulated compile failure")
+        return real_run_case(case, models)
+
+    monkeypatch.setattr(bench_generate, "run_case", flaky)
+    try:
+        bench_generate.main(["--smoke", "--new-tokens", "8", "--batch", "1", "--block", "4",
+                             "--results", str(results)])
+    except SystemExit as stop:
+        assert "2 case(s) failed" in str(stop)
+    else:
+        raise AssertionError("a failed case must make the run fail")
+    text = results.read_text()
+    assert "FAILED small-bs4: bd3lm static+compiled, first_hitting (batch 1): RuntimeError" in text
+    assert "| small-bs4: bd3lm eager, first_hitting | 1 |" in text
