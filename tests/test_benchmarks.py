@@ -52,3 +52,31 @@ def test_a_failing_case_is_reported_and_the_others_still_written(tmp_path, monke
     text = results.read_text()
     assert "FAILED small-bs4: bd3lm static+compiled, first_hitting (batch 1): RuntimeError" in text
     assert "| small-bs4: bd3lm eager, first_hitting | 1 |" in text
+
+
+def test_sigterm_writes_the_cases_already_measured(tmp_path, monkeypatch):
+    """`timeout` ends a device call with SIGTERM: the finished cases must still reach RESULTS.md."""
+    import os
+    import signal
+
+    results = tmp_path / "RESULTS.md"
+    real_run_case = bench_generate.run_case
+    calls = []
+
+    def stopped_on_third(case, models=None):
+        calls.append(case["name"])
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_run_case(case, models)
+
+    monkeypatch.setattr(bench_generate, "run_case", stopped_on_third)
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        bench_generate.main(["--smoke", "--new-tokens", "8", "--batch", "1", "--results", str(results)])
+    except SystemExit as stop:
+        assert "1 case(s) failed" in str(stop)
+    else:
+        raise AssertionError("an interrupted run must fail")
+    assert signal.getsignal(signal.SIGTERM) is before
+    text = results.read_text()
+    assert "INTERRUPTED (SIGTERM) after 2 of" in text and text.count("| small-bs16: bd3lm") == 2
