@@ -4,8 +4,9 @@
     python benchmarks/bench_train.py --gpu      # CUDA: paper "small" (H768, 12 layers, V50258), bf16, B16, L1024
     python benchmarks/bench_train.py --smoke --results /tmp/r.md   # the GPU row list on CPU, tiny (tests)
 
-One training step = forward + backward + AdamW step on a batch noised by the collator, with fp32 weights under
-bf16 autocast on the GPU (what `TrainingArguments(bf16=True)` and the original's bf16 training do). Rows: the 2L
+One training step = forward + backward + AdamW step (fused on CUDA, Trainer's default) on a batch noised by the
+collator, with fp32 weights under bf16 autocast on the GPU (what `TrainingArguments(bf16=True)` and the original's
+bf16 training do). Rows: the 2L
 pass with flex attention (eager layers, then `compile_decoder_layers`), with sdpa's dense mask, and "two passes"
 (the model on x_0 and on x_t separately, block-causal, L tokens each: the naive alternative, for comparison).
 Prints a table and appends it, with the machine, to benchmarks/RESULTS.md (or --results).
@@ -63,7 +64,8 @@ def measure(shape, row, device) -> dict:
     model = make_model(shape, row["block"], row["attention"], device)
     if row["compiled"]:
         compile_decoder_layers(model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    # fused on CUDA: what Trainer uses by default (optim="adamw_torch_fused")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
     batch = batch_for(shape, row["block"], device)
     autocast = ((lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if device == "cuda"
                 else contextlib.nullcontext)
