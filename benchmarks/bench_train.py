@@ -6,9 +6,9 @@
 
 One training step = forward + backward + AdamW step (fused on CUDA, Trainer's default) on a batch noised by the
 collator, with fp32 weights under bf16 autocast on the GPU (what `TrainingArguments(bf16=True)` and the original's
-bf16 training do). Rows: the 2L
-pass with flex attention (eager layers, then `compile_decoder_layers`), with sdpa's dense mask, and "two passes"
-(the model on x_0 and on x_t separately, block-causal, L tokens each: the naive alternative, for comparison).
+bf16 training do). Rows: the 2L pass with flex attention (eager layers, then `compile_decoder_layers`), with sdpa's
+dense mask, and "two passes" (the model on x_0 and on x_t separately, block-causal, L tokens each: the naive
+alternative, for comparison).
 Prints a table and appends it, with the machine, to benchmarks/RESULTS.md (or --results).
 """
 
