@@ -276,3 +276,31 @@ def test_build_trainer_compiles_layers_on_request(tmp_path, small_data):
         assert all((layer._compiled_call_impl is not None) == compiled for layer in layers), choice
     with pytest.raises(ValueError, match="compile_layers must be one of"):
         should_compile_layers("yes")
+
+
+def test_training_with_compiled_layers_matches_eager(tmp_path, small_data, monkeypatch, fresh_dynamo):
+    """Trainer + compiled decoder layers (+ EMA swaps and evaluations): the same losses as eager. The backend is
+    aot_eager here for speed (inductor's numerics: tests/test_compilation.py)."""
+    import functools
+
+    import bd3lm_hf.training as training
+    from bd3lm_hf.compilation import compile_decoder_layers
+
+    monkeypatch.setattr(training, "compile_decoder_layers",
+                        functools.partial(compile_decoder_layers, backend="aot_eager"))
+    train_set, eval_set, tokenizer = small_data
+    history = {}
+    for choice in ("off", "on"):
+        trainer = build_trainer(small_config(compile_layers=choice),
+                                arguments(tmp_path / choice, max_steps=6, eval_strategy="steps", eval_steps=3),
+                                train_set=train_set, eval_set=eval_set, tokenizer=tokenizer)
+        trainer.train()
+        history[choice] = [(h.get("loss"), h.get("eval_loss")) for h in trainer.state.log_history
+                           if "loss" in h or "eval_loss" in h]
+    assert len(history["on"]) == 8
+    for (loss, eval_loss), (expected_loss, expected_eval) in zip(history["on"], history["off"]):
+        assert (loss is None) == (expected_loss is None) and (eval_loss is None) == (expected_eval is None)
+        if loss is not None:
+            assert abs(loss - expected_loss) < 1e-5
+        if eval_loss is not None:
+            assert abs(eval_loss - expected_eval) < 1e-5
