@@ -84,3 +84,14 @@ def diffusion_nelbo_terms(logits: torch.Tensor, x_t: torch.Tensor, x_0: torch.Te
     """Per-token NELBO terms (B, L): (1/t) * -log p(x_0 | x_t) at masked positions, 0 elsewhere."""
     t = per_token_noise_levels(noise_levels.float(), block_size, x_t.shape[-1])
     return loss_weights(t) * masked_token_nll(logits, x_t, x_0, mask_token_id)
+
+
+def block_diffusion_nelbo(logits: torch.Tensor, x_t: torch.Tensor, x_0: torch.Tensor, noise_levels: torch.Tensor,
+                          scored: torch.Tensor, block_size: int, mask_token_id: int,
+                          num_items_in_batch: torch.Tensor | None = None) -> torch.Tensor:
+    """The training loss: NELBO terms summed over `scored` (B, L) tokens, divided by their number (or by
+    `num_items_in_batch`, Trainer's count across gradient-accumulation steps). The model's `loss_function`."""
+    terms = diffusion_nelbo_terms(logits, x_t, x_0, noise_levels, block_size, mask_token_id)
+    total = torch.where(scored, terms, torch.zeros_like(terms)).sum()
+    count = scored.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+    return total / count

@@ -24,7 +24,7 @@ from transformers.utils import logging
 
 from .cache_bd3lm import BD3LMCache, BD3LMStaticCache
 from .configuration_bd3lm import BD3LMConfig
-from .diffusion_bd3lm import diffusion_nelbo_terms, sigma_from_noise_level
+from .diffusion_bd3lm import block_diffusion_nelbo, sigma_from_noise_level
 from .generation_bd3lm import BD3LMGenerationConfig, BD3LMGenerationMixin
 from .masking_bd3lm import (concat_descriptors, dense_block_diffusion_mask, flex_block_diffusion_mask,
                             flex_training_mask, token_descriptors)
@@ -347,6 +347,7 @@ class BD3LMForBlockDiffusion(BD3LMPreTrainedModel, BD3LMGenerationMixin):
         super().__init__(config)
         self.model = BD3LMModel(config)
         self.lm_head = zero_initialized(nn.Linear(config.hidden_size, config.vocab_size, bias=True))
+        self.loss_function = block_diffusion_nelbo  # transformers' loss hook (its setter); not a parameter
         self.post_init()
 
     def get_output_embeddings(self):
@@ -440,14 +441,12 @@ class BD3LMForBlockDiffusion(BD3LMPreTrainedModel, BD3LMGenerationMixin):
         return x0_ids
 
     def nelbo(self, logits, x_t, x_0, labels, noise_levels, attention_mask, num_items_in_batch):
-        """Sum of (1/t) * -log p(x_0 | x_t) over masked tokens, divided by the number of scored tokens."""
-        terms = diffusion_nelbo_terms(logits, x_t, x_0, noise_levels, self.config.block_size,
-                                      self.config.mask_token_id)
+        """Sum of (1/t) * -log p(x_0 | x_t) over masked tokens, divided by the number of scored tokens, through
+        `self.loss_function` (transformers' hook: `compile_decoder_layers` swaps in a compiled one)."""
         scored = labels != -100
         if attention_mask is not None:
             scored = scored & attention_mask.bool()
-        total = torch.where(scored, terms, torch.zeros_like(terms)).sum()
-        count = num_items_in_batch if num_items_in_batch is not None else scored.sum().clamp(min=1)
-        if torch.is_tensor(count):
-            count = count.to(total.device)
-        return total / count
+        if num_items_in_batch is not None:  # a tensor, so that a compiled loss is not specialised on the count
+            num_items_in_batch = torch.as_tensor(num_items_in_batch, device=logits.device)
+        return self.loss_function(logits, x_t, x_0, noise_levels, scored, self.config.block_size,
+                                  self.config.mask_token_id, num_items_in_batch)

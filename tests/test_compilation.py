@@ -33,6 +33,7 @@ def test_compiled_layers_give_the_eager_loss_and_gradients(backend):
     names = list(compiled.state_dict())
     compile_decoder_layers(compiled, backend=backend)
     assert list(compiled.state_dict()) == names  # compiled in place: checkpoints are unchanged
+    assert compiled.loss_function is not eager.loss_function  # the loss is compiled too
     for seed in (0, 1):  # a second batch replays the compiled graph
         batch = training_batch(seed)
         expected_loss, expected = loss_and_grads(eager, batch)

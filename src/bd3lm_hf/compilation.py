@@ -1,4 +1,5 @@
-"""Compiled decoder layers for training: each DiT block fused by `torch.compile` (torchtitan's per-block compile).
+"""Compiled decoder layers (and loss) for training: each DiT block fused by `torch.compile` (torchtitan's
+per-block compile).
 
 Compiling block by block rather than the whole model keeps the input checks and the mask construction eager (they
 read the batch), compiles one graph that all identical layers share, and leaves parameter names unchanged
@@ -26,14 +27,19 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
 
 
 def compile_decoder_layers(model: nn.Module, **compile_kwargs) -> nn.Module:
-    """Compile every decoder layer in place (default: `fullgraph=True`, static shapes, inductor); returns `model`.
+    """Compile every decoder layer in place, and the training loss (default: `fullgraph=True`, static shapes,
+    inductor); returns `model`. `compile_kwargs` go to `torch.compile` (backend, mode, options, ...).
 
-    `compile_kwargs` go to `torch.compile` (backend, mode, options, ...)."""
+    The loss is the model's `loss_function` (transformers' hook): compiled, the fp32 upcast, the SUBS mask, the
+    log-softmax and its gradient fuse into a few kernels instead of materialising (B, L, V) fp32 copies."""
     settings = {"fullgraph": True, "dynamic": False, **compile_kwargs}
     layers = decoder_layers(model)
     for layer in layers:
         layer.compile(**settings)
-    logger.info("compiled %d decoder layers with %s", len(layers), settings)
+    for module in model.modules():
+        if "_loss_function" in vars(module):  # the BD3-LM model itself, also under a PEFT wrapper
+            module.loss_function = torch.compile(module.loss_function, **settings)
+    logger.info("compiled %d decoder layers and the loss with %s", len(layers), settings)
     return model
 
 
