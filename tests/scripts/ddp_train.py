@@ -54,7 +54,7 @@ def main(out: str, per_device: int, accumulation: int) -> None:
     trainer.train()
     if trainer.is_world_process_zero():
         losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
-        checksum = float(sum(p.double().abs().sum() for p in model.parameters()))
+        checksum = float(sum(p.detach().double().abs().sum() for p in model.parameters()))
         Path(out).mkdir(parents=True, exist_ok=True)
         (Path(out) / "result.json").write_text(json.dumps({"losses": losses, "checksum": checksum,
                                                            "world_size": args.world_size}))
