@@ -14,7 +14,8 @@ from transformers.generation import CompileConfig, LogitsProcessorList, Stopping
 from transformers.utils import ModelOutput, logging
 
 from .cache_bd3lm import BD3LMCache, BD3LMStaticCache
-from .sampling_bd3lm import (SAMPLERS, StepRule, ddpm_reveal_probabilities, draw_step_noise, low_entropy_rows,
+from .diffusion_bd3lm import sigma_from_noise_level
+from .sampling_bd3lm import (SAMPLERS, StepRule, block_noise_level, ddpm_schedule, draw_step_noise, low_entropy_rows,
                              process_logits, sample_step, sampling_warpers)
 
 logger = logging.get_logger(__name__)
@@ -122,10 +123,11 @@ def align_prompts(input_ids, attention_mask, block_size: int, filler: int):
     return canvas, valid_out, lengths, prefix
 
 
-def step_reveal_probability(state, step: int):
-    """The ddpm step's reveal probability as a 0-d device tensor (no host transfer, no recompilation per step)."""
-    table = state["reveal_probabilities"]
-    return None if table is None else table[step]
+def step_schedule(state, step: int):
+    """(time, reveal probability) of a ddpm step as 0-d device tensors (no host transfer, no recompilation per step);
+    (None, None) for the other samplers."""
+    schedule = state["ddpm_schedule"]
+    return (None, None) if schedule is None else (schedule[0][step], schedule[1][step])
 
 
 def processor_context(canvas, valid, start: int, state):
@@ -262,13 +264,13 @@ class BD3LMGenerationMixin(GenerationMixin):
 
     def loop_state(self, config, cache, device, pad_id, eos_ids, warpers, logits_processor, generator) -> dict:
         """What the denoising loop carries: counters (nfe, committed, window_start), the per-generation constants of
-        a step (rule, EOS ids, warpers, processors, ddpm probabilities, generator) and the step function."""
+        a step (rule, EOS ids, warpers, processors, ddpm schedule, generator) and the step function."""
         rule = StepRule(self.config.mask_token_id, config.sampler, bool(config.do_sample),
                         float(config.confidence_threshold))
-        probabilities = ddpm_reveal_probabilities(config.num_steps, device) if config.sampler == "ddpm" else None
+        schedule = ddpm_schedule(config.num_steps, device) if config.sampler == "ddpm" else None
         return {"nfe": 0, "committed": 0, "window_start": 0, "history": [] if config.output_history else None,
                 "pad_id": pad_id, "rule": rule, "eos_ids": eos_ids, "warpers": warpers, "generator": generator,
-                "logits_processor": logits_processor, "reveal_probabilities": probabilities,
+                "logits_processor": logits_processor, "ddpm_schedule": schedule,
                 "step": self.step_function(cache, config, logits_processor)}
 
     def build_canvas(self, input_ids, attention_mask, block_size: int, max_new_tokens: int, pad_id: int,
@@ -371,14 +373,22 @@ class BD3LMGenerationMixin(GenerationMixin):
         return self._bd3lm_compiled[1]
 
     def denoise_step(self, tokens, attention_mask, cache, store_kv, fixed, banned_eos, eos_ids, warpers, noise,
-                     reveal_probability, rule: StepRule, logits_processor=None, context=None):
+                     schedule, rule: StepRule, logits_processor=None, context=None):
         """One model call on `tokens` (B, T), whose last bs tokens are the block being denoised, then one sampler
         step on that block; returns its new tokens (B, bs). A function of its inputs only (the random draws come in
-        as `noise`), so that it compiles into one graph."""
-        block_size = fixed.shape[1]
-        logits = self.denoise_forward(tokens, attention_mask, cache, store_kv, block_size)
+        as `noise`, the ddpm time and reveal probability as `schedule`), so that it compiles into one graph."""
+        block = tokens[:, -fixed.shape[1]:]
+        logits = self.denoise_forward(tokens, attention_mask, cache, store_kv, fixed.shape[1],
+                                      timesteps=self.step_timesteps(block, schedule[0]))
         scores = process_logits(logits, rule.mask_token_id, banned_eos, eos_ids, logits_processor, warpers, context)
-        return sample_step(scores, tokens[:, -block_size:], fixed, noise, reveal_probability, rule)
+        return sample_step(scores, block, fixed, noise, schedule[1], rule)
+
+    def step_timesteps(self, block, time=None):
+        """sigma(t) of the block for time-conditioned models (MDLM), as the original feeds its sampler's t
+        (`_sigma_from_p`); None otherwise (BD3-LM conditions on sigma = 0)."""
+        if not self.config.time_conditioning:
+            return None
+        return sigma_from_noise_level(block_noise_level(block, self.config.mask_token_id, time))
 
     def prepare_prompts(self, input_ids, attention_mask, config):
         """Validate the prompts; an empty prompt starts from BOS."""
@@ -426,12 +436,13 @@ class BD3LMGenerationMixin(GenerationMixin):
         for step in range(num_steps):
             noise = self.step_noise(canvas, state, end - start)
             block = canvas[:, start:end]
+            time, reveal_probability = step_schedule(state, step)
             if stale and (step == 0 or bool(((block == rule.mask_token_id) & ~fixed).any())):
-                logits = self.block_logits(canvas, valid, start, end, cache, state)
+                logits = self.block_logits(canvas, valid, start, end, cache, state, self.step_timesteps(block, time))
                 scores = process_logits(logits, rule.mask_token_id, banned_eos, state["eos_ids"],
                                         state["logits_processor"], state["warpers"],
                                         processor_context(canvas, valid, start, state))
-            new_block = sample_step(scores, block, fixed, noise, step_reveal_probability(state, step), rule)
+            new_block = sample_step(scores, block, fixed, noise, reveal_probability, rule)
             stale = bool((new_block != block).any())
             canvas[:, start:end] = new_block
             if state["history"] is not None:
@@ -447,7 +458,7 @@ class BD3LMGenerationMixin(GenerationMixin):
             tokens = canvas[:, committed:end].contiguous()
             canvas[:, start:end] = state["step"](
                 tokens, mask, cache, start - committed or False, fixed, banned_eos, state["eos_ids"], state["warpers"],
-                noise, step_reveal_probability(state, step), state["rule"], state["logits_processor"] or None,
+                noise, step_schedule(state, step), state["rule"], state["logits_processor"] or None,
                 processor_context(canvas, valid, start, state))
             state["committed"] = start
             state["nfe"] += 1
@@ -458,15 +469,16 @@ class BD3LMGenerationMixin(GenerationMixin):
         return draw_step_noise(state["rule"], canvas.shape[0], block_size, self.config.vocab_size, canvas.device,
                                state["generator"])
 
-    def block_logits(self, canvas, valid, start, end, cache, state):
-        """One model call: logits (B, bs, V) of canvas[:, start:end].
+    def block_logits(self, canvas, valid, start, end, cache, state, timesteps=None):
+        """One model call: logits (B, bs, V) of canvas[:, start:end] (`timesteps`: sigma for time-conditioned models).
 
         With a cache, the call carries canvas[:, committed:end] and commits the tokens before `start` (the prompt or
         the block just finished) in the same forward; without, it recomputes canvas[:, :end].
         """
         state["nfe"] += 1
         if cache is None:
-            return self.denoise_forward(canvas[:, :end], valid[:, :end], None, False, end - start)
+            return self.denoise_forward(canvas[:, :end], valid[:, :end], None, False, end - start,
+                                        timesteps=timesteps)
         # Past the training context, the oldest committed blocks leave the cache: every call sees at most
         # max_position_embeddings tokens (rotary positions keep counting, so relative distances stay exact).
         window_start = max(0, end - self.config.max_position_embeddings)
@@ -479,7 +491,7 @@ class BD3LMGenerationMixin(GenerationMixin):
         if window_start:  # absolute positions; the window alone would restart them at 0
             positions = (valid[:, :end].long().cumsum(-1) - 1).clamp(min=0)[:, committed:end]
         logits = self.denoise_forward(canvas[:, committed:end], valid[:, window_start:end], cache,
-                                      start - committed or False, end - start, positions)
+                                      start - committed or False, end - start, positions, timesteps)
         state["committed"] = start
         return logits
 

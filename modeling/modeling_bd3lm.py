@@ -405,11 +405,11 @@ class BD3LMForBlockDiffusion(BD3LMPreTrainedModel, BD3LMGenerationMixin):
                                       hidden_states=outputs.hidden_states)
 
     def denoise_forward(self, input_ids, attention_mask, past_key_values, store_kv, logits_to_keep,
-                        position_ids=None):
+                        position_ids=None, timesteps=None):
         """The generation hot path: one call against the cache, without input checks (generate validated the
         prompt; the rest are its own tokens), so that it can be compiled whole."""
         outputs = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             past_key_values=past_key_values, store_kv=store_kv)
+                             past_key_values=past_key_values, store_kv=store_kv, timesteps=timesteps)
         return self.lm_head(outputs.last_hidden_state[:, -logits_to_keep:])
 
     def check_input_ids(self, input_ids):

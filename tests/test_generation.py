@@ -1,6 +1,7 @@
 """Block-diffusion generate(): exact cache, samplers, ragged batches, EOS, streaming, pipeline, bad input."""
 
 import logging
+import math
 
 import pytest
 import torch
@@ -326,3 +327,44 @@ def test_generation_past_the_context_slides_the_cache():
         alone = ids[row, mask[row].bool()][None]
         single = model.generate(alone, max_new_tokens=60, do_sample=False)
         assert torch.equal(single[0, alone.shape[1]:], long.sequences[row, ids.shape[1]:])
+
+
+@pytest.fixture(scope="module")
+def mdlm_model():
+    """A time-conditioned, single-block model (the MDLM flavour): sigma(t) reaches adaLN."""
+    return random_model(seed=5, std=0.12, time_conditioning=True, block_size=16, max_position_embeddings=16)
+
+
+def recorded_timesteps(model, monkeypatch):
+    seen = []
+    original = type(model.model).conditioning
+
+    def recording(self, timesteps, batch_size, device):
+        seen.append(None if timesteps is None else timesteps.clone())
+        return original(self, timesteps, batch_size, device)
+
+    monkeypatch.setattr(type(model.model), "conditioning", recording)
+    return seen
+
+
+def test_time_conditioned_models_get_sigma_of_the_sampler_time(mdlm_model, monkeypatch):
+    """As the original sampler: each call feeds sigma(t) = min(-log(1 - t), -log(1e-3)), t the ddpm step's time."""
+    seen = recorded_timesteps(mdlm_model, monkeypatch)
+    ids = torch.tensor([[3, 4, 5]])
+    mdlm_model.generate(ids, max_new_tokens=13, num_steps=4, cache_implementation="static")
+    expected = [min(-math.log(1 - t), -math.log(1e-3)) if t < 1 else -math.log(1e-3) for t in (1, 0.75, 0.5, 0.25)]
+    torch.testing.assert_close(torch.stack(seen)[:, 0], torch.tensor(expected), atol=1e-5, rtol=1e-5)
+    seen.clear()
+    mdlm_model.generate(ids, max_new_tokens=13, sampler="first_hitting")
+    levels = torch.stack(seen)[:, 0]  # sigma of the masked fraction: falls as tokens are revealed
+    assert len(levels) == 13 and bool((levels[1:] < levels[:-1]).all())
+
+
+@pytest.mark.parametrize("do_sample", [False, True])
+def test_time_conditioned_generation_is_the_same_cached_uncached_static(mdlm_model, do_sample):
+    ids, mask = prompts(lengths=(3, 5))
+    outputs = [mdlm_model.generate(ids, attention_mask=mask, max_new_tokens=10, num_steps=5, do_sample=do_sample,
+                                   generator=torch.Generator().manual_seed(2), use_cache=use_cache,
+                                   cache_implementation=cache)
+               for use_cache, cache in ((True, None), (False, None), (True, "static"))]
+    assert torch.equal(outputs[0], outputs[1]) and torch.equal(outputs[0], outputs[2])

@@ -4,8 +4,9 @@ scores and the Gumbel-max draw."""
 import pytest
 import torch
 
-from bd3lm_hf.modeling.sampling_bd3lm import (StepRule, choose_tokens, ddpm_reveal_probabilities, draw_step_noise,
-                                              most_confident, process_logits, reveal_positions, sample_step)
+from bd3lm_hf.modeling.sampling_bd3lm import (StepRule, block_noise_level, choose_tokens, ddpm_schedule,
+                                              draw_step_noise, most_confident, process_logits, reveal_positions,
+                                              sample_step)
 
 MASK = 7
 
@@ -14,10 +15,17 @@ def rule(sampler="ddpm", do_sample=False, threshold=0.9):
     return StepRule(MASK, sampler, do_sample, threshold)
 
 
-def test_ddpm_probabilities_reveal_everything_at_the_last_step():
-    probabilities = ddpm_reveal_probabilities(4, "cpu")
+def test_ddpm_schedule_reveals_everything_at_the_last_step():
+    times, probabilities = ddpm_schedule(4, "cpu")
+    torch.testing.assert_close(times, torch.tensor([1.0, 3 / 4, 1 / 2, 1 / 4]))
     torch.testing.assert_close(probabilities, torch.tensor([1 / 4, 1 / 3, 1 / 2, 1.0]))
-    assert probabilities.dtype == torch.float32
+    assert probabilities.dtype == times.dtype == torch.float32
+
+
+def test_block_noise_level_is_the_time_or_the_masked_fraction():
+    block = torch.tensor([[MASK, MASK, 1, 2], [MASK, 3, 4, 5]])
+    torch.testing.assert_close(block_noise_level(block, MASK), torch.tensor([0.5, 0.25]))
+    torch.testing.assert_close(block_noise_level(block, MASK, torch.tensor(0.75)), torch.tensor([0.75, 0.75]))
 
 
 def test_most_confident_takes_count_per_row_ties_by_position():
