@@ -368,3 +368,30 @@ def test_time_conditioned_generation_is_the_same_cached_uncached_static(mdlm_mod
                                    cache_implementation=cache)
                for use_cache, cache in ((True, None), (False, None), (True, "static"))]
     assert torch.equal(outputs[0], outputs[1]) and torch.equal(outputs[0], outputs[2])
+
+
+def test_sampling_through_the_pipeline_reports_the_true_nfe(exported):
+    """`bd3lm-hf generate` / the demo count model calls on the backbone: the count equals generate's own NFE, and
+    the static-cache path works through the pipeline too."""
+    from bd3lm_hf.evaluation import sample_with_pipeline
+
+    model = AutoModelForCausalLM.from_pretrained(exported, trust_remote_code=True)
+    tokenizer = AutoTokenizer.from_pretrained(exported, trust_remote_code=True)
+    prompt = "To be, or not to be"
+    expected = model.generate(**tokenizer(prompt, return_tensors="pt"), max_new_tokens=8, do_sample=False,
+                              return_dict_in_generate=True).nfe
+    for cache in (None, "static"):
+        result = sample_with_pipeline(model, tokenizer, [prompt], max_new_tokens=8, do_sample=False,
+                                      cache_implementation=cache)
+        assert result["nfe"] >= expected > 0 and (cache or result["nfe"] == expected)
+
+
+def test_cli_generate_with_the_static_cache(exported, capsys):
+    from bd3lm_hf.cli import main
+
+    code = main(["generate", str(exported), "--prompt", "To be", "--max-new-tokens", "8", "--no-do-sample",
+                 "--cache-implementation", "static", "--device", "auto", "--dtype", "auto"])
+    printed = capsys.readouterr().out
+    assert code == 0 and "--- 'To be'" in printed
+    calls = int(printed.rsplit("--- ", 1)[1].split(" model calls")[0])
+    assert calls >= 8  # one call per denoising step (the static cache never skips one)

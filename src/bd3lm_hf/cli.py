@@ -48,6 +48,11 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--top-p", type=float, default=0.9)
     generate.add_argument("--temperature", type=float, default=1.0)
     generate.add_argument("--seed", type=int, default=0)
+    generate.add_argument("--cache-implementation", default="dynamic", choices=["dynamic", "static"],
+                          help="static: preallocated cache, the denoising step compiled on a GPU")
+    generate.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, ...")
+    generate.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                          help="auto: bfloat16 on a GPU, float32 on CPU")
 
     export = commands.add_parser("export", help="write a Hub folder (weights, code, tokenizer, model card)")
     export.add_argument("model", help="a saved model folder")
@@ -104,11 +109,17 @@ def run_demo(argv: list[str]) -> None:
     demo(argv)
 
 
-def load_for_inference(name: str):
+def load_for_inference(name: str, device: str = "cpu", dtype: str = "float32"):
+    """The model (on `device`, in `dtype`; "auto": the GPU in bf16 when there is one) and its tokenizer."""
+    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    model = AutoModelForCausalLM.from_pretrained(name, trust_remote_code=True).eval()
-    return model, AutoTokenizer.from_pretrained(name, trust_remote_code=True)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if dtype == "auto":
+        dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    model = AutoModelForCausalLM.from_pretrained(name, trust_remote_code=True, dtype=getattr(torch, dtype))
+    return model.to(device).eval(), AutoTokenizer.from_pretrained(name, trust_remote_code=True)
 
 
 def run_eval(args) -> None:
@@ -123,8 +134,9 @@ def run_eval(args) -> None:
 def run_generate(args) -> None:
     from .evaluation import sample_with_pipeline
 
-    model, tokenizer = load_for_inference(args.model)
-    options = dict(max_new_tokens=args.max_new_tokens, sampler=args.sampler, do_sample=args.do_sample)
+    model, tokenizer = load_for_inference(args.model, args.device, args.dtype)
+    options = dict(max_new_tokens=args.max_new_tokens, sampler=args.sampler, do_sample=args.do_sample,
+                   cache_implementation=args.cache_implementation)
     if args.num_steps:
         options["num_steps"] = args.num_steps
     if args.do_sample:

@@ -39,11 +39,12 @@ def nelbo_perplexity(model, tokenizer, files, batch_size: int = 32, max_sequence
 
 
 class CallCounter:
-    """Counts forward calls of a model (the true NFE of whatever drives it, pipeline included)."""
+    """Counts the forward calls of a model's backbone: the true NFE of whatever drives it, pipeline included
+    (generation calls the backbone through `denoise_forward`, not the model's own `forward`)."""
 
     def __init__(self, model):
         self.calls = 0
-        self.handle = model.register_forward_pre_hook(self._count)
+        self.handle = model.base_model.register_forward_pre_hook(self._count)
 
     def _count(self, module, args):
         self.calls += 1
