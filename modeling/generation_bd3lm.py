@@ -184,6 +184,8 @@ class BD3LMGenerationMixin(GenerationMixin):
               - confidence: every position whose probability reaches the threshold, at least one per call.
               With `do_sample=False` tokens are the argmax and the positions are chosen by confidence (ties by
               position), so greedy output depends neither on the random state nor on the other rows.
+              With `cache_implementation="static"` each step is one `denoise_step` (model call + sampler step,
+              compiled on a GPU): one call per step, nothing read back from the device inside the block.
            c. Finish the block: stop rows at EOS (after `min_new_tokens`), at `max_new_tokens`, on a stopping
               criterion or the entropy rule; stream the new tokens.
            Past the training context, the oldest blocks leave the cache (a sliding window of
