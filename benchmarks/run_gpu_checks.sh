@@ -11,10 +11,11 @@ set -uo pipefail
 OUT=${OUT:-/tmp/gpu_out}
 mkdir -p "$OUT"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
+PY=$(command -v python3 || command -v python)  # the image's python3 holds torch
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
-python -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -2
-python -m pip install -q --no-deps pytest 2>/dev/null
-python -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" \
+"$PY" -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -2
+"$PY" -m pip install -q --no-deps pytest 2>/dev/null
+"$PY" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" \
   | tee -a "$OUT/gpu.txt"
 : > "$OUT/RESULTS.md"
 stages=("$@")
@@ -22,14 +23,14 @@ stages=("$@")
 for stage in "${stages[@]}"; do
   case "$stage" in
     tests)  # flex training fwd+bwd, bf16, flash (if installed), compiled static cache == eager, no recompiles
-      python -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_compilation.py \
+      "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_compilation.py \
         "tests/test_static_cache.py::test_compiled_static_generation_matches_eager_on_gpu" 2>&1 \
         | tee "$OUT/tests.log" | tail -15 ;;
-    train) timeout 540 python benchmarks/bench_train.py --gpu --results "$OUT/RESULTS.md" 2>&1 \
+    train) timeout 540 "$PY" benchmarks/bench_train.py --gpu --results "$OUT/RESULTS.md" 2>&1 \
         | tee "$OUT/bench_train.log" | tail -20 ;;
-    generate1) timeout 560 python benchmarks/bench_generate.py --gpu --batch 1 --results "$OUT/RESULTS.md" 2>&1 \
+    generate1) timeout 560 "$PY" benchmarks/bench_generate.py --gpu --batch 1 --results "$OUT/RESULTS.md" 2>&1 \
         | tee "$OUT/bench_generate_b1.log" | tail -30 ;;
-    generate16) timeout 560 python benchmarks/bench_generate.py --gpu --batch 16 --results "$OUT/RESULTS.md" 2>&1 \
+    generate16) timeout 560 "$PY" benchmarks/bench_generate.py --gpu --batch 16 --results "$OUT/RESULTS.md" 2>&1 \
         | tee "$OUT/bench_generate_b16.log" | tail -30 ;;
     *) echo "unknown stage $stage (tests, train, generate1, generate16)"; exit 2 ;;
   esac
