@@ -5,6 +5,7 @@
 #   run(command="bash benchmarks/run_gpu_checks.sh tests train")   # GPU tests, then bench_train --gpu (~6 min)
 #   run(command="bash benchmarks/run_gpu_checks.sh generate1")     # bench_generate --gpu --batch 1 (~6 min)
 #   run(command="bash benchmarks/run_gpu_checks.sh generate16")    # bench_generate --gpu --batch 16 (~6 min)
+#   run(command="bash benchmarks/run_gpu_checks.sh profile")       # kernels per call, top operators (~2 min)
 # Each stage leaves its log and the tables it appended (RESULTS.md) in $OUT: copy the new sections into the repo's
 # benchmarks/RESULTS.md. With no stage named, all of them run (longer than one call allows).
 set -uo pipefail
@@ -32,6 +33,7 @@ for stage in "${stages[@]}"; do
         | tee "$OUT/bench_generate_b1.log" | tail -30 ;;
     generate16) timeout 560 "$PY" benchmarks/bench_generate.py --gpu --batch 16 --results "$OUT/RESULTS.md" 2>&1 \
         | tee "$OUT/bench_generate_b16.log" | tail -30 ;;
-    *) echo "unknown stage $stage (tests, train, generate1, generate16)"; exit 2 ;;
+    profile) timeout 300 "$PY" benchmarks/profile_step.py --gpu 2>&1 | tee "$OUT/profile.log" | tail -40 ;;
+    *) echo "unknown stage $stage (tests, train, generate1, generate16, profile)"; exit 2 ;;
   esac
 done

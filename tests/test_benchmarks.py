@@ -80,3 +80,10 @@ def test_sigterm_writes_the_cases_already_measured(tmp_path, monkeypatch):
     assert signal.getsignal(signal.SIGTERM) is before
     text = results.read_text()
     assert "INTERRUPTED (SIGTERM) after 2 of" in text and text.count("| small-bs16: bd3lm") == 2
+
+
+def test_profile_step_smoke():
+    import profile_step
+
+    text = profile_step.main(["--smoke", "--new-tokens", "8", "--rows", "5"])
+    assert "model calls (NFE): 16" in text and "aten::" in text  # first hitting, block 16: one call per token
