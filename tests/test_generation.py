@@ -227,6 +227,7 @@ def test_empty_prompt_starts_from_bos(gen_model):
         (dict(confidence_threshold=1.5), "confidence_threshold"),
         (dict(frobnicate=True), "frobnicate"),
         (dict(do_sample=True, generator=7), "generator must be a torch.Generator"),
+        (dict(cache_implementation="static", compile_config={"mode": "max-autotune"}), "must be an instance of `CompileConfig`"),
         (dict(input_ids=torch.ones(2, 3, dtype=torch.long), streamer=Collect()), "batch size 1"),
     ],
 )
