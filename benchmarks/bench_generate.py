@@ -18,10 +18,11 @@ import platform
 import resource
 import signal
 import time
-import traceback
 from pathlib import Path
 
 import torch
+
+from reporting import publish, record_failure
 
 RESULTS = Path(__file__).parent / "RESULTS.md"
 # The project's tiny model (DESIGN.md §5: H128, 2 layers, 4 heads, BPE vocab 1024), and a wider one with the GPT-2
@@ -243,10 +244,7 @@ def run_cases(cases, isolate: bool):
                 failures.append(f"INTERRUPTED (SIGTERM) after {number} of {len(cases)} cases")
                 break
             except Exception as error:
-                traceback.print_exc()
-                failures.append(f"FAILED {case['name']} (batch {case['batch']}): {type(error).__name__}: {error}")
-                if torch.cuda.is_available():
-                    torch.cuda.empty_cache()
+                record_failure(failures, f"{case['name']} (batch {case['batch']})", error)
                 continue
             print(table(rows[-1:]).splitlines()[-1], flush=True)
     finally:
@@ -283,11 +281,7 @@ def main(argv=None):
     text = (f"\n## bench_generate ({title}) — {datetime.date.today()}\n\nMachine: {machine(selected[0]['device'])}. "
             f"Models: {models_text}. Random weights, greedy, prompt = 1 token.\n\n{table(rows)}\n\n"
             + "\n".join(f"- {line}" for line in failures + summary) + "\n")
-    print(text)
-    with args.results.open("a") as handle:
-        handle.write(text)
-    if failures:
-        raise SystemExit(f"{len(failures)} case(s) failed (see the log and {args.results})")
+    publish(text, args.results, failures)
     return rows
 
 

@@ -16,13 +16,13 @@ import argparse
 import contextlib
 import datetime
 import time
-import traceback
 from pathlib import Path
 
 import torch
 
 from bd3lm_hf import BD3LMConfig, BD3LMForBlockDiffusion, DataCollatorForBlockDiffusion
 from bd3lm_hf.compilation import compile_decoder_layers
+from reporting import publish, record_failure
 
 RESULTS = Path(__file__).parent / "RESULTS.md"
 CPU = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, cond_dim=64, vocab_size=1025,
@@ -121,10 +121,7 @@ def main(argv=None):
         try:
             rows.append(measure(shape, row, device))
         except Exception as error:  # one failing row must not cost the figures of the others
-            traceback.print_exc()
-            failures.append(f"FAILED {row}: {type(error).__name__}: {error}")
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
+            record_failure(failures, str(row), error)
             continue
         print(rows[-1], flush=True)
     lines = ["| pass | attention | layers | block | tokens/s | ms/step | peak GiB |", "|---|---|---|---|---|---|---|"]
@@ -137,11 +134,7 @@ def main(argv=None):
     text = (f"\n## bench_train ({title}) — {datetime.date.today()}\n\nMachine: {machine} (torch {torch.__version__})."
             f" Model: {shape}, {precision}, AdamW step included.\n\n" + "\n".join(lines) + "\n\n"
             + "\n".join(f"- {line}" for line in failures + summary(rows)) + "\n")
-    print(text)
-    with args.results.open("a") as handle:
-        handle.write(text)
-    if failures:
-        raise SystemExit(f"{len(failures)} row(s) failed (see the log and {args.results})")
+    publish(text, args.results, failures, unit="row")
     return rows
 
 
