@@ -52,6 +52,7 @@ class BD3LMStaticCache(DynamicCache):
         self.capacity = max_cache_len  # (5.17's Cache has a read-only `max_cache_len` property)
         self.buffers: list[tuple[torch.Tensor, torch.Tensor]] = []
         self.cursors: list[torch.Tensor] = []
+        self.constants: tuple[torch.Tensor, ...] = ()
 
     def allocate(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         """Lazily, at a layer's first update (eager use)."""
@@ -85,6 +86,21 @@ class BD3LMStaticCache(DynamicCache):
         if store is not False:
             cursor.add_(key_states.shape[-2] if store is True else store)
         return keys, values
+
+    def hold_constants(self, tensors: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        """Per-generation constants of the step (the adaLN modulations) copied into tensors with fixed addresses,
+        reused in place by the next generation; returns those tensors."""
+        same_layout = len(tensors) == len(self.constants) and all(
+            new.shape == held.shape and new.dtype == held.dtype and new.device == held.device
+            for new, held in zip(tensors, self.constants))
+        if not same_layout:
+            self.constants = tuple(tensor.clone() for tensor in tensors)
+            for tensor in self.constants:
+                torch._dynamo.mark_static_address(tensor)
+        else:
+            for held, new in zip(self.constants, tensors):
+                held.copy_(new)
+        return self.constants
 
     def committed_length(self) -> torch.Tensor:
         """The cursor as a 0-d tensor (no host sync), 0 before the first call."""

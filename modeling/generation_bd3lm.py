@@ -273,7 +273,17 @@ class BD3LMGenerationMixin(GenerationMixin):
         return {"nfe": 0, "committed": 0, "window_start": 0, "history": [] if config.output_history else None,
                 "pad_id": pad_id, "rule": rule, "eos_ids": eos_ids, "warpers": warpers, "generator": generator,
                 "logits_processor": logits_processor, "ddpm_schedule": schedule,
+                "modulations": self.constant_modulations(cache),
                 "step": self.step_function(cache, config, logits_processor)}
+
+    def constant_modulations(self, cache):
+        """The adaLN modulations of a model without time conditioning (sigma = 0: constants of the weights),
+        computed once per generation instead of at every call; None for time-conditioned models (theirs follow the
+        sampler's sigma). A static cache holds them at fixed addresses, as CUDA graphs need their inputs."""
+        if self.config.time_conditioning:
+            return None
+        modulations = self.model.adaln_modulations(None, 1, self.device, self.model.embed_tokens.weight.dtype)
+        return cache.hold_constants(modulations) if isinstance(cache, BD3LMStaticCache) else modulations
 
     def build_canvas(self, input_ids, attention_mask, block_size: int, max_new_tokens: int, pad_id: int,
                      sliding: bool = False):
@@ -375,13 +385,14 @@ class BD3LMGenerationMixin(GenerationMixin):
         return self._bd3lm_compiled[1]
 
     def denoise_step(self, tokens, attention_mask, cache, store_kv, fixed, banned_eos, eos_ids, warpers, noise,
-                     schedule, rule: StepRule, logits_processor=None, context=None):
+                     schedule, rule: StepRule, logits_processor=None, context=None, modulations=None):
         """One model call on `tokens` (B, T), whose last bs tokens are the block being denoised, then one sampler
         step on that block; returns its new tokens (B, bs). A function of its inputs only (the random draws come in
-        as `noise`, the ddpm time and reveal probability as `schedule`), so that it compiles into one graph."""
+        as `noise`, the ddpm time and reveal probability as `schedule`, the constant adaLN modulations as
+        `modulations`), so that it compiles into one graph."""
         block = tokens[:, -fixed.shape[1]:]
         logits = self.denoise_forward(tokens, attention_mask, cache, store_kv, fixed.shape[1],
-                                      timesteps=self.step_timesteps(block, schedule[0]))
+                                      timesteps=self.step_timesteps(block, schedule[0]), modulations=modulations)
         scores = process_logits(logits, rule.mask_token_id, banned_eos, eos_ids, logits_processor, warpers, context)
         return sample_step(scores, block, fixed, noise, schedule[1], rule)
 
@@ -461,7 +472,7 @@ class BD3LMGenerationMixin(GenerationMixin):
             canvas[:, start:end] = state["step"](
                 tokens, mask, cache, start - committed or False, fixed, banned_eos, state["eos_ids"], state["warpers"],
                 noise, step_schedule(state, step), state["rule"], state["logits_processor"] or None,
-                processor_context(canvas, valid, start, state))
+                processor_context(canvas, valid, start, state), state["modulations"])
             state["committed"] = start
             state["nfe"] += 1
             if state["history"] is not None:
@@ -480,7 +491,7 @@ class BD3LMGenerationMixin(GenerationMixin):
         state["nfe"] += 1
         if cache is None:
             return self.denoise_forward(canvas[:, :end], valid[:, :end], None, False, end - start,
-                                        timesteps=timesteps)
+                                        timesteps=timesteps, modulations=state["modulations"])
         # Past the training context, the oldest committed blocks leave the cache: every call sees at most
         # max_position_embeddings tokens (rotary positions keep counting, so relative distances stay exact).
         window_start = max(0, end - self.config.max_position_embeddings)
@@ -493,7 +504,8 @@ class BD3LMGenerationMixin(GenerationMixin):
         if window_start:  # absolute positions; the window alone would restart them at 0
             positions = (valid[:, :end].long().cumsum(-1) - 1).clamp(min=0)[:, committed:end]
         logits = self.denoise_forward(canvas[:, committed:end], valid[:, window_start:end], cache,
-                                      start - committed or False, end - start, positions, timesteps)
+                                      start - committed or False, end - start, positions, timesteps,
+                                      state["modulations"])
         state["committed"] = start
         return logits
 

@@ -174,9 +174,9 @@ class BD3LMDecoderLayer(GradientCheckpointingLayer):
         self.adaln_modulation = zero_initialized(nn.Linear(config.cond_dim, 6 * config.hidden_size))
         self.dropout = nn.Dropout(config.hidden_dropout)
 
-    def forward(self, hidden_states, conditioning, position_embeddings, attention_mask, past_key_values=None,
+    def forward(self, hidden_states, modulation, position_embeddings, attention_mask, past_key_values=None,
                 store_kv=False, **kwargs):
-        modulation = self.adaln_modulation(conditioning)[:, None]  # (B, 1, 6H)
+        """`modulation` (B or 1, 1, 6H): this layer's `adaln_modulation` of the conditioning (`adaln_modulations`)."""
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation.chunk(6, dim=-1)
 
         normed = modulate(self.input_layernorm(hidden_states), shift_msa, scale_msa)
@@ -231,9 +231,10 @@ class BD3LMModel(BD3LMPreTrainedModel):
         self.embed_tokens = value
 
     def conditioning(self, timesteps: torch.Tensor | None, batch_size: int, device) -> torch.Tensor:
-        """c = SiLU(sigma_map(sigma)) (B, C); sigma is 0 without time conditioning, so c is a learned constant."""
+        """c = SiLU(sigma_map(sigma)) (B, C). Without time conditioning sigma is 0 and c a constant of the weights:
+        computed for one row (1, C) and broadcast, so that it is the same computation whatever the batch."""
         if timesteps is None or not self.config.time_conditioning:
-            timesteps = torch.zeros(batch_size, device=device)
+            timesteps = torch.zeros(1, device=device)
         elif timesteps.shape != (batch_size,):
             raise ValueError(f"timesteps must have shape ({batch_size},) (one sigma per row), got "
                              f"{tuple(timesteps.shape)}.")
@@ -256,9 +257,21 @@ class BD3LMModel(BD3LMPreTrainedModel):
             return None
         return mask
 
+    def adaln_modulations(self, timesteps: torch.Tensor | None, batch_size: int, device, dtype):
+        """The adaLN modulation of every layer, (B or 1, 1, 6H), then of the final norm, (B or 1, 1, 2H).
+
+        They depend on sigma only: without time conditioning they are constants of the weights, which generation
+        computes once per `generate` and passes back in (`modulations=`): a call at batch 1 is bound by kernel
+        launches, and these are ~17 of them (the timestep MLP, one GEMV per layer and the final norm's)."""
+        conditioning = self.conditioning(timesteps, batch_size, device).to(dtype)
+        per_layer = tuple(layer.adaln_modulation(conditioning)[:, None] for layer in self.layers)
+        return per_layer + (self.norm_modulation(conditioning)[:, None],)
+
     def forward(self, input_ids, attention_mask=None, position_ids=None, x0_ids=None, timesteps=None,
-                past_key_values: Cache | None = None, store_kv=False, output_hidden_states=False, **kwargs):
-        """With `x0_ids` (the 2L training pass) returns the hidden states of the x_t half only."""
+                past_key_values: Cache | None = None, store_kv=False, output_hidden_states=False, modulations=None,
+                **kwargs):
+        """With `x0_ids` (the 2L training pass) returns the hidden states of the x_t half only. `modulations`: the
+        output of `adaln_modulations` for these timesteps, when the caller already has it."""
         batch, seq_len = input_ids.shape
         if isinstance(past_key_values, BD3LMStaticCache):
             queries, keys, position_ids, query_offset = self.static_cache_layout(
@@ -288,18 +301,22 @@ class BD3LMModel(BD3LMPreTrainedModel):
 
         mask = self.attention_mask_for(queries, keys, query_offset, seq_len if x0_ids is not None else None)
         position_embeddings = self.rotary_emb(position_ids, hidden_states.dtype)
-        conditioning = self.conditioning(timesteps, batch, input_ids.device).to(hidden_states.dtype)
+        if modulations is None:
+            modulations = self.adaln_modulations(timesteps, batch, input_ids.device, hidden_states.dtype)
+        elif len(modulations) != len(self.layers) + 1:
+            raise ValueError(f"modulations must hold {len(self.layers) + 1} tensors (one per layer, then the final "
+                             f"norm's), as `adaln_modulations` returns; got {len(modulations)}.")
 
         all_hidden_states = (hidden_states[:, :seq_len],) if output_hidden_states else None
-        for layer in self.layers:
-            hidden_states = layer(hidden_states, conditioning, position_embeddings, mask, past_key_values, store_kv,
+        for layer, modulation in zip(self.layers, modulations):
+            hidden_states = layer(hidden_states, modulation, position_embeddings, mask, past_key_values, store_kv,
                                   **kwargs)
             if output_hidden_states:
                 all_hidden_states += (hidden_states[:, :seq_len],)
 
         # Only the x_t half is predicted: the clean half is context.
         hidden_states = hidden_states[:, :seq_len]
-        shift, scale = self.norm_modulation(conditioning)[:, None].chunk(2, dim=-1)
+        shift, scale = modulations[-1].chunk(2, dim=-1)
         hidden_states = modulate(self.norm(hidden_states), shift, scale)
         return BaseModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=past_key_values,
                                        hidden_states=all_hidden_states)
@@ -405,11 +422,13 @@ class BD3LMForBlockDiffusion(BD3LMPreTrainedModel, BD3LMGenerationMixin):
                                       hidden_states=outputs.hidden_states)
 
     def denoise_forward(self, input_ids, attention_mask, past_key_values, store_kv, logits_to_keep,
-                        position_ids=None, timesteps=None):
+                        position_ids=None, timesteps=None, modulations=None):
         """The generation hot path: one call against the cache, without input checks (generate validated the
-        prompt; the rest are its own tokens), so that it can be compiled whole."""
+        prompt; the rest are its own tokens), so that it can be compiled whole. `modulations`: the adaLN
+        modulations computed once per generation (`BD3LMModel.adaln_modulations`), or None to compute them."""
         outputs = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                             past_key_values=past_key_values, store_kv=store_kv, timesteps=timesteps)
+                             past_key_values=past_key_values, store_kv=store_kv, timesteps=timesteps,
+                             modulations=modulations)
         return self.lm_head(outputs.last_hidden_state[:, -logits_to_keep:])
 
     def check_input_ids(self, input_ids):

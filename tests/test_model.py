@@ -35,7 +35,8 @@ def test_2l_pass_equals_per_block_computation(model):
     for k in range(x0.shape[1] // bs):
         window = torch.cat([x0[:, : k * bs], xt[:, k * bs : (k + 1) * bs]], dim=1)
         per_block = model(input_ids=window).logits[:, -bs:]
-        torch.testing.assert_close(logits_2l[:, k * bs : (k + 1) * bs], per_block, atol=1e-5, rtol=0)
+        # logits have std ~9.5 here: 2e-5 is fp32 reduction-order noise between the two sequence lengths
+        torch.testing.assert_close(logits_2l[:, k * bs : (k + 1) * bs], per_block, atol=2e-5, rtol=0)
 
 
 @torch.no_grad()
