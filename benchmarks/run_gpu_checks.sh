@@ -16,6 +16,9 @@ PY=$(command -v python3 || command -v python)  # the image's python3 holds torch
 nvidia-smi --query-gpu=name,memory.total --format=csv | tee "$OUT/gpu.txt"
 "$PY" -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -2
 "$PY" -m pip install -q --no-deps pytest 2>/dev/null
+if ! "$PY" -c "import bd3lm_hf.modeling.generation_bd3lm" 2>"$OUT/import.log"; then
+  echo "bd3lm_hf does not import after the editable install (see $OUT/import.log):"; tail -5 "$OUT/import.log"; exit 3
+fi
 "$PY" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" \
   | tee -a "$OUT/gpu.txt"
 : > "$OUT/RESULTS.md"
