@@ -1,7 +1,8 @@
 """KV cache of block diffusion: committed clean blocks, read by denoising calls that never write it."""
 
 import torch
-from transformers import DynamicCache
+from transformers import DynamicCache, StaticCache
+from transformers.cache_utils import Cache, StaticLayer
 
 
 class BD3LMCache(DynamicCache):
@@ -38,54 +39,38 @@ class BD3LMCache(DynamicCache):
                 layer.values = layer.values[..., num_tokens:, :]
 
 
-class BD3LMStaticCache(DynamicCache):
-    """Preallocated keys/values (B, heads, max_cache_len, head_dim) per layer and a committed-length cursor, so
-    that one denoising call has fixed shapes (capturable by CUDA graphs / `torch.compile(mode="reduce-overhead")`).
+class BD3LMStaticLayer(StaticLayer):
+    """transformers' `StaticLayer` (preallocated (B, heads, max_cache_len, head_dim) keys/values and a cursor tensor,
+    all at fixed addresses) whose cursor moves only by what is committed.
 
-    Every call writes its keys/values at [cursor, cursor + T) and returns the whole buffer; the model masks what
-    lies past cursor + T. `store_kv` advances the cursor (True: by T, an int n: by n), so uncommitted rows are
-    scratch, overwritten by the next call (as in the original code). Selected by `cache_implementation="static"`.
-    """
+    Every call writes its keys/values at [cursor, cursor + T) and returns the whole buffer (the model masks what lies
+    past cursor + T); `store_kv` advances the cursor (True: by T, an int n: by n, False: not at all), so uncommitted
+    rows are scratch that the next call overwrites (as in the original code)."""
 
-    def __init__(self, max_cache_len: int):
-        super().__init__()
-        self.capacity = max_cache_len  # (5.17's Cache has a read-only `max_cache_len` property)
-        self.buffers: list[tuple[torch.Tensor, torch.Tensor]] = []
-        self.cursors: list[torch.Tensor] = []
-        self.constants: tuple[torch.Tensor, ...] = ()
-
-    def allocate(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        """Lazily, at a layer's first update (eager use)."""
-        self.allocate_layer(*key_states.shape[:2], key_states.shape[-1], key_states.dtype, key_states.device)
-
-    def early_initialization(self, batch_size: int, num_layers: int, num_heads: int, head_dim: int, dtype,
-                             device) -> None:
-        """Allocate every layer before the first call, so that a compiled step never allocates."""
-        for _ in range(num_layers - len(self.buffers)):
-            self.allocate_layer(batch_size, num_heads, head_dim, dtype, device)
-
-    def allocate_layer(self, batch_size: int, num_heads: int, head_dim: int, dtype, device) -> None:
-        shape = (batch_size, num_heads, self.capacity, head_dim)
-        buffers = (torch.zeros(shape, dtype=dtype, device=device), torch.zeros(shape, dtype=dtype, device=device))
-        cursor = torch.zeros((), dtype=torch.long, device=device)
-        for tensor in (*buffers, cursor):  # fixed addresses, mutated in place: what CUDA graphs need
-            torch._dynamo.mark_static_address(tensor)
-        self.buffers.append(buffers)
-        self.cursors.append(cursor)
-
-    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int,
-               cache_kwargs: dict | None = None, *args, **kwargs):
-        if layer_idx == len(self.buffers):
-            self.allocate(key_states, value_states)
-        keys, values = self.buffers[layer_idx]
-        cursor = self.cursors[layer_idx]
-        positions = cursor + torch.arange(key_states.shape[-2], device=key_states.device)
-        keys.index_copy_(2, positions, key_states)
-        values.index_copy_(2, positions, value_states)
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, cache_kwargs: dict | None = None,
+               *args, **kwargs) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        positions = self.cumulative_length + torch.arange(key_states.shape[-2], device=key_states.device)
+        self.keys.index_copy_(2, positions, key_states)
+        self.values.index_copy_(2, positions, value_states)
         store = (cache_kwargs or {}).get("store_kv", True)
         if store is not False:
-            cursor.add_(key_states.shape[-2] if store is True else store)
-        return keys, values
+            self.cumulative_length.add_(key_states.shape[-2] if store is True else store)
+        return self.keys, self.values
+
+
+class BD3LMStaticCache(StaticCache):
+    """A transformers `StaticCache` of `BD3LMStaticLayer`s: fixed shapes for every denoising call, so that one call
+    is capturable by CUDA graphs (`torch.compile(mode="reduce-overhead")`). Selected by
+    `cache_implementation="static"`; generation keeps it on the model and resets it in place."""
+
+    def __init__(self, config, max_cache_len: int):
+        # StaticCache's own __init__ picks layer classes from the config's layer types; every BD3-LM layer is one
+        # full-attention BD3LMStaticLayer.
+        Cache.__init__(self, layers=[BD3LMStaticLayer(max_cache_len) for _ in range(config.num_hidden_layers)])
+        self.capacity = max_cache_len  # (5.17's Cache has a read-only, deprecated `max_cache_len` property)
+        self.constants: tuple[torch.Tensor, ...] = ()
 
     def hold_constants(self, tensors: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         """Per-generation constants of the step (the adaLN modulations) copied into tensors with fixed addresses,
@@ -104,24 +89,14 @@ class BD3LMStaticCache(DynamicCache):
 
     def committed_length(self) -> torch.Tensor:
         """The cursor as a 0-d tensor (no host sync), 0 before the first call."""
-        return self.cursors[0] if self.cursors else torch.zeros((), dtype=torch.long)
+        return self.layers[0].cumulative_length
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
-        return int(self.cursors[layer_idx]) if layer_idx < len(self.cursors) else 0
+        """Committed tokens, as an int (a host read: not for the hot loop, which uses `committed_length`)."""
+        return int(self.layers[layer_idx].cumulative_length) if layer_idx < len(self.layers) else 0
 
-    def fits(self, batch_size: int, num_layers: int, dtype, device) -> bool:
+    def fits(self, batch_size: int, dtype, device) -> bool:
         """Whether this cache can serve another generation of this shape as it is (its buffers reused in place)."""
-        if len(self.buffers) != num_layers:
-            return False
-        keys = self.buffers[0][0]
-        return keys.shape[0] == batch_size and keys.dtype == dtype and keys.device == torch.device(device)
-
-    def reset(self) -> None:
-        """Empty the cache in place: same tensors, same addresses, so compiled steps replay without recompiling."""
-        for (keys, values), cursor in zip(self.buffers, self.cursors):
-            keys.zero_()
-            values.zero_()
-            cursor.zero_()
-
-    def get_max_length(self, layer_idx: int | None = None) -> int:
-        return self.capacity
+        layer = self.layers[0]
+        return (self.is_initialized and layer.keys.shape[0] == batch_size and layer.keys.dtype == dtype
+                and layer.keys.device == torch.device(device))

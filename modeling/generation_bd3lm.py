@@ -326,14 +326,15 @@ class BD3LMGenerationMixin(GenerationMixin):
             raise ValueError(f"cache_implementation={implementation!r} is not supported; allowed: None, 'dynamic', "
                              "'static'.")
         cache = getattr(self, "_bd3lm_static_cache", None)
-        layers = self.config.num_hidden_layers
         if (cache is not None and cache.capacity == self.config.max_position_embeddings
-                and cache.fits(batch_size, layers, self.dtype, self.device)):
+                and len(cache.layers) == self.config.num_hidden_layers
+                and cache.fits(batch_size, self.dtype, self.device)):
             cache.reset()
             return cache
-        cache = BD3LMStaticCache(max_cache_len=self.config.max_position_embeddings)
-        cache.early_initialization(batch_size, layers, self.config.num_attention_heads, self.config.head_dim,
-                                   self.dtype, self.device)
+        cache = BD3LMStaticCache(self.config, max_cache_len=self.config.max_position_embeddings)
+        # allocated before the first call, so that a compiled step never allocates
+        cache.early_initialization(batch_size, self.config.num_attention_heads, self.config.head_dim, self.dtype,
+                                   self.device)
         self._bd3lm_static_cache = cache
         return cache
 

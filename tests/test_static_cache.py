@@ -6,6 +6,7 @@ import torch
 from conftest import random_model
 from test_generation import SAMPLERS, prompts
 
+from transformers import StaticCache
 from transformers.generation import CompileConfig
 
 from bd3lm_hf.modeling.cache_bd3lm import BD3LMStaticCache
@@ -35,21 +36,23 @@ def test_static_cache_generates_the_tokens_of_the_dynamic_cache(gen_model, sampl
 
 
 def test_static_cache_buffers_keep_their_shape_and_cursor_follows_store_kv(gen_model):
-    cache = BD3LMStaticCache(max_cache_len=16)
+    cache = BD3LMStaticCache(gen_model.config, max_cache_len=16)
+    assert isinstance(cache, StaticCache) and len(cache.layers) == gen_model.config.num_hidden_layers
     ids = torch.randint(0, 49, (2, 16))
     valid = torch.ones(2, 16, dtype=torch.bool)
     gen_model(input_ids=ids[:, :8], attention_mask=valid, past_key_values=cache, use_cache=True, store_kv=4)
     assert cache.get_seq_length() == 4
-    shapes = [tuple(keys.shape) for keys, _ in cache.buffers]
+    shapes = [tuple(layer.keys.shape) for layer in cache.layers]
     gen_model(input_ids=ids[:, 4:8], attention_mask=valid, past_key_values=cache, use_cache=True)
     assert cache.get_seq_length() == 4  # a denoising call never commits
     gen_model(input_ids=ids[:, 4:8], attention_mask=valid, past_key_values=cache, use_cache=True, store_kv=True)
-    assert cache.get_seq_length() == 8 and [tuple(k.shape) for k, _ in cache.buffers] == shapes == [(2, 4, 16, 8)] * 2
+    assert cache.get_seq_length() == 8 and [tuple(layer.keys.shape) for layer in cache.layers] == shapes == [(2, 4, 16, 8)] * 2
+    assert cache.is_compileable
 
 
 def test_static_cache_call_equals_no_cache_logits(gen_model):
     ids = torch.randint(0, 49, (2, 12))
-    cache = BD3LMStaticCache(max_cache_len=16)
+    cache = BD3LMStaticCache(gen_model.config, max_cache_len=16)
     valid = torch.ones(2, 16, dtype=torch.bool)
     gen_model(input_ids=ids[:, :8], attention_mask=valid, past_key_values=cache, use_cache=True, store_kv=True)
     cached = gen_model(input_ids=ids[:, 8:12], attention_mask=valid, past_key_values=cache, use_cache=True).logits
@@ -193,14 +196,14 @@ def test_static_cache_is_reused_in_place_and_reset(gen_model):
     ids, mask = prompts()
     first = gen_model.generate(ids, attention_mask=mask, max_new_tokens=9, cache_implementation="static",
                                return_dict_in_generate=True).past_key_values
-    addresses = [keys.data_ptr() for keys, _ in first.buffers]
+    addresses = [layer.keys.data_ptr() for layer in first.layers]
     assert first.capacity == gen_model.config.max_position_embeddings
     second = gen_model.generate(ids[:, -3:], attention_mask=mask[:, -3:], max_new_tokens=5,
                                 cache_implementation="static", return_dict_in_generate=True).past_key_values
-    assert second is first and [keys.data_ptr() for keys, _ in second.buffers] == addresses
+    assert second is first and [layer.keys.data_ptr() for layer in second.layers] == addresses
     third = gen_model.generate(ids[:2], attention_mask=mask[:2], max_new_tokens=5, cache_implementation="static",
                                return_dict_in_generate=True).past_key_values
-    assert third is not first and third.buffers[0][0].shape[0] == 2  # another batch size: a cache of its own
+    assert third is not first and third.layers[0].keys.shape[0] == 2  # another batch size: a cache of its own
 
 
 def test_compile_config_on_cpu_warns_and_runs_eagerly(gen_model, caplog):
