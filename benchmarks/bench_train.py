@@ -3,12 +3,15 @@
     python benchmarks/bench_train.py            # CPU: tiny model (flex has no backward on CPU: sdpa rows only)
     python benchmarks/bench_train.py --gpu      # CUDA: paper "small" (H768, 12 layers, V50258), bf16, B16, L1024
     python benchmarks/bench_train.py --smoke --results /tmp/r.md   # the GPU row list on CPU, tiny (tests)
+    python benchmarks/bench_train.py --memory-estimate   # CPU: peak memory of the GPU shape at batch 16, estimated
 
 One training step = forward + backward + AdamW step (fused on CUDA, Trainer's default) on a batch noised by the
 collator, with fp32 weights under bf16 autocast on the GPU (what `TrainingArguments(bf16=True)` and the original's
 bf16 training do). Rows: the 2L pass with flex attention (eager layers, then `compile_decoder_layers`), with sdpa's
 dense mask, and "two passes" (the model on x_0 and on x_t separately, block-causal, L tokens each: the naive
-alternative, for comparison).
+alternative, for comparison). On CPU, peak memory is what torch's MemTracker sees live during one step (parameters,
+gradients, optimizer states, activations, temporaries); `--memory-estimate` measures it for the GPU shape (eager
+layers, sdpa, bf16 autocast on CPU) at batch 1 and 2 and extrapolates linearly to the original's batch 16.
 Prints a table and appends it, with the machine, to benchmarks/RESULTS.md (or --results).
 """
 
@@ -19,6 +22,9 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+from torch.utils.weak import WeakIdKeyDictionary
 
 from bd3lm_hf import BD3LMConfig, BD3LMForBlockDiffusion, DataCollatorForBlockDiffusion
 from bd3lm_hf.compilation import compile_decoder_layers
@@ -81,8 +87,68 @@ def measure(shape, row, device) -> dict:
         torch.cuda.synchronize()
     seconds = (time.perf_counter() - start) / shape["steps"]
     tokens = shape["batch"] * shape["max_position_embeddings"]
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else float("nan")
+    if device == "cuda":
+        peak = torch.cuda.max_memory_allocated() / 2**30
+    else:
+        peak = tracked_peak_gib(model, optimizer, lambda: training_step(model, optimizer, batch, row["mode"], autocast))
     return {**row, "tokens_per_s": tokens / seconds, "ms_per_step": 1000 * seconds, "peak_gib": peak}
+
+
+class PeakLiveBytes(TorchDispatchMode):
+    """Peak bytes of the tensor storages alive during a region (CPU has no allocator statistics): the storages of
+    `initial` tensors (weights, optimizer states) plus every op output, counted until it is freed. Kernel-internal
+    workspaces are not seen."""
+
+    def __init__(self, initial):
+        super().__init__()
+        self.sizes = WeakIdKeyDictionary()  # storage -> bytes, dropped when the storage is freed
+        for tensor in initial:
+            self.sizes[tensor.untyped_storage()] = tensor.untyped_storage().nbytes()
+        self.peak = sum(self.sizes.values())
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in tree_leaves(out):
+            if isinstance(tensor, torch.Tensor) and tensor.untyped_storage() not in self.sizes:
+                self.sizes[tensor.untyped_storage()] = tensor.untyped_storage().nbytes()
+                self.peak = max(self.peak, sum(self.sizes.values()))
+        return out
+
+
+def tracked_peak_gib(model, optimizer, step) -> float:
+    """Peak GiB live during `step()`, weights and optimizer states included."""
+    initial = list(model.parameters()) + [value for state in optimizer.state.values() for value in state.values()
+                                          if isinstance(value, torch.Tensor)]
+    with PeakLiveBytes(initial) as tracker:
+        step()
+    return tracker.peak / 2**30
+
+
+def memory_estimate(shape, block_size: int = 16, batches=(1, 2), target_batch: int = 16) -> str:
+    """The GPU shape's training-step peak on CPU at two small batches, extrapolated linearly to `target_batch`
+    (fixed part: weights, gradients, AdamW states; per-row part: activations and temporaries)."""
+    peaks = {}
+    for batch in batches:
+        sized = dict(shape, batch=batch)
+        model = make_model(sized, block_size, "sdpa", "cpu")
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+        data = batch_for(sized, block_size, "cpu")
+        autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)  # noqa: E731
+        training_step(model, optimizer, data, "2L", autocast)  # optimizer states exist from here on
+        peaks[batch] = tracked_peak_gib(model, optimizer, lambda: training_step(model, optimizer, data, "2L", autocast))
+    (small, p_small), (large, p_large) = sorted(peaks.items())
+    per_row = (p_large - p_small) / (large - small)
+    return {"peaks": peaks, "per_row": per_row, "target_batch": target_batch,
+            "estimate": p_small + per_row * (target_batch - small), "length": shape["max_position_embeddings"],
+            "block": block_size}
+
+
+def memory_estimate_line(estimate: dict) -> str:
+    measured = ", ".join(f"batch {b}: {p:.3f} GiB" for b, p in sorted(estimate["peaks"].items()))
+    return (f"memory estimate (CPU, eager layers, sdpa, bf16 autocast, L {estimate['length']}, block "
+            f"{estimate['block']}): {measured}; {estimate['per_row']:.3f} GiB per row -> batch "
+            f"{estimate['target_batch']}: {estimate['estimate']:.1f} GiB (the original measured "
+            f"{ORIGINAL_H100['peak_gib']} GiB on the H100)")
 
 
 def rows_for(gpu: bool, blocks) -> list[dict]:
@@ -110,8 +176,12 @@ def main(argv=None):
     mode.add_argument("--gpu", action="store_true")
     mode.add_argument("--smoke", action="store_true", help="the GPU row list on CPU with a tiny model, sdpa only")
     parser.add_argument("--block", type=int, nargs="+", default=[4, 16])
+    mode.add_argument("--memory-estimate", action="store_true",
+                      help="CPU: the GPU shape's peak at batch 1 and 2, extrapolated to batch 16 (no timing rows)")
     parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
+    if args.memory_estimate:
+        return publish_memory_estimate(args.results)
     device = "cuda" if args.gpu else "cpu"
     shape = GPU if args.gpu else (SMOKE if args.smoke else CPU)
     rows, failures = [], []
@@ -127,7 +197,7 @@ def main(argv=None):
     lines = ["| pass | attention | layers | block | tokens/s | ms/step | peak GiB |", "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['mode']} | {r['attention']} | {'compiled' if r['compiled'] else 'eager'} | {r['block']} | "
               f"{r['tokens_per_s']:.0f} | {r['ms_per_step']:.1f} | "
-              f"{'n/a' if r['peak_gib'] != r['peak_gib'] else format(r['peak_gib'], '.1f')} |" for r in rows]
+              f"{'n/a' if r['peak_gib'] != r['peak_gib'] else format(r['peak_gib'], '.2f')} |" for r in rows]
     machine = torch.cuda.get_device_name() if args.gpu else f"CPU, {torch.get_num_threads()} threads"
     precision = "fp32 weights, bf16 autocast" if args.gpu else "fp32"
     title = "GPU" if args.gpu else ("smoke, CPU" if args.smoke else "CPU")
@@ -136,6 +206,15 @@ def main(argv=None):
             + "\n".join(f"- {line}" for line in failures + summary(rows)) + "\n")
     publish(text, args.results, failures, unit="row")
     return rows
+
+
+def publish_memory_estimate(results: Path, shape=None) -> dict:
+    estimate = memory_estimate(shape or GPU)
+    line = memory_estimate_line(estimate)
+    text = (f"\n## bench_train memory estimate (CPU) — {datetime.date.today()}\n\nMachine: CPU, "
+            f"{torch.get_num_threads()} threads (torch {torch.__version__}).\n\n- {line}\n")
+    publish(text, results, [])
+    return estimate
 
 
 if __name__ == "__main__":

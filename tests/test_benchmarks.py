@@ -4,6 +4,9 @@ session with a GPU machine runs must not have rotted. Speed itself is never asse
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+
 BENCHMARKS = Path(__file__).parent.parent / "benchmarks"
 sys.path.insert(0, str(BENCHMARKS))
 
@@ -30,6 +33,25 @@ def test_bench_train_smoke_runs(tmp_path):
     assert [(row["mode"], row["attention"]) for row in rows] == [("2L", "sdpa"), ("two passes", "sdpa")]
     assert "## bench_train (smoke, CPU)" in results.read_text()
     assert [row["attention"] for row in bench_train.rows_for(True, [16])][:2] == ["flex_attention"] * 2
+    assert all(row["peak_gib"] > 0 for row in rows)  # CPU peaks come from MemTracker
+
+
+def test_bench_train_memory_estimate_extrapolates_from_two_batches(tmp_path):
+    results = tmp_path / "RESULTS.md"
+    shape = dict(bench_train.SMOKE, max_position_embeddings=128)  # activations outweigh the optimizer's temporaries
+    estimate = bench_train.publish_memory_estimate(results, shape=shape)
+    assert 0 < estimate["peaks"][1] < estimate["peaks"][2]  # one more row, more activations
+    assert estimate["estimate"] == pytest.approx(estimate["peaks"][1] + 15 * estimate["per_row"])
+    assert "GiB per row -> batch 16" in results.read_text()
+
+
+def test_peak_live_bytes_counts_what_is_alive_at_once():
+    base = torch.zeros(1024)  # 4 KiB alive throughout
+    with bench_train.PeakLiveBytes([base]) as tracker:
+        first = base + 1  # +4 KiB
+        del first  # freed: the next one reuses the budget
+        second = torch.ones(2048) * 2  # +8 KiB (ones) +8 KiB (product) at once
+    assert tracker.peak == 4096 + 8192 + 8192 and second.numel() == 2048
 
 
 def test_a_failing_case_is_reported_and_the_others_still_written(tmp_path, monkeypatch):
