@@ -214,3 +214,21 @@ def test_compile_config_on_cpu_warns_and_runs_eagerly(gen_model, caplog):
     reference = gen_model.generate(ids, attention_mask=mask, max_new_tokens=5, cache_implementation="static")
     assert torch.equal(out, reference)
     assert "compile_config is set but the model is on cpu" in caplog.text
+
+
+def test_static_cache_is_selected_by_the_generation_config(gen_model, tmp_path):
+    """The transformers way: `cache_implementation="static"` in the model's generation config (also as saved in
+    generation_config.json) selects it without a generate() argument."""
+    import copy
+
+    from bd3lm_hf import BD3LMForBlockDiffusion
+
+    model = copy.deepcopy(gen_model)
+    model.generation_config.cache_implementation = "static"
+    ids, mask = prompts()
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=9, return_dict_in_generate=True)
+    assert isinstance(out.past_key_values, BD3LMStaticCache)
+    model.save_pretrained(tmp_path)
+    reloaded = BD3LMForBlockDiffusion.from_pretrained(tmp_path)
+    again = reloaded.generate(ids, attention_mask=mask, max_new_tokens=9, return_dict_in_generate=True)
+    assert isinstance(again.past_key_values, BD3LMStaticCache) and torch.equal(again.sequences, out.sequences)
