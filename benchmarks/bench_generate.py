@@ -4,6 +4,8 @@
     python benchmarks/bench_generate.py --gpu           # CUDA: paper "small" (H768, 12 layers, V50258), bf16
     python benchmarks/bench_generate.py --gpu --batch 1 # one batch size (to fit one 10-minute device call)
     python benchmarks/bench_generate.py --smoke --results /tmp/r.md  # the GPU case list on CPU, tiny (tests)
+    python benchmarks/bench_generate.py --gpu --batch 1 --block 16 --inductor-option triton.cudagraphs=True \
+        --inductor-option coordinate_descent_tuning=True   # the compiled rows with other inductor settings
 
 CPU: each case runs in a fresh process (peak memory = max RSS of the case). GPU: one process (compiled graphs are
 per process), peak memory = max allocated during the timed run; every case is warmed up first, compiled ones with
@@ -22,6 +24,7 @@ from pathlib import Path
 
 import torch
 
+from compile_settings import add_compile_arguments, compile_kwargs
 from reporting import publish, record_failure
 
 RESULTS = Path(__file__).parent / "RESULTS.md"
@@ -82,9 +85,15 @@ def generate_kwargs(case, new_tokens: int) -> dict:
     if case["kind"] == "ar":
         return dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
                     cache_implementation=case.get("cache"))
-    return dict(max_new_tokens=new_tokens, do_sample=False, sampler=case["sampler"], num_steps=case["num_steps"],
-                use_cache=case["kind"] == "cached", return_dict_in_generate=True,
-                cache_implementation=case.get("cache"), disable_compile=not case.get("compiled", True))
+    settings = dict(max_new_tokens=new_tokens, do_sample=False, sampler=case["sampler"], num_steps=case["num_steps"],
+                    use_cache=case["kind"] == "cached", return_dict_in_generate=True,
+                    cache_implementation=case.get("cache"), disable_compile=not case.get("compiled", True))
+    if case.get("compile"):  # CompileConfig's own default mode is "reduce-overhead": None when options replace it
+        from transformers.generation import CompileConfig
+
+        settings["compile_config"] = CompileConfig(fullgraph=True, dynamic=False, mode=case["compile"].get("mode"),
+                                                   options=case["compile"].get("options"))
+    return settings
 
 
 def run_case(case: dict, models: dict | None = None) -> dict:
@@ -262,7 +271,9 @@ def main(argv=None):
     parser.add_argument("--block", type=int, nargs="+", default=[16, 4], help="GPU block sizes, in this order")
     parser.add_argument("--only", default=None, help="run only the cases whose name contains this text")
     parser.add_argument("--results", type=Path, default=RESULTS)
+    add_compile_arguments(parser, default_mode="reduce-overhead")
     args = parser.parse_args(argv)
+    compile_settings = compile_kwargs(args.compile_mode, args.inductor_option)
     new_tokens = args.new_tokens or (24 if args.smoke else 1024)
     if args.gpu:
         all_cases = gpu_cases(new_tokens, args.batch, args.block)
@@ -270,7 +281,8 @@ def main(argv=None):
         all_cases = gpu_cases(new_tokens, args.batch, args.block, "cpu", "float32", CPU_MODELS["tiny"])
     else:
         all_cases = cpu_cases(new_tokens)
-    selected = [case for case in all_cases if not args.only or args.only in case["name"]]
+    selected = [dict(case, compile=compile_settings) if case.get("compiled") else case
+                for case in all_cases if not args.only or args.only in case["name"]]
     if not selected:
         raise SystemExit(f"no case matches --only {args.only!r}")
     rows, failures = run_cases(selected, isolate=not args.smoke)
@@ -279,7 +291,8 @@ def main(argv=None):
     models_text = "; ".join(f"{name} = {shape}" for name, shape in {c["model"]: c["shape"] for c in selected}.items())
     title = "GPU" if args.gpu else ("smoke, CPU" if args.smoke else "CPU")
     text = (f"\n## bench_generate ({title}) — {datetime.date.today()}\n\nMachine: {machine(selected[0]['device'])}. "
-            f"Models: {models_text}. Random weights, greedy, prompt = 1 token.\n\n{table(rows)}\n\n"
+            f"Models: {models_text}. Random weights, greedy, prompt = 1 token. Compiled rows: {compile_settings}."
+            f"\n\n{table(rows)}\n\n"
             + "\n".join(f"- {line}" for line in failures + summary) + "\n")
     publish(text, args.results, failures)
     return rows

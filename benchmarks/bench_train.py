@@ -28,6 +28,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from bd3lm_hf import BD3LMConfig, BD3LMForBlockDiffusion, DataCollatorForBlockDiffusion
 from bd3lm_hf.compilation import compile_decoder_layers
+from compile_settings import add_compile_arguments, compile_kwargs
 from reporting import publish, record_failure
 
 RESULTS = Path(__file__).parent / "RESULTS.md"
@@ -66,10 +67,10 @@ def training_step(model, optimizer, batch, mode, autocast):
     optimizer.zero_grad(set_to_none=True)
 
 
-def measure(shape, row, device) -> dict:
+def measure(shape, row, device, compile_settings=None) -> dict:
     model = make_model(shape, row["block"], row["attention"], device)
     if row["compiled"]:
-        compile_decoder_layers(model)
+        compile_decoder_layers(model, **(compile_settings or {}))
     # fused on CUDA: what Trainer uses by default (optim="adamw_torch_fused")
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=device == "cuda")
     batch = batch_for(shape, row["block"], device)
@@ -179,7 +180,9 @@ def main(argv=None):
     mode.add_argument("--memory-estimate", action="store_true",
                       help="CPU: the GPU shape's peak at batch 1 and 2, extrapolated to batch 16 (no timing rows)")
     parser.add_argument("--results", type=Path, default=RESULTS)
+    add_compile_arguments(parser, default_mode=None)
     args = parser.parse_args(argv)
+    compile_settings = compile_kwargs(args.compile_mode, args.inductor_option)
     if args.memory_estimate:
         return publish_memory_estimate(args.results)
     device = "cuda" if args.gpu else "cpu"
@@ -189,7 +192,7 @@ def main(argv=None):
         if args.smoke and row["attention"] == "flex_attention":
             continue
         try:
-            rows.append(measure(shape, row, device))
+            rows.append(measure(shape, row, device, compile_settings))
         except Exception as error:  # one failing row must not cost the figures of the others
             record_failure(failures, str(row), error)
             continue
@@ -202,7 +205,8 @@ def main(argv=None):
     precision = "fp32 weights, bf16 autocast" if args.gpu else "fp32"
     title = "GPU" if args.gpu else ("smoke, CPU" if args.smoke else "CPU")
     text = (f"\n## bench_train ({title}) — {datetime.date.today()}\n\nMachine: {machine} (torch {torch.__version__})."
-            f" Model: {shape}, {precision}, AdamW step included.\n\n" + "\n".join(lines) + "\n\n"
+            f" Model: {shape}, {precision}, AdamW step included. Compiled layers: "
+            f"{compile_settings or 'inductor defaults'}.\n\n" + "\n".join(lines) + "\n\n"
             + "\n".join(f"- {line}" for line in failures + summary(rows)) + "\n")
     publish(text, args.results, failures, unit="row")
     return rows

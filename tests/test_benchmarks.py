@@ -109,3 +109,35 @@ def test_profile_step_smoke():
 
     text = profile_step.main(["--smoke", "--new-tokens", "8", "--rows", "5"])
     assert "model calls (NFE): 16" in text and "aten::" in text  # first hitting, block 16: one call per token
+
+
+def test_compile_settings_from_the_command_line():
+    from compile_settings import compile_kwargs
+
+    assert compile_kwargs("reduce-overhead", []) == {"mode": "reduce-overhead"}
+    assert compile_kwargs(None, []) == {}
+    options = compile_kwargs("reduce-overhead", ["coordinate_descent_tuning=True", "triton.cudagraphs=true",
+                                                 "max_autotune_gemm_backends=TRITON", "epilogue_fusion=0"])
+    assert options == {"options": {"coordinate_descent_tuning": True, "triton.cudagraphs": True,
+                                   "max_autotune_gemm_backends": "TRITON", "epilogue_fusion": 0}}
+    with pytest.raises(SystemExit, match="KEY=VALUE"):
+        compile_kwargs(None, ["coordinate_descent_tuning"])
+
+
+def test_bench_generate_passes_the_compile_settings_to_the_compiled_rows(tmp_path):
+    results = tmp_path / "RESULTS.md"
+    rows = bench_generate.main(["--smoke", "--batch", "1", "--block", "4", "--only", "static+compiled",
+                                "--inductor-option", "coordinate_descent_tuning=True", "--results", str(results)])
+    assert rows and all(row["compile"] == {"options": {"coordinate_descent_tuning": True}} for row in rows)
+    kwargs = bench_generate.generate_kwargs(rows[0], 8)
+    assert kwargs["compile_config"].mode is None and kwargs["compile_config"].options == {
+        "coordinate_descent_tuning": True}
+    assert "coordinate_descent_tuning" in results.read_text()
+
+
+def test_bench_train_passes_the_compile_settings_to_the_compiled_layers(monkeypatch):
+    seen = []
+    monkeypatch.setattr(bench_train, "compile_decoder_layers", lambda model, **kwargs: seen.append(kwargs))
+    row = {"mode": "2L", "attention": "sdpa", "compiled": True, "block": 4}
+    bench_train.measure(bench_train.SMOKE, row, "cpu", {"mode": "max-autotune-no-cudagraphs"})
+    assert seen == [{"mode": "max-autotune-no-cudagraphs"}]
