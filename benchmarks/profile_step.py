@@ -8,6 +8,7 @@ Prints the table (no RESULTS.md entry: a diagnostic for tuning, not a benchmark)
 """
 
 import argparse
+import time
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -16,26 +17,39 @@ from bench_generate import CPU_MODELS, GPU_MODEL, build_bd3lm
 
 
 def profile_generation(model, batch: int, new_tokens: int, sampler: str):
-    """(profiler, nfe) of one warmed-up static-cache generation."""
+    """(profiler, nfe, wall seconds of an unprofiled run) of a warmed-up static-cache generation."""
     prompt = torch.zeros(batch, 1, dtype=torch.long, device=model.device)
     settings = dict(max_new_tokens=new_tokens, sampler=sampler, do_sample=False, cache_implementation="static",
                     return_dict_in_generate=True)
     model.generate(prompt, **settings)  # warm-up: compilation and CUDA-graph capture
+    start = time.perf_counter()
+    model.generate(prompt, **settings)
+    if model.device.type == "cuda":
+        torch.cuda.synchronize()
+    wall = time.perf_counter() - start
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if model.device.type == "cuda" else [])
     with profile(activities=activities) as profiler:
         out = model.generate(prompt, **settings)
         if model.device.type == "cuda":
             torch.cuda.synchronize()
-    return profiler, out.nfe
+    return profiler, out.nfe, wall
 
 
-def summary(profiler, nfe: int, device: str, rows: int) -> str:
+def kernel_time_us(event) -> float:
+    """The event's own device time (torch renamed `self_cuda_time_total` to `self_device_time_total`)."""
+    return getattr(event, "self_device_time_total", None) or getattr(event, "self_cuda_time_total", 0.0)
+
+
+def summary(profiler, nfe: int, device: str, rows: int, wall: float) -> str:
     events = profiler.key_averages()
-    kernels = sum(event.count for event in events if event.device_type == torch.autograd.DeviceType.CUDA)
+    on_gpu = [event for event in events if event.device_type == torch.autograd.DeviceType.CUDA]
+    kernels = sum(event.count for event in on_gpu)
     sort = "cuda_time_total" if device == "cuda" else "cpu_time_total"
-    lines = [f"model calls (NFE): {nfe}"]
+    lines = [f"model calls (NFE): {nfe}; wall per call (unprofiled run): {1000 * wall / nfe:.3f} ms"]
     if device == "cuda":
-        lines.append(f"GPU kernels per call: {kernels / nfe:.1f}")
+        busy_ms = sum(kernel_time_us(event) for event in on_gpu) / 1000 / nfe
+        bound = "host-bound: launch overhead exceeds kernel time" if wall * 1000 / nfe > 1.2 * busy_ms else "GPU-bound"
+        lines.append(f"GPU kernels per call: {kernels / nfe:.1f}; kernel time per call: {busy_ms:.3f} ms ({bound})")
     lines.append(events.table(sort_by=sort, row_limit=rows))
     return "\n".join(lines)
 
@@ -55,8 +69,8 @@ def main(argv=None):
                                                                                   CPU_MODELS["tiny"])
     context = args.new_tokens + 2 * args.block
     model = build_bd3lm(shape, args.block, context + -context % args.block, device, dtype)
-    profiler, nfe = profile_generation(model, args.batch, args.new_tokens, args.sampler)
-    text = summary(profiler, nfe, device, args.rows)
+    profiler, nfe, wall = profile_generation(model, args.batch, args.new_tokens, args.sampler)
+    text = summary(profiler, nfe, device, args.rows, wall)
     print(text)
     return text
 
