@@ -1,6 +1,8 @@
 """The static cache path (issue: GPU fast path, CPU parts): same tokens as the dynamic cache, fixed shapes, and
 no host synchronization inside a block."""
 
+import logging
+
 import pytest
 import torch
 from conftest import random_model
@@ -207,6 +209,7 @@ def test_static_cache_is_reused_in_place_and_reset(gen_model):
 
 
 def test_compile_config_on_cpu_warns_and_runs_eagerly(gen_model, caplog):
+    logging.Logger.warning_once.cache_clear()  # transformers warns once per process: an earlier test may have
     ids, mask = prompts()
     config = CompileConfig(fullgraph=True, dynamic=False)  # no _compile_all_devices: CPU stays eager
     out = gen_model.generate(ids, attention_mask=mask, max_new_tokens=5, cache_implementation="static",
