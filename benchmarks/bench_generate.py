@@ -81,11 +81,16 @@ def build_model(case, models: dict):
     return models[key]
 
 
+def decoding(case) -> dict:
+    """Greedy, or pure sampling (no top-k / top-p: the original's default nucleus_p = 1.0, what its figures used)."""
+    return dict(do_sample=True, top_k=0, top_p=1.0) if case.get("do_sample") else dict(do_sample=False)
+
+
 def generate_kwargs(case, new_tokens: int) -> dict:
     if case["kind"] == "ar":
-        return dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, pad_token_id=0,
-                    cache_implementation=case.get("cache"))
-    settings = dict(max_new_tokens=new_tokens, do_sample=False, sampler=case["sampler"], num_steps=case["num_steps"],
+        return dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0,
+                    cache_implementation=case.get("cache"), **decoding(case))
+    settings = dict(max_new_tokens=new_tokens, **decoding(case), sampler=case["sampler"], num_steps=case["num_steps"],
                     use_cache=case["kind"] == "cached", return_dict_in_generate=True,
                     cache_implementation=case.get("cache"), disable_compile=not case.get("compiled", True))
     if case.get("compile"):  # CompileConfig's own default mode is "reduce-overhead": None when options replace it
@@ -153,7 +158,7 @@ def gpu_cases(new_tokens: int, batches, blocks, device="cuda", dtype="bfloat16",
             if index == 1:  # after the first block size (the one the targets quote): the AR baseline
                 rows.append(ar_case(device, dtype, shape, new_tokens, batch))
             base = dict(device=device, dtype=dtype, model=f"small-bs{block_size}", shape=shape, block_size=block_size,
-                        new_tokens=new_tokens, batch=batch, kind="cached")
+                        new_tokens=new_tokens, batch=batch, kind="cached", do_sample=True)
             paths = [("eager", None, False), ("static+compiled", "static", True)]
             if batch == 1 and block_size == 16:
                 paths.insert(1, ("static+eager", "static", False))
@@ -169,7 +174,14 @@ def gpu_cases(new_tokens: int, batches, blocks, device="cuda", dtype="bfloat16",
 
 def ar_case(device, dtype, shape, new_tokens: int, batch: int) -> dict:
     return dict(device=device, dtype=dtype, model="small-ar", shape=shape, block_size=1, new_tokens=new_tokens,
-                batch=batch, kind="ar", cache="static", name="small: AR baseline (Llama, HF generate, static cache)")
+                batch=batch, kind="ar", cache="static", do_sample=True,
+                name="small: AR baseline (Llama, HF generate, static cache)")
+
+
+def decoding_text(cases) -> str:
+    if all(case.get("do_sample") for case in cases):
+        return "pure sampling (top_k=0, top_p=1.0: the original's nucleus_p=1.0)"
+    return "greedy" if not any(case.get("do_sample") for case in cases) else "greedy and sampled rows"
 
 
 def machine(device: str) -> str:
@@ -291,7 +303,8 @@ def main(argv=None):
     models_text = "; ".join(f"{name} = {shape}" for name, shape in {c["model"]: c["shape"] for c in selected}.items())
     title = "GPU" if args.gpu else ("smoke, CPU" if args.smoke else "CPU")
     text = (f"\n## bench_generate ({title}) — {datetime.date.today()}\n\nMachine: {machine(selected[0]['device'])}. "
-            f"Models: {models_text}. Random weights, greedy, prompt = 1 token. Compiled rows: {compile_settings}."
+            f"Models: {models_text}. Random weights, {decoding_text(selected)}, prompt = 1 token. Compiled rows: "
+            f"{compile_settings}."
             f"\n\n{table(rows)}\n\n"
             + "\n".join(f"- {line}" for line in failures + summary) + "\n")
     publish(text, args.results, failures)
