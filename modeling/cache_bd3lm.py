@@ -71,6 +71,7 @@ class BD3LMStaticCache(StaticCache):
         Cache.__init__(self, layers=[BD3LMStaticLayer(max_cache_len) for _ in range(config.num_hidden_layers)])
         self.capacity = max_cache_len  # (5.17's Cache has a read-only, deprecated `max_cache_len` property)
         self.constants: tuple[torch.Tensor, ...] = ()
+        self.noise: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def hold_constants(self, tensors: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         """Per-generation constants of the step (the adaLN modulations) copied into tensors with fixed addresses,
@@ -86,6 +87,16 @@ class BD3LMStaticCache(StaticCache):
             for held, new in zip(self.constants, tensors):
                 held.copy_(new)
         return self.constants
+
+    def noise_buffers(self, batch_size: int, block_size: int, vocab_size: int, device):
+        """Fixed-address tensors for one step's random draws, (B, bs, V) and (B, bs), allocated once per shape: a
+        compiled step reads them in place instead of copying fresh ones in at every replay."""
+        shape = (batch_size, block_size, vocab_size)
+        if self.noise is None or self.noise[0].shape != shape or self.noise[0].device != torch.device(device):
+            self.noise = (torch.empty(shape, device=device), torch.empty(shape[:2], device=device))
+            for tensor in self.noise:
+                torch._dynamo.mark_static_address(tensor)
+        return self.noise
 
     def committed_length(self) -> torch.Tensor:
         """The cursor as a 0-d tensor (no host sync), 0 before the first call."""

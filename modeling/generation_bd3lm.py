@@ -466,7 +466,7 @@ class BD3LMGenerationMixin(GenerationMixin):
         """Static cache: one `denoise_step` per step (compiled on GPU) and nothing read back from the device."""
         mask = F.pad(valid, (0, cache.capacity - valid.shape[1]), value=True)  # columns past the canvas: masked
         for step in range(num_steps):
-            noise = self.step_noise(canvas, state, end - start)
+            noise = self.step_noise(canvas, state, end - start, cache)
             committed = state["committed"]
             # contiguous: a compiled step is specialised on strides, and the canvas width varies between generations
             tokens = canvas[:, committed:end].contiguous()
@@ -479,9 +479,13 @@ class BD3LMGenerationMixin(GenerationMixin):
             if state["history"] is not None:
                 state["history"].append(canvas.clone())
 
-    def step_noise(self, canvas, state, block_size: int):
+    def step_noise(self, canvas, state, block_size: int, cache=None):
+        """The step's random draws; with a static cache, into its fixed-address buffers."""
+        out = None
+        if isinstance(cache, BD3LMStaticCache) and state["rule"].do_sample:
+            out = cache.noise_buffers(canvas.shape[0], block_size, self.config.vocab_size, canvas.device)
         return draw_step_noise(state["rule"], canvas.shape[0], block_size, self.config.vocab_size, canvas.device,
-                               state["generator"])
+                               state["generator"], out)
 
     def block_logits(self, canvas, valid, start, end, cache, state, timesteps=None):
         """One model call: logits (B, bs, V) of canvas[:, start:end] (`timesteps`: sigma for time-conditioned models).

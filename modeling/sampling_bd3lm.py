@@ -42,14 +42,17 @@ class StepRule:
     confidence_threshold: float
 
 
-def draw_step_noise(rule: StepRule, batch: int, block_size: int, vocab_size: int, device, generator=None):
+def draw_step_noise(rule: StepRule, batch: int, block_size: int, vocab_size: int, device, generator=None,
+                    out=None):
     """The uniform draws of one step, taken before it (so the stream is the same compiled or not, cached or not):
     (B, bs, V) for the Gumbel-max tokens, (B, bs) for the positions of the random samplers; None when greedy.
-    From `generator` if given, else torch's default generator."""
+    From `generator` if given, else torch's default generator. `out`: tensors of those shapes to fill in place
+    (same numbers: `torch.rand(out=)` draws as `torch.rand` does)."""
     if not rule.do_sample:
         return None, None
-    tokens = torch.rand(batch, block_size, vocab_size, device=device, generator=generator)
-    positions = (torch.rand(batch, block_size, device=device, generator=generator)
+    tokens_out, positions_out = out if out is not None else (None, None)
+    tokens = torch.rand(batch, block_size, vocab_size, device=device, generator=generator, out=tokens_out)
+    positions = (torch.rand(batch, block_size, device=device, generator=generator, out=positions_out)
                  if rule.sampler != "confidence" else None)
     return tokens, positions
 

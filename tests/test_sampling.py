@@ -80,3 +80,14 @@ def test_a_step_changes_only_masked_unfixed_positions(sampler):
     new = sample_step(scores, block, fixed, noise, torch.tensor(1.0), rule(sampler, True))
     assert new[0, 1] == 2 and new[0, 3] == MASK and (new[0, :3] != MASK).sum() >= 1
     assert noise[0].shape == (1, 4, 10) and (noise[1] is None) == (sampler == "confidence")
+
+
+def test_noise_drawn_in_place_equals_fresh_draws():
+    for sampler in ("ddpm", "confidence"):
+        fresh = draw_step_noise(rule(sampler, True), 2, 4, 10, "cpu", torch.Generator().manual_seed(1))
+        buffers = (torch.empty(2, 4, 10), torch.empty(2, 4))
+        in_place = draw_step_noise(rule(sampler, True), 2, 4, 10, "cpu", torch.Generator().manual_seed(1), buffers)
+        assert in_place[0] is buffers[0] and torch.equal(in_place[0], fresh[0])
+        assert (in_place[1] is None) == (fresh[1] is None) == (sampler == "confidence")
+        if fresh[1] is not None:
+            assert in_place[1] is buffers[1] and torch.equal(in_place[1], fresh[1])

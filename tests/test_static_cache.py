@@ -235,3 +235,23 @@ def test_static_cache_is_selected_by_the_generation_config(gen_model, tmp_path):
     reloaded = BD3LMForBlockDiffusion.from_pretrained(tmp_path)
     again = reloaded.generate(ids, attention_mask=mask, max_new_tokens=9, return_dict_in_generate=True)
     assert isinstance(again.past_key_values, BD3LMStaticCache) and torch.equal(again.sequences, out.sequences)
+
+
+def test_sampling_draws_into_the_static_cache_noise_buffers(gen_model):
+    """When sampling, each step's uniforms are drawn in place into two fixed-address buffers of the static cache
+    (a compiled step then reads them instead of copying them in), with the numbers the dynamic path draws."""
+    ids, mask = prompts()
+    settings = dict(attention_mask=mask, max_new_tokens=13, do_sample=True, return_dict_in_generate=True)
+    compiled = dict(cache_implementation="static", compile_config=counting_compile_config([]))
+    torch.manual_seed(5)
+    first = gen_model.generate(ids, **compiled, **settings)
+    buffers = first.past_key_values.noise
+    assert [tuple(t.shape) for t in buffers] == [(3, 4, 50), (3, 4)]
+    addresses = [t.data_ptr() for t in buffers]
+    torch.manual_seed(5)
+    with torch.compiler.set_stance("fail_on_recompile"):
+        second = gen_model.generate(ids, **compiled, **settings)
+    assert [t.data_ptr() for t in second.past_key_values.noise] == addresses
+    torch.manual_seed(5)
+    dynamic = gen_model.generate(ids, **settings)
+    assert torch.equal(first.sequences, second.sequences) and torch.equal(first.sequences, dynamic.sequences)
