@@ -63,7 +63,10 @@ class BD3LMStaticLayer(StaticLayer):
 class BD3LMStaticCache(StaticCache):
     """A transformers `StaticCache` of `BD3LMStaticLayer`s: fixed shapes for every denoising call, so that one call
     is capturable by CUDA graphs (`torch.compile(mode="reduce-overhead")`). Selected by
-    `cache_implementation="static"`; generation keeps it on the model and resets it in place."""
+    `cache_implementation="static"`; generation keeps it on the model and resets it in place.
+
+    Besides keys/values it holds the other fixed-address inputs of a static step: the per-generation constants
+    (`hold_constants`: the adaLN modulations) and the buffers of each step's random draws (`noise_buffers`)."""
 
     def __init__(self, config, max_cache_len: int):
         # StaticCache's own __init__ picks layer classes from the config's layer types; every BD3-LM layer is one
