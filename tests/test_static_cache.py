@@ -100,8 +100,9 @@ def test_unknown_cache_implementation(gen_model):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_compiled_static_generation_matches_eager_on_gpu():
-    """The default CUDA path (inductor, CUDA graphs) gives the eager tokens in fp32, for every sampler; in bf16 a
-    second prompt of another length replays the captured graphs without recompiling."""
+    """The default CUDA path (inductor, CUDA graphs) gives the eager tokens in fp32, greedy for every sampler and
+    sampled (seeded, twice: the second replays); in bf16 a second prompt of another length replays the captured
+    graphs without recompiling."""
     model = random_model(seed=1, std=0.12, max_position_embeddings=128).cuda()
     ids, mask = (t.cuda() for t in prompts())
     for sampler in SAMPLERS:
@@ -110,6 +111,14 @@ def test_compiled_static_generation_matches_eager_on_gpu():
                    for implementation, disable in ((None, True), ("static", True), ("static", False))]
         assert torch.equal(outputs[0], outputs[1]) and torch.equal(outputs[1], outputs[2]), sampler
     torch._dynamo.reset()  # 3 samplers x 2 shapes already compiled: stay clear of the recompile limit (8)
+    sampled = []  # noise drawn on the GPU into the static cache's buffers, read in place by the CUDA graphs
+    for implementation, disable in ((None, True), ("static", True), ("static", False), ("static", False)):
+        torch.manual_seed(3)
+        sampled.append(model.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=True, top_k=0,
+                                      sampler="first_hitting", cache_implementation=implementation,
+                                      disable_compile=disable))
+    assert all(torch.equal(sampled[0], other) for other in sampled[1:])
+    torch._dynamo.reset()
     model = model.to(torch.bfloat16)
     model.generate(ids, attention_mask=mask, max_new_tokens=24, cache_implementation="static")
     other_ids, other_mask = (t.cuda() for t in prompts(lengths=(3, 9, 14), seed=1))
