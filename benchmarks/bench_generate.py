@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from compile_settings import add_compile_arguments, compile_kwargs
+from compile_settings import add_compile_arguments, compile_kwargs, generation_compile_config
 from reporting import publish, record_failure
 
 RESULTS = Path(__file__).parent / "RESULTS.md"
@@ -93,11 +93,8 @@ def generate_kwargs(case, new_tokens: int) -> dict:
     settings = dict(max_new_tokens=new_tokens, **decoding(case), sampler=case["sampler"], num_steps=case["num_steps"],
                     use_cache=case["kind"] == "cached", return_dict_in_generate=True,
                     cache_implementation=case.get("cache"), disable_compile=not case.get("compiled", True))
-    if case.get("compile"):  # CompileConfig's own default mode is "reduce-overhead": None when options replace it
-        from transformers.generation import CompileConfig
-
-        settings["compile_config"] = CompileConfig(fullgraph=True, dynamic=False, mode=case["compile"].get("mode"),
-                                                   options=case["compile"].get("options"))
+    if case.get("compile"):
+        settings["compile_config"] = generation_compile_config(case["compile"])
     return settings
 
 

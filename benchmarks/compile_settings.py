@@ -26,6 +26,14 @@ def parse_value(text: str):
     return text
 
 
+def generation_compile_config(settings: dict):
+    """The `CompileConfig` of a static-cache generation with these settings (fullgraph, static shapes); its own
+    default mode, "reduce-overhead", is dropped when options replace it."""
+    from transformers.generation import CompileConfig
+
+    return CompileConfig(fullgraph=True, dynamic=False, mode=settings.get("mode"), options=settings.get("options"))
+
+
 def compile_kwargs(compile_mode: str | None, inductor_options: list[str]) -> dict:
     """{"mode": ...} or {"options": {...}} for torch.compile / CompileConfig."""
     if not inductor_options:

@@ -13,14 +13,16 @@ import time
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from bench_generate import CPU_MODELS, GPU_MODEL, build_bd3lm
+from bench_generate import CPU_MODELS, GPU_MODEL, build_bd3lm, decoding
+from compile_settings import add_compile_arguments, compile_kwargs, generation_compile_config
 
 
-def profile_generation(model, batch: int, new_tokens: int, sampler: str):
-    """(profiler, nfe, wall seconds of an unprofiled run) of a warmed-up static-cache generation."""
+def profile_generation(model, batch: int, new_tokens: int, sampler: str, **extra):
+    """(profiler, nfe, wall seconds of an unprofiled run) of a warmed-up static-cache generation; `extra`: more
+    generate() settings (decoding, compile_config)."""
     prompt = torch.zeros(batch, 1, dtype=torch.long, device=model.device)
-    settings = dict(max_new_tokens=new_tokens, sampler=sampler, do_sample=False, cache_implementation="static",
-                    return_dict_in_generate=True)
+    settings = dict(max_new_tokens=new_tokens, sampler=sampler, cache_implementation="static",
+                    return_dict_in_generate=True, **{"do_sample": False, **extra})
     model.generate(prompt, **settings)  # warm-up: compilation and CUDA-graph capture
     start = time.perf_counter()
     model.generate(prompt, **settings)
@@ -64,12 +66,16 @@ def main(argv=None):
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--sampler", default="first_hitting")
     parser.add_argument("--rows", type=int, default=25)
+    parser.add_argument("--greedy", action="store_true", help="greedy instead of the benchmark's pure sampling")
+    add_compile_arguments(parser, default_mode="reduce-overhead")
     args = parser.parse_args(argv)
+    extra = dict(decoding({"do_sample": not args.greedy}),
+                 compile_config=generation_compile_config(compile_kwargs(args.compile_mode, args.inductor_option)))
     device, dtype, shape = ("cuda", torch.bfloat16, GPU_MODEL) if args.gpu else ("cpu", torch.float32,
                                                                                   CPU_MODELS["tiny"])
     context = args.new_tokens + 2 * args.block
     model = build_bd3lm(shape, args.block, context + -context % args.block, device, dtype)
-    profiler, nfe, wall = profile_generation(model, args.batch, args.new_tokens, args.sampler)
+    profiler, nfe, wall = profile_generation(model, args.batch, args.new_tokens, args.sampler, **extra)
     text = summary(profiler, nfe, device, args.rows, wall)
     print(text)
     return text
