@@ -100,7 +100,26 @@ class BD3LMGenerateOutput(ModelOutput):
     history: tuple[torch.LongTensor, ...] | None = None
 
 
+@dataclass(frozen=True, eq=False)
+class StepConstants:
+    """What every denoising step of one generation shares, fixed for the generation (a compiled step guards on them
+    once): the sampler rule, the EOS ids, the sampling warpers, custom logits processors, and the adaLN modulations
+    computed once (None for time-conditioned models)."""
+
+    rule: StepRule
+    eos_ids: torch.Tensor | None = None
+    warpers: LogitsProcessorList | None = None
+    logits_processor: LogitsProcessorList | None = None
+    modulations: tuple[torch.Tensor, ...] | None = None
+
+
 # --- small pure functions of the hot loop -------------------------------------------------------------------------
+
+
+def step_scores(logits, banned_eos, constants: StepConstants, context=None):
+    """`process_logits` with a generation's constants: SUBS, EOS ban, processors, warpers."""
+    return process_logits(logits, constants.rule.mask_token_id, banned_eos, constants.eos_ids,
+                          constants.logits_processor, constants.warpers, context)
 
 
 def align_prompts(input_ids, attention_mask, block_size: int, filler: int):
@@ -132,7 +151,7 @@ def step_schedule(state, step: int):
 
 def processor_context(canvas, valid, start: int, state):
     """The sequence so far, left-padded as transformers' processors expect it (None without processors)."""
-    if not state["logits_processor"]:
+    if not state["constants"].logits_processor:
         return None
     return torch.where(valid[:, :start], canvas[:, :start], state["pad_id"])
 
@@ -265,15 +284,14 @@ class BD3LMGenerationMixin(GenerationMixin):
         return BD3LMGenerateOutput(sequences=sequences, nfe=state["nfe"], past_key_values=cache, history=history)
 
     def loop_state(self, config, cache, device, pad_id, eos_ids, warpers, logits_processor, generator) -> dict:
-        """What the denoising loop carries: counters (nfe, committed, window_start), the per-generation constants of
-        a step (rule, EOS ids, warpers, processors, ddpm schedule, generator) and the step function."""
+        """What the denoising loop carries: counters (nfe, committed, window_start), the step's constants
+        (`StepConstants`), the ddpm schedule, the generator and the step function."""
         rule = StepRule(self.config.mask_token_id, config.sampler, bool(config.do_sample),
                         float(config.confidence_threshold))
+        constants = StepConstants(rule, eos_ids, warpers, logits_processor or None, self.constant_modulations(cache))
         schedule = ddpm_schedule(config.num_steps, device) if config.sampler == "ddpm" else None
         return {"nfe": 0, "committed": 0, "window_start": 0, "history": [] if config.output_history else None,
-                "pad_id": pad_id, "rule": rule, "eos_ids": eos_ids, "warpers": warpers, "generator": generator,
-                "logits_processor": logits_processor, "ddpm_schedule": schedule,
-                "modulations": self.constant_modulations(cache),
+                "pad_id": pad_id, "constants": constants, "generator": generator, "ddpm_schedule": schedule,
                 "step": self.step_function(cache, config, logits_processor)}
 
     def constant_modulations(self, cache):
@@ -385,17 +403,18 @@ class BD3LMGenerationMixin(GenerationMixin):
             self._bd3lm_compiled = (key, torch.compile(self.denoise_step, **key[1]))
         return self._bd3lm_compiled[1]
 
-    def denoise_step(self, tokens, attention_mask, cache, store_kv, fixed, banned_eos, eos_ids, warpers, noise,
-                     schedule, rule: StepRule, logits_processor=None, context=None, modulations=None):
+    def denoise_step(self, tokens, attention_mask, cache, store_kv, fixed, banned_eos, noise, schedule,
+                     constants: StepConstants, context=None):
         """One model call on `tokens` (B, T), whose last bs tokens are the block being denoised, then one sampler
         step on that block; returns its new tokens (B, bs). A function of its inputs only (the random draws come in
-        as `noise`, the ddpm time and reveal probability as `schedule`, the constant adaLN modulations as
-        `modulations`), so that it compiles into one graph."""
+        as `noise`, the ddpm time and reveal probability as `schedule`, the generation's constants as `constants`),
+        so that it compiles into one graph."""
         block = tokens[:, -fixed.shape[1]:]
         logits = self.denoise_forward(tokens, attention_mask, cache, store_kv, fixed.shape[1],
-                                      timesteps=self.step_timesteps(block, schedule[0]), modulations=modulations)
-        scores = process_logits(logits, rule.mask_token_id, banned_eos, eos_ids, logits_processor, warpers, context)
-        return sample_step(scores, block, fixed, noise, schedule[1], rule)
+                                      timesteps=self.step_timesteps(block, schedule[0]),
+                                      modulations=constants.modulations)
+        scores = step_scores(logits, banned_eos, constants, context)
+        return sample_step(scores, block, fixed, noise, schedule[1], constants.rule)
 
     def step_timesteps(self, block, time=None):
         """sigma(t) of the block for time-conditioned models (MDLM), as the original feeds its sampler's t
@@ -445,18 +464,16 @@ class BD3LMGenerationMixin(GenerationMixin):
         """Dynamic cache or none: a step that reveals nothing leaves the block unchanged, so the next step reuses its
         scores without a model call (knowing that is a host synchronization). The first step always calls: it
         commits the previous block."""
-        rule = state["rule"]
+        constants = state["constants"]
         scores, stale = None, True
         for step in range(num_steps):
             noise = self.step_noise(canvas, state, end - start)
             block = canvas[:, start:end]
             time, reveal_probability = step_schedule(state, step)
-            if stale and (step == 0 or bool(((block == rule.mask_token_id) & ~fixed).any())):
+            if stale and (step == 0 or bool(((block == constants.rule.mask_token_id) & ~fixed).any())):
                 logits = self.block_logits(canvas, valid, start, end, cache, state, self.step_timesteps(block, time))
-                scores = process_logits(logits, rule.mask_token_id, banned_eos, state["eos_ids"],
-                                        state["logits_processor"], state["warpers"],
-                                        processor_context(canvas, valid, start, state))
-            new_block = sample_step(scores, block, fixed, noise, reveal_probability, rule)
+                scores = step_scores(logits, banned_eos, constants, processor_context(canvas, valid, start, state))
+            new_block = sample_step(scores, block, fixed, noise, reveal_probability, constants.rule)
             stale = bool((new_block != block).any())
             canvas[:, start:end] = new_block
             if state["history"] is not None:
@@ -471,9 +488,8 @@ class BD3LMGenerationMixin(GenerationMixin):
             # contiguous: a compiled step is specialised on strides, and the canvas width varies between generations
             tokens = canvas[:, committed:end].contiguous()
             canvas[:, start:end] = state["step"](
-                tokens, mask, cache, start - committed or False, fixed, banned_eos, state["eos_ids"], state["warpers"],
-                noise, step_schedule(state, step), state["rule"], state["logits_processor"] or None,
-                processor_context(canvas, valid, start, state), state["modulations"])
+                tokens, mask, cache, start - committed or False, fixed, banned_eos, noise, step_schedule(state, step),
+                state["constants"], processor_context(canvas, valid, start, state))
             state["committed"] = start
             state["nfe"] += 1
             if state["history"] is not None:
@@ -482,9 +498,10 @@ class BD3LMGenerationMixin(GenerationMixin):
     def step_noise(self, canvas, state, block_size: int, cache=None):
         """The step's random draws; with a static cache, into its fixed-address buffers."""
         out = None
-        if isinstance(cache, BD3LMStaticCache) and state["rule"].do_sample:
+        rule = state["constants"].rule
+        if isinstance(cache, BD3LMStaticCache) and rule.do_sample:
             out = cache.noise_buffers(canvas.shape[0], block_size, self.config.vocab_size, canvas.device)
-        return draw_step_noise(state["rule"], canvas.shape[0], block_size, self.config.vocab_size, canvas.device,
+        return draw_step_noise(rule, canvas.shape[0], block_size, self.config.vocab_size, canvas.device,
                                state["generator"], out)
 
     def block_logits(self, canvas, valid, start, end, cache, state, timesteps=None):
@@ -496,7 +513,7 @@ class BD3LMGenerationMixin(GenerationMixin):
         state["nfe"] += 1
         if cache is None:
             return self.denoise_forward(canvas[:, :end], valid[:, :end], None, False, end - start,
-                                        timesteps=timesteps, modulations=state["modulations"])
+                                        timesteps=timesteps, modulations=state["constants"].modulations)
         # Past the training context, the oldest committed blocks leave the cache: every call sees at most
         # max_position_embeddings tokens (rotary positions keep counting, so relative distances stay exact).
         window_start = max(0, end - self.config.max_position_embeddings)
@@ -510,7 +527,7 @@ class BD3LMGenerationMixin(GenerationMixin):
             positions = (valid[:, :end].long().cumsum(-1) - 1).clamp(min=0)[:, committed:end]
         logits = self.denoise_forward(canvas[:, committed:end], valid[:, window_start:end], cache,
                                       start - committed or False, end - start, positions, timesteps,
-                                      state["modulations"])
+                                      state["constants"].modulations)
         state["committed"] = start
         return logits
 
