@@ -18,14 +18,13 @@ import datetime
 import multiprocessing
 import platform
 import resource
-import signal
 import time
 from pathlib import Path
 
 import torch
 
 from compile_settings import add_compile_arguments, compile_kwargs, generation_compile_config
-from reporting import publish, record_failure
+from reporting import measure_all, publish
 
 RESULTS = Path(__file__).parent / "RESULTS.md"
 # The project's tiny model (DESIGN.md §5: H128, 2 layers, 4 heads, BPE vocab 1024), and a wider one with the GPT-2
@@ -241,33 +240,13 @@ def cpu_summary(rows) -> list[str]:
     return ratios
 
 
-class Interrupted(BaseException):
-    """SIGTERM (the `timeout` of a device call): stop and write what is measured."""
-
-
-def on_sigterm(signum, frame):
-    raise Interrupted()
-
-
 def run_cases(cases, isolate: bool):
-    """(rows, failures): one failing case must not cost the figures of the others, nor a SIGTERM the finished ones
-    (each row is also printed as it finishes, so the log keeps it)."""
-    previous = signal.signal(signal.SIGTERM, on_sigterm)
-    models, rows, failures = {}, [], []
-    try:
-        for number, case in enumerate(cases):
-            try:
-                rows.append(isolated(case) if case["device"] == "cpu" and isolate else run_case(case, models))
-            except Interrupted:
-                failures.append(f"INTERRUPTED (SIGTERM) after {number} of {len(cases)} cases")
-                break
-            except Exception as error:
-                record_failure(failures, f"{case['name']} (batch {case['batch']})", error)
-                continue
-            print(table(rows[-1:]).splitlines()[-1], flush=True)
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-    return rows, failures
+    """(rows, failures) of the cases (`reporting.measure_all`: failures and SIGTERM keep the finished rows)."""
+    models = {}
+    return measure_all(
+        cases, lambda case: isolated(case) if case["device"] == "cpu" and isolate else run_case(case, models),
+        label=lambda case: f"{case['name']} (batch {case['batch']})",
+        show=lambda row: print(table([row]).splitlines()[-1], flush=True))
 
 
 def main(argv=None):

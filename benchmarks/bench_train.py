@@ -29,7 +29,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from bd3lm_hf import BD3LMConfig, BD3LMForBlockDiffusion, DataCollatorForBlockDiffusion
 from bd3lm_hf.compilation import compile_decoder_layers
 from compile_settings import add_compile_arguments, compile_kwargs
-from reporting import publish, record_failure
+from reporting import measure_all, publish
 
 RESULTS = Path(__file__).parent / "RESULTS.md"
 CPU = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, cond_dim=64, vocab_size=1025,
@@ -187,16 +187,10 @@ def main(argv=None):
         return publish_memory_estimate(args.results)
     device = "cuda" if args.gpu else "cpu"
     shape = GPU if args.gpu else (SMOKE if args.smoke else CPU)
-    rows, failures = [], []
-    for row in rows_for(args.gpu, args.block):
-        if args.smoke and row["attention"] == "flex_attention":
-            continue
-        try:
-            rows.append(measure(shape, row, device, compile_settings))
-        except Exception as error:  # one failing row must not cost the figures of the others
-            record_failure(failures, str(row), error)
-            continue
-        print(rows[-1], flush=True)
+    selected = [row for row in rows_for(args.gpu, args.block)
+                if not (args.smoke and row["attention"] == "flex_attention")]
+    rows, failures = measure_all(selected, lambda row: measure(shape, row, device, compile_settings), label=str,
+                                 show=lambda row: print(row, flush=True), unit="row")
     lines = ["| pass | attention | layers | block | tokens/s | ms/step | peak GiB |", "|---|---|---|---|---|---|---|"]
     lines += [f"| {r['mode']} | {r['attention']} | {'compiled' if r['compiled'] else 'eager'} | {r['block']} | "
               f"{r['tokens_per_s']:.0f} | {r['ms_per_step']:.1f} | "

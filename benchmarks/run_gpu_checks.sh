@@ -7,8 +7,12 @@
 #   run(command="bash benchmarks/run_gpu_checks.sh generate16")    # bench_generate --gpu --batch 16 (~6 min)
 #   run(command="bash benchmarks/run_gpu_checks.sh profile")       # kernels per call, top operators (~2 min)
 # Each stage leaves its log and the tables it appended (RESULTS.md) in $OUT: copy the new sections into the repo's
-# benchmarks/RESULTS.md. With no stage named, all of them run (longer than one call allows).
+# benchmarks/RESULTS.md. The stages of one call share its time: a benchmark gets what is left (SIGTERM then writes
+# the finished rows) and a stage with under 90 s left is not started. With no stage named, all of them run (longer
+# than one call allows: set CALL_SECONDS to the real limit).
 set -uo pipefail
+CALL_SECONDS=${CALL_SECONDS:-580}  # the device call ends at 600 s: each benchmark gets what is left of it, so that its
+                                   # own SIGTERM handler writes the finished rows before the call is killed
 OUT=${OUT:-/tmp/gpu_out}
 mkdir -p "$OUT"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false PYTHONUNBUFFERED=1
@@ -22,6 +26,10 @@ fi
 "$PY" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__)" \
   | tee -a "$OUT/gpu.txt"
 : > "$OUT/RESULTS.md"
+stage_budget() {  # BUDGET = seconds left of this call; stop the script when too few remain to measure anything
+  BUDGET=$((CALL_SECONDS - SECONDS))
+  if [ "$BUDGET" -lt 90 ]; then echo "only ${BUDGET}s left of this call: stopping before $1"; exit 4; fi
+}
 stages=("$@")
 [ ${#stages[@]} -eq 0 ] && stages=(tests train generate1 generate16)
 for stage in "${stages[@]}"; do
@@ -30,13 +38,17 @@ for stage in "${stages[@]}"; do
       "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_compilation.py \
         "tests/test_static_cache.py::test_compiled_static_generation_matches_eager_on_gpu" 2>&1 \
         | tee "$OUT/tests.log" | tail -15 ;;
-    train) timeout 540 "$PY" benchmarks/bench_train.py --gpu --results "$OUT/RESULTS.md" 2>&1 \
+    train) stage_budget train
+      timeout "$BUDGET" "$PY" benchmarks/bench_train.py --gpu --results "$OUT/RESULTS.md" 2>&1 \
         | tee "$OUT/bench_train.log" | tail -20 ;;
-    generate1) timeout 560 "$PY" benchmarks/bench_generate.py --gpu --batch 1 --results "$OUT/RESULTS.md" 2>&1 \
+    generate1) stage_budget generate1
+      timeout "$BUDGET" "$PY" benchmarks/bench_generate.py --gpu --batch 1 --results "$OUT/RESULTS.md" 2>&1 \
         | tee "$OUT/bench_generate_b1.log" | tail -30 ;;
-    generate16) timeout 560 "$PY" benchmarks/bench_generate.py --gpu --batch 16 --results "$OUT/RESULTS.md" 2>&1 \
+    generate16) stage_budget generate16
+      timeout "$BUDGET" "$PY" benchmarks/bench_generate.py --gpu --batch 16 --results "$OUT/RESULTS.md" 2>&1 \
         | tee "$OUT/bench_generate_b16.log" | tail -30 ;;
-    profile) timeout 300 "$PY" benchmarks/profile_step.py --gpu 2>&1 | tee "$OUT/profile.log" | tail -40 ;;
+    profile) stage_budget profile
+      timeout "$BUDGET" "$PY" benchmarks/profile_step.py --gpu 2>&1 | tee "$OUT/profile.log" | tail -40 ;;
     *) echo "unknown stage $stage (tests, train, generate1, generate16, profile)"; exit 2 ;;
   esac
 done

@@ -142,3 +142,24 @@ def test_bench_train_passes_the_compile_settings_to_the_compiled_layers(monkeypa
     row = {"mode": "2L", "attention": "sdpa", "compiled": True, "block": 4}
     bench_train.measure(bench_train.SMOKE, row, "cpu", {"mode": "max-autotune-no-cudagraphs"})
     assert seen == [{"mode": "max-autotune-no-cudagraphs"}]
+
+
+def test_bench_train_sigterm_writes_the_rows_already_measured(tmp_path, monkeypatch):
+    import os
+    import signal
+
+    results = tmp_path / "RESULTS.md"
+    real_measure = bench_train.measure
+    calls = []
+
+    def stopped_on_second(shape, row, device, compile_settings=None):
+        calls.append(row)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_measure(shape, row, device, compile_settings)
+
+    monkeypatch.setattr(bench_train, "measure", stopped_on_second)
+    with pytest.raises(SystemExit, match="1 row"):
+        bench_train.main(["--smoke", "--block", "4", "--results", str(results)])
+    text = results.read_text()
+    assert "INTERRUPTED (SIGTERM) after 1 of 2 rows" in text and text.count("| 2L | sdpa |") == 1
