@@ -5,6 +5,8 @@ torch.compile takes either a `mode` or inductor `options`, not both: `--inductor
 (add `triton.cudagraphs=True` to keep the CUDA graphs that mode "reduce-overhead" gives).
 """
 
+import contextlib
+
 
 def add_compile_arguments(parser, default_mode: str | None) -> None:
     parser.add_argument("--compile-mode", default=default_mode,
@@ -19,10 +21,8 @@ def parse_value(text: str):
     if text.lower() in ("true", "false"):
         return text.lower() == "true"
     for kind in (int, float):
-        try:
+        with contextlib.suppress(ValueError):  # not of this kind: try the next
             return kind(text)
-        except ValueError:
-            pass
     return text
 
 

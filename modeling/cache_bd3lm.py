@@ -39,6 +39,15 @@ class BD3LMCache(DynamicCache):
                 layer.values = layer.values[..., num_tokens:, :]
 
 
+def fixed_addresses(tensors) -> tuple[torch.Tensor, ...]:
+    """Mark tensors whose storage stays put across calls (updated in place): CUDA graphs then read them directly
+    instead of copying them into their own input buffers at every replay."""
+    tensors = tuple(tensors)
+    for tensor in tensors:
+        torch._dynamo.mark_static_address(tensor)
+    return tensors
+
+
 class BD3LMStaticLayer(StaticLayer):
     """transformers' `StaticLayer` (preallocated (B, heads, max_cache_len, head_dim) keys/values and a cursor tensor,
     all at fixed addresses) whose cursor moves only by what is committed.
@@ -83,9 +92,7 @@ class BD3LMStaticCache(StaticCache):
             new.shape == held.shape and new.dtype == held.dtype and new.device == held.device
             for new, held in zip(tensors, self.constants))
         if not same_layout:
-            self.constants = tuple(tensor.clone() for tensor in tensors)
-            for tensor in self.constants:
-                torch._dynamo.mark_static_address(tensor)
+            self.constants = fixed_addresses(tensor.clone() for tensor in tensors)
         else:
             for held, new in zip(self.constants, tensors):
                 held.copy_(new)
@@ -96,9 +103,7 @@ class BD3LMStaticCache(StaticCache):
         compiled step reads them in place instead of copying fresh ones in at every replay."""
         shape = (batch_size, block_size, vocab_size)
         if self.noise is None or self.noise[0].shape != shape or self.noise[0].device != torch.device(device):
-            self.noise = (torch.empty(shape, device=device), torch.empty(shape[:2], device=device))
-            for tensor in self.noise:
-                torch._dynamo.mark_static_address(tensor)
+            self.noise = fixed_addresses((torch.empty(shape, device=device), torch.empty(shape[:2], device=device)))
         return self.noise
 
     def committed_length(self) -> torch.Tensor:
