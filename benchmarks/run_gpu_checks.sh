@@ -6,6 +6,7 @@
 #   run(command="bash benchmarks/run_gpu_checks.sh generate1")     # bench_generate --gpu --batch 1 (~6 min)
 #   run(command="bash benchmarks/run_gpu_checks.sh generate16")    # bench_generate --gpu --batch 16 (~6 min)
 #   run(command="bash benchmarks/run_gpu_checks.sh profile")       # kernels per call, top operators (~2 min)
+#   run(command="bash benchmarks/run_gpu_checks.sh tune")          # batch 1 block 16 compiled rows per compile setting
 # Each stage leaves its log and the tables it appended (RESULTS.md) in $OUT: copy the new sections into the repo's
 # benchmarks/RESULTS.md. The stages of one call share its time: a benchmark gets what is left (SIGTERM then writes
 # the finished rows) and a stage with under 90 s left is not started. With no stage named, all of them run (longer
@@ -47,8 +48,16 @@ for stage in "${stages[@]}"; do
     generate16) stage_budget generate16
       timeout "$BUDGET" "$PY" benchmarks/bench_generate.py --gpu --batch 16 --results "$OUT/RESULTS.md" 2>&1 \
         | tee "$OUT/bench_generate_b16.log" | tail -30 ;;
+    tune)  # batch 1, block 16, compiled rows only, under each compile setting in turn (compare within the run)
+      for setting in "--compile-mode reduce-overhead" "--compile-mode max-autotune" \
+                     "--inductor-option triton.cudagraphs=True --inductor-option coordinate_descent_tuning=True"; do
+        stage_budget "tune $setting"
+        # shellcheck disable=SC2086  # the setting is several arguments
+        timeout "$BUDGET" "$PY" benchmarks/bench_generate.py --gpu --batch 1 --block 16 --only static+compiled \
+          $setting --results "$OUT/RESULTS.md" 2>&1 | tee -a "$OUT/tune.log" | tail -8
+      done ;;
     profile) stage_budget profile
       timeout "$BUDGET" "$PY" benchmarks/profile_step.py --gpu 2>&1 | tee "$OUT/profile.log" | tail -40 ;;
-    *) echo "unknown stage $stage (tests, train, generate1, generate16, profile)"; exit 2 ;;
+    *) echo "unknown stage $stage (tests, train, generate1, generate16, tune, profile)"; exit 2 ;;
   esac
 done

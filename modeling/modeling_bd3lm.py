@@ -244,6 +244,10 @@ class BD3LMModel(BD3LMPreTrainedModel):
         """The block-diffusion mask in the form the configured attention backend takes."""
         implementation = self.config._attn_implementation
         if implementation == "flex_attention":
+            if keys[0].device.type == "cuda" and self.config.head_dim < 16:
+                raise ValueError(f"flex_attention on CUDA needs head_dim >= 16 (its kernels' minimum), got head_dim="
+                                 f"{self.config.head_dim} (hidden_size / num_attention_heads). Use fewer heads or "
+                                 "attn_implementation='sdpa'.")
             if training_length is not None and bool(keys[2].all()):  # 2L pass without padding: one shared mask
                 return flex_training_mask(training_length, self.config.block_size, str(keys[0].device))
             return flex_block_diffusion_mask(queries, keys, query_offset)

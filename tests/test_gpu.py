@@ -18,13 +18,21 @@ def test_flex_training_pass_matches_sdpa_forward_and_backward():
     x0, xt, t = _batch("cuda")
     results = {}
     for implementation in ("sdpa", "flex_attention"):
-        model = random_model(std=0.1).cuda().train()
+        model = random_model(std=0.1, num_attention_heads=2).cuda().train()  # head_dim 16: flex's minimum on CUDA
         model.set_attn_implementation(implementation)
         loss = model(input_ids=xt, labels=x0, noise_levels=t).loss
         loss.backward()
         results[implementation] = (loss.detach(), torch.cat([p.grad.flatten() for p in model.parameters()]))
     torch.testing.assert_close(results["flex_attention"][0], results["sdpa"][0], atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(results["flex_attention"][1], results["sdpa"][1], atol=1e-4, rtol=1e-3)
+
+
+def test_flex_on_cuda_refuses_head_dim_below_16_clearly():
+    x0, _, _ = _batch("cuda")
+    model = random_model().cuda()  # hidden 32 / 4 heads: head_dim 8
+    model.set_attn_implementation("flex_attention")
+    with pytest.raises(ValueError, match="head_dim >= 16"):
+        model(input_ids=x0)
 
 
 def test_bf16_inference_is_close_to_fp32():
