@@ -94,8 +94,6 @@ def generate_kwargs(case, new_tokens: int) -> dict:
                     cache_implementation=case.get("cache"), disable_compile=not case.get("compiled", True))
     if case.get("compile"):
         settings["compile_config"] = generation_compile_config(case["compile"])
-    if case.get("graph_scope"):
-        settings["graph_scope"] = case["graph_scope"]
     return settings
 
 
@@ -146,8 +144,7 @@ def cpu_cases(new_tokens: int) -> list[dict]:
 
 def gpu_cases(new_tokens: int, batches, blocks, device="cuda", dtype="bfloat16", shape=None) -> list[dict]:
     """Batch x block size x sampler x path: eager (dynamic cache), static+eager (batch 1, block 16: what the
-    cache alone gives) and static+compiled (one CUDA graph per block; at batch 1, block 16 also one per call);
-    the AR baseline (HF's static cache, compiled by HF) comes after the first
+    cache alone gives) and static+compiled; the AR baseline (HF's static cache, compiled by HF) comes after the first
     block size, so that a run cut short still has the figures the targets quote."""
     shape = shape or GPU_MODEL
     rows = []
@@ -158,16 +155,14 @@ def gpu_cases(new_tokens: int, batches, blocks, device="cuda", dtype="bfloat16",
                 rows.append(ar_case(device, dtype, shape, new_tokens, batch))
             base = dict(device=device, dtype=dtype, model=f"small-bs{block_size}", shape=shape, block_size=block_size,
                         new_tokens=new_tokens, batch=batch, kind="cached", do_sample=True)
-            paths = [("eager", None, False, None), ("static+compiled", "static", True, "block")]
-            if batch == 1 and block_size == 16:  # what the cache alone gives, and one CUDA graph per call
-                paths.insert(1, ("static+eager", "static", False, None))
-                paths.append(("static+compiled, graph per call", "static", True, "step"))
-            for label, cache, compiled, scope in paths:
+            paths = [("eager", None, False), ("static+compiled", "static", True)]
+            if batch == 1 and block_size == 16:
+                paths.insert(1, ("static+eager", "static", False))
+            for label, cache, compiled in paths:
                 for sampler_label, (sampler, tokens_per_call) in samplers.items():
                     steps = block_size if tokens_per_call is None else max(block_size // tokens_per_call, 1)
                     rows.append({**base, "name": f"small-bs{block_size}: bd3lm {label}, {sampler_label}",
-                                 "cache": cache, "compiled": compiled, "graph_scope": scope, "sampler": sampler,
-                                 "num_steps": steps})
+                                 "cache": cache, "compiled": compiled, "sampler": sampler, "num_steps": steps})
         if len(blocks) == 1:
             rows.append(ar_case(device, dtype, shape, new_tokens, batch))
     return rows

@@ -106,11 +106,6 @@ class BD3LMStaticCache(StaticCache):
             self.noise = fixed_addresses((torch.empty(shape, device=device), torch.empty(shape[:2], device=device)))
         return self.noise
 
-    @property
-    def batch_size(self) -> int:
-        """Rows of the preallocated buffers."""
-        return self.layers[0].keys.shape[0]
-
     def committed_length(self) -> torch.Tensor:
         """The cursor as a 0-d tensor (no host sync), 0 before the first call."""
         return self.layers[0].cumulative_length

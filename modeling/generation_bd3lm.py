@@ -4,7 +4,6 @@ The hot loop is made of small pure functions (one model call here, one sampler s
 `generate` wires them together.
 """
 
-import copy
 import math
 from dataclasses import dataclass
 
@@ -14,7 +13,6 @@ from transformers import GenerationConfig, GenerationMixin
 from transformers.generation import CompileConfig, LogitsProcessorList, StoppingCriteriaList
 from transformers.utils import ModelOutput, logging
 
-from .block_graph_bd3lm import MAX_BLOCK_NOISE_BYTES, BlockGraph, block_noise_bytes
 from .cache_bd3lm import BD3LMCache, BD3LMStaticCache
 from .diffusion_bd3lm import sigma_from_noise_level
 from .sampling_bd3lm import (SAMPLERS, StepRule, block_noise_level, ddpm_schedule, draw_step_noise, low_entropy_rows,
@@ -24,7 +22,6 @@ logger = logging.get_logger(__name__)
 
 # transformers' defaults for fields left unset by the model and the user (what `GenerationMixin.generate` applies)
 HF_DEFAULTS = {"max_length": 20, "do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0}
-GRAPH_SCOPES = ("block", "step")
 UNSUPPORTED = {"num_beams": 1, "num_return_sequences": 1, "assistant_model": None, "prompt_lookup_num_tokens": None,
                "penalty_alpha": None, "num_beam_groups": 1}
 
@@ -44,15 +41,10 @@ class BD3LMGenerationConfig(GenerationConfig):
         entropy_stop (`bool`, defaults to False): stop a row when the unigram entropy of its last 256 tokens falls
             below 4 nats (the paper's rule against degenerate repetition).
         output_history (`bool`, defaults to False): return the canvas after every model call.
-        graph_scope (`str`, defaults to "block"): when the static-cache step is compiled with CUDA graphs (compile
-            mode "reduce-overhead" or "max-autotune", on a GPU), `"block"` captures all the denoising steps of a
-            block as one graph, launched once per block; `"step"` keeps torch.compile's one graph per model call.
-            Same tokens either way. "block" holds the random draws of a whole block at once: above 1 GiB of them
-            (large batch x vocabulary x steps) generation uses one graph per call.
     """
 
     def __init__(self, block_size=None, num_steps=None, sampler="ddpm", confidence_threshold=0.9, entropy_stop=False,
-                 output_history=False, graph_scope="block", **kwargs):
+                 output_history=False, **kwargs):
         super().__init__(**kwargs)
         self.block_size = block_size
         self.num_steps = num_steps
@@ -60,7 +52,6 @@ class BD3LMGenerationConfig(GenerationConfig):
         self.confidence_threshold = confidence_threshold
         self.entropy_stop = entropy_stop
         self.output_history = output_history
-        self.graph_scope = graph_scope
 
     @classmethod
     def from_model_config(cls, model_config) -> "BD3LMGenerationConfig":
@@ -88,8 +79,6 @@ class BD3LMGenerationConfig(GenerationConfig):
                            f"{model_config.block_size}; expect worse samples.")
         if not isinstance(self.num_steps, int) or self.num_steps < 1:
             raise ValueError(f"num_steps must be a positive int, got {self.num_steps!r}.")
-        if self.graph_scope not in GRAPH_SCOPES:
-            raise ValueError(f"graph_scope must be one of {GRAPH_SCOPES}, got {self.graph_scope!r}.")
         if not 0.0 <= self.confidence_threshold <= 1.0:
             raise ValueError(f"confidence_threshold must be in [0, 1], got {self.confidence_threshold}.")
         if self.max_new_tokens is not None and self.max_new_tokens <= 0:
@@ -301,36 +290,9 @@ class BD3LMGenerationMixin(GenerationMixin):
                         float(config.confidence_threshold))
         constants = StepConstants(rule, eos_ids, warpers, logits_processor or None, self.constant_modulations(cache))
         schedule = ddpm_schedule(config.num_steps, device) if config.sampler == "ddpm" else None
-        state = {"nfe": 0, "committed": 0, "window_start": 0, "history": [] if config.output_history else None,
-                 "pad_id": pad_id, "constants": constants, "generator": generator, "ddpm_schedule": schedule}
-        block_compile_config = self.block_graph_compile_config(cache, config, rule, logits_processor)
-        state["step"] = self.step_function(cache, config, logits_processor, block_compile_config)
-        state["block_graph"] = None
-        if block_compile_config is not None:
-            schedules = [step_schedule(state, step) for step in range(steps_per_block(config))]
-            state["block_graph"] = BlockGraph(self.compiled_denoise_step(block_compile_config), cache, constants,
-                                              schedules, cache.batch_size, config.block_size, self.config.vocab_size,
-                                              cache.capacity, device)
-        return state
-
-    def block_graph_compile_config(self, cache, config, rule, logits_processor=None):
-        """The step's compile settings without CUDA graphs of its own, when a `BlockGraph` captures the whole block
-        instead (`graph_scope="block"`, a compiled static step whose mode asks for CUDA graphs, no per-call history,
-        a block's random draws within `MAX_BLOCK_NOISE_BYTES`); else None."""
-        compile_config = config.compile_config or CompileConfig(fullgraph=True, dynamic=False)
-        without_graphs = {"reduce-overhead": None, "max-autotune": "max-autotune-no-cudagraphs"}
-        if (config.graph_scope != "block" or compile_config.options or compile_config.mode not in without_graphs
-                or config.output_history or not self.compiles_steps(cache, config, logits_processor)):
-            return None
-        noise_bytes = block_noise_bytes(rule, steps_per_block(config), cache.batch_size, config.block_size,
-                                        self.config.vocab_size)
-        if noise_bytes > MAX_BLOCK_NOISE_BYTES:
-            logger.info(f"a block's random draws take {noise_bytes / 2**30:.1f} GiB: one CUDA graph per call instead "
-                        "of per block.")
-            return None
-        compile_config = copy.copy(compile_config)  # (keeps transformers' `_compile_all_devices` switch)
-        compile_config.mode = without_graphs[compile_config.mode]
-        return compile_config
+        return {"nfe": 0, "committed": 0, "window_start": 0, "history": [] if config.output_history else None,
+                "pad_id": pad_id, "constants": constants, "generator": generator, "ddpm_schedule": schedule,
+                "step": self.step_function(cache, config, logits_processor)}
 
     def constant_modulations(self, cache):
         """The adaLN modulations of a model without time conditioning (sigma = 0: constants of the weights),
@@ -411,21 +373,20 @@ class BD3LMGenerationMixin(GenerationMixin):
             return False
         return True
 
-    def step_function(self, cache, config, logits_processor=None, compile_config=None):
+    def step_function(self, cache, config, logits_processor=None):
         """The static-cache step (`denoise_step`: one model call and one sampler step), or None for the other paths.
 
         When `compiles_steps`, the steps of a block's two fixed shapes, (B, bs) and (B, 2 bs) (the first call of a
         block also commits the finished one), run through `torch.compile(denoise_step)` with `compile_config`
         (default: fullgraph, static shapes, mode "reduce-overhead", i.e. CUDA graphs captured once per shape and
         replayed); the first call, whose width depends on the prompt, runs eagerly so that no prompt length
-        triggers a compilation. `compile_config` replaces the generation config's (a `BlockGraph`'s, without CUDA
-        graphs).
+        triggers a compilation.
         """
         if not isinstance(cache, BD3LMStaticCache):
             return None
         if not self.compiles_steps(cache, config, logits_processor):
             return self.denoise_step
-        compiled = self.compiled_denoise_step(compile_config or config.compile_config)
+        compiled = self.compiled_denoise_step(config.compile_config)
         block_widths = (config.block_size, 2 * config.block_size)
 
         def step(tokens, *args):
@@ -494,7 +455,7 @@ class BD3LMGenerationMixin(GenerationMixin):
 
         Every sampler runs its full number of steps (a step with nothing left to reveal draws its random numbers and
         changes nothing), so the random stream, hence the sampled tokens, do not depend on the cache."""
-        num_steps = steps_per_block(config)
+        num_steps = config.num_steps if config.sampler == "ddpm" else config.block_size
         banned = banned_eos[:, start:end].contiguous()
         denoise = self.denoise_static if isinstance(cache, BD3LMStaticCache) else self.denoise_reusing
         denoise(canvas, valid, start, end, fixed, banned, cache, state, num_steps)
@@ -519,14 +480,8 @@ class BD3LMGenerationMixin(GenerationMixin):
                 state["history"].append(canvas.clone())
 
     def denoise_static(self, canvas, valid, start, end, fixed, banned_eos, cache, state, num_steps: int):
-        """Static cache: one `denoise_step` per step (compiled on GPU) and nothing read back from the device; a
-        regular block (its first call commits the block before it) through the `BlockGraph` when there is one."""
+        """Static cache: one `denoise_step` per step (compiled on GPU) and nothing read back from the device."""
         mask = F.pad(valid, (0, cache.capacity - valid.shape[1]), value=True)  # columns past the canvas: masked
-        if state["block_graph"] is not None and start - state["committed"] == end - start:
-            state["block_graph"].run(canvas, mask, start, fixed, banned_eos, state["generator"])
-            state["committed"] = start
-            state["nfe"] += num_steps
-            return
         for step in range(num_steps):
             noise = self.step_noise(canvas, state, end - start, cache)
             committed = state["committed"]
@@ -597,11 +552,6 @@ class BD3LMGenerationMixin(GenerationMixin):
         if config.entropy_stop:
             done = done | low_entropy_rows(canvas[:, :end], valid[:, :end])
         return done
-
-
-def steps_per_block(config) -> int:
-    """Model calls per block: the ddpm sampler's `num_steps`, else one per position."""
-    return config.num_steps if config.sampler == "ddpm" else config.block_size
 
 
 def _gather_new_tokens(canvas, first_new, count: int, pad_id: int):
