@@ -257,17 +257,18 @@ class BD3LMGenerationMixin(GenerationMixin):
             streamer.put(input_ids.cpu())
 
         # 3. blocks, left to right
+        fixed = start_block(canvas, valid, prompt_tail, done, prefix, bs, pad_id)
         for start in range(prefix, canvas.shape[1], bs):
             end = start + bs
-            # 3a. fixed tokens: the prompt tail, or padding in finished rows
-            fixed = prompt_tail[:, start:end] | done[:, None]
-            canvas[:, start:end] = torch.where(done[:, None], pad_id, canvas[:, start:end])
-            valid[:, start:end] &= ~done[:, None]
             # 3b. denoise
             self.denoise_block(canvas, valid, start, end, fixed, banned_eos, cache, state, config)
             # 3c. finish rows, stream
             done = self.finish_block(canvas, valid, start, end, first_new, done, config, eos_ids, pad_id,
                                      max_new_tokens, stopping_criteria, input_ids, streamer)
+            # 3a of the next block is queued before the host reads `done` (the one synchronization per block), so
+            # that the GPU has it while the host waits; if every row is done, it only pads a block never returned.
+            if end < canvas.shape[1]:
+                fixed = start_block(canvas, valid, prompt_tail, done, end, bs, pad_id)
             if bool(done.all()):
                 break
 
@@ -552,6 +553,15 @@ class BD3LMGenerationMixin(GenerationMixin):
         if config.entropy_stop:
             done = done | low_entropy_rows(canvas[:, :end], valid[:, :end])
         return done
+
+
+def start_block(canvas, valid, prompt_tail, done, start: int, block_size: int, pad_id: int):
+    """Step 3a for canvas[:, start:start + bs]: padding in finished rows; returns the fixed positions (B, bs), the
+    prompt tail and finished rows."""
+    end = start + block_size
+    canvas[:, start:end] = torch.where(done[:, None], pad_id, canvas[:, start:end])
+    valid[:, start:end] &= ~done[:, None]
+    return prompt_tail[:, start:end] | done[:, None]
 
 
 def _gather_new_tokens(canvas, first_new, count: int, pad_id: int):
