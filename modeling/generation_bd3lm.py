@@ -244,9 +244,11 @@ class BD3LMGenerationMixin(GenerationMixin):
         sliding = use_cache and getattr(config, "cache_implementation", None) in (None, "dynamic")
         canvas, valid, prompt_tail, first_new = self.build_canvas(input_ids, attention_mask, bs, max_new_tokens,
                                                                   pad_id, sliding)
-        prefix = int(first_new.min()) // bs * bs  # the first block to denoise starts here in every row
+        first_new_min = int(first_new.min())
+        prefix = first_new_min // bs * bs  # the first block to denoise starts here in every row
         new_index = torch.arange(canvas.shape[1], device=canvas.device)[None] - first_new[:, None]  # < 0: prompt
         banned_eos = (new_index >= 0) & (new_index < (config.min_new_tokens or 0))
+        first_eos_column = None if eos_ids is None else first_new_min + (config.min_new_tokens or 0)
         done = torch.zeros(batch, dtype=torch.bool, device=canvas.device)
         warpers = sampling_warpers(config) if config.do_sample else None
         logits_processor = logits_processor or LogitsProcessorList()
@@ -269,7 +271,7 @@ class BD3LMGenerationMixin(GenerationMixin):
             # that the GPU has it while the host waits; if every row is done, it only pads a block never returned.
             if end < canvas.shape[1]:
                 fixed = start_block(canvas, valid, prompt_tail, done, end, bs, pad_id)
-            if bool(done.all()):
+            if may_stop_early(end, first_eos_column, stopping_criteria, config.entropy_stop) and bool(done.all()):
                 break
 
         # 4. output
@@ -553,6 +555,14 @@ class BD3LMGenerationMixin(GenerationMixin):
         if config.entropy_stop:
             done = done | low_entropy_rows(canvas[:, :end], valid[:, :end])
         return done
+
+
+def may_stop_early(end: int, first_eos_column: int | None, stopping_criteria, entropy_stop: bool) -> bool:
+    """Whether every row may have stopped before the last block, once canvas[:, :end] is denoised: only through an
+    EOS (allowed from `first_eos_column` on, after `min_new_tokens`), a stopping criterion or the entropy rule; rows
+    that reach `max_new_tokens` all do so in the canvas's last block. When False the host skips reading `done` (its
+    one synchronization per block), and a fixed-length generation never waits on the GPU."""
+    return (first_eos_column is not None and end > first_eos_column) or len(stopping_criteria) > 0 or entropy_stop
 
 
 def start_block(canvas, valid, prompt_tail, done, start: int, block_size: int, pad_id: int):

@@ -93,6 +93,43 @@ def test_no_host_synchronization_inside_a_block(gen_model, monkeypatch):
     assert syncs["count"] > 0
 
 
+def count_host_reads(monkeypatch) -> dict:
+    """Counts reads of device values on the host (bool(), item(), tolist(), int(), float() of a tensor)."""
+    reads = {"count": 0}
+    for name in ("__bool__", "item", "tolist", "__int__", "__float__"):
+        original = getattr(torch.Tensor, name)
+
+        def counting(self, *args, _original=original, **kwargs):
+            reads["count"] += 1
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counting)
+    return reads
+
+
+@pytest.mark.parametrize("stop", [None, "eos", "eos after min_new_tokens"])
+def test_host_reads_per_block_only_once_a_row_may_stop(gen_model, monkeypatch, stop):
+    """The one host read per block (have all rows stopped?) happens only where a row may have stopped before the
+    last block: after an allowed EOS column. Without EOS (or with EOS banned by min_new_tokens), a longer static
+    generation reads the device no more often than a short one: the host never waits on the GPU inside the loop."""
+    reads = count_host_reads(monkeypatch)
+    ids, mask = prompts()
+    settings = dict(attention_mask=mask, cache_implementation="static", do_sample=True)
+    if stop is not None:
+        settings["eos_token_id"] = 7
+    counts = []
+    for max_new_tokens in (9, 33):
+        if stop == "eos after min_new_tokens":
+            settings["min_new_tokens"] = max_new_tokens
+        before = reads["count"]
+        gen_model.generate(ids, max_new_tokens=max_new_tokens, **settings)
+        counts.append(reads["count"] - before)
+    if stop == "eos":
+        assert counts[1] >= counts[0] + 6  # one read per block: 6 more blocks of 4
+    else:
+        assert counts[1] == counts[0]
+
+
 def test_unknown_cache_implementation(gen_model):
     with pytest.raises(ValueError, match="cache_implementation='offloaded' is not supported"):
         gen_model.generate(torch.ones(1, 3, dtype=torch.long), max_new_tokens=4, cache_implementation="offloaded")
