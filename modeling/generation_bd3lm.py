@@ -22,6 +22,9 @@ logger = logging.get_logger(__name__)
 
 # transformers' defaults for fields left unset by the model and the user (what `GenerationMixin.generate` applies)
 HF_DEFAULTS = {"max_length": 20, "do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0}
+# what a fullgraph compilation raises past the recompile limit (the name changed across torch versions)
+RECOMPILE_LIMIT_ERRORS = tuple(getattr(torch._dynamo.exc, name) for name in
+                               ("FailOnRecompileLimitHit", "FailOnCacheLimitHit") if hasattr(torch._dynamo.exc, name))
 UNSUPPORTED = {"num_beams": 1, "num_return_sequences": 1, "assistant_model": None, "prompt_lookup_num_tokens": None,
                "penalty_alpha": None, "num_beam_groups": 1}
 
@@ -383,7 +386,9 @@ class BD3LMGenerationMixin(GenerationMixin):
         block also commits the finished one), run through `torch.compile(denoise_step)` with `compile_config`
         (default: fullgraph, static shapes, mode "reduce-overhead", i.e. CUDA graphs captured once per shape and
         replayed); the first call, whose width depends on the prompt, runs eagerly so that no prompt length
-        triggers a compilation.
+        triggers a compilation. Each (batch, block size, sampler, decoding settings, dtype) compiles 2 graphs, and
+        torch keeps at most `torch._dynamo.config.recompile_limit` per function: past it (fullgraph compilation
+        then fails before running anything) this generation's steps run eagerly, with a warning.
         """
         if not isinstance(cache, BD3LMStaticCache):
             return None
@@ -391,9 +396,20 @@ class BD3LMGenerationMixin(GenerationMixin):
             return self.denoise_step
         compiled = self.compiled_denoise_step(config.compile_config)
         block_widths = (config.block_size, 2 * config.block_size)
+        use_compiled = [True]  # per generation: off once the recompile limit is hit
 
         def step(tokens, *args):
-            return (compiled if tokens.shape[1] in block_widths else self.denoise_step)(tokens, *args)
+            if use_compiled[0] and tokens.shape[1] in block_widths:
+                try:
+                    return compiled(tokens, *args)
+                except RECOMPILE_LIMIT_ERRORS:
+                    use_compiled[0] = False
+                    logger.warning_once(
+                        f"the compiled denoising step reached torch._dynamo.config.recompile_limit "
+                        f"({_recompile_limit()} graphs: 2 per batch size, block size, sampler, "
+                        "decoding settings and dtype): this generation runs eagerly. Raise the limit, or call "
+                        "torch._dynamo.reset() to drop the graphs of settings no longer used.")
+            return self.denoise_step(tokens, *args)
 
         return step
 
@@ -563,6 +579,11 @@ def may_stop_early(end: int, first_eos_column: int | None, stopping_criteria, en
     that reach `max_new_tokens` all do so in the canvas's last block. When False the host skips reading `done` (its
     one synchronization per block), and a fixed-length generation never waits on the GPU."""
     return (first_eos_column is not None and end > first_eos_column) or len(stopping_criteria) > 0 or entropy_stop
+
+
+def _recompile_limit():
+    config = torch._dynamo.config
+    return getattr(config, "recompile_limit", None) or getattr(config, "cache_size_limit", None)
 
 
 def start_block(canvas, valid, prompt_tail, done, start: int, block_size: int, pad_id: int):

@@ -223,6 +223,27 @@ def test_compiled_step_samples_the_eager_tokens(gen_model, sampler):
     assert torch.equal(outputs[0], outputs[1]) and torch.equal(outputs[1], outputs[2])
 
 
+def test_past_the_recompile_limit_generation_runs_eagerly_with_a_warning(gen_model, caplog):
+    """2 graphs per (sampler, decoding) here: the 5th setting would be graphs 9 and 10, past torch's limit of 8,
+    where a fullgraph compilation raises. That generation runs eagerly instead, with the eager tokens."""
+    logging.Logger.warning_once.cache_clear()
+    graphs = []
+    config = counting_compile_config(graphs)
+    ids, mask = prompts()
+    settings = [dict(sampler=sampler, do_sample=do_sample) for sampler in ("ddpm", "first_hitting", "confidence")
+                for do_sample in (False, True)]
+    for setting in settings:
+        torch.manual_seed(2)
+        out = gen_model.generate(ids, attention_mask=mask, max_new_tokens=9, cache_implementation="static",
+                                 compile_config=config, **setting)
+        torch.manual_seed(2)
+        eager = gen_model.generate(ids, attention_mask=mask, max_new_tokens=9, cache_implementation="static",
+                                   disable_compile=True, **setting)
+        assert torch.equal(out, eager), setting
+    assert len(graphs) == torch._dynamo.config.recompile_limit == 8
+    assert "reached torch._dynamo.config.recompile_limit (8 graphs" in caplog.text
+
+
 def test_a_deep_copy_compiles_its_own_step(gen_model):
     import copy
 
