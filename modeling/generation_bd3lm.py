@@ -251,11 +251,11 @@ class BD3LMGenerationMixin(GenerationMixin):
         prefix = first_new_min // bs * bs  # the first block to denoise starts here in every row
         new_index = torch.arange(canvas.shape[1], device=canvas.device)[None] - first_new[:, None]  # < 0: prompt
         banned_eos = (new_index >= 0) & (new_index < (config.min_new_tokens or 0))
-        first_eos_column = None if eos_ids is None else first_new_min + (config.min_new_tokens or 0)
         done = torch.zeros(batch, dtype=torch.bool, device=canvas.device)
         warpers = sampling_warpers(config) if config.do_sample else None
         logits_processor = logits_processor or LogitsProcessorList()
         stopping_criteria = stopping_criteria or StoppingCriteriaList()
+        stops_from = first_stop_column(first_new_min, eos_ids, config, stopping_criteria)
         cache = self.make_cache(config, batch) if use_cache else None
         state = self.loop_state(config, cache, canvas.device, pad_id, eos_ids, warpers, logits_processor, generator)
         if streamer is not None:
@@ -274,7 +274,7 @@ class BD3LMGenerationMixin(GenerationMixin):
             # that the GPU has it while the host waits; if every row is done, it only pads a block never returned.
             if end < canvas.shape[1]:
                 fixed = start_block(canvas, valid, prompt_tail, done, end, bs, pad_id)
-            if may_stop_early(end, first_eos_column, stopping_criteria, config.entropy_stop) and bool(done.all()):
+            if end > stops_from and bool(done.all()):
                 break
 
         # 4. output
@@ -573,12 +573,14 @@ class BD3LMGenerationMixin(GenerationMixin):
         return done
 
 
-def may_stop_early(end: int, first_eos_column: int | None, stopping_criteria, entropy_stop: bool) -> bool:
-    """Whether every row may have stopped before the last block, once canvas[:, :end] is denoised: only through an
-    EOS (allowed from `first_eos_column` on, after `min_new_tokens`), a stopping criterion or the entropy rule; rows
-    that reach `max_new_tokens` all do so in the canvas's last block. When False the host skips reading `done` (its
-    one synchronization per block), and a fixed-length generation never waits on the GPU."""
-    return (first_eos_column is not None and end > first_eos_column) or len(stopping_criteria) > 0 or entropy_stop
+def first_stop_column(first_new_min: int, eos_ids, config, stopping_criteria) -> float:
+    """The canvas column from which every row may have stopped before the last block: any column with a stopping
+    criterion or the entropy rule, the first column where an EOS is allowed (after `min_new_tokens`), else never
+    (rows that reach `max_new_tokens` all do so in the canvas's last block). Before it the host skips reading `done`
+    (its one synchronization per block), so a fixed-length generation never waits on the GPU."""
+    if len(stopping_criteria) or config.entropy_stop:
+        return 0
+    return math.inf if eos_ids is None else first_new_min + (config.min_new_tokens or 0)
 
 
 def _recompile_limit():

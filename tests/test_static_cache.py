@@ -62,18 +62,26 @@ def test_static_cache_call_equals_no_cache_logits(gen_model):
     torch.testing.assert_close(cached, reference, atol=1e-4, rtol=1e-5)
 
 
-def test_no_host_synchronization_inside_a_block(gen_model, monkeypatch):
-    """With the static cache, denoising a block reads nothing back from the device (no bool(), item(), tolist())."""
-    syncs = {"count": 0, "active": False}
+def count_host_reads(monkeypatch) -> dict:
+    """Counts reads of device values on the host (bool(), item(), tolist(), int(), float() of a tensor) while
+    `reads["active"]`."""
+    reads = {"count": 0, "active": True}
     for name in ("__bool__", "item", "tolist", "__int__", "__float__"):
         original = getattr(torch.Tensor, name)
 
         def counting(self, *args, _original=original, **kwargs):
-            if syncs["active"]:
-                syncs["count"] += 1
+            if reads["active"]:
+                reads["count"] += 1
             return _original(self, *args, **kwargs)
 
         monkeypatch.setattr(torch.Tensor, name, counting)
+    return reads
+
+
+def test_no_host_synchronization_inside_a_block(gen_model, monkeypatch):
+    """With the static cache, denoising a block reads nothing back from the device (no bool(), item(), tolist())."""
+    syncs = count_host_reads(monkeypatch)
+    syncs["active"] = False
     denoise = BD3LMGenerationMixin.denoise_block
 
     def watched(self, *args, **kwargs):
@@ -91,20 +99,6 @@ def test_no_host_synchronization_inside_a_block(gen_model, monkeypatch):
         assert syncs["count"] == 0, sampler
     gen_model.generate(ids, attention_mask=mask, max_new_tokens=9)  # the dynamic path does synchronize
     assert syncs["count"] > 0
-
-
-def count_host_reads(monkeypatch) -> dict:
-    """Counts reads of device values on the host (bool(), item(), tolist(), int(), float() of a tensor)."""
-    reads = {"count": 0}
-    for name in ("__bool__", "item", "tolist", "__int__", "__float__"):
-        original = getattr(torch.Tensor, name)
-
-        def counting(self, *args, _original=original, **kwargs):
-            reads["count"] += 1
-            return _original(self, *args, **kwargs)
-
-        monkeypatch.setattr(torch.Tensor, name, counting)
-    return reads
 
 
 @pytest.mark.parametrize("stop", [None, "eos", "eos after min_new_tokens"])
