@@ -37,7 +37,8 @@ for stage in "${stages[@]}"; do
   case "$stage" in
     tests)  # flex training fwd+bwd, bf16, flash (if installed), compiled static cache == eager, no recompiles
       "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_compilation.py \
-        "tests/test_static_cache.py::test_compiled_static_generation_matches_eager_on_gpu" 2>&1 \
+        "tests/test_static_cache.py::test_compiled_static_generation_matches_eager_on_gpu" \
+        "tests/test_static_cache.py::test_compiled_flex_static_generation_matches_eager_sdpa_on_gpu" 2>&1 \
         | tee "$OUT/tests.log" | tail -15 ;;
     train) stage_budget train
       timeout "$BUDGET" "$PY" benchmarks/bench_train.py --gpu --results "$OUT/RESULTS.md" 2>&1 \

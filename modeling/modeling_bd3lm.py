@@ -9,6 +9,7 @@ Three forward modes, chosen by the arguments:
 """
 
 import math
+import warnings
 from collections.abc import Callable
 
 import torch
@@ -114,6 +115,28 @@ def eager_attention_forward(module, query, key, value, attention_mask, scaling, 
     return output, weights
 
 
+def flex_attention_on_cpu(module, query, key, value, attention_mask, scaling, **kwargs):
+    """flex_attention run eagerly (torch's reference implementation) for CPU calls outside a compiled region.
+
+    transformers' flex wrapper compiles the kernel with automatic dynamic shapes: the second sequence length (every
+    generation call brings one) recompiles it with dynamic shapes, and inductor's CPU flex template then fails to
+    build (C++ compile error, torch 2.11-2.13). Same rule (the BlockMask), same outputs; CUDA keeps the compiled
+    kernels."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    with warnings.catch_warnings():  # its "called without torch.compile" advice is what we avoid on purpose
+        warnings.filterwarnings("ignore", message=".*flex_attention called without torch.compile")
+        output = flex_attention(query, key, value, block_mask=attention_mask, scale=scaling)
+    return output.transpose(1, 2).contiguous(), None
+
+
+def attention_function(implementation: str, device: torch.device) -> Callable:
+    """The attention backend of `implementation` from transformers' registry (eager: ours)."""
+    if implementation == "flex_attention" and device.type == "cpu" and not torch.compiler.is_compiling():
+        return flex_attention_on_cpu
+    return ALL_ATTENTION_FUNCTIONS.get_interface(implementation, eager_attention_forward)
+
+
 class BD3LMAttention(nn.Module):
     """Fused-QKV multi-head attention with rotary; the mask carries all of block diffusion's structure."""
 
@@ -138,8 +161,7 @@ class BD3LMAttention(nn.Module):
         if past_key_values is not None:
             key, value = past_key_values.update(key, value, self.layer_idx, {"store_kv": store_kv})
 
-        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
-            self.config._attn_implementation, eager_attention_forward)
+        attention_interface = attention_function(self.config._attn_implementation, query.device)
         output, weights = attention_interface(
             self, query, key, value, attention_mask, dropout=0.0, scaling=self.scaling, is_causal=False, **kwargs)
         return self.o_proj(output.reshape(batch, seq_len, -1)), weights

@@ -69,6 +69,18 @@ def test_attention_backends_agree(model):
         torch.testing.assert_close(training, outputs["eager"][1], atol=1e-4, rtol=1e-5)
 
 
+@torch.no_grad()
+def test_flex_attention_on_cpu_serves_every_sequence_length(model):
+    """A second length used to recompile transformers' flex kernel with dynamic shapes, which inductor's CPU template
+    fails to build; CPU calls outside a compiled region now run flex eagerly, for any length."""
+    x0, _ = noisy_batch(batch=2)
+    for length in (8, 16, 12, 32):
+        model.set_attn_implementation("sdpa")
+        reference = model(input_ids=x0[:, :length]).logits
+        model.set_attn_implementation("flex_attention")
+        torch.testing.assert_close(model(input_ids=x0[:, :length]).logits, reference, atol=1e-4, rtol=1e-5)
+
+
 def test_flash_attention_needs_flash_attn_installed():
     try:
         import flash_attn  # noqa: F401

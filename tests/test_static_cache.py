@@ -204,6 +204,38 @@ def test_compiled_step_captures_two_graphs_and_never_recompiles(gen_model):
 
 
 @pytest.mark.parametrize("sampler", SAMPLERS)
+def test_flex_attention_generates_the_sdpa_tokens(sampler):
+    """flex_attention (its BlockMask skips the tiles past the cursor) in generation: dynamic cache, static cache and
+    the static step as dynamo captures it (run with eager kernels: inductor's CPU flex template cannot build it; the
+    GPU test compiles it) give the tokens of sdpa."""
+    model = random_model(seed=1, std=0.12, max_position_embeddings=128)
+    ids, mask = prompts()
+    settings = dict(attention_mask=mask, max_new_tokens=21, sampler=sampler, do_sample=False)
+    reference = model.generate(ids, **settings)
+    model.set_attn_implementation("flex_attention")
+    graphs = []
+    for extra in (dict(cache_implementation=None), dict(cache_implementation="static", disable_compile=True),
+                  dict(cache_implementation="static", compile_config=counting_compile_config(graphs))):
+        assert torch.equal(model.generate(ids, **settings, **extra), reference), extra
+    assert len(graphs) == 2
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_compiled_flex_static_generation_matches_eager_sdpa_on_gpu():
+    """The static step with flex_attention compiled by inductor (CUDA graphs) gives the eager sdpa tokens (fp32)."""
+    model = random_model(seed=1, std=0.12, max_position_embeddings=128, num_attention_heads=2).cuda()  # head_dim 16
+    ids, mask = (t.cuda() for t in prompts())
+    for sampler in SAMPLERS:
+        model.set_attn_implementation("sdpa")
+        reference = model.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False, sampler=sampler,
+                                   cache_implementation="static", disable_compile=True)
+        model.set_attn_implementation("flex_attention")
+        compiled = model.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False, sampler=sampler,
+                                  cache_implementation="static")
+        assert torch.equal(compiled, reference), sampler
+
+
+@pytest.mark.parametrize("sampler", SAMPLERS)
 def test_compiled_step_samples_the_eager_tokens(gen_model, sampler):
     """The random draws are taken outside the compiled step, so sampling too gives the eager tokens (with an
     eager-kernel backend; inductor's own kernels may round differently), and the dynamic cache's."""
