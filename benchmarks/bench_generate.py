@@ -39,10 +39,11 @@ ORIGINAL_H100 = {"first_hitting": 59.6, "4 tokens/call": 218.0}  # DESIGN.md §5
 H100_HBM_BYTES_PER_S = 3.35e12
 
 
-def build_bd3lm(model_shape, block_size, context, device, dtype):
+def build_bd3lm(model_shape, block_size, context, device, dtype, attention="sdpa"):
     from bd3lm_hf import BD3LMConfig, BD3LMForBlockDiffusion
 
-    config = BD3LMConfig(max_position_embeddings=context, block_size=block_size, hidden_dropout=0.0, **model_shape)
+    config = BD3LMConfig(max_position_embeddings=context, block_size=block_size, hidden_dropout=0.0,
+                         attn_implementation=attention, **model_shape)
     torch.manual_seed(0)
     model = BD3LMForBlockDiffusion(config)
     with torch.no_grad():  # random weights everywhere: the zero-init head would make every call trivial
@@ -70,13 +71,14 @@ def context_for(case) -> int:
 def build_model(case, models: dict):
     """One model per (kind, shape, block size), shared by the cases of a GPU run."""
     device, dtype = case["device"], getattr(torch, case["dtype"])
-    key = (case["kind"] == "ar", case["model"], case["block_size"])
+    key = (case["kind"] == "ar", case["model"], case["block_size"], case.get("attention", "sdpa"))
     if key not in models:
         # Compiled graphs are kept per code object, up to torch._dynamo.config.recompile_limit (8): a new model
         # starts from an empty cache (the previous model's graphs are not used again).
         torch._dynamo.reset()
         models[key] = (build_llama(case["shape"], context_for(case), device, dtype) if case["kind"] == "ar"
-                       else build_bd3lm(case["shape"], case["block_size"], context_for(case), device, dtype))
+                       else build_bd3lm(case["shape"], case["block_size"], context_for(case), device, dtype,
+                                        case.get("attention", "sdpa")))
     return models[key]
 
 
@@ -142,26 +144,30 @@ def cpu_cases(new_tokens: int) -> list[dict]:
     return rows
 
 
-def gpu_cases(new_tokens: int, batches, blocks, device="cuda", dtype="bfloat16", shape=None) -> list[dict]:
+def gpu_cases(new_tokens: int, batches, blocks, device="cuda", dtype="bfloat16", shape=None,
+              attention="sdpa") -> list[dict]:
     """Batch x block size x sampler x path: eager (dynamic cache), static+eager (batch 1, block 16: what the
     cache alone gives) and static+compiled; the AR baseline (HF's static cache, compiled by HF) comes after the first
-    block size, so that a run cut short still has the figures the targets quote."""
+    block size, so that a run cut short still has the figures the targets quote. BD3-LM models other than sdpa
+    carry the attention in their name (small-bs16-flex_attention)."""
     shape = shape or GPU_MODEL
+    suffix = "" if attention == "sdpa" else f"-{attention}"
     rows = []
     samplers = {"first_hitting": ("first_hitting", None), "4 tokens/call": ("ddpm", 4)}
     for batch in batches:
         for index, block_size in enumerate(blocks):
             if index == 1:  # after the first block size (the one the targets quote): the AR baseline
                 rows.append(ar_case(device, dtype, shape, new_tokens, batch))
-            base = dict(device=device, dtype=dtype, model=f"small-bs{block_size}", shape=shape, block_size=block_size,
-                        new_tokens=new_tokens, batch=batch, kind="cached", do_sample=True)
+            model = f"small-bs{block_size}{suffix}"
+            base = dict(device=device, dtype=dtype, model=model, shape=shape, block_size=block_size,
+                        new_tokens=new_tokens, batch=batch, kind="cached", do_sample=True, attention=attention)
             paths = [("eager", None, False), ("static+compiled", "static", True)]
             if batch == 1 and block_size == 16:
                 paths.insert(1, ("static+eager", "static", False))
             for label, cache, compiled in paths:
                 for sampler_label, (sampler, tokens_per_call) in samplers.items():
                     steps = block_size if tokens_per_call is None else max(block_size // tokens_per_call, 1)
-                    rows.append({**base, "name": f"small-bs{block_size}: bd3lm {label}, {sampler_label}",
+                    rows.append({**base, "name": f"{model}: bd3lm {label}, {sampler_label}",
                                  "cache": cache, "compiled": compiled, "sampler": sampler, "num_steps": steps})
         if len(blocks) == 1:
             rows.append(ar_case(device, dtype, shape, new_tokens, batch))
@@ -258,15 +264,17 @@ def main(argv=None):
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 16], help="GPU batch sizes")
     parser.add_argument("--block", type=int, nargs="+", default=[16, 4], help="GPU block sizes, in this order")
     parser.add_argument("--only", default=None, help="run only the cases whose name contains this text")
+    parser.add_argument("--attn", default="sdpa", choices=["sdpa", "flex_attention"],
+                        help="attention of the BD3-LM rows (GPU and smoke case lists)")
     parser.add_argument("--results", type=Path, default=RESULTS)
     add_compile_arguments(parser, default_mode="reduce-overhead")
     args = parser.parse_args(argv)
     compile_settings = compile_kwargs(args.compile_mode, args.inductor_option)
     new_tokens = args.new_tokens or (24 if args.smoke else 1024)
     if args.gpu:
-        all_cases = gpu_cases(new_tokens, args.batch, args.block)
+        all_cases = gpu_cases(new_tokens, args.batch, args.block, attention=args.attn)
     elif args.smoke:
-        all_cases = gpu_cases(new_tokens, args.batch, args.block, "cpu", "float32", CPU_MODELS["tiny"])
+        all_cases = gpu_cases(new_tokens, args.batch, args.block, "cpu", "float32", CPU_MODELS["tiny"], args.attn)
     else:
         all_cases = cpu_cases(new_tokens)
     selected = [dict(case, compile=compile_settings) if case.get("compiled") else case

@@ -6,7 +6,7 @@
 #   run(command="bash benchmarks/run_gpu_checks.sh generate1")     # bench_generate --gpu --batch 1 (~6 min)
 #   run(command="bash benchmarks/run_gpu_checks.sh generate16")    # bench_generate --gpu --batch 16 (~6 min)
 #   run(command="bash benchmarks/run_gpu_checks.sh profile")       # kernels per call, top operators (~2 min)
-#   run(command="bash benchmarks/run_gpu_checks.sh tune")          # batch 1 block 16 compiled rows per compile setting
+#   run(command="bash benchmarks/run_gpu_checks.sh tune")          # batch 1 block 16 compiled rows per setting (~6 min)
 # Each stage leaves its log and the tables it appended (RESULTS.md) in $OUT: copy the new sections into the repo's
 # benchmarks/RESULTS.md. The stages of one call share its time: a benchmark gets what is left (SIGTERM then writes
 # the finished rows) and a stage with under 90 s left is not started. With no stage named, all of them run (longer
@@ -51,7 +51,11 @@ for stage in "${stages[@]}"; do
         | tee "$OUT/bench_generate_b16.log" | tail -30 ;;
     tune)  # batch 1, block 16, compiled rows only, under each compile setting in turn (compare within the run)
       # (max-autotune was measured in session 4: ~20% slower per call than reduce-overhead; see RESULTS.md)
+      # flex_attention: its BlockMask skips the key tiles past the cursor (sdpa attends over the whole capacity);
+      # combo_kernels: inductor fuses independent small kernels horizontally (fewer launches per call).
       for setting in "--compile-mode reduce-overhead" \
+                     "--compile-mode reduce-overhead --attn flex_attention" \
+                     "--inductor-option triton.cudagraphs=True --inductor-option combo_kernels=True" \
                      "--inductor-option triton.cudagraphs=True --inductor-option coordinate_descent_tuning=True"; do
         stage_budget "tune $setting"
         # shellcheck disable=SC2086  # the setting is several arguments
