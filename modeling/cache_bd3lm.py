@@ -75,7 +75,8 @@ class BD3LMStaticCache(StaticCache):
     `cache_implementation="static"`; generation keeps it on the model and resets it in place.
 
     Besides keys/values it holds the other fixed-address inputs of a static step: the per-generation constants
-    (`hold_constants`: the adaLN modulations) and the buffers of each step's random draws (`noise_buffers`)."""
+    (`hold_constants`: the adaLN modulations), the buffers of each step's random draws (`noise_buffers`) and of
+    its other inputs (`step_input`: tokens, mask, ...)."""
 
     def __init__(self, config, max_cache_len: int):
         # StaticCache's own __init__ picks layer classes from the config's layer types; every BD3-LM layer is one
@@ -84,6 +85,7 @@ class BD3LMStaticCache(StaticCache):
         self.capacity = max_cache_len  # (5.17's Cache has a read-only, deprecated `max_cache_len` property)
         self.constants: tuple[torch.Tensor, ...] = ()
         self.noise: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.inputs: dict[str, torch.Tensor] = {}
 
     def hold_constants(self, tensors: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         """Per-generation constants of the step (the adaLN modulations) copied into tensors with fixed addresses,
@@ -105,6 +107,15 @@ class BD3LMStaticCache(StaticCache):
         if self.noise is None or self.noise[0].shape != shape or self.noise[0].device != torch.device(device):
             self.noise = fixed_addresses((torch.empty(shape, device=device), torch.empty(shape[:2], device=device)))
         return self.noise
+
+    def step_input(self, name: str, value: torch.Tensor) -> torch.Tensor:
+        """`value` copied into the fixed-address buffer `name` (allocated once per shape, dtype and device), which
+        is returned: a compiled step reads it in place instead of copying a fresh tensor in at every replay."""
+        held = self.inputs.get(name)
+        if held is None or held.shape != value.shape or held.dtype != value.dtype or held.device != value.device:
+            held = torch.empty_like(value, memory_format=torch.contiguous_format)
+            self.inputs[name] = fixed_addresses([held])[0]
+        return held.copy_(value)
 
     def committed_length(self) -> torch.Tensor:
         """The cursor as a 0-d tensor (no host sync), 0 before the first call."""

@@ -146,10 +146,15 @@ def align_prompts(input_ids, attention_mask, block_size: int, filler: int):
 
 
 def step_schedule(state, step: int):
-    """(time, reveal probability) of a ddpm step as 0-d device tensors (no host transfer, no recompilation per step);
-    (None, None) for the other samplers."""
+    """(time, reveal probability) of a ddpm step as a (2,) device tensor (no host transfer, no recompilation per
+    step); None for the other samplers."""
     schedule = state["ddpm_schedule"]
-    return (None, None) if schedule is None else (schedule[0][step], schedule[1][step])
+    return None if schedule is None else schedule[:, step]
+
+
+def unpack_schedule(schedule):
+    """A step's (time, reveal probability): 0-d tensors, or (None, None) for the samplers without a schedule."""
+    return (None, None) if schedule is None else tuple(schedule)
 
 
 def processor_context(canvas, valid, start: int, state):
@@ -429,11 +434,11 @@ class BD3LMGenerationMixin(GenerationMixin):
         as `noise`, the ddpm time and reveal probability as `schedule`, the generation's constants as `constants`),
         so that it compiles into one graph."""
         block = tokens[:, -fixed.shape[1]:]
+        time, reveal_probability = unpack_schedule(schedule)
         logits = self.denoise_forward(tokens, attention_mask, cache, store_kv, fixed.shape[1],
-                                      timesteps=self.step_timesteps(block, schedule[0]),
-                                      modulations=constants.modulations)
+                                      timesteps=self.step_timesteps(block, time), modulations=constants.modulations)
         scores = step_scores(logits, banned_eos, constants, context)
-        return sample_step(scores, block, fixed, noise, schedule[1], constants.rule)
+        return sample_step(scores, block, fixed, noise, reveal_probability, constants.rule)
 
     def step_timesteps(self, block, time=None):
         """sigma(t) of the block for time-conditioned models (MDLM), as the original feeds its sampler's t
@@ -475,9 +480,8 @@ class BD3LMGenerationMixin(GenerationMixin):
         Every sampler runs its full number of steps (a step with nothing left to reveal draws its random numbers and
         changes nothing), so the random stream, hence the sampled tokens, do not depend on the cache."""
         num_steps = config.num_steps if config.sampler == "ddpm" else config.block_size
-        banned = banned_eos[:, start:end].contiguous()
         denoise = self.denoise_static if isinstance(cache, BD3LMStaticCache) else self.denoise_reusing
-        denoise(canvas, valid, start, end, fixed, banned, cache, state, num_steps)
+        denoise(canvas, valid, start, end, fixed, banned_eos[:, start:end], cache, state, num_steps)
 
     def denoise_reusing(self, canvas, valid, start, end, fixed, banned_eos, cache, state, num_steps: int):
         """Dynamic cache or none: a step that reveals nothing leaves the block unchanged, so the next step reuses its
@@ -488,7 +492,7 @@ class BD3LMGenerationMixin(GenerationMixin):
         for step in range(num_steps):
             noise = self.step_noise(canvas, state, end - start)
             block = canvas[:, start:end]
-            time, reveal_probability = step_schedule(state, step)
+            time, reveal_probability = unpack_schedule(step_schedule(state, step))
             if stale and (step == 0 or bool(((block == constants.rule.mask_token_id) & ~fixed).any())):
                 logits = self.block_logits(canvas, valid, start, end, cache, state, self.step_timesteps(block, time))
                 scores = step_scores(logits, banned_eos, constants, processor_context(canvas, valid, start, state))
@@ -499,15 +503,27 @@ class BD3LMGenerationMixin(GenerationMixin):
                 state["history"].append(canvas.clone())
 
     def denoise_static(self, canvas, valid, start, end, fixed, banned_eos, cache, state, num_steps: int):
-        """Static cache: one `denoise_step` per step (compiled on GPU) and nothing read back from the device."""
-        mask = F.pad(valid, (0, cache.capacity - valid.shape[1]), value=True)  # columns past the canvas: masked
+        """Static cache: one `denoise_step` per step (compiled on GPU) and nothing read back from the device.
+
+        The inputs of the block-sized steps are copied into the cache's fixed-address buffers (`step_input`): a
+        CUDA graph reads them in place, so that a replay copies nothing in (the block's mask, fixed positions and
+        EOS ban once per block; the tokens and the ddpm schedule once per step)."""
+        width = end - start
+        # columns past the canvas are masked (the cursor rule masks them too)
+        mask = cache.step_input("attention_mask", F.pad(valid, (0, cache.capacity - valid.shape[1]), value=True))
+        fixed, banned_eos = cache.step_input("fixed", fixed), cache.step_input("banned_eos", banned_eos)
         for step in range(num_steps):
-            noise = self.step_noise(canvas, state, end - start, cache)
+            noise = self.step_noise(canvas, state, width, cache)
             committed = state["committed"]
-            # contiguous: a compiled step is specialised on strides, and the canvas width varies between generations
-            tokens = canvas[:, committed:end].contiguous()
+            tokens = canvas[:, committed:end]
+            # the first call's width follows the prompt: it runs eagerly and needs no fixed address
+            tokens = (cache.step_input(f"tokens_{tokens.shape[1]}", tokens) if tokens.shape[1] in (width, 2 * width)
+                      else tokens.contiguous())  # contiguous: a compiled step is specialised on strides
+            schedule = step_schedule(state, step)
+            if schedule is not None:
+                schedule = cache.step_input("schedule", schedule)
             canvas[:, start:end] = state["step"](
-                tokens, mask, cache, start - committed or False, fixed, banned_eos, noise, step_schedule(state, step),
+                tokens, mask, cache, start - committed or False, fixed, banned_eos, noise, schedule,
                 state["constants"], processor_context(canvas, valid, start, state))
             state["committed"] = start
             state["nfe"] += 1

@@ -57,12 +57,11 @@ def draw_step_noise(rule: StepRule, batch: int, block_size: int, vocab_size: int
     return tokens, positions
 
 
-def ddpm_schedule(num_steps: int, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(times, reveal probabilities), each (T,) fp32: step k goes from t = 1 - k/T to s = 1 - (k+1)/T and reveals
-    each masked token with probability (t-s)/t."""
+def ddpm_schedule(num_steps: int, device) -> torch.Tensor:
+    """(2, T) fp32: row 0 the times, row 1 the reveal probabilities; step k goes from t = 1 - k/T to
+    s = 1 - (k+1)/T and reveals each masked token with probability (t-s)/t. Column k is all a step needs."""
     times = [(1 - step / num_steps, 1 - (step + 1) / num_steps) for step in range(num_steps)]
-    return (torch.tensor([t for t, _ in times], dtype=torch.float32, device=device),
-            torch.tensor([(t - s) / t for t, s in times], dtype=torch.float32, device=device))
+    return torch.tensor([[t for t, _ in times], [(t - s) / t for t, s in times]], dtype=torch.float32, device=device)
 
 
 def block_noise_level(block, mask_token_id: int, time=None) -> torch.Tensor:

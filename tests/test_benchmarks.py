@@ -28,8 +28,9 @@ def test_bench_generate_smoke_runs_the_gpu_case_list(tmp_path):
 
 
 def test_bench_generate_runs_the_bd3lm_rows_with_flex_attention(tmp_path):
-    rows = bench_generate.main(["--smoke", "--new-tokens", "8", "--batch", "1", "--block", "4", "--attn",
-                                "flex_attention", "--only", "static+compiled", "--results", str(tmp_path / "RESULTS.md")])
+    rows = bench_generate.main(["--smoke", "--new-tokens", "8", "--batch", "1", "--block", "4",
+                                "--attn", "flex_attention", "--only", "static+compiled",
+                                "--results", str(tmp_path / "RESULTS.md")])
     assert {row["name"] for row in rows} == {"small-bs4-flex_attention: bd3lm static+compiled, first_hitting",
                                              "small-bs4-flex_attention: bd3lm static+compiled, 4 tokens/call"}
     assert all(row["attention"] == "flex_attention" and row["nfe"] > 0 for row in rows)

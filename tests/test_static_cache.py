@@ -348,3 +348,34 @@ def test_sampling_draws_into_the_static_cache_noise_buffers(gen_model):
     torch.manual_seed(5)
     dynamic = gen_model.generate(ids, **settings)
     assert torch.equal(first.sequences, second.sequences) and torch.equal(first.sequences, dynamic.sequences)
+
+
+def test_block_sized_steps_read_their_inputs_at_fixed_addresses(gen_model, monkeypatch):
+    """Tokens, mask, fixed positions, EOS ban and ddpm schedule of the block-sized steps come from the cache's
+    fixed-address buffers (a CUDA graph replay then copies nothing in): one address per input and width, for every
+    step of every block and of the next generation with another prompt; the tokens are those of the eager path."""
+    seen = {}
+    real_step_function = BD3LMGenerationMixin.step_function
+
+    def recording_step_function(self, cache, config, logits_processor=None):
+        step = real_step_function(self, cache, config, logits_processor)
+
+        def record(tokens, mask, cache, store_kv, fixed, banned_eos, noise, schedule, *rest):
+            if tokens.shape[1] in (config.block_size, 2 * config.block_size):
+                for name, tensor in (("tokens", tokens), ("mask", mask), ("fixed", fixed),
+                                     ("banned_eos", banned_eos), ("schedule", schedule)):
+                    assert getattr(tensor, "_dynamo_static_input_type", None), name  # marked static
+                    seen.setdefault((name, tensor.shape[-1]), set()).add(tensor.data_ptr())
+            return step(tokens, mask, cache, store_kv, fixed, banned_eos, noise, schedule, *rest)
+
+        return record
+
+    settings = dict(max_new_tokens=17, sampler="ddpm", num_steps=2, do_sample=False, cache_implementation="static")
+    reference = [gen_model.generate(ids, attention_mask=mask, **settings)
+                 for ids, mask in (prompts(), prompts(lengths=(3, 9, 14), seed=1))]
+    monkeypatch.setattr(BD3LMGenerationMixin, "step_function", recording_step_function)
+    for (ids, mask), expected in zip((prompts(), prompts(lengths=(3, 9, 14), seed=1)), reference):
+        assert torch.equal(gen_model.generate(ids, attention_mask=mask, **settings), expected)
+    assert {name for name, _ in seen} == {"tokens", "mask", "fixed", "banned_eos", "schedule"}
+    assert {key for key in seen if key[0] == "tokens"} == {("tokens", 4), ("tokens", 8)}
+    assert all(len(addresses) == 1 for addresses in seen.values()), seen
