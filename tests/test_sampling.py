@@ -4,9 +4,9 @@ scores and the Gumbel-max draw."""
 import pytest
 import torch
 
-from bd3lm_hf.modeling.sampling_bd3lm import (StepRule, block_noise_level, choose_tokens, ddpm_schedule,
-                                              draw_step_noise, most_confident, process_logits, reveal_positions,
-                                              sample_step)
+from bd3lm_hf.modeling.sampling_bd3lm import (StepRule, block_noise_level, choose_tokens, chunk_count,
+                                              ddpm_schedule, draw_step_noise, max_over_last_dim, most_confident,
+                                              process_logits, reveal_positions, sample_step)
 
 MASK = 7
 
@@ -20,6 +20,35 @@ def test_ddpm_schedule_reveals_everything_at_the_last_step():
     torch.testing.assert_close(times, torch.tensor([1.0, 3 / 4, 1 / 2, 1 / 4]))
     torch.testing.assert_close(probabilities, torch.tensor([1 / 4, 1 / 3, 1 / 2, 1.0]))
     assert probabilities.dtype == times.dtype == torch.float32
+
+
+def test_chunk_count_divides_the_vocabulary_into_long_chunks():
+    assert chunk_count(50258) == 26 and chunk_count(32000) == 64 and chunk_count(50257) == 29
+    assert chunk_count(1025) == chunk_count(50) == chunk_count(65537) == 1  # no divisor leaves chunks >= 256
+
+
+@pytest.mark.parametrize("vocab", [50258, 32000, 65537, 50])
+def test_chunked_max_is_max_with_its_first_index(vocab):
+    """Values and first-occurrence indices of `max(-1)`: ties everywhere, a row of -inf, a NaN, a last-index max."""
+    generator = torch.Generator().manual_seed(vocab)
+    values = torch.randint(0, 4, (3, 5, vocab), generator=generator).float()
+    values[0, 0] = float("-inf")
+    values[1, 2, vocab // 2] = float("nan")
+    values[2, 3, -1] = 9.0
+    best, index = max_over_last_dim(values)
+    expected = values.max(-1)
+    assert torch.equal(index, expected.indices)
+    torch.testing.assert_close(best, expected.values, equal_nan=True)
+
+
+@pytest.mark.usefixtures("fresh_dynamo")
+def test_chunked_max_compiled_with_inductor_gives_the_eager_indices():
+    values = torch.randn(2, 16, 50258, generator=torch.Generator().manual_seed(0))
+    values[:, :, 123] = values.max() + 1  # a tie in every row between two chunks' maxima: the first wins
+    values[:, :, 40000] = values[:, :, 123]
+    compiled = torch.compile(max_over_last_dim, fullgraph=True, dynamic=False)(values)
+    assert torch.equal(compiled[1], values.argmax(-1)) and bool((compiled[1] == 123).all())
+    torch.testing.assert_close(compiled[0], values.max(-1).values)
 
 
 def test_block_noise_level_is_the_time_or_the_masked_fraction():
