@@ -71,14 +71,18 @@ def main(argv=None):
     parser.add_argument("--sampler", default="first_hitting")
     parser.add_argument("--rows", type=int, default=25)
     parser.add_argument("--greedy", action="store_true", help="greedy instead of the benchmark's pure sampling")
+    parser.add_argument("--context", type=int, default=None,
+                        help="max_position_embeddings = static cache capacity (default: new tokens + 2 blocks; the "
+                             "benchmark's is 1040)")
+    parser.add_argument("--attn", default="sdpa", choices=["sdpa", "flex_attention"])
     add_compile_arguments(parser, default_mode="reduce-overhead")
     args = parser.parse_args(argv)
     extra = dict(decoding({"do_sample": not args.greedy}),
                  compile_config=generation_compile_config(compile_kwargs(args.compile_mode, args.inductor_option)))
     device, dtype, shape = ("cuda", torch.bfloat16, GPU_MODEL) if args.gpu else ("cpu", torch.float32,
                                                                                   CPU_MODELS["tiny"])
-    context = args.new_tokens + 2 * args.block
-    model = build_bd3lm(shape, args.block, context + -context % args.block, device, dtype)
+    context = args.context or args.new_tokens + 2 * args.block
+    model = build_bd3lm(shape, args.block, context + -context % args.block, device, dtype, args.attn)
     profiler, nfe, wall = profile_generation(model, args.batch, args.new_tokens, args.sampler, **extra)
     text = summary(profiler, nfe, device, args.rows, wall)
     print(text)

@@ -119,6 +119,9 @@ def test_profile_step_smoke():
     text = profile_step.main(["--smoke", "--new-tokens", "8", "--rows", "5"])
     assert "model calls (NFE): 16" in text and "aten::" in text  # first hitting, block 16: one call per token
     assert "wall per call (unprofiled run)" in text
+    flex = profile_step.main(["--smoke", "--new-tokens", "8", "--rows", "40", "--context", "64",
+                              "--attn", "flex_attention"])
+    assert "model calls (NFE): 16" in flex and "FlexAttention" in flex
 
 
 def test_compile_settings_from_the_command_line():
