@@ -222,17 +222,18 @@ def test_flex_attention_generates_the_sdpa_tokens(sampler):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_compiled_flex_static_generation_matches_eager_sdpa_on_gpu():
-    """The static step with flex_attention compiled by inductor (CUDA graphs) gives the eager sdpa tokens (fp32)."""
+    """flex_attention on CUDA gives the eager sdpa tokens (fp32): the static step compiled by inductor (CUDA graphs),
+    and the dynamic cache (transformers' compiled flex kernel, a new key length at every block)."""
     model = random_model(seed=1, std=0.12, max_position_embeddings=128, num_attention_heads=2).cuda()  # head_dim 16
     ids, mask = (t.cuda() for t in prompts())
     for sampler in SAMPLERS:
+        settings = dict(attention_mask=mask, max_new_tokens=24, do_sample=False, sampler=sampler)
         model.set_attn_implementation("sdpa")
-        reference = model.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False, sampler=sampler,
-                                   cache_implementation="static", disable_compile=True)
+        reference = model.generate(ids, cache_implementation="static", disable_compile=True, **settings)
         model.set_attn_implementation("flex_attention")
-        compiled = model.generate(ids, attention_mask=mask, max_new_tokens=24, do_sample=False, sampler=sampler,
-                                  cache_implementation="static")
-        assert torch.equal(compiled, reference), sampler
+        compiled = model.generate(ids, cache_implementation="static", **settings)
+        dynamic = model.generate(ids, **settings)
+        assert torch.equal(compiled, reference) and torch.equal(dynamic, reference), sampler
 
 
 @pytest.mark.parametrize("sampler", SAMPLERS)
