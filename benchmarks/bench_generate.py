@@ -6,6 +6,7 @@
     python benchmarks/bench_generate.py --smoke --results /tmp/r.md  # the GPU case list on CPU, tiny (tests)
     python benchmarks/bench_generate.py --gpu --batch 1 --block 16 --inductor-option triton.cudagraphs=True \
         --inductor-option coordinate_descent_tuning=True   # the compiled rows with other inductor settings
+    python benchmarks/bench_generate.py --gpu --batch 1 --block 16 --experiment aligned-logits  # experiments.py
 
 CPU: each case runs in a fresh process (peak memory = max RSS of the case). GPU: one process (compiled graphs are
 per process), peak memory = max allocated during the timed run; every case is warmed up first, compiled ones with
@@ -24,6 +25,7 @@ from pathlib import Path
 import torch
 
 from compile_settings import add_compile_arguments, compile_kwargs, generation_compile_config
+from experiments import EXPERIMENTS, apply_experiment, logit_difference
 from reporting import measure_all, publish
 
 RESULTS = Path(__file__).parent / "RESULTS.md"
@@ -71,15 +73,32 @@ def context_for(case) -> int:
 def build_model(case, models: dict):
     """One model per (kind, shape, block size), shared by the cases of a GPU run."""
     device, dtype = case["device"], getattr(torch, case["dtype"])
-    key = (case["kind"] == "ar", case["model"], case["block_size"], case.get("attention", "sdpa"))
+    key = (case["kind"] == "ar", case["model"], case["block_size"], case.get("attention", "sdpa"),
+           case.get("experiment"))
     if key not in models:
         # Compiled graphs are kept per code object, up to torch._dynamo.config.recompile_limit (8): a new model
         # starts from an empty cache (the previous model's graphs are not used again).
         torch._dynamo.reset()
-        models[key] = (build_llama(case["shape"], context_for(case), device, dtype) if case["kind"] == "ar"
-                       else build_bd3lm(case["shape"], case["block_size"], context_for(case), device, dtype,
-                                        case.get("attention", "sdpa")))
+        if case["kind"] == "ar":
+            models[key] = build_llama(case["shape"], context_for(case), device, dtype)
+        else:
+            models[key] = build_bd3lm_case(case, device, dtype)
     return models[key]
+
+
+def build_bd3lm_case(case, device, dtype):
+    """The case's BD3-LM; with an experiment, patched, and its logit difference from the shipped model noted
+    (`experiment_difference`)."""
+    def build():
+        return build_bd3lm(case["shape"], case["block_size"], context_for(case), device, dtype,
+                           case.get("attention", "sdpa"))
+
+    model = build()
+    if case.get("experiment"):
+        reference = build()
+        model.experiment_difference = logit_difference(apply_experiment(model, case["experiment"]), reference)
+        del reference
+    return model
 
 
 def decoding(case) -> dict:
@@ -121,6 +140,8 @@ def run_case(case: dict, models: dict | None = None) -> dict:
     peak = (torch.cuda.max_memory_allocated() if device == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     row = {key: value for key, value in case.items() if key != "shape"}
+    if hasattr(model, "experiment_difference"):
+        row["logit_difference"] = model.experiment_difference
     return {**row, "seconds": seconds, "tokens_per_s": case["batch"] * new_tokens / seconds, "nfe": nfe,
             "nfe_per_token": nfe / new_tokens, "peak_mib": peak / 2**20, "ms_per_call": 1000 * seconds / nfe}
 
@@ -145,13 +166,14 @@ def cpu_cases(new_tokens: int) -> list[dict]:
 
 
 def gpu_cases(new_tokens: int, batches, blocks, device="cuda", dtype="bfloat16", shape=None,
-              attention="sdpa") -> list[dict]:
+              attention="sdpa", experiment=None) -> list[dict]:
     """Batch x block size x sampler x path: eager (dynamic cache), static+eager (batch 1, block 16: what the
     cache alone gives) and static+compiled; the AR baseline (HF's static cache, compiled by HF) comes after the first
     block size, so that a run cut short still has the figures the targets quote. BD3-LM models other than sdpa
-    carry the attention in their name (small-bs16-flex_attention)."""
+    carry the attention in their name (small-bs16-flex_attention), patched ones the experiment
+    (small-bs16+aligned-logits)."""
     shape = shape or GPU_MODEL
-    suffix = "" if attention == "sdpa" else f"-{attention}"
+    suffix = ("" if attention == "sdpa" else f"-{attention}") + (f"+{experiment}" if experiment else "")
     rows = []
     samplers = {"first_hitting": ("first_hitting", None), "4 tokens/call": ("ddpm", 4)}
     for batch in batches:
@@ -160,7 +182,8 @@ def gpu_cases(new_tokens: int, batches, blocks, device="cuda", dtype="bfloat16",
                 rows.append(ar_case(device, dtype, shape, new_tokens, batch))
             model = f"small-bs{block_size}{suffix}"
             base = dict(device=device, dtype=dtype, model=model, shape=shape, block_size=block_size,
-                        new_tokens=new_tokens, batch=batch, kind="cached", do_sample=True, attention=attention)
+                        new_tokens=new_tokens, batch=batch, kind="cached", do_sample=True, attention=attention,
+                        experiment=experiment)
             paths = [("eager", None, False), ("static+compiled", "static", True)]
             if batch == 1 and block_size == 16:
                 paths.insert(1, ("static+eager", "static", False))
@@ -212,6 +235,10 @@ def hbm_floor_ms(shape) -> float:
 def gpu_summary(rows, shape) -> list[str]:
     """The issue's targets: vs the original sampler (batch 1, block 16), ms/call vs the HBM floor, vs AR."""
     lines = [f"HBM floor per call (bf16 weights / 3.35 TB/s): {hbm_floor_ms(shape):.3f} ms"]
+    for model in sorted({row["model"] for row in rows if "logit_difference" in row}):
+        difference = next(row["logit_difference"] for row in rows if row["model"] == model)
+        lines.append(f"{model}: largest logit difference from the shipped model {difference:.1e} (of the largest "
+                     "logit; bf16 rounding is ~1e-2)")
     for row in rows:
         if row["batch"] == 1 and row["block_size"] == 16 and row["kind"] == "cached":
             for sampler, original in ORIGINAL_H100.items():
@@ -266,15 +293,18 @@ def main(argv=None):
     parser.add_argument("--only", default=None, help="run only the cases whose name contains this text")
     parser.add_argument("--attn", default="sdpa", choices=["sdpa", "flex_attention"],
                         help="attention of the BD3-LM rows (GPU and smoke case lists)")
+    parser.add_argument("--experiment", default=None, choices=sorted(EXPERIMENTS),
+                        help="a model variant of experiments.py for the BD3-LM rows (GPU and smoke case lists)")
     parser.add_argument("--results", type=Path, default=RESULTS)
     add_compile_arguments(parser, default_mode="reduce-overhead")
     args = parser.parse_args(argv)
     compile_settings = compile_kwargs(args.compile_mode, args.inductor_option)
     new_tokens = args.new_tokens or (24 if args.smoke else 1024)
     if args.gpu:
-        all_cases = gpu_cases(new_tokens, args.batch, args.block, attention=args.attn)
+        all_cases = gpu_cases(new_tokens, args.batch, args.block, attention=args.attn, experiment=args.experiment)
     elif args.smoke:
-        all_cases = gpu_cases(new_tokens, args.batch, args.block, "cpu", "float32", CPU_MODELS["tiny"], args.attn)
+        all_cases = gpu_cases(new_tokens, args.batch, args.block, "cpu", "float32", CPU_MODELS["tiny"], args.attn,
+                              args.experiment)
     else:
         all_cases = cpu_cases(new_tokens)
     selected = [dict(case, compile=compile_settings) if case.get("compiled") else case

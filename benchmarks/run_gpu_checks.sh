@@ -6,7 +6,8 @@
 #   run(command="bash benchmarks/run_gpu_checks.sh generate1")     # bench_generate --gpu --batch 1 (~6 min)
 #   run(command="bash benchmarks/run_gpu_checks.sh generate16")    # bench_generate --gpu --batch 16 (~6 min)
 #   run(command="bash benchmarks/run_gpu_checks.sh profile")       # kernels per call, top operators (~2 min)
-#   run(command="bash benchmarks/run_gpu_checks.sh tune")          # batch 1 block 16 compiled rows per setting (~6 min)
+#   run(command="bash benchmarks/run_gpu_checks.sh tune")          # batch 1 block 16 compiled rows per compile setting
+#   run(command="bash benchmarks/run_gpu_checks.sh experiments")   # the same rows per model variant, flex (~6 min)
 # Each stage leaves its log and the tables it appended (RESULTS.md) in $OUT: copy the new sections into the repo's
 # benchmarks/RESULTS.md. The stages of one call share its time: a benchmark gets what is left (SIGTERM then writes
 # the finished rows) and a stage with under 90 s left is not started. With no stage named, all of them run (longer
@@ -38,7 +39,8 @@ for stage in "${stages[@]}"; do
     tests)  # flex training fwd+bwd, bf16, flash (if installed), compiled static cache == eager, no recompiles
       "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_compilation.py \
         "tests/test_static_cache.py::test_compiled_static_generation_matches_eager_on_gpu" \
-        "tests/test_static_cache.py::test_compiled_flex_static_generation_matches_eager_sdpa_on_gpu" 2>&1 \
+        "tests/test_static_cache.py::test_compiled_flex_static_generation_matches_eager_sdpa_on_gpu" \
+        "tests/test_benchmarks.py::test_mlp_epilogue_experiment_computes_the_model_on_cuda" 2>&1 \
         | tee "$OUT/tests.log" | tail -15 ;;
     train) stage_budget train
       timeout "$BUDGET" "$PY" benchmarks/bench_train.py --gpu --results "$OUT/RESULTS.md" 2>&1 \
@@ -49,21 +51,27 @@ for stage in "${stages[@]}"; do
     generate16) stage_budget generate16
       timeout "$BUDGET" "$PY" benchmarks/bench_generate.py --gpu --batch 16 --results "$OUT/RESULTS.md" 2>&1 \
         | tee "$OUT/bench_generate_b16.log" | tail -30 ;;
-    tune)  # batch 1, block 16, compiled rows only, under each compile setting in turn (compare within the run)
-      # (max-autotune was measured in session 4: ~20% slower per call than reduce-overhead; see RESULTS.md)
-      # flex_attention: its BlockMask skips the key tiles past the cursor (sdpa attends over the whole capacity);
-      # combo_kernels: inductor fuses independent small kernels horizontally (fewer launches per call).
-      for setting in "--compile-mode reduce-overhead" \
-                     "--compile-mode reduce-overhead --attn flex_attention" \
-                     "--inductor-option triton.cudagraphs=True --inductor-option combo_kernels=True" \
-                     "--inductor-option triton.cudagraphs=True --inductor-option coordinate_descent_tuning=True"; do
-        stage_budget "tune $setting"
+    tune|experiments)  # batch 1, block 16, compiled rows only, one setting after the other (compare within the run)
+      # tune: compile settings (max-autotune was measured in session 4: ~20% slower per call; see RESULTS.md);
+      #   combo_kernels: inductor fuses independent small kernels horizontally (fewer launches per call).
+      # experiments: model variants (benchmarks/experiments.py) and flex_attention, whose BlockMask skips the key
+      #   tiles past the cursor where sdpa attends over the whole static capacity.
+      if [ "$stage" = tune ]; then
+        settings=("--compile-mode reduce-overhead"
+                  "--inductor-option triton.cudagraphs=True --inductor-option combo_kernels=True"
+                  "--inductor-option triton.cudagraphs=True --inductor-option coordinate_descent_tuning=True")
+      else
+        settings=("--compile-mode reduce-overhead" "--attn flex_attention" "--experiment mlp-epilogue"
+                  "--experiment aligned-logits")
+      fi
+      for setting in "${settings[@]}"; do
+        stage_budget "$stage $setting"
         # shellcheck disable=SC2086  # the setting is several arguments
         timeout "$BUDGET" "$PY" benchmarks/bench_generate.py --gpu --batch 1 --block 16 --only static+compiled \
-          $setting --results "$OUT/RESULTS.md" 2>&1 | tee -a "$OUT/tune.log" | tail -8
+          $setting --results "$OUT/RESULTS.md" 2>&1 | tee -a "$OUT/$stage.log" | tail -8
       done ;;
     profile) stage_budget profile
       timeout "$BUDGET" "$PY" benchmarks/profile_step.py --gpu 2>&1 | tee "$OUT/profile.log" | tail -40 ;;
-    *) echo "unknown stage $stage (tests, train, generate1, generate16, tune, profile)"; exit 2 ;;
+    *) echo "unknown stage $stage (tests, train, generate1, generate16, tune, experiments, profile)"; exit 2 ;;
   esac
 done

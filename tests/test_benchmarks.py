@@ -36,6 +36,39 @@ def test_bench_generate_runs_the_bd3lm_rows_with_flex_attention(tmp_path):
     assert all(row["attention"] == "flex_attention" and row["nfe"] > 0 for row in rows)
 
 
+def test_bench_generate_times_an_experiment_and_reports_its_logit_difference(tmp_path):
+    results = tmp_path / "RESULTS.md"
+    rows = bench_generate.main(["--smoke", "--new-tokens", "8", "--batch", "1", "--block", "4",
+                                "--experiment", "aligned-logits", "--only", "static+compiled",
+                                "--results", str(results)])
+    assert {row["model"] for row in rows} == {"small-bs4+aligned-logits"}
+    assert all(row["logit_difference"] < 1e-5 for row in rows)  # fp32: the same function
+    assert "small-bs4+aligned-logits: largest logit difference from the shipped model" in results.read_text()
+
+
+def test_experiments_patch_the_model_into_the_same_function():
+    from conftest import random_model
+    from experiments import apply_experiment, logit_difference
+
+    reference = random_model(vocab_size=101)  # rows padded to 128
+    patched = apply_experiment(random_model(vocab_size=101), "aligned-logits")
+    assert patched.lm_head.weight.shape == (128, 32) and logit_difference(patched, reference) < 1e-6
+    with pytest.raises(ValueError, match="needs CUDA"):
+        apply_experiment(random_model(), "mlp-epilogue")
+    with pytest.raises(ValueError, match="unknown experiment"):
+        apply_experiment(random_model(), "frobnicate")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_mlp_epilogue_experiment_computes_the_model_on_cuda():
+    from conftest import random_model
+    from experiments import apply_experiment, logit_difference
+
+    reference = random_model(std=0.1).cuda()
+    patched = apply_experiment(random_model(std=0.1).cuda(), "mlp-epilogue")
+    assert logit_difference(patched, reference) < 1e-4  # fp32: only the GELU's rounding differs
+
+
 def test_bench_train_smoke_runs(tmp_path):
     results = tmp_path / "RESULTS.md"
     rows = bench_train.main(["--smoke", "--block", "4", "--results", str(results)])

@@ -1,0 +1,74 @@
+"""Model variants timed against the shipped model in one benchmark run (`bench_generate.py --experiment NAME`).
+
+A lever for the batch-1 call time is tried here on the GPU without touching modeling/; one that wins moves into the
+model with its tests. Each variant patches a built model in place and must compute the same function: the benchmark
+reports its largest logit difference from the unpatched model on the same input (`logit_difference`).
+
+- mlp-epilogue: the MLP's first projection, bias and tanh-GELU as one cuBLASLt GEMM with a GELU epilogue
+  (`torch._addmm_activation`) instead of inductor's mm + fused bias/GELU kernel: one kernel fewer per layer. CUDA
+  only: on CPU that op applies the exact (erf) GELU, another function.
+- aligned-logits: the output layer computed with its vocabulary padded to a multiple of 64 and sliced back, so that
+  the logits' rows are 16-byte aligned (50258 bf16 values are not), which cuBLAS's TMA (sm90) kernels need; session
+  4's profile showed a cutlass sm80 kernel at 40 us against a 23 us HBM floor.
+"""
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+def fused_gelu_mlp_forward(mlp, hidden_states):
+    """fc_out(gelu_tanh(fc_in(x))) with fc_in's bias and GELU in the GEMM's epilogue."""
+    flat = hidden_states.reshape(-1, hidden_states.shape[-1])
+    inner = torch._addmm_activation(mlp.fc_in.bias, flat, mlp.fc_in.weight.t(), use_gelu=True)
+    return mlp.fc_out(inner).view(*hidden_states.shape[:-1], -1)
+
+
+def use_mlp_epilogue(model):
+    if model.device.type != "cuda":
+        raise ValueError("the mlp-epilogue experiment needs CUDA: on CPU torch._addmm_activation applies the exact "
+                         "GELU, not the model's tanh approximation.")
+    for layer in model.model.layers:
+        layer.mlp.forward = fused_gelu_mlp_forward.__get__(layer.mlp)
+
+
+class AlignedOutputLayer(nn.Module):
+    """`lm_head` with its rows padded to a multiple of `multiple` (zero weights and bias), sliced back to the
+    vocabulary: same logits, aligned row stride."""
+
+    def __init__(self, head: nn.Linear, multiple: int = 64):
+        super().__init__()
+        self.vocab_size = head.out_features
+        padding = -self.vocab_size % multiple
+        self.register_buffer("weight", F.pad(head.weight.detach(), (0, 0, 0, padding)))
+        self.register_buffer("bias", F.pad(head.bias.detach(), (0, padding)))
+
+    def forward(self, hidden_states):
+        return F.linear(hidden_states, self.weight, self.bias)[..., :self.vocab_size]
+
+
+def use_aligned_logits(model):
+    model.lm_head = AlignedOutputLayer(model.lm_head)
+
+
+EXPERIMENTS = {"mlp-epilogue": use_mlp_epilogue, "aligned-logits": use_aligned_logits}
+
+
+def apply_experiment(model, name: str):
+    """Patch `model` in place with the variant `name`; returns the model."""
+    if name not in EXPERIMENTS:
+        raise ValueError(f"unknown experiment {name!r}; allowed: {', '.join(EXPERIMENTS)}.")
+    EXPERIMENTS[name](model)
+    return model
+
+
+@torch.no_grad()
+def logit_difference(patched, reference, length: int = 64) -> float:
+    """Largest |logit difference| between the two models on one random sequence (at most the context), relative to
+    the largest logit."""
+    generator = torch.Generator().manual_seed(0)
+    length = min(length, reference.config.max_position_embeddings)
+    tokens = torch.randint(0, reference.config.vocab_size - 1, (1, length), generator=generator)
+    tokens = tokens.to(reference.device)
+    expected = reference(input_ids=tokens).logits.float()
+    return float((patched(input_ids=tokens).logits.float() - expected).abs().max() / expected.abs().max())
