@@ -56,8 +56,19 @@ def summary(profiler, nfe: int, device: str, rows: int, wall: float) -> str:
         bound = ("launch-latency-bound: wall time exceeds kernel time" if wall * 1000 / nfe > 1.2 * busy_ms
                  else "kernel-bound")
         lines.append(f"GPU kernels per call: {kernels / nfe:.1f}; kernel time per call: {busy_ms:.3f} ms ({bound})")
+        lines += kernel_breakdown(on_gpu, nfe)
     lines.append(events.table(sort_by=sort, row_limit=rows))
     return "\n".join(lines)
+
+
+def kernel_breakdown(kernels, nfe: int) -> list[str]:
+    """Every distinct GPU kernel with its launches and microseconds per model call, most launched first: inductor's
+    kernel names list the operations each one fuses (triton_poi_fused_add_mul_...), so this is where the kernels
+    per call can be counted down."""
+    lines = ["", "| kernel | launches/call | us/call |", "|---|---|---|"]
+    for event in sorted(kernels, key=lambda event: (-event.count, -kernel_time_us(event))):
+        lines.append(f"| {event.key[:100]} | {event.count / nfe:.2f} | {kernel_time_us(event) / nfe:.2f} |")
+    return lines + [""]
 
 
 def main(argv=None):

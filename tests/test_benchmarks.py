@@ -157,6 +157,17 @@ def test_profile_step_smoke():
     assert "model calls (NFE): 16" in flex and "FlexAttention" in flex
 
 
+def test_profile_kernel_breakdown_lists_each_kernel_per_call():
+    import profile_step
+
+    class Kernel:
+        def __init__(self, key, count, time):
+            self.key, self.count, self.self_device_time_total = key, count, time
+
+    lines = profile_step.kernel_breakdown([Kernel("gemm", 96, 480.0), Kernel("triton_poi_fused_add", 192, 288.0)], 2)
+    assert lines[3:5] == ["| triton_poi_fused_add | 96.00 | 144.00 |", "| gemm | 48.00 | 240.00 |"]
+
+
 def test_compile_settings_from_the_command_line():
     from compile_settings import compile_kwargs
 
