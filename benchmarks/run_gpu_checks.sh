@@ -71,7 +71,7 @@ for stage in "${stages[@]}"; do
           $setting --results "$OUT/RESULTS.md" 2>&1 | tee -a "$OUT/$stage.log" | tail -8
       done ;;
     profile) stage_budget profile
-      timeout "$BUDGET" "$PY" benchmarks/profile_step.py --gpu 2>&1 | tee "$OUT/profile.log" | tail -40 ;;
+      timeout "$BUDGET" "$PY" benchmarks/profile_step.py --gpu --context 1040 2>&1 | tee "$OUT/profile.log" | tail -40 ;;
     *) echo "unknown stage $stage (tests, train, generate1, generate16, tune, experiments, profile)"; exit 2 ;;
   esac
 done
