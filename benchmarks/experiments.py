@@ -6,7 +6,8 @@ reports its largest logit difference from the unpatched model on the same input 
 
 - mlp-epilogue: the MLP's first projection, bias and tanh-GELU as one cuBLASLt GEMM with a GELU epilogue
   (`torch._addmm_activation`) instead of inductor's mm + fused bias/GELU kernel: one kernel fewer per layer. CUDA
-  only: on CPU that op applies the exact (erf) GELU, another function.
+  only (on CPU that op applies the exact (erf) GELU, another function) and inference only (the op has no
+  derivative).
 - aligned-logits: the output layer computed with its vocabulary padded to a multiple of 64 and sliced back, so that
   the logits' rows are 16-byte aligned (50258 bf16 values are not), which cuBLAS's TMA (sm90) kernels need; session
   4's profile showed a cutlass sm80 kernel at 40 us against a 23 us HBM floor.
