@@ -4,6 +4,7 @@ The hot loop is made of small pure functions (one model call here, one sampler s
 `generate` wires them together.
 """
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -25,6 +26,9 @@ HF_DEFAULTS = {"max_length": 20, "do_sample": False, "temperature": 1.0, "top_k"
 # what a fullgraph compilation raises past the recompile limit (the name changed across torch versions)
 RECOMPILE_LIMIT_ERRORS = tuple(getattr(torch._dynamo.exc, name) for name in
                                ("FailOnRecompileLimitHit", "FailOnCacheLimitHit") if hasattr(torch._dynamo.exc, name))
+# Recompile limit while a generation's steps compile: each (batch, block size, sampler, decoding, dtype) setting adds
+# 2 graphs of the one step function, so torch's default of 8 would keep 4 settings compiled per process.
+STEP_GRAPH_LIMIT = 32
 UNSUPPORTED = {"num_beams": 1, "num_return_sequences": 1, "assistant_model": None, "prompt_lookup_num_tokens": None,
                "penalty_alpha": None, "num_beam_groups": 1}
 
@@ -268,19 +272,20 @@ class BD3LMGenerationMixin(GenerationMixin):
 
         # 3. blocks, left to right
         fixed = start_block(canvas, valid, prompt_tail, done, prefix, bs, pad_id)
-        for start in range(prefix, canvas.shape[1], bs):
-            end = start + bs
-            # 3b. denoise
-            self.denoise_block(canvas, valid, start, end, fixed, banned_eos, cache, state, config)
-            # 3c. finish rows, stream
-            done = self.finish_block(canvas, valid, start, end, first_new, done, config, eos_ids, pad_id,
-                                     max_new_tokens, stopping_criteria, input_ids, streamer)
-            # 3a of the next block is queued before the host reads `done` (the one synchronization per block), so
-            # that the GPU has it while the host waits; if every row is done, it only pads a block never returned.
-            if end < canvas.shape[1]:
-                fixed = start_block(canvas, valid, prompt_tail, done, end, bs, pad_id)
-            if end > stops_from and bool(done.all()):
-                break
+        with step_graph_room(state["compiles"]):
+            for start in range(prefix, canvas.shape[1], bs):
+                end = start + bs
+                # 3b. denoise
+                self.denoise_block(canvas, valid, start, end, fixed, banned_eos, cache, state, config)
+                # 3c. finish rows, stream
+                done = self.finish_block(canvas, valid, start, end, first_new, done, config, eos_ids, pad_id,
+                                         max_new_tokens, stopping_criteria, input_ids, streamer)
+                # 3a of the next block is queued before the host reads `done` (the one synchronization per block),
+                # so that the GPU has it while the host waits; if every row is done, it pads a block never returned.
+                if end < canvas.shape[1]:
+                    fixed = start_block(canvas, valid, prompt_tail, done, end, bs, pad_id)
+                if end > stops_from and bool(done.all()):
+                    break
 
         # 4. output
         if streamer is not None:
@@ -296,14 +301,15 @@ class BD3LMGenerationMixin(GenerationMixin):
 
     def loop_state(self, config, cache, device, pad_id, eos_ids, warpers, logits_processor, generator) -> dict:
         """What the denoising loop carries: counters (nfe, committed, window_start), the step's constants
-        (`StepConstants`), the ddpm schedule, the generator and the step function."""
+        (`StepConstants`), the ddpm schedule, the generator, the step function and whether it compiles."""
         rule = StepRule(self.config.mask_token_id, config.sampler, bool(config.do_sample),
                         float(config.confidence_threshold))
         constants = StepConstants(rule, eos_ids, warpers, logits_processor or None, self.constant_modulations(cache))
         schedule = ddpm_schedule(config.num_steps, device) if config.sampler == "ddpm" else None
         return {"nfe": 0, "committed": 0, "window_start": 0, "history": [] if config.output_history else None,
                 "pad_id": pad_id, "constants": constants, "generator": generator, "ddpm_schedule": schedule,
-                "step": self.step_function(cache, config, logits_processor)}
+                "step": self.step_function(cache, config, logits_processor),
+                "compiles": self.compiles_steps(cache, config, logits_processor)}
 
     def constant_modulations(self, cache):
         """The adaLN modulations of a model without time conditioning (sigma = 0: constants of the weights),
@@ -392,8 +398,9 @@ class BD3LMGenerationMixin(GenerationMixin):
         (default: fullgraph, static shapes, mode "reduce-overhead", i.e. CUDA graphs captured once per shape and
         replayed); the first call, whose width depends on the prompt, runs eagerly so that no prompt length
         triggers a compilation. Each (batch, block size, sampler, decoding settings, dtype) compiles 2 graphs, and
-        torch keeps at most `torch._dynamo.config.recompile_limit` per function: past it (fullgraph compilation
-        then fails before running anything) this generation's steps run eagerly, with a warning.
+        torch keeps at most `torch._dynamo.config.recompile_limit` per function, raised to `STEP_GRAPH_LIMIT` (32)
+        during generation (`step_graph_room`): past it (fullgraph compilation then fails before running anything)
+        this generation's steps run eagerly, with a warning.
         """
         if not isinstance(cache, BD3LMStaticCache):
             return None
@@ -410,10 +417,11 @@ class BD3LMGenerationMixin(GenerationMixin):
                 except RECOMPILE_LIMIT_ERRORS:
                     use_compiled[0] = False
                     logger.warning_once(
-                        f"the compiled denoising step reached torch._dynamo.config.recompile_limit "
-                        f"({_recompile_limit()} graphs: 2 per batch size, block size, sampler, "
-                        "decoding settings and dtype): this generation runs eagerly. Raise the limit, or call "
-                        "torch._dynamo.reset() to drop the graphs of settings no longer used.")
+                        f"the compiled denoising step reached its limit of {_recompile_limit()} graphs (2 per "
+                        "batch size, block size, sampler, decoding settings and dtype; "
+                        "torch._dynamo.config.recompile_limit, at least STEP_GRAPH_LIMIT during generation): this "
+                        "generation runs eagerly. Raise the limit, or call torch._dynamo.reset() to drop the "
+                        "graphs of settings no longer used.")
             return self.denoise_step(tokens, *args)
 
         return step
@@ -597,6 +605,16 @@ def first_stop_column(first_new_min: int, eos_ids, config, stopping_criteria) ->
     if len(stopping_criteria) or config.entropy_stop:
         return 0
     return math.inf if eos_ids is None else first_new_min + (config.min_new_tokens or 0)
+
+
+def step_graph_room(compiling: bool):
+    """While the steps compile, torch's recompile limit is at least `STEP_GRAPH_LIMIT` (the user's own setting applies
+    everywhere else, and is kept if higher)."""
+    if not compiling:
+        return contextlib.nullcontext()
+    config = torch._dynamo.config
+    name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
+    return config.patch(**{name: max(_recompile_limit(), STEP_GRAPH_LIMIT)})
 
 
 def _recompile_limit():

@@ -250,25 +250,46 @@ def test_compiled_step_samples_the_eager_tokens(gen_model, sampler):
     assert torch.equal(outputs[0], outputs[1]) and torch.equal(outputs[1], outputs[2])
 
 
-def test_past_the_recompile_limit_generation_runs_eagerly_with_a_warning(gen_model, caplog):
-    """2 graphs per (sampler, decoding) here: the 5th setting would be graphs 9 and 10, past torch's limit of 8,
-    where a fullgraph compilation raises. That generation runs eagerly instead, with the eager tokens."""
+def six_settings():
+    """(sampler, decoding) settings: 2 graphs each."""
+    return [dict(sampler=sampler, do_sample=do_sample) for sampler in ("ddpm", "first_hitting", "confidence")
+            for do_sample in (False, True)]
+
+
+def generate_each_setting_compiled_and_eager(model, compile_config):
+    """Each of `six_settings` compiled, then eagerly: the same tokens."""
+    ids, mask = prompts()
+    for setting in six_settings():
+        torch.manual_seed(2)
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=9, cache_implementation="static",
+                             compile_config=compile_config, **setting)
+        torch.manual_seed(2)
+        eager = model.generate(ids, attention_mask=mask, max_new_tokens=9, cache_implementation="static",
+                               disable_compile=True, **setting)
+        assert torch.equal(out, eager), setting
+
+
+def test_generation_makes_room_for_the_graphs_of_many_settings(gen_model, caplog):
+    """6 settings = 12 graphs, past torch's default recompile limit of 8: during generation the limit is
+    STEP_GRAPH_LIMIT (32), so every setting stays compiled; outside, the user's limit is back."""
     logging.Logger.warning_once.cache_clear()
     graphs = []
-    config = counting_compile_config(graphs)
-    ids, mask = prompts()
-    settings = [dict(sampler=sampler, do_sample=do_sample) for sampler in ("ddpm", "first_hitting", "confidence")
-                for do_sample in (False, True)]
-    for setting in settings:
-        torch.manual_seed(2)
-        out = gen_model.generate(ids, attention_mask=mask, max_new_tokens=9, cache_implementation="static",
-                                 compile_config=config, **setting)
-        torch.manual_seed(2)
-        eager = gen_model.generate(ids, attention_mask=mask, max_new_tokens=9, cache_implementation="static",
-                                   disable_compile=True, **setting)
-        assert torch.equal(out, eager), setting
+    generate_each_setting_compiled_and_eager(gen_model, counting_compile_config(graphs))
+    assert len(graphs) == 12 and "limit" not in caplog.text
+    assert torch._dynamo.config.recompile_limit == 8
+
+
+def test_past_the_recompile_limit_generation_runs_eagerly_with_a_warning(gen_model, caplog, monkeypatch):
+    """With room for 8 graphs only (2 per (sampler, decoding) here), the 5th setting would be graphs 9 and 10, where
+    a fullgraph compilation raises. That generation runs eagerly instead, with the eager tokens."""
+    from bd3lm_hf.modeling import generation_bd3lm
+
+    monkeypatch.setattr(generation_bd3lm, "STEP_GRAPH_LIMIT", 8)
+    logging.Logger.warning_once.cache_clear()
+    graphs = []
+    generate_each_setting_compiled_and_eager(gen_model, counting_compile_config(graphs))
     assert len(graphs) == torch._dynamo.config.recompile_limit == 8
-    assert "reached torch._dynamo.config.recompile_limit (8 graphs" in caplog.text
+    assert "reached its limit of 8 graphs" in caplog.text
 
 
 def test_a_deep_copy_compiles_its_own_step(gen_model):
