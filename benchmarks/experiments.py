@@ -11,6 +11,9 @@ reports its largest logit difference from the unpatched model on the same input 
 - aligned-logits: the output layer computed with its vocabulary padded to a multiple of 64 and sliced back, so that
   the logits' rows are 16-byte aligned (50258 bf16 values are not), which cuBLAS's TMA (sm90) kernels need; session
   4's profile showed a cutlass sm80 kernel at 40 us against a 23 us HBM floor.
+- sdpa-efficient: sdpa's memory-efficient kernel instead of cuDNN's (session 4's profile: 12 cuDNN attention kernels
+  at ~5 us per call, one thread block per head at batch 1). A process-wide backend switch
+  (`torch.backends.cuda.enable_cudnn_sdp(False)`): run_gpu_checks.sh runs each experiment in its own process.
 """
 
 import torch
@@ -52,7 +55,14 @@ def use_aligned_logits(model):
     model.lm_head = AlignedOutputLayer(model.lm_head)
 
 
-EXPERIMENTS = {"mlp-epilogue": use_mlp_epilogue, "aligned-logits": use_aligned_logits}
+def use_efficient_attention(model):
+    if model.device.type != "cuda":
+        raise ValueError("the sdpa-efficient experiment needs CUDA (it switches off cuDNN attention).")
+    torch.backends.cuda.enable_cudnn_sdp(False)
+
+
+EXPERIMENTS = {"mlp-epilogue": use_mlp_epilogue, "aligned-logits": use_aligned_logits,
+               "sdpa-efficient": use_efficient_attention}
 
 
 def apply_experiment(model, name: str):

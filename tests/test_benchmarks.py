@@ -53,8 +53,9 @@ def test_experiments_patch_the_model_into_the_same_function():
     reference = random_model(vocab_size=101)  # rows padded to 128
     patched = apply_experiment(random_model(vocab_size=101), "aligned-logits")
     assert patched.lm_head.weight.shape == (128, 32) and logit_difference(patched, reference) < 1e-6
-    with pytest.raises(ValueError, match="needs CUDA"):
-        apply_experiment(random_model(), "mlp-epilogue")
+    for cuda_only in ("mlp-epilogue", "sdpa-efficient"):
+        with pytest.raises(ValueError, match="needs CUDA"):
+            apply_experiment(random_model(), cuda_only)
     with pytest.raises(ValueError, match="unknown experiment"):
         apply_experiment(random_model(), "frobnicate")
 
