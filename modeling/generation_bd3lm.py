@@ -11,13 +11,13 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from transformers import GenerationConfig, GenerationMixin
-from transformers.generation import CompileConfig, LogitsProcessorList, StoppingCriteriaList
+from transformers.generation import CompileConfig, LogitsProcessorList, MaxTimeCriteria, StoppingCriteriaList
 from transformers.utils import ModelOutput, logging
 
 from .cache_bd3lm import BD3LMCache, BD3LMStaticCache
 from .diffusion_bd3lm import sigma_from_noise_level
-from .sampling_bd3lm import (SAMPLERS, StepRule, block_noise_level, ddpm_schedule, draw_step_noise, low_entropy_rows,
-                             process_logits, sample_step, sampling_warpers)
+from .sampling_bd3lm import (SAMPLERS, StepRule, block_noise_level, config_processors, ddpm_schedule, draw_step_noise,
+                             low_entropy_rows, process_logits, sample_step, sampling_warpers)
 
 logger = logging.get_logger(__name__)
 
@@ -29,14 +29,29 @@ RECOMPILE_LIMIT_ERRORS = tuple(getattr(torch._dynamo.exc, name) for name in
 # Recompile limit while a generation's steps compile: each (batch, block size, sampler, decoding, dtype) setting adds
 # 2 graphs of the one step function, so torch's default of 8 would keep 4 settings compiled per process.
 STEP_GRAPH_LIMIT = 32
-UNSUPPORTED = {"num_beams": 1, "num_return_sequences": 1, "assistant_model": None, "prompt_lookup_num_tokens": None,
-               "penalty_alpha": None, "num_beam_groups": 1}
+# Standard generation settings block diffusion does not implement, with the values that leave them off (None, or
+# the neutral default of older transformers versions): set to anything else, they raise instead of being ignored.
+UNSUPPORTED = {
+    "num_beams": (1,), "num_return_sequences": (1,), "num_beam_groups": (1,), "assistant_model": (),
+    "prompt_lookup_num_tokens": (), "penalty_alpha": (), "output_scores": (False,), "output_logits": (False,),
+    "output_attentions": (False,), "output_hidden_states": (False,), "guidance_scale": (1.0,), "stop_strings": (),
+    "forced_bos_token_id": (), "forced_eos_token_id": (), "force_words_ids": (), "constraints": (),
+    "exponential_decay_length_penalty": (), "encoder_repetition_penalty": (1.0,),
+    "encoder_no_repeat_ngram_size": (0,), "watermarking_config": (), "begin_suppress_tokens": (), "dola_layers": (),
+    "token_healing": (False,), "top_h": (), "length_penalty": (1.0,), "diversity_penalty": (0.0,),
+    "early_stopping": (False,),
+}
 
 
 class BD3LMGenerationConfig(GenerationConfig):
     r"""
-    Generation settings of block diffusion, on top of the standard ones (`max_new_tokens`, `min_new_tokens`,
-    `do_sample`, `temperature`, `top_k`, `top_p`, `eos_token_id`, `pad_token_id`, `return_dict_in_generate`).
+    Generation settings of block diffusion, on top of the standard ones it honours: `max_new_tokens` / `max_length`,
+    `min_new_tokens` / `min_length`, `do_sample`, the sampling warpers (`temperature`, `top_k`, `top_p`, `min_p`,
+    `typical_p`, `epsilon_cutoff`, `eta_cutoff`), the processors (`repetition_penalty`, `no_repeat_ngram_size`,
+    `bad_words_ids`, `sequence_bias`, `suppress_tokens`, `remove_invalid_values`; each sees the sequence before the
+    block being denoised), `max_time`, `eos_token_id`, `pad_token_id`, `return_dict_in_generate`. The other standard
+    settings (beam search, assisted decoding, `output_scores`/`_logits`/`_attentions`, guidance, forced or
+    constrained tokens, `stop_strings`, ...) raise a ValueError when set (`UNSUPPORTED`).
 
     Args:
         block_size (`int`, optional): tokens per block; defaults to the model's (`config.block_size`).
@@ -69,10 +84,12 @@ class BD3LMGenerationConfig(GenerationConfig):
 
     def validate_for(self, model_config) -> None:
         """Raise a ValueError for settings block diffusion cannot honour; warn where it can proceed."""
-        for name, default in UNSUPPORTED.items():
-            if getattr(self, name, default) not in (default, None):
-                raise ValueError(f"{name}={getattr(self, name)!r} is not supported by block-diffusion generation "
-                                 f"(allowed: {default!r}).")
+        for name, neutral in UNSUPPORTED.items():
+            value = getattr(self, name, None)
+            if value is not None and not any(value == allowed for allowed in neutral):
+                allowed = " or ".join(repr(value) for value in (None, *neutral))
+                raise ValueError(f"{name}={value!r} is not supported by block-diffusion generation (allowed: "
+                                 f"{allowed}).")
         if self.sampler not in SAMPLERS:
             raise ValueError(f"unknown sampler {self.sampler!r}; allowed: {', '.join(SAMPLERS)}.")
         block_size = self.block_size
@@ -230,7 +247,8 @@ class BD3LMGenerationMixin(GenerationMixin):
             generation_config ([`BD3LMGenerationConfig`], optional): base settings; `kwargs` override its fields.
             streamer (`BaseStreamer`, optional): receives the prompt, then each finished block (batch size 1).
             logits_processor / stopping_criteria: extra HF processors (applied per position, with the row's
-                context) and criteria (checked after every block; True stops a row).
+                context, after those the config's settings make) and criteria (checked after every block; True
+                stops a row; `max_time` adds transformers' MaxTimeCriteria).
             use_cache (`bool`, defaults to True): False recomputes the whole prefix at every call (reference).
             generator (`torch.Generator`, optional): the source of every random draw when sampling (on the model's
                 device); by default torch's global generator (`set_seed`).
@@ -248,6 +266,8 @@ class BD3LMGenerationMixin(GenerationMixin):
         if streamer is not None and batch != 1:
             raise ValueError("streamers support batch size 1 only (as in transformers).")
         max_new_tokens = _max_new_tokens(config, prompt_width)
+        if config.min_length:  # transformers' min_length counts the prompt
+            config.min_new_tokens = max(config.min_new_tokens or 0, config.min_length - prompt_width)
         mask_id, bs = self.config.mask_token_id, config.block_size
         eos_ids = _as_id_tensor(config.eos_token_id, input_ids.device)
         pad_id = _first_id(config.pad_token_id, config.eos_token_id, default=mask_id)
@@ -262,8 +282,10 @@ class BD3LMGenerationMixin(GenerationMixin):
         banned_eos = (new_index >= 0) & (new_index < (config.min_new_tokens or 0))
         done = torch.zeros(batch, dtype=torch.bool, device=canvas.device)
         warpers = sampling_warpers(config) if config.do_sample else None
-        logits_processor = logits_processor or LogitsProcessorList()
-        stopping_criteria = stopping_criteria or StoppingCriteriaList()
+        logits_processor = LogitsProcessorList([*config_processors(config, canvas.device), *(logits_processor or [])])
+        stopping_criteria = StoppingCriteriaList(stopping_criteria or [])
+        if config.max_time is not None:
+            stopping_criteria.append(MaxTimeCriteria(config.max_time))
         stops_from = first_stop_column(first_new_min, eos_ids, config, stopping_criteria)
         cache = self.make_cache(config, batch) if use_cache else None
         state = self.loop_state(config, cache, canvas.device, pad_id, eos_ids, warpers, logits_processor, generator)
@@ -386,7 +408,9 @@ class BD3LMGenerationMixin(GenerationMixin):
                                     "step runs eagerly (compiling there needs compile_config._compile_all_devices).")
             return False
         if logits_processor:
-            logger.warning_once("custom logits processors run eagerly: the denoising step is not compiled.")
+            logger.warning_once("logits processors (custom ones, or from repetition_penalty, no_repeat_ngram_size, "
+                                "bad_words_ids, sequence_bias, suppress_tokens, remove_invalid_values) run eagerly: "
+                                "the denoising step is not compiled.")
             return False
         return True
 

@@ -9,8 +9,11 @@ cached or not, it gives the same tokens.
 from dataclasses import dataclass
 
 import torch
-from transformers.generation import (LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper,
-                                     TopPLogitsWarper)
+from transformers.generation import (EpsilonLogitsWarper, EtaLogitsWarper, InfNanRemoveLogitsProcessor,
+                                     LogitsProcessorList, MinPLogitsWarper, NoBadWordsLogitsProcessor,
+                                     NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor,
+                                     SequenceBiasLogitsProcessor, SuppressTokensLogitsProcessor,
+                                     TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper, TypicalLogitsWarper)
 
 SAMPLERS = ("ddpm", "first_hitting", "confidence")
 ENTROPY_WINDOW, ENTROPY_THRESHOLD = 256, 4.0  # the paper's stop rule: unigram entropy of the last 256 tokens < 4 nats
@@ -141,6 +144,8 @@ def sample_step(scores, block, fixed, noise, reveal_probability, rule: StepRule)
 
 
 def sampling_warpers(config) -> LogitsProcessorList:
+    """transformers' warpers of the sampling settings, in its order: temperature, top-k, top-p, min-p, typical,
+    epsilon and eta cutoffs (position by position, no context: they run inside the compiled step)."""
     warpers = LogitsProcessorList()
     if config.temperature is not None and config.temperature != 1.0:
         warpers.append(TemperatureLogitsWarper(config.temperature))
@@ -148,7 +153,36 @@ def sampling_warpers(config) -> LogitsProcessorList:
         warpers.append(TopKLogitsWarper(config.top_k))
     if config.top_p is not None and config.top_p < 1.0:
         warpers.append(TopPLogitsWarper(config.top_p))
+    if config.min_p is not None:
+        warpers.append(MinPLogitsWarper(config.min_p))
+    if config.typical_p is not None and config.typical_p < 1.0:
+        warpers.append(TypicalLogitsWarper(config.typical_p))
+    if config.epsilon_cutoff:
+        warpers.append(EpsilonLogitsWarper(config.epsilon_cutoff))
+    if config.eta_cutoff:
+        warpers.append(EtaLogitsWarper(config.eta_cutoff))
     return warpers
+
+
+def config_processors(config, device) -> LogitsProcessorList:
+    """transformers' logits processors of the generation settings block diffusion honours: repetition penalty,
+    n-gram blocking, bad words, sequence bias, suppressed tokens, inf/NaN removal. Like custom processors, each sees
+    a row's context (the sequence before the block being denoised) for every position of the block, and runs
+    eagerly. (`renormalize_logits` needs none: the sampler normalizes the scores itself.)"""
+    processors = LogitsProcessorList()
+    if config.repetition_penalty is not None and config.repetition_penalty != 1.0:
+        processors.append(RepetitionPenaltyLogitsProcessor(config.repetition_penalty))
+    if config.no_repeat_ngram_size:
+        processors.append(NoRepeatNGramLogitsProcessor(config.no_repeat_ngram_size))
+    if config.bad_words_ids is not None:
+        processors.append(NoBadWordsLogitsProcessor(config.bad_words_ids, config.eos_token_id))
+    if config.sequence_bias is not None:
+        processors.append(SequenceBiasLogitsProcessor(config.sequence_bias))
+    if config.suppress_tokens is not None:
+        processors.append(SuppressTokensLogitsProcessor(config.suppress_tokens, device=device))
+    if config.remove_invalid_values:
+        processors.append(InfNanRemoveLogitsProcessor())
+    return processors
 
 
 def unigram_entropy(tokens: torch.Tensor) -> torch.Tensor:

@@ -6,7 +6,9 @@ import math
 import pytest
 import torch
 from conftest import random_model
-from transformers import AutoModelForCausalLM, AutoTokenizer, StoppingCriteria, StoppingCriteriaList, pipeline
+from transformers import (AutoModelForCausalLM, AutoTokenizer, LogitsProcessorList, NoBadWordsLogitsProcessor,
+                          NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor, SequenceBiasLogitsProcessor,
+                          StoppingCriteria, StoppingCriteriaList, SuppressTokensLogitsProcessor, pipeline)
 from transformers.generation.streamers import BaseStreamer
 
 from bd3lm_hf import BD3LMCache
@@ -229,6 +231,13 @@ def test_empty_prompt_starts_from_bos(gen_model):
         (dict(do_sample=True, generator=7), "generator must be a torch.Generator"),
         (dict(cache_implementation="static", compile_config={"mode": "max-autotune"}), "must be an instance of `CompileConfig`"),
         (dict(input_ids=torch.ones(2, 3, dtype=torch.long), streamer=Collect()), "batch size 1"),
+        (dict(output_scores=True, return_dict_in_generate=True), "output_scores=True is not supported"),
+        (dict(output_logits=True), "output_logits=True is not supported"),
+        (dict(guidance_scale=2.0), r"guidance_scale=2.0 is not supported .*allowed: None or 1.0"),
+        (dict(stop_strings=["thou"]), "stop_strings"),
+        (dict(forced_eos_token_id=2), "forced_eos_token_id"),
+        (dict(length_penalty=2.0), "length_penalty"),
+        (dict(diversity_penalty=0.5), "diversity_penalty"),
     ],
 )
 def test_bad_generate_inputs(gen_model, kwargs, message):
@@ -296,6 +305,67 @@ def test_logits_processors_apply_per_position_with_the_sequence_so_far(gen_model
                              logits_processor=LogitsProcessorList([Ban(), RepetitionPenaltyLogitsProcessor(1.3)]))
     assert not (out[:, ids.shape[1]:] == banned).any()
     assert seen and all(shape[0] == 3 * 4 for shape in seen)  # one row per (sequence, block position)
+
+
+@pytest.mark.parametrize("setting, processor", [
+    (lambda t: dict(repetition_penalty=1.5), lambda t: RepetitionPenaltyLogitsProcessor(1.5)),
+    (lambda t: dict(no_repeat_ngram_size=2), lambda t: NoRepeatNGramLogitsProcessor(2)),
+    (lambda t: dict(suppress_tokens=[t]), lambda t: SuppressTokensLogitsProcessor([t])),
+    (lambda t: dict(bad_words_ids=[[t]]), lambda t: NoBadWordsLogitsProcessor([[t]])),
+    (lambda t: dict(sequence_bias={(t,): -10.0}), lambda t: SequenceBiasLogitsProcessor({(t,): -10.0})),
+])
+def test_processor_settings_of_the_generation_config_are_applied(gen_model, setting, processor):
+    """Settings that transformers turns into logits processors are honoured, not ignored: the same tokens as passing
+    that processor, and other tokens than without it (`t`: the token generated most often without it)."""
+    ids, mask = prompts()
+    settings = dict(attention_mask=mask, max_new_tokens=16, do_sample=False)
+    free = gen_model.generate(ids, **settings)
+    common = int(free[:, ids.shape[1]:].flatten().mode().values)
+    configured = gen_model.generate(ids, **setting(common), **settings)
+    explicit = gen_model.generate(ids, logits_processor=LogitsProcessorList([processor(common)]), **settings)
+    assert torch.equal(configured, explicit) and not torch.equal(configured, free)
+
+
+def test_sampling_settings_add_transformers_warpers():
+    from transformers import GenerationConfig
+
+    from bd3lm_hf.modeling.sampling_bd3lm import sampling_warpers
+
+    config = GenerationConfig(do_sample=True, top_k=0, min_p=0.2, typical_p=0.8, epsilon_cutoff=3e-4, eta_cutoff=1e-3)
+    names = [type(warper).__name__ for warper in sampling_warpers(config)]
+    assert names == ["MinPLogitsWarper", "TypicalLogitsWarper", "EpsilonLogitsWarper", "EtaLogitsWarper"]
+
+
+def test_min_p_restricts_sampling_and_compiles(gen_model):
+    """min_p near 1 keeps only the most likely token, as top_k=1 does: the same tokens from the same random stream;
+    the compiled step (eager-kernel backend) gives the eager tokens."""
+    from test_static_cache import counting_compile_config
+
+    ids, mask = prompts()
+    settings = dict(attention_mask=mask, max_new_tokens=12, do_sample=True)
+    outputs = []
+    for warping in (dict(top_k=1), dict(top_k=0, min_p=0.999)):
+        torch.manual_seed(0)
+        outputs.append(gen_model.generate(ids, **warping, **settings))
+    assert torch.equal(outputs[0], outputs[1])
+    torch.manual_seed(0)
+    compiled = gen_model.generate(ids, top_k=0, min_p=0.3, cache_implementation="static",
+                                  compile_config=counting_compile_config([]), **settings)
+    torch.manual_seed(0)
+    eager = gen_model.generate(ids, top_k=0, min_p=0.3, **settings)
+    assert torch.equal(compiled, eager)
+
+
+def test_min_length_counts_the_prompt_and_max_time_stops_after_a_block(gen_model):
+    ids, mask = prompts()
+    width = ids.shape[1]
+    first = int(gen_model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False)[0, width])
+    settings = dict(attention_mask=mask, max_new_tokens=12, do_sample=False, eos_token_id=first, pad_token_id=0)
+    at_least_six = gen_model.generate(ids, min_length=width + 6, **settings)
+    assert torch.equal(at_least_six, gen_model.generate(ids, min_new_tokens=6, **settings))
+    assert not torch.equal(at_least_six, gen_model.generate(ids, **settings))  # EOS first, without the minimum
+    timed = gen_model.generate(ids, max_time=0.0, return_dict_in_generate=True, **settings)
+    assert timed.nfe == 4  # the first block's calls, then every row is past its time
 
 
 def test_text_streamer_prints_the_generated_text(exported, capsys):
