@@ -243,6 +243,14 @@ def test_training_config_bad_input(tmp_path):
     assert main(["train", "--output_dir", str(tmp_path), "--data", str(tmp_path / "missing.txt")]) == 2
 
 
+def test_label_smoothing_is_refused_instead_of_replacing_the_nelbo(tmp_path, small_data):
+    train_set, eval_set, tokenizer = small_data
+    trainer = build_trainer(small_config(), arguments(tmp_path, max_steps=1, label_smoothing_factor=0.1), train_set,
+                            eval_set, tokenizer)
+    with pytest.raises(ValueError, match="label_smoothing_factor=0.1 replaces the block-diffusion NELBO"):
+        trainer.train()
+
+
 def test_sft_finetuning_end_to_end(tmp_path):
     rows = [{"prompt": f"Q{i}: what follows {i}?\nA:", "response": f" {i + 1}, then {i + 2}."} for i in range(64)]
     (tmp_path / "sft.jsonl").write_text("\n".join(json.dumps(r) for r in rows))

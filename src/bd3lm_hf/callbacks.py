@@ -29,6 +29,11 @@ class BlockDiffusionCallback(TrainerCallback):
         self.in_training = False
 
     def on_train_begin(self, args, state, control, **kwargs):
+        if args.label_smoothing_factor:
+            # Trainer's label smoother pops the labels, so the model would run its plain forward (no 2L pass) and
+            # Trainer would train a smoothed cross-entropy of x_t predictions instead of the NELBO.
+            raise ValueError(f"label_smoothing_factor={args.label_smoothing_factor} replaces the block-diffusion "
+                             "NELBO with Trainer's smoothed cross-entropy; set label_smoothing_factor=0.")
         self.in_training = True
         self.collator.training = True
         self.collator.stream = args.process_index
