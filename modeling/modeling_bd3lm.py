@@ -22,6 +22,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import logging
+from transformers.utils.generic import can_return_tuple
 
 from .cache_bd3lm import BD3LMCache, BD3LMStaticCache
 from .configuration_bd3lm import BD3LMConfig
@@ -399,9 +400,10 @@ class BD3LMForBlockDiffusion(BD3LMPreTrainedModel, BD3LMGenerationMixin):
     def set_output_embeddings(self, new_embeddings):
         self.lm_head = new_embeddings
 
+    @can_return_tuple
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, labels=None, noise_levels=None,
                 timesteps=None, past_key_values=None, use_cache=None, store_kv=False, output_hidden_states=None,
-                return_dict=None, num_items_in_batch=None, logits_to_keep=0, **kwargs):
+                num_items_in_batch=None, logits_to_keep=0, **kwargs):
         r"""
         input_ids (`LongTensor` (B, L)): x_t in training, the sequence (or the current block) at inference.
         labels (`LongTensor` (B, L), optional): switches on the 2L training pass with
@@ -414,7 +416,12 @@ class BD3LMForBlockDiffusion(BD3LMPreTrainedModel, BD3LMGenerationMixin):
             denoising step of the next one), `False` commits nothing.
         num_items_in_batch (`int`, optional): loss denominator across gradient-accumulation steps (Trainer).
         logits_to_keep (`int`, defaults to 0): compute logits for the last n positions only (0 = all).
+        return_dict (`bool`, optional): False returns a tuple (transformers' `can_return_tuple`).
         """
+        for name in ("inputs_embeds", "output_attentions"):  # transformers inputs this model does not implement
+            if kwargs.get(name) is not None and kwargs.get(name) is not False:
+                raise ValueError(f"{name} is not supported by BD3-LM (pass input_ids; attention weights are not "
+                                 "returned).")
         self.check_input_ids(input_ids)
         if past_key_values is None and use_cache:
             past_key_values = BD3LMCache()

@@ -81,6 +81,21 @@ def test_flex_attention_on_cpu_serves_every_sequence_length(model):
         torch.testing.assert_close(model(input_ids=x0[:, :length]).logits, reference, atol=1e-4, rtol=1e-5)
 
 
+@torch.no_grad()
+def test_return_dict_false_gives_a_tuple_and_unimplemented_inputs_raise(model):
+    x0, xt = noisy_batch()
+    output = model(input_ids=x0)
+    as_tuple = model(input_ids=x0, return_dict=False)
+    assert isinstance(as_tuple, tuple) and torch.equal(as_tuple[0], output.logits)
+    training = model(input_ids=xt, labels=x0, noise_levels=torch.full((x0.shape[0], x0.shape[1] // 4), 0.5),
+                     return_dict=False)
+    assert training[0].dim() == 0 and training[1].shape == output.logits.shape  # (loss, logits)
+    with pytest.raises(ValueError, match="inputs_embeds is not supported"):
+        model(input_ids=x0, inputs_embeds=torch.zeros(*x0.shape, 32))
+    with pytest.raises(ValueError, match="output_attentions is not supported"):
+        model(input_ids=x0, output_attentions=True)
+
+
 def test_flash_attention_needs_flash_attn_installed():
     try:
         import flash_attn  # noqa: F401
