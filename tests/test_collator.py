@@ -81,6 +81,8 @@ def test_resampling_keeps_every_block_inside_the_clip_range():
         (dict(pad_token_id=0), [], "empty batch"),
         (dict(eps_min=0.8, eps_max=0.2), None, "eps_min < eps_max"),
         (dict(block_size=0), None, "block_size"),
+        (dict(mask_token_id=None), None, "mask_token_id must be a token id"),
+        (dict(pad_token_id=0), [{"text": "To be"}], r"features \[0\] have no input_ids \(columns: \['text'\]\)"),
     ],
 )
 def test_bad_input(kwargs, feats, message):

@@ -1,5 +1,7 @@
 """The noising data collator of block diffusion: clean token ids in, (x_t, labels, per-block t) out."""
 
+import operator
+
 import torch
 
 from .modeling.diffusion_bd3lm import q_xt, sample_block_noise_levels
@@ -30,6 +32,9 @@ class DataCollatorForBlockDiffusion:
     def __init__(self, mask_token_id: int, block_size: int, eps_min: float = 1e-3, eps_max: float = 1.0,
                  resample: bool = False, pad_token_id: int | None = None, seed: int | None = None,
                  generator: torch.Generator | None = None):
+        if not hasattr(mask_token_id, "__index__") or operator.index(mask_token_id) < 0:
+            raise ValueError(f"mask_token_id must be a token id (int >= 0; the model's config.mask_token_id), got "
+                             f"{mask_token_id!r}.")
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}.")
         if not 0.0 <= eps_min < eps_max <= 1.0:
@@ -79,6 +84,10 @@ class DataCollatorForBlockDiffusion:
         """(x0, attention_mask, keep): right-padded to a common block multiple; keep = prompt or padding."""
         if not features:
             raise ValueError("empty batch.")
+        missing = [index for index, feature in enumerate(features) if "input_ids" not in feature]
+        if missing:
+            raise ValueError(f"features {missing} have no input_ids (columns: {sorted(features[missing[0]])}); "
+                             "tokenize the text first (bd3lm_hf.data.wrap_tokenize or sft_tokenize).")
         sequences = [torch.as_tensor(f["input_ids"], dtype=torch.long) for f in features]
         lengths = [len(s) for s in sequences]
         if min(lengths) < 1:
