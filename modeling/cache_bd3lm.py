@@ -74,9 +74,9 @@ class BD3LMStaticCache(StaticCache):
     is capturable by CUDA graphs (`torch.compile(mode="reduce-overhead")`). Selected by
     `cache_implementation="static"`; generation keeps it on the model and resets it in place.
 
-    Besides keys/values it holds the other fixed-address inputs of a static step: the per-generation constants
-    (`hold_constants`: the adaLN modulations), the buffers of each step's random draws (`noise_buffers`) and of
-    its other inputs (`step_input`: tokens, mask, ...)."""
+    Besides keys/values it holds the other inputs of a static step at fixed addresses (`held_buffer`): the
+    per-generation constants (`hold_constants`: the adaLN modulations), each step's random draws (`noise_buffers`)
+    and its other inputs (`step_input`: tokens, mask, ...)."""
 
     def __init__(self, config, max_cache_len: int):
         # StaticCache's own __init__ picks layer classes from the config's layer types; every BD3-LM layer is one
@@ -85,37 +85,32 @@ class BD3LMStaticCache(StaticCache):
         self.capacity = max_cache_len  # (5.17's Cache has a read-only, deprecated `max_cache_len` property)
         self.constants: tuple[torch.Tensor, ...] = ()
         self.noise: tuple[torch.Tensor, torch.Tensor] | None = None
-        self.inputs: dict[str, torch.Tensor] = {}
+        self.buffers: dict[str, torch.Tensor] = {}  # `held_buffer`s by name
+
+    def held_buffer(self, name: str, shape, dtype, device) -> torch.Tensor:
+        """The fixed-address tensor `name`, allocated once per shape, dtype and device and reused in place by later
+        steps and generations: a compiled step reads it where it is instead of copying it in at every replay."""
+        held = self.buffers.get(name)
+        if (held is None or held.shape != torch.Size(shape) or held.dtype != dtype
+                or held.device != torch.device(device)):
+            held = self.buffers[name] = fixed_addresses([torch.empty(shape, dtype=dtype, device=device)])[0]
+        return held
+
+    def step_input(self, name: str, value: torch.Tensor) -> torch.Tensor:
+        """`value` copied into the held buffer `name`, which is returned."""
+        return self.held_buffer(name, value.shape, value.dtype, value.device).copy_(value)
 
     def hold_constants(self, tensors: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
-        """Per-generation constants of the step (the adaLN modulations) copied into tensors with fixed addresses,
-        reused in place by the next generation; returns those tensors."""
-        same_layout = len(tensors) == len(self.constants) and all(
-            new.shape == held.shape and new.dtype == held.dtype and new.device == held.device
-            for new, held in zip(tensors, self.constants))
-        if not same_layout:
-            self.constants = fixed_addresses(tensor.clone() for tensor in tensors)
-        else:
-            for held, new in zip(self.constants, tensors):
-                held.copy_(new)
+        """Per-generation constants of the step (the adaLN modulations) copied into held buffers; returns them."""
+        self.constants = tuple(self.step_input(f"constant_{index}", tensor) for index, tensor in enumerate(tensors))
         return self.constants
 
     def noise_buffers(self, batch_size: int, block_size: int, vocab_size: int, device):
-        """Fixed-address tensors for one step's random draws, (B, bs, V) and (B, bs), allocated once per shape: a
-        compiled step reads them in place instead of copying fresh ones in at every replay."""
-        shape = (batch_size, block_size, vocab_size)
-        if self.noise is None or self.noise[0].shape != shape or self.noise[0].device != torch.device(device):
-            self.noise = fixed_addresses((torch.empty(shape, device=device), torch.empty(shape[:2], device=device)))
+        """Held buffers for one step's random draws, (B, bs, V) and (B, bs), filled in place by `torch.rand(out=)`."""
+        dtype = torch.get_default_dtype()  # what torch.rand draws
+        self.noise = (self.held_buffer("noise_tokens", (batch_size, block_size, vocab_size), dtype, device),
+                      self.held_buffer("noise_positions", (batch_size, block_size), dtype, device))
         return self.noise
-
-    def step_input(self, name: str, value: torch.Tensor) -> torch.Tensor:
-        """`value` copied into the fixed-address buffer `name` (allocated once per shape, dtype and device), which
-        is returned: a compiled step reads it in place instead of copying a fresh tensor in at every replay."""
-        held = self.inputs.get(name)
-        if held is None or held.shape != value.shape or held.dtype != value.dtype or held.device != value.device:
-            held = torch.empty_like(value, memory_format=torch.contiguous_format)
-            self.inputs[name] = fixed_addresses([held])[0]
-        return held.copy_(value)
 
     def committed_length(self) -> torch.Tensor:
         """The cursor as a 0-d tensor (no host sync), 0 before the first call."""

@@ -87,7 +87,7 @@ class BD3LMGenerationConfig(GenerationConfig):
         for name, neutral in UNSUPPORTED.items():
             value = getattr(self, name, None)
             if value is not None and not any(value == allowed for allowed in neutral):
-                allowed = " or ".join(repr(value) for value in (None, *neutral))
+                allowed = " or ".join(repr(off) for off in (None, *neutral))
                 raise ValueError(f"{name}={value!r} is not supported by block-diffusion generation (allowed: "
                                  f"{allowed}).")
         if self.sampler not in SAMPLERS:
@@ -328,10 +328,10 @@ class BD3LMGenerationMixin(GenerationMixin):
                         float(config.confidence_threshold))
         constants = StepConstants(rule, eos_ids, warpers, logits_processor or None, self.constant_modulations(cache))
         schedule = ddpm_schedule(config.num_steps, device) if config.sampler == "ddpm" else None
+        compiles = self.compiles_steps(cache, config, logits_processor)
         return {"nfe": 0, "committed": 0, "window_start": 0, "history": [] if config.output_history else None,
                 "pad_id": pad_id, "constants": constants, "generator": generator, "ddpm_schedule": schedule,
-                "step": self.step_function(cache, config, logits_processor),
-                "compiles": self.compiles_steps(cache, config, logits_processor)}
+                "step": self.step_function(cache, config, compiles), "compiles": compiles}
 
     def constant_modulations(self, cache):
         """The adaLN modulations of a model without time conditioning (sigma = 0: constants of the weights),
@@ -414,21 +414,21 @@ class BD3LMGenerationMixin(GenerationMixin):
             return False
         return True
 
-    def step_function(self, cache, config, logits_processor=None):
+    def step_function(self, cache, config, compiles: bool):
         """The static-cache step (`denoise_step`: one model call and one sampler step), or None for the other paths.
 
-        When `compiles_steps`, the steps of a block's two fixed shapes, (B, bs) and (B, 2 bs) (the first call of a
-        block also commits the finished one), run through `torch.compile(denoise_step)` with `compile_config`
-        (default: fullgraph, static shapes, mode "reduce-overhead", i.e. CUDA graphs captured once per shape and
-        replayed); the first call, whose width depends on the prompt, runs eagerly so that no prompt length
-        triggers a compilation. Each (batch, block size, sampler, decoding settings, dtype) compiles 2 graphs, and
+        When `compiles` (`compiles_steps`), the steps of a block's two fixed shapes, (B, bs) and (B, 2 bs) (the
+        first call of a block also commits the finished one), run through `torch.compile(denoise_step)` with
+        `compile_config` (default: fullgraph, static shapes, mode "reduce-overhead", i.e. CUDA graphs captured once
+        per shape and replayed); the first call, whose width depends on the prompt, runs eagerly so that no prompt
+        length triggers a compilation. Each (batch, block size, sampler, decoding settings, dtype) compiles 2 graphs, and
         torch keeps at most `torch._dynamo.config.recompile_limit` per function, raised to `STEP_GRAPH_LIMIT` (32)
         during generation (`step_graph_room`): past it (fullgraph compilation then fails before running anything)
         this generation's steps run eagerly, with a warning.
         """
         if not isinstance(cache, BD3LMStaticCache):
             return None
-        if not self.compiles_steps(cache, config, logits_processor):
+        if not compiles:
             return self.denoise_step
         compiled = self.compiled_denoise_step(config.compile_config)
         block_widths = (config.block_size, 2 * config.block_size)

@@ -379,8 +379,8 @@ def test_block_sized_steps_read_their_inputs_at_fixed_addresses(gen_model, monke
     seen = {}
     real_step_function = BD3LMGenerationMixin.step_function
 
-    def recording_step_function(self, cache, config, logits_processor=None):
-        step = real_step_function(self, cache, config, logits_processor)
+    def recording_step_function(self, cache, config, compiles):
+        step = real_step_function(self, cache, config, compiles)
 
         def record(tokens, mask, cache, store_kv, fixed, banned_eos, noise, schedule, *rest):
             if tokens.shape[1] in (config.block_size, 2 * config.block_size):
