@@ -422,9 +422,9 @@ class BD3LMGenerationMixin(GenerationMixin):
         `compile_config` (default: fullgraph, static shapes, mode "reduce-overhead", i.e. CUDA graphs captured once
         per shape and replayed); the first call, whose width depends on the prompt, runs eagerly so that no prompt
         length triggers a compilation. Each (batch, block size, sampler, decoding settings, dtype) compiles 2
-        graphs, and torch keeps at most `torch._dynamo.config.recompile_limit` per function, raised to `STEP_GRAPH_LIMIT` (32)
-        during generation (`step_graph_room`): past it (fullgraph compilation then fails before running anything)
-        this generation's steps run eagerly, with a warning.
+        graphs, and torch keeps at most `torch._dynamo.config.recompile_limit` per function, raised to
+        `STEP_GRAPH_LIMIT` (32) during generation (`step_graph_room`): past it (fullgraph compilation then fails
+        before running anything) this generation's steps run eagerly, with a warning.
         """
         if not isinstance(cache, BD3LMStaticCache):
             return None
