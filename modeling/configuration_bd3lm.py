@@ -130,6 +130,9 @@ class BD3LMConfig(PretrainedConfig):
                 f"[{self.sampling_eps_min}, {self.sampling_eps_max}].")
         if not 0.0 <= self.hidden_dropout < 1.0:
             raise ValueError(f"hidden_dropout must be in [0, 1), got {self.hidden_dropout}.")
+        if getattr(self, "tie_word_embeddings", False):
+            raise ValueError("tie_word_embeddings=True is not supported: the BD3-LM output layer has its own weight "
+                             "and bias (the original's); allowed: False.")
 
     def to_dict(self):
         output = super().to_dict()

@@ -62,6 +62,32 @@ def test_noise_is_a_function_of_seed_and_batch_index():
     assert torch.equal(a(features())["input_ids"], b(features())["input_ids"])
 
 
+def test_a_new_clip_range_applies_from_the_next_batch_not_yet_drawn():
+    collator = DataCollatorForBlockDiffusion(MASK, 4, eps_min=0.4, eps_max=0.6, seed=0)
+    batch = features(lengths=(64,) * 8, prompts=(0,) * 8)
+    collator(batch)
+    collator.train_range = (0.1, 0.2)  # the clip search, after batch 0 was drawn
+    assert collator.range_changes == [(0, (0.4, 0.6)), (1, (0.1, 0.2))]
+    t = collator(batch)["noise_levels"]
+    assert t.min() >= 0.1 and t.max() <= 0.2
+    resumed = DataCollatorForBlockDiffusion(MASK, 4, seed=0)
+    resumed.range_changes = collator.range_changes
+    assert resumed.training_range(0) == (0.4, 0.6) and resumed.training_range(5) == (0.1, 0.2)
+    with pytest.raises(ValueError, match="0 <= low < high <= 1"):
+        collator.train_range = (0.5, 0.5)
+
+
+def test_evaluating_restores_the_training_state():
+    collator = DataCollatorForBlockDiffusion(MASK, 4, eps_min=0.4, eps_max=0.6, seed=0)
+    collator.batch_index.update(train=3, eval=2)
+    with collator.evaluating():
+        first = collator(features())
+        assert collator.noise_range == EVAL_RANGE and collator.batch_index == {"train": 3, "eval": 1}
+    assert collator.training and collator.batch_index == {"train": 3, "eval": 2}
+    with collator.evaluating():
+        assert torch.equal(collator(features())["input_ids"], first["input_ids"])  # eval batch 0 again
+
+
 def test_resampling_keeps_every_block_inside_the_clip_range():
     collator = DataCollatorForBlockDiffusion(MASK, 8, eps_min=0.3, eps_max=0.7, resample=True, seed=0)
     batch = collator(features(lengths=(64,) * 16, prompts=(0,) * 16))

@@ -103,3 +103,12 @@ def test_sft_with_a_chat_template():
     prompt = tokenizer.decode(encoded["input_ids"][: encoded["prompt_length"]])
     assert prompt == "user: Who wrote Hamlet?\nassistant:"
     assert tokenizer.decode(encoded["input_ids"][encoded["prompt_length"]:]).startswith(" Shakespeare.")
+
+
+def test_sft_rows_whose_prompt_fills_max_length_are_dropped(gpt2):
+    rows = Dataset.from_list([{"prompt": "word " * 40, "response": " lost"},
+                              {"prompt": "Say hi", "response": " Hi."}])
+    encoded = sft_tokenize(rows, gpt2, block_size=4, max_length=16)
+    assert len(encoded) == 1 and gpt2.decode(encoded[0]["input_ids"][:encoded[0]["prompt_length"]]) == "Say hi"
+    with pytest.raises(ValueError, match="every SFT prompt fills max_length=16"):
+        sft_tokenize(rows.select([0]), gpt2, block_size=4, max_length=16)

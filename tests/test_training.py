@@ -243,6 +243,21 @@ def test_training_config_bad_input(tmp_path):
     assert main(["train", "--output_dir", str(tmp_path), "--data", str(tmp_path / "missing.txt")]) == 2
 
 
+def test_finetuning_keeps_the_base_models_tokenizer(tmp_path, small_data):
+    from bd3lm_hf.training import build_tokenizer, check_tokenizer_fits
+
+    train_set, eval_set, tokenizer = small_data
+    base = build_model(small_config(), tokenizer)
+    base.save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    loaded = build_tokenizer(small_config(init_from=str(tmp_path / "base")), ["other text, other vocabulary"])
+    assert loaded.get_vocab() == tokenizer.get_vocab()
+    with pytest.raises(ValueError, match="50258 tokens, more than the model's vocab_size"):
+        check_tokenizer_fits(base, build_tokenizer(small_config(tokenizer="gpt2"), []))
+    with pytest.raises(ValueError, match="LoRA|lora=True finetunes a pretrained model"):
+        build_trainer(small_config(lora=True), arguments(tmp_path), train_set, eval_set, tokenizer)
+
+
 def test_label_smoothing_is_refused_instead_of_replacing_the_nelbo(tmp_path, small_data):
     train_set, eval_set, tokenizer = small_data
     trainer = build_trainer(small_config(), arguments(tmp_path, max_steps=1, label_smoothing_factor=0.1), train_set,

@@ -21,12 +21,21 @@ COLLATOR_STATE = "collator_state.json"
 class BlockDiffusionCallback(TrainerCallback):
     """Trains with the collator's clip range and evaluates with t over [1e-3, 1] (the paper's NELBO); adds
     `eval_perplexity` = exp(eval_loss) to the evaluation metrics; keeps the collator's noise in step with the data
-    on resume (batch index, per-process stream) and saves its training range with every checkpoint."""
+    on resume (batch index, per-process stream, the clip ranges saved with every checkpoint).
 
-    def __init__(self, collator):
+    Every evaluation (by steps, by epoch, `eval_on_start`, or `trainer.evaluate()` / `predict()`) sees the same noise:
+    the eval batches restart at index 0 and never use up training batch indices.
+
+    `resume_from`: the checkpoint folder to read the collator state from when training resumes; by default
+    `output_dir/checkpoint-<step>`, where Trainer writes it (`train(resume_from_checkpoint=...)` does not tell
+    callbacks the folder it resumes from: set this when resuming from elsewhere).
+    """
+
+    def __init__(self, collator, resume_from: str | None = None):
         self.collator = collator
         self.collator.training = False  # outside `train()`, Trainer only evaluates
         self.in_training = False
+        self.resume_from = resume_from
 
     def on_train_begin(self, args, state, control, **kwargs):
         if args.label_smoothing_factor:
@@ -34,19 +43,42 @@ class BlockDiffusionCallback(TrainerCallback):
             # Trainer would train a smoothed cross-entropy of x_t predictions instead of the NELBO.
             raise ValueError(f"label_smoothing_factor={args.label_smoothing_factor} replaces the block-diffusion "
                              "NELBO with Trainer's smoothed cross-entropy; set label_smoothing_factor=0.")
+        if args.remove_unused_columns:
+            # Trainer keeps only the columns of the model's forward: the collator's `prompt_length` would be dropped
+            # and SFT prompts noised and scored as if they were responses.
+            raise ValueError("remove_unused_columns=True drops the `prompt_length` column the collator needs; set "
+                             "TrainingArguments(remove_unused_columns=False) (the collator ignores other columns).")
         self.in_training = True
         self.collator.training = True
         self.collator.stream = args.process_index
         self.collator.batch_index["train"] = state.global_step * args.gradient_accumulation_steps
-        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}" / COLLATOR_STATE
-        if state.global_step > 0 and checkpoint.is_file():
-            saved = json.loads(checkpoint.read_text())
-            self.collator.train_range = tuple(saved["train_range"])
+        if state.global_step > 0:
+            self.restore(checkpoint_folder(args, state, self.resume_from) / COLLATOR_STATE)
+        if args.eval_on_start:
+            self.enter_evaluation()
+
+    def enter_evaluation(self) -> None:
+        """Evaluation noise from eval batch 0, until `on_evaluate` switches back."""
+        self.collator.training = False
+        self.collator.batch_index["eval"] = 0
+
+    def restore(self, path: Path) -> None:
+        if not path.is_file():
+            logger.warning("resuming at a step without %s (looked in %s): the collator keeps its training clip range "
+                           "%s; set BlockDiffusionCallback.resume_from to the checkpoint folder resumed from.",
+                           COLLATOR_STATE, path.parent, self.collator.train_range)
+            return
+        saved = json.loads(path.read_text())
+        changes = saved.get("range_changes") or [[0, saved["train_range"]]]  # older checkpoints: one range
+        self.collator.range_changes = [(int(start), tuple(bounds)) for start, bounds in changes]
 
     def on_step_end(self, args, state, control, **kwargs):
         if control.should_evaluate:
-            self.collator.training = False
-            self.collator.batch_index["eval"] = 0  # every evaluation sees the same noise
+            self.enter_evaluation()
+
+    def on_epoch_end(self, args, state, control, **kwargs):
+        if control.should_evaluate:  # eval_strategy="epoch"
+            self.enter_evaluation()
 
     def on_train_end(self, args, state, control, **kwargs):
         self.in_training = False
@@ -54,16 +86,27 @@ class BlockDiffusionCallback(TrainerCallback):
 
     def on_save(self, args, state, control, **kwargs):
         path = Path(args.output_dir) / f"checkpoint-{state.global_step}" / COLLATOR_STATE
-        path.write_text(json.dumps({"train_range": list(self.collator.train_range)}))
+        path.write_text(json.dumps({"train_range": list(self.collator.train_range),
+                                    "range_changes": [[start, list(bounds)]
+                                                      for start, bounds in self.collator.range_changes]}))
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         # Back to training noise before the next training batch is fetched (the data loader fetches one batch
-        # ahead, before `on_step_begin`).
+        # ahead, before `on_step_begin`); the next evaluation starts again at eval batch 0.
         self.collator.training = self.in_training
+        self.collator.batch_index["eval"] = 0
         if metrics and "eval_loss" in metrics:
             metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50.0))
             if state.log_history and "eval_loss" in state.log_history[-1]:
                 state.log_history[-1]["eval_perplexity"] = metrics["eval_perplexity"]
+
+    def on_predict(self, args, state, control, metrics=None, **kwargs):
+        self.collator.batch_index["eval"] = 0
+
+
+def checkpoint_folder(args, state, resume_from: str | None = None) -> Path:
+    """The checkpoint a resumed run restarts from: `resume_from`, else Trainer's `output_dir/checkpoint-<step>`."""
+    return Path(resume_from) if resume_from else Path(args.output_dir) / f"checkpoint-{state.global_step}"
 
 
 def candidate_intervals(widths=(0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9), delta: float = 0.05,
@@ -109,9 +152,10 @@ class ClipSearchCallback(TrainerCallback):
     def on_evaluate(self, args, state, control, model=None, eval_dataloader=None, metrics=None, **kwargs):
         if eval_dataloader is None:
             return
-        best = self.search(model, eval_dataloader)
+        with self.collator.evaluating():  # whatever the order of the callbacks' on_evaluate
+            best = self.search(model, eval_dataloader)
         model.config.sampling_eps_min, model.config.sampling_eps_max = best
-        self.collator.train_range = best
+        self.collator.train_range = best  # from the next training batch not yet drawn
         if metrics is not None:
             metrics["eval_sampling_eps_min"], metrics["eval_sampling_eps_max"] = best
         logger.info("clip search: training noise range is now [%.3f, %.3f]", *best)

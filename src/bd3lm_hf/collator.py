@@ -1,5 +1,6 @@
 """The noising data collator of block diffusion: clean token ids in, (x_t, labels, per-block t) out."""
 
+import contextlib
 import operator
 
 import torch
@@ -27,6 +28,10 @@ class DataCollatorForBlockDiffusion:
     index) and every evaluation sees the same noise. With an explicit `generator` it is used as one stream; with
     neither, torch's global RNG. In DataLoader worker processes torch's per-worker RNG is used (exact resume needs
     `dataloader_num_workers=0`, the default).
+
+    Setting `train_range` (the clip search does, between steps) takes effect from the next training batch not yet
+    drawn: the data loader has already drawn one batch ahead with the old range. `range_changes` keeps the batch
+    index each range starts at, so that a resumed run draws every batch with the range the uninterrupted run used.
     """
 
     def __init__(self, mask_token_id: int, block_size: int, eps_min: float = 1e-3, eps_max: float = 1.0,
@@ -41,7 +46,7 @@ class DataCollatorForBlockDiffusion:
             raise ValueError(f"need 0 <= eps_min < eps_max <= 1, got [{eps_min}, {eps_max}].")
         self.mask_token_id = mask_token_id
         self.block_size = block_size
-        self.train_range = (float(eps_min), float(eps_max))
+        self.range_changes: list[tuple[int, tuple[float, float]]] = [(0, (float(eps_min), float(eps_max)))]
         self.resample = resample
         self.pad_token_id = pad_token_id
         self.seed = seed
@@ -51,34 +56,63 @@ class DataCollatorForBlockDiffusion:
         self.training = True
 
     @property
+    def train_range(self) -> tuple[float, float]:
+        """The training clip range of the next training batch."""
+        return self.range_changes[-1][1]
+
+    @train_range.setter
+    def train_range(self, value) -> None:
+        low, high = (float(bound) for bound in value)
+        if not 0.0 <= low < high <= 1.0:
+            raise ValueError(f"a training clip range needs 0 <= low < high <= 1, got [{low}, {high}].")
+        if (low, high) == self.train_range:
+            return
+        start = self.batch_index["train"]
+        self.range_changes = [change for change in self.range_changes if change[0] < start] + [(start, (low, high))]
+
+    def training_range(self, index: int) -> tuple[float, float]:
+        """The clip range of training batch `index`."""
+        return next(value for start, value in reversed(self.range_changes) if start <= index)
+
+    @property
     def noise_range(self) -> tuple[float, float]:
-        return self.train_range if self.training else EVAL_RANGE
+        """The range of the next batch: its training range, or [1e-3, 1] in evaluation."""
+        return self.training_range(self.batch_index["train"]) if self.training else EVAL_RANGE
+
+    @contextlib.contextmanager
+    def evaluating(self):
+        """Evaluation noise from eval batch 0 inside the block; the training state is restored after it."""
+        training, index = self.training, self.batch_index["eval"]
+        self.training, self.batch_index["eval"] = False, 0
+        try:
+            yield self
+        finally:
+            self.training, self.batch_index["eval"] = training, index
 
     def next_generator(self) -> torch.Generator | None:
-        """The generator of this batch (see the class docstring); None means torch's global RNG."""
+        """The generator of this batch (see the class docstring); None means torch's global RNG. Advances the
+        batch index of the current mode."""
+        mode = "train" if self.training else "eval"
+        index = self.batch_index[mode]
+        self.batch_index[mode] += 1
         if torch.utils.data.get_worker_info() is not None:
             return None
         if self.generator is not None or self.seed is None:
             return self.generator
-        mode = "train" if self.training else "eval"
-        index = self.batch_index[mode]
-        self.batch_index[mode] += 1
         key = (self.seed * 1_000_003 + self.stream) * 1_000_033 + 2 * index + (mode == "eval")
         return torch.Generator().manual_seed(key % (2**63))
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
         x0, attention_mask, keep = self.pad(features)
         batch, length = x0.shape
+        noise_range = self.noise_range
         rng = self.next_generator()
-        t = self.noise_levels(batch, length // self.block_size, generator=rng)
+        t = sample_block_noise_levels(batch, length // self.block_size, *noise_range, generator=rng)
         x_t = q_xt(x0, t, self.block_size, self.mask_token_id, generator=rng, keep=keep)
-        if self.resample and self.training and self.noise_range != EVAL_RANGE:
-            x_t = self.resample_blocks(x0, x_t, t, keep, rng)
+        if self.resample and self.training and noise_range != EVAL_RANGE:
+            x_t = self.resample_blocks(x0, x_t, t, keep, noise_range, rng)
         labels = x0.masked_fill(keep, -100)
         return {"input_ids": x_t, "labels": labels, "noise_levels": t, "attention_mask": attention_mask}
-
-    def noise_levels(self, batch: int, num_blocks: int, generator: torch.Generator | None = None):
-        return sample_block_noise_levels(batch, num_blocks, *self.noise_range, generator=generator)
 
     def pad(self, features):
         """(x0, attention_mask, keep): right-padded to a common block multiple; keep = prompt or padding."""
@@ -108,9 +142,9 @@ class DataCollatorForBlockDiffusion:
             raise ValueError(f"clean input_ids contain the mask token id {self.mask_token_id}.")
         return x0, attention_mask, keep
 
-    def resample_blocks(self, x0, x_t, t, keep, generator=None):
-        """Redraw the masks of blocks whose masked fraction is outside the clip range (bounded retries)."""
-        eps_min, eps_max = self.noise_range
+    def resample_blocks(self, x0, x_t, t, keep, noise_range, generator=None):
+        """Redraw the masks of blocks whose masked fraction is outside `noise_range` (bounded retries)."""
+        eps_min, eps_max = noise_range
         blocks = (x0.shape[0], -1, self.block_size)
         noisable = (~keep).view(blocks).sum(-1)  # blocks made only of prompt/padding are never redrawn
         for _ in range(MAX_RESAMPLES):

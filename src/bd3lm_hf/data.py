@@ -99,7 +99,8 @@ def sft_tokenize(dataset: Dataset, tokenizer, block_size: int, max_length: int, 
                  response_column: str = "response", messages_column: str | None = None) -> Dataset:
     """SFT mode: `input_ids` = prompt + response + EOS padding to a block multiple, and `prompt_length` (those
     tokens are never noised and carry no loss). With `messages_column`, the chat template renders the prompt from
-    all messages but the last (an assistant turn), which is the response. Rows longer than max_length are cut."""
+    all messages but the last (an assistant turn), which is the response. Rows longer than max_length are cut;
+    rows whose prompt alone fills max_length (nothing left to learn) are dropped with a warning."""
     _check_lengths(max_length, block_size, "max_length")
     eos = tokenizer.eos_token_id
     if eos is None:
@@ -119,7 +120,14 @@ def sft_tokenize(dataset: Dataset, tokenizer, block_size: int, max_length: int, 
         ids += [eos] * (-len(ids) % block_size)
         return {"input_ids": ids, "prompt_length": min(len(prompt), len(ids))}
 
-    return dataset.map(encode, remove_columns=dataset.column_names, desc="tokenize SFT")
+    encoded = dataset.map(encode, remove_columns=dataset.column_names, desc="tokenize SFT")
+    kept = encoded.filter(lambda row: row["prompt_length"] < len(row["input_ids"]), desc="drop prompt-only rows")
+    if len(kept) < len(encoded):
+        logger.warning("%d of %d SFT rows dropped: their prompt fills max_length=%d, leaving no response token.",
+                       len(encoded) - len(kept), len(encoded), max_length)
+    if len(kept) == 0:
+        raise ValueError(f"every SFT prompt fills max_length={max_length}: no response token to train on.")
+    return kept
 
 
 def train_bpe_tokenizer(texts, vocab_size: int = 1024) -> PreTrainedTokenizerFast:

@@ -7,6 +7,8 @@ from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
 from transformers.utils import logging
 
+from .callbacks import checkpoint_folder
+
 logger = logging.get_logger(__name__)
 
 EMA_FILE = "ema_state.safetensors"
@@ -16,19 +18,23 @@ class EMACallback(TrainerCallback):
     """Keeps an EMA of the trainable weights; evaluates and exports the EMA weights, as the original does.
 
     After every optimizer step: ema -= (1 - d) * (ema - w), with the warm-up d = min(decay, (1 + n) / (10 + n)).
-    Around each evaluation the EMA weights are swapped in (and back out afterwards); at the end of training they
-    are copied into the model, so `trainer.save_model()` / export writes them. The EMA is saved next to every
-    checkpoint (`ema_state.safetensors`) and restored on resume.
+    Around each evaluation during training (by steps, by epoch, `eval_on_start`) the EMA weights are swapped in
+    (and back out afterwards); at the end of training they are copied into the model, so `trainer.save_model()` /
+    export writes them. With `load_best_model_at_end`, those are the EMA weights of the best checkpoint (the ones
+    its evaluation saw). The EMA is saved next to every checkpoint (`ema_state.safetensors`) and restored on resume,
+    from `resume_from` if set, else from `output_dir/checkpoint-<step>` (Trainer does not tell callbacks the folder
+    it resumes from: set `resume_from` when resuming from elsewhere).
 
     Register it AFTER callbacks that must see the EMA weights during evaluation (e.g. `ClipSearchCallback`): its
     `on_evaluate` puts the training weights back.
     """
 
-    def __init__(self, decay: float = 0.9999, warmup: bool = True):
+    def __init__(self, decay: float = 0.9999, warmup: bool = True, resume_from: str | None = None):
         if not 0.0 <= decay <= 1.0:
             raise ValueError(f"EMA decay must be in [0, 1], got {decay}.")
         self.decay = decay
         self.warmup = warmup
+        self.resume_from = resume_from
         self.num_updates = 0
         self.shadow: dict[str, torch.Tensor] | None = None
         self.stored: dict[str, torch.Tensor] | None = None
@@ -40,9 +46,16 @@ class EMACallback(TrainerCallback):
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self.shadow = {name: p.detach().clone().float() for name, p in self._parameters(model).items()}
         self.num_updates = 0
-        checkpoint = Path(args.output_dir) / f"checkpoint-{state.global_step}" / EMA_FILE
-        if state.global_step > 0 and checkpoint.is_file():
-            self.load(checkpoint)
+        if state.global_step > 0:
+            checkpoint = checkpoint_folder(args, state, self.resume_from) / EMA_FILE
+            if checkpoint.is_file():
+                self.load(checkpoint)
+            else:
+                logger.warning("resuming at step %d without %s (looked in %s): the EMA restarts from the current "
+                               "weights; set EMACallback.resume_from to the checkpoint folder resumed from.",
+                               state.global_step, EMA_FILE, checkpoint.parent)
+        if args.eval_on_start:
+            self.swap_in(model)
 
     @torch.no_grad()
     def on_step_end(self, args, state, control, model=None, **kwargs):
@@ -56,6 +69,10 @@ class EMACallback(TrainerCallback):
         if control.should_evaluate:
             self.swap_in(model)
 
+    def on_epoch_end(self, args, state, control, model=None, **kwargs):
+        if control.should_evaluate:  # eval_strategy="epoch"
+            self.swap_in(model)
+
     def on_evaluate(self, args, state, control, model=None, **kwargs):
         self.swap_out(model)
 
@@ -64,6 +81,14 @@ class EMACallback(TrainerCallback):
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         self.swap_out(model)
+        if args.load_best_model_at_end and state.best_model_checkpoint:
+            # Trainer has loaded the best checkpoint's training weights; its evaluation saw its EMA weights
+            best = Path(state.best_model_checkpoint) / EMA_FILE
+            if not best.is_file():
+                logger.warning("load_best_model_at_end: %s has no %s; the model keeps that checkpoint's training "
+                               "weights.", state.best_model_checkpoint, EMA_FILE)
+                return
+            self.load(best)
         self.copy_to(model)
         logger.info("copied the EMA weights (%d updates) into the model", self.num_updates)
 

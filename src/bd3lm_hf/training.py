@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments, set_seed
+from transformers.trainer_utils import get_last_checkpoint
 from transformers.utils import logging
 
 from .callbacks import BlockDiffusionCallback, ClipSearchCallback
@@ -42,8 +43,9 @@ class BD3LMTrainingConfig:
     prompt_column: str = "prompt"
     response_column: str = "response"
     messages_column: str | None = field(default=None, metadata={"help": "chat messages column (uses the template)"})
-    tokenizer: str = field(default="bpe", metadata={"help": "'bpe' (trained on the data), 'gpt2' (GPT-2 BPE + "
-                                                            "[MASK]) or a tokenizer folder"})
+    tokenizer: str | None = field(default=None, metadata={"help": "'bpe' (trained on the data), 'gpt2' (GPT-2 BPE "
+                                                                   "+ [MASK]) or a tokenizer folder; default: the "
+                                                                   "init_from folder's, else 'bpe'"})
     bpe_vocab_size: int = 1024
     init_from: str | None = field(default=None, metadata={"help": "pretrained BD3-LM folder to finetune"})
     max_position_embeddings: int = field(default=64, metadata={"help": "sequence length L"})
@@ -71,14 +73,27 @@ class BD3LMTrainingConfig:
 
 
 def build_tokenizer(config: BD3LMTrainingConfig, texts: list[str]):
-    if config.tokenizer == "bpe":
+    """The tokenizer of `config.tokenizer`; by default the one saved with `init_from` (a finetune keeps its base
+    model's vocabulary), else a BPE trained on the data."""
+    name = config.tokenizer or config.init_from or "bpe"
+    if name == "bpe":
         return train_bpe_tokenizer(texts, config.bpe_vocab_size)
-    if config.tokenizer == "gpt2":
+    if name == "gpt2":
         return gpt2_tokenizer_with_mask()
-    tokenizer = AutoTokenizer.from_pretrained(config.tokenizer, trust_remote_code=True)
+    tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=True)
     if tokenizer.mask_token_id is None:
-        raise ValueError(f"tokenizer {config.tokenizer} has no mask token; block diffusion needs one.")
+        raise ValueError(f"tokenizer {name} has no mask token; block diffusion needs one.")
     return tokenizer
+
+
+def check_tokenizer_fits(model, tokenizer) -> None:
+    """A tokenizer must produce ids the model knows and share its [MASK] id."""
+    if len(tokenizer) > model.config.vocab_size:
+        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens, more than the model's vocab_size="
+                         f"{model.config.vocab_size}; use the tokenizer the model was trained with.")
+    if tokenizer.mask_token_id != model.config.mask_token_id:
+        raise ValueError(f"the tokenizer's mask token id {tokenizer.mask_token_id} is not the model's mask_token_id="
+                         f"{model.config.mask_token_id}; use the tokenizer the model was trained with.")
 
 
 def load_datasets(config: BD3LMTrainingConfig):
@@ -152,8 +167,14 @@ def build_trainer(config: BD3LMTrainingConfig, args: TrainingArguments, train_se
         eval_set = tokenize(config, raw_eval, tokenizer) if raw_eval is not None else None
         if eval_set is None:
             train_set, eval_set = split_off_eval(train_set, config.eval_split)
+    if config.lora and not (config.init_from or model is not None):
+        # a fresh model's output layer and adaLN gates start at zero and stay frozen: the adapters would get no
+        # gradient
+        raise ValueError("lora=True finetunes a pretrained model: pass init_from (a BD3-LM folder) or model.")
     set_seed(args.seed)  # the model's init too must follow the seed (Trainer seeds only after it is built)
     model = model or build_model(config, tokenizer)
+    if tokenizer is not None:
+        check_tokenizer_fits(model, tokenizer)
     collator = DataCollatorForBlockDiffusion(
         mask_token_id=model.config.mask_token_id, block_size=model.config.block_size, eps_min=config.eps_min,
         eps_max=config.eps_max, resample=config.resample, pad_token_id=model.config.pad_token_id, seed=args.seed)
@@ -174,9 +195,17 @@ def build_trainer(config: BD3LMTrainingConfig, args: TrainingArguments, train_se
 
 
 def train(config: BD3LMTrainingConfig, args: TrainingArguments, resume_from_checkpoint=None, **overrides) -> dict:
-    """Train, evaluate, save the model (EMA weights) and tokenizer to `args.output_dir`; return a summary."""
+    """Train, evaluate, save the model (EMA weights) and tokenizer to `args.output_dir`; return a summary.
+
+    `resume_from_checkpoint`: a checkpoint folder, or True for the last one in `output_dir` (as Trainer); by default
+    `args.resume_from_checkpoint` (the `--resume_from_checkpoint` flag)."""
+    resume = resume_checkpoint(args, resume_from_checkpoint)
     trainer = build_trainer(config, args, **overrides)
-    result = trainer.train(resume_from_checkpoint=resume_from_checkpoint)
+    if isinstance(resume, str):  # the callbacks read their state from the folder resumed from
+        for callback in trainer.callback_handler.callbacks:
+            if hasattr(callback, "resume_from"):
+                callback.resume_from = resume
+    result = trainer.train(resume_from_checkpoint=resume)
     metrics = trainer.evaluate() if trainer.eval_dataset is not None else {}
     trainer.save_model(args.output_dir)
     if metrics:
@@ -197,6 +226,21 @@ def train(config: BD3LMTrainingConfig, args: TrainingArguments, resume_from_chec
             "training done: %d steps, %d tokens, eval NELBO %s (perplexity %s), saved to %s", summary["steps"],
             summary["tokens"], _fmt(summary["eval_nelbo"]), _fmt(ppl), summary["saved_to"])
     return summary
+
+
+def resume_checkpoint(args: TrainingArguments, resume_from_checkpoint=None):
+    """The checkpoint to resume from: the argument, else `args.resume_from_checkpoint` ("true"/"last": the last
+    checkpoint in `output_dir`, resolved as Trainer does); None to start afresh."""
+    resume = resume_from_checkpoint if resume_from_checkpoint is not None else args.resume_from_checkpoint
+    if isinstance(resume, str) and resume.lower() in ("true", "last"):
+        resume = True
+    if resume is True:
+        resume = get_last_checkpoint(args.output_dir) if Path(args.output_dir).is_dir() else None
+        if resume is None:
+            raise ValueError(f"resume_from_checkpoint: no checkpoint found in output_dir={args.output_dir}.")
+    if resume and not Path(resume).is_dir():
+        raise ValueError(f"resume_from_checkpoint={resume!r} is not a checkpoint folder.")
+    return resume or None
 
 
 def _fmt(value):

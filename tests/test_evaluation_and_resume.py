@@ -1,0 +1,161 @@
+"""Trainer's evaluation entry points and resumes with the block-diffusion callbacks: every evaluation (by steps, by
+epoch, on start, standalone) sees the evaluation noise on the EMA weights; the best checkpoint's EMA is what
+load_best_model_at_end keeps; a run resumed from any folder, or across a clip-range change, is exact."""
+
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import TrainerCallback
+
+import bd3lm_hf.callbacks as callbacks
+from bd3lm_hf.ema import EMA_FILE, EMACallback
+from bd3lm_hf.training import build_trainer, resume_checkpoint, train
+from test_training import arguments, small_config
+
+
+@pytest.fixture(scope="module")
+def small_data():
+    from bd3lm_hf.data import load_text_dataset, shakespeare_files, train_bpe_tokenizer, wrap_tokenize
+
+    raw = load_text_dataset(shakespeare_files()[:1])
+    tokenizer = train_bpe_tokenizer(raw["text"], 256)
+    data = wrap_tokenize(raw, tokenizer, 32, 4)
+    return data.select(range(48)), data.select(range(160, 176)), tokenizer
+
+
+def history(trainer, key):
+    return [(h["step"], h[key]) for h in trainer.state.log_history if key in h]
+
+
+def make_trainer(out, small_data, config=None, **fields):
+    train_set, eval_set, tokenizer = small_data
+    args = arguments(out, per_device_eval_batch_size=8, **fields)
+    return build_trainer(config or small_config(eps_min=0.5, eps_max=0.6), args, train_set=train_set,
+                         eval_set=eval_set, tokenizer=tokenizer)
+
+
+@pytest.mark.parametrize("strategy", [dict(eval_strategy="epoch", num_train_epochs=2),
+                                      dict(eval_strategy="steps", eval_steps=12, max_steps=24)])
+def test_evaluations_in_training_see_the_eval_noise_on_the_ema_weights(tmp_path, small_data, strategy):
+    """The last in-training evaluation (EMA swapped in, t over [1e-3, 1], eval batch 0 on) equals a standalone
+    evaluate() of the final model (the EMA copied in): same weights, same noise. Training losses do not depend on
+    the evaluations (they use no training batch index)."""
+    trainer = make_trainer(tmp_path / "eval", small_data, **strategy)
+    trainer.train()
+    evaluations = history(trainer, "eval_loss")
+    assert len(evaluations) == 2 and evaluations[-1][0] == 24
+    assert trainer.evaluate()["eval_loss"] == evaluations[-1][1]
+    assert trainer.evaluate()["eval_loss"] == evaluations[-1][1]  # every evaluation the same noise
+    quiet = make_trainer(tmp_path / "quiet", small_data, **{**strategy, "eval_strategy": "no"})
+    quiet.train()
+    assert history(quiet, "loss") == history(trainer, "loss")
+
+
+def test_eval_on_start_sees_the_eval_noise(tmp_path, small_data):
+    before = make_trainer(tmp_path / "before", small_data, max_steps=1).evaluate()["eval_loss"]
+    trainer = make_trainer(tmp_path / "start", small_data, max_steps=1, eval_on_start=True)
+    trainer.train()
+    assert history(trainer, "eval_loss")[0] == (0, before)
+
+
+class RankFirstEvaluationBest(TrainerCallback):
+    """Makes the first evaluation the best one (eval_rank = -step, greater is better)."""
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        metrics["eval_rank"] = -state.global_step
+
+
+def test_load_best_model_at_end_keeps_the_best_checkpoints_ema(tmp_path, small_data):
+    trainer = make_trainer(tmp_path, small_data, max_steps=6, eval_strategy="steps", eval_steps=2,
+                           save_strategy="steps", save_steps=2, load_best_model_at_end=True,
+                           metric_for_best_model="rank", greater_is_better=True)
+    trainer.add_callback(RankFirstEvaluationBest)
+    trainer.train()
+    assert trainer.state.best_model_checkpoint.endswith("checkpoint-2")
+    best = load_file(str(tmp_path / "checkpoint-2" / EMA_FILE))
+    last = load_file(str(tmp_path / "checkpoint-6" / EMA_FILE))
+    for name, parameter in trainer.model.named_parameters():
+        assert torch.equal(parameter, best[name])
+    assert any(not torch.equal(best[name], last[name]) for name in best)
+
+
+def fake_losses(model, x0, attention_mask, keep, interval, *args):
+    """Per-block losses whose variance is least for (0.2, 0.8): the clip search moves the range there."""
+    return torch.tensor([[0.0, 0.5 if interval == (0.2, 0.8) else 3.0]])
+
+
+def test_resume_across_a_clip_range_change_is_exact(tmp_path, small_data, monkeypatch):
+    """The clip search at step 3 changes the range after the data loader has drawn the next batch with the old
+    one: a run resumed from checkpoint-3 draws that batch with the old range too."""
+    monkeypatch.setattr(callbacks, "per_block_losses", fake_losses)
+    config = small_config(clip_search=True, clip_search_batches=1)
+
+    def run(out, resume=None):
+        trainer = make_trainer(out, small_data, config, max_steps=6, eval_strategy="steps", eval_steps=3,
+                               save_strategy="steps", save_steps=3)
+        search = next(c for c in trainer.callback_handler.callbacks if isinstance(c, callbacks.ClipSearchCallback))
+        search.intervals = [(1e-3, 1.0), (0.2, 0.8)]
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer
+
+    whole = run(tmp_path / "whole")
+    assert whole.data_collator.train_range == (0.2, 0.8)
+    run(tmp_path / "cut")
+    resumed = run(tmp_path / "cut", resume=str(tmp_path / "cut" / "checkpoint-3"))
+    assert history(resumed, "loss") == history(whole, "loss")
+    assert history(resumed, "eval_loss") == history(whole, "eval_loss")
+    for a, b in zip(whole.model.parameters(), resumed.model.parameters()):
+        assert torch.equal(a, b)
+
+
+def test_resume_from_a_folder_outside_output_dir(tmp_path, small_data, caplog):
+    """train() hands the folder it resumes from to the callbacks (EMA, collator state); with the stock Trainer and
+    no `resume_from`, a missing state is a warning, not a silent restart."""
+    whole = make_trainer(tmp_path / "whole", small_data, max_steps=4, save_strategy="steps", save_steps=2)
+    whole.train()
+    shutil.copytree(tmp_path / "whole" / "checkpoint-2", tmp_path / "elsewhere")
+    train_set, eval_set, tokenizer = small_data
+    args = arguments(tmp_path / "new", max_steps=4, save_strategy="steps", save_steps=2,
+                     resume_from_checkpoint=str(tmp_path / "elsewhere"))
+    summary = train(small_config(eps_min=0.5, eps_max=0.6), args, train_set=train_set, eval_set=eval_set,
+                    tokenizer=tokenizer)
+    resumed = summary["trainer"]
+    assert history(resumed, "loss") == history(whole, "loss")
+    ema = next(c for c in resumed.callback_handler.callbacks if isinstance(c, EMACallback))
+    assert ema.num_updates == 4
+    for a, b in zip(whole.model.parameters(), resumed.model.parameters()):
+        assert torch.equal(a, b)
+
+    stock = make_trainer(tmp_path / "stock", small_data, max_steps=4)
+    with caplog.at_level("WARNING", logger="bd3lm_hf"):
+        stock.train(resume_from_checkpoint=str(tmp_path / "elsewhere"))
+    assert "the EMA restarts from the current weights" in caplog.text
+    assert "the collator keeps its training clip range" in caplog.text
+
+
+def test_resume_checkpoint_resolution(tmp_path):
+    (tmp_path / "checkpoint-3").mkdir()
+    (tmp_path / "checkpoint-3" / "trainer_state.json").write_text("{}")
+    args = arguments(tmp_path, resume_from_checkpoint="true")
+    assert resume_checkpoint(args) == str(tmp_path / "checkpoint-3")
+    assert resume_checkpoint(arguments(tmp_path)) is None
+    with pytest.raises(ValueError, match="is not a checkpoint folder"):
+        resume_checkpoint(arguments(tmp_path, resume_from_checkpoint=str(tmp_path / "missing")))
+    with pytest.raises(ValueError, match="no checkpoint found"):
+        resume_checkpoint(arguments(tmp_path / "empty", resume_from_checkpoint="last"))
+
+
+def test_cli_reads_resume_from_checkpoint(tmp_path):
+    from bd3lm_hf.cli import main
+
+    assert main(["train", "--output_dir", str(tmp_path), "--resume_from_checkpoint", str(tmp_path / "missing"),
+                 "--shakespeare_plays", "1", "--bpe_vocab_size", "300", "--use_cpu", "true"]) == 2
+
+
+def test_remove_unused_columns_is_refused(tmp_path, small_data):
+    trainer = make_trainer(tmp_path, small_data, max_steps=1)
+    trainer.args.remove_unused_columns = True
+    with pytest.raises(ValueError, match="remove_unused_columns=True drops the `prompt_length` column"):
+        trainer.train()
