@@ -121,7 +121,9 @@ class BD3LMStaticCache(StaticCache):
         return int(self.layers[layer_idx].cumulative_length) if layer_idx < len(self.layers) else 0
 
     def fits(self, batch_size: int, dtype, device) -> bool:
-        """Whether this cache can serve another generation of this shape as it is (its buffers reused in place)."""
+        """Whether this cache can serve another generation of this shape as it is (its buffers reused in place).
+        Buffers made under `torch.inference_mode()` cannot be updated outside it: then it does not fit."""
         layer = self.layers[0]
         return (self.is_initialized and layer.keys.shape[0] == batch_size and layer.keys.dtype == dtype
-                and layer.keys.device == torch.device(device))
+                and layer.keys.device == torch.device(device)
+                and (torch.is_inference_mode_enabled() or not layer.keys.is_inference()))

@@ -21,8 +21,11 @@ from .sampling_bd3lm import (SAMPLERS, StepRule, block_noise_level, config_proce
 
 logger = logging.get_logger(__name__)
 
-# transformers' defaults for fields left unset by the model and the user (what `GenerationMixin.generate` applies)
-HF_DEFAULTS = {"max_length": 20, "do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0}
+# Defaults of fields left unset by the user and the model: transformers' (what `GenerationMixin.generate` applies),
+# then block diffusion's own.
+HF_DEFAULTS = {"max_length": 20, "do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0, "use_cache": True,
+               "num_return_sequences": 1}
+BD3LM_DEFAULTS = {"sampler": "ddpm", "confidence_threshold": 0.9, "entropy_stop": False, "output_history": False}
 # what a fullgraph compilation raises past the recompile limit (the name changed across torch versions)
 RECOMPILE_LIMIT_ERRORS = tuple(getattr(torch._dynamo.exc, name) for name in
                                ("FailOnRecompileLimitHit", "FailOnCacheLimitHit") if hasattr(torch._dynamo.exc, name))
@@ -32,7 +35,7 @@ STEP_GRAPH_LIMIT = 32
 # Standard generation settings block diffusion does not implement, with the values that leave them off (None, or
 # the neutral default of older transformers versions): set to anything else, they raise instead of being ignored.
 UNSUPPORTED = {
-    "num_beams": (1,), "num_return_sequences": (1,), "num_beam_groups": (1,), "assistant_model": (),
+    "num_beams": (1,), "num_beam_groups": (1,), "assistant_model": (),
     "prompt_lookup_num_tokens": (), "penalty_alpha": (), "output_scores": (False,), "output_logits": (False,),
     "output_attentions": (False,), "output_hidden_states": (False,), "guidance_scale": (1.0,), "stop_strings": (),
     "forced_bos_token_id": (), "forced_eos_token_id": (), "force_words_ids": (), "constraints": (),
@@ -49,7 +52,8 @@ class BD3LMGenerationConfig(GenerationConfig):
     `min_new_tokens` / `min_length`, `do_sample`, the sampling warpers (`temperature`, `top_k`, `top_p`, `min_p`,
     `typical_p`, `epsilon_cutoff`, `eta_cutoff`), the processors (`repetition_penalty`, `no_repeat_ngram_size`,
     `bad_words_ids`, `sequence_bias`, `suppress_tokens`, `remove_invalid_values`; each sees the sequence before the
-    block being denoised), `max_time`, `eos_token_id`, `pad_token_id`, `return_dict_in_generate`. The other standard
+    block being denoised), `max_time`, `eos_token_id`, `pad_token_id`, `num_return_sequences`, `use_cache`,
+    `return_dict_in_generate`. The other standard
     settings (beam search, assisted decoding, `output_scores`/`_logits`/`_attentions`, guidance, forced or
     constrained tokens, `stop_strings`, ...) raise a ValueError when set (`UNSUPPORTED`).
 
@@ -65,8 +69,10 @@ class BD3LMGenerationConfig(GenerationConfig):
         output_history (`bool`, defaults to False): return the canvas after every model call.
     """
 
-    def __init__(self, block_size=None, num_steps=None, sampler="ddpm", confidence_threshold=0.9, entropy_stop=False,
-                 output_history=False, **kwargs):
+    def __init__(self, block_size=None, num_steps=None, sampler=None, confidence_threshold=None, entropy_stop=None,
+                 output_history=None, **kwargs):
+        # None = unset, as transformers' own fields: a config passed to `generate` overrides the model's only where
+        # set; `BD3LM_DEFAULTS` fill what neither sets
         super().__init__(**kwargs)
         self.block_size = block_size
         self.num_steps = num_steps
@@ -107,6 +113,8 @@ class BD3LMGenerationConfig(GenerationConfig):
             raise ValueError(f"confidence_threshold must be in [0, 1], got {self.confidence_threshold}.")
         if self.max_new_tokens is not None and self.max_new_tokens <= 0:
             raise ValueError(f"max_new_tokens must be > 0, got {self.max_new_tokens}.")
+        if not isinstance(self.num_return_sequences, int) or self.num_return_sequences < 1:
+            raise ValueError(f"num_return_sequences must be a positive int, got {self.num_return_sequences!r}.")
 
 
 @dataclass
@@ -178,11 +186,21 @@ def unpack_schedule(schedule):
     return (None, None) if schedule is None else tuple(schedule)
 
 
-def processor_context(canvas, valid, start: int, state):
-    """The sequence so far, left-padded as transformers' processors expect it (None without processors)."""
+def processor_context(canvas, valid, start: int, end: int, state):
+    """The sequence before the block, left-padded as transformers' processors expect it (None without processors).
+
+    In the first block it also holds the prompt's tail (fixed tokens inside the block), right-aligned with the rest
+    of each row's prompt."""
     if not state["constants"].logits_processor:
         return None
-    return torch.where(valid[:, :start], canvas[:, :start], state["pad_id"])
+    before = torch.where(valid[:, :start], canvas[:, :start], state["pad_id"])
+    tail = state["prompt_tail"][:, start:end]
+    if start != state["first_block"] or not bool(tail.any()):  # the tail only lies in the first block
+        return before
+    real = torch.cat([valid[:, :start], tail], dim=1)
+    order = real.int().sort(dim=1, stable=True).indices  # each row: padding first, then its tokens in order
+    tokens = torch.where(real, canvas[:, :end], state["pad_id"]).gather(1, order)
+    return tokens[:, -int(real.sum(-1).max()):]  # no column that is padding in every row
 
 
 # --- generate -----------------------------------------------------------------------------------------------------
@@ -192,13 +210,17 @@ class BD3LMGenerationMixin(GenerationMixin):
     """`generate()` for block diffusion; mixed into `BD3LMForBlockDiffusion`."""
 
     def resolve_generation_config(self, generation_config, kwargs):
-        """Our config class from (`generation_config` or the model's), overridden by matching `kwargs`."""
-        base = generation_config if generation_config is not None else self.generation_config
-        config = BD3LMGenerationConfig.from_dict(base.to_dict())
-        unused = config.update(**kwargs)
-        for name, value in HF_DEFAULTS.items():
+        """Our config class, with transformers' precedence: `kwargs`, then the fields `generation_config` sets, then
+        the model's `generation_config`, then the defaults (`HF_DEFAULTS`, `BD3LM_DEFAULTS`). Returns (config, the
+        kwargs that are not generation settings)."""
+        settings = self.generation_config.to_dict()
+        if generation_config is not None:
+            settings.update({name: value for name, value in generation_config.to_dict().items() if value is not None})
+        config = BD3LMGenerationConfig.from_dict(settings)
+        for name, value in {**HF_DEFAULTS, **BD3LM_DEFAULTS}.items():
             if getattr(config, name, None) is None:
                 setattr(config, name, value)
+        unused = config.update(**kwargs)
         if config.block_size is None:
             config.block_size = self.config.block_size
         if config.num_steps is None:
@@ -210,14 +232,15 @@ class BD3LMGenerationMixin(GenerationMixin):
         return config, unused
 
     @torch.no_grad()
-    def generate(self, input_ids=None, attention_mask=None, generation_config=None, streamer=None,
-                 logits_processor=None, stopping_criteria=None, use_cache=True, generator=None, **kwargs):
+    def generate(self, inputs=None, generation_config=None, logits_processor=None, stopping_criteria=None,
+                 streamer=None, generator=None, *, input_ids=None, attention_mask=None, **kwargs):
         r"""
         Generate text block by block; inside a block, tokens are revealed by masked diffusion.
 
         The algorithm (the body carries the same numbers):
         ```
-        1. Resolve the generation config (the model's, then `generation_config`, then `kwargs`) and check inputs.
+        1. Resolve the generation config (`kwargs`, then what `generation_config` sets, then the model's, then the
+           defaults) and check inputs; with `num_return_sequences` = n, each prompt is repeated n times.
         2. Lay the prompts out block-aligned: every row's blocks start at its first real token (as in training)
            and its first unfinished block starts at a common column. A prompt tail shorter than a block stays as
            fixed tokens inside the first block to denoise.
@@ -242,16 +265,21 @@ class BD3LMGenerationMixin(GenerationMixin):
         ```
 
         Args:
-            input_ids (`LongTensor` (B, L)): prompts, left-padded as a tokenizer does with `padding_side="left"`.
-            attention_mask (`LongTensor` (B, L), optional): 1 for real tokens; padding is read from here only.
-            generation_config ([`BD3LMGenerationConfig`], optional): base settings; `kwargs` override its fields.
-            streamer (`BaseStreamer`, optional): receives the prompt, then each finished block (batch size 1).
+            inputs / input_ids (`LongTensor` (B, L)): prompts, left-padded as a tokenizer does with
+                `padding_side="left"` (one or the other; `input_ids` is what `generate(**tokenizer(...))` passes).
+            generation_config ([`GenerationConfig`], optional): its set fields override the model's
+                `generation_config`; `kwargs` override both.
             logits_processor / stopping_criteria: extra HF processors (applied per position, with the row's
-                context, after those the config's settings make) and criteria (checked after every block; True
-                stops a row; `max_time` adds transformers' MaxTimeCriteria).
-            use_cache (`bool`, defaults to True): False recomputes the whole prefix at every call (reference).
+                context: the sequence before the block, the prompt's tail included, left-padded; after those the
+                config's settings make) and criteria (checked after every block with `scores=None`, as a block has
+                no single next-token distribution; True stops a row; `max_time` adds transformers'
+                MaxTimeCriteria).
+            streamer (`BaseStreamer`, optional): receives the prompt, then each finished block (batch size 1).
             generator (`torch.Generator`, optional): the source of every random draw when sampling (on the model's
                 device); by default torch's global generator (`set_seed`).
+            attention_mask (`LongTensor` (B, L), optional): 1 for real tokens; padding is read from here only.
+            use_cache (`bool`, defaults to True; a generation setting): False recomputes the whole prefix at every
+                call (reference).
 
         Top-p follows transformers (`TopPLogitsWarper` keeps the smallest set whose mass reaches p, the crossing
         token included); the original bd3lms code keeps tokens while the cumulative mass is <= p, one token fewer.
@@ -260,7 +288,14 @@ class BD3LMGenerationMixin(GenerationMixin):
         config, unused = self.resolve_generation_config(generation_config, kwargs)
         if unused:
             raise ValueError(f"generate() got arguments it does not use: {sorted(unused)}.")
-        input_ids, attention_mask = self.prepare_prompts(input_ids, attention_mask, config)
+        if inputs is not None and input_ids is not None:
+            raise ValueError("pass the prompts once: as `inputs` (the first argument) or as `input_ids`.")
+        input_ids, attention_mask = self.prepare_prompts(input_ids if inputs is None else inputs, attention_mask,
+                                                         config)
+        if config.num_return_sequences > 1:  # as transformers: n consecutive rows per prompt
+            input_ids = input_ids.repeat_interleave(config.num_return_sequences, dim=0)
+            attention_mask = attention_mask.repeat_interleave(config.num_return_sequences, dim=0)
+        use_cache = config.use_cache
         _check_generator(generator, self.device)
         batch, prompt_width = input_ids.shape
         if streamer is not None and batch != 1:
@@ -289,6 +324,7 @@ class BD3LMGenerationMixin(GenerationMixin):
         stops_from = first_stop_column(first_new_min, eos_ids, config, stopping_criteria)
         cache = self.make_cache(config, batch) if use_cache else None
         state = self.loop_state(config, cache, canvas.device, pad_id, eos_ids, warpers, logits_processor, generator)
+        state.update(first_block=prefix, prompt_tail=prompt_tail)  # the processors' context in the first block
         if streamer is not None:
             streamer.put(input_ids.cpu())
 
@@ -518,7 +554,8 @@ class BD3LMGenerationMixin(GenerationMixin):
     def denoise_reusing(self, canvas, valid, start, end, fixed, banned_eos, cache, state, num_steps: int):
         """Dynamic cache or none: a step that reveals nothing leaves the block unchanged, so the next step reuses its
         scores without a model call (knowing that is a host synchronization). The first step always calls: it
-        commits the previous block."""
+        commits the previous block. A time-conditioned model's scores depend on the step's time: never reused (as
+        the original MDLM sampler)."""
         constants = state["constants"]
         scores, stale = None, True
         for step in range(num_steps):
@@ -527,9 +564,10 @@ class BD3LMGenerationMixin(GenerationMixin):
             time, reveal_probability = unpack_schedule(step_schedule(state, step))
             if stale and (step == 0 or bool(((block == constants.rule.mask_token_id) & ~fixed).any())):
                 logits = self.block_logits(canvas, valid, start, end, cache, state, self.step_timesteps(block, time))
-                scores = step_scores(logits, banned_eos, constants, processor_context(canvas, valid, start, state))
+                scores = step_scores(logits, banned_eos, constants,
+                                     processor_context(canvas, valid, start, end, state))
             new_block = sample_step(scores, block, fixed, noise, reveal_probability, constants.rule)
-            stale = bool((new_block != block).any())
+            stale = self.config.time_conditioning or bool((new_block != block).any())
             canvas[:, start:end] = new_block
             if state["history"] is not None:
                 state["history"].append(canvas.clone())
@@ -556,7 +594,7 @@ class BD3LMGenerationMixin(GenerationMixin):
                 schedule = cache.step_input("schedule", schedule)
             canvas[:, start:end] = state["step"](
                 tokens, mask, cache, start - committed or False, fixed, banned_eos, noise, schedule,
-                state["constants"], processor_context(canvas, valid, start, state))
+                state["constants"], processor_context(canvas, valid, start, end, state))
             state["committed"] = start
             state["nfe"] += 1
             if state["history"] is not None:

@@ -205,6 +205,52 @@ def test_generation_config_round_trip_and_kwargs_override(gen_model, tmp_path):
     assert overridden.sequences.shape[1] == 6
 
 
+def test_a_generation_config_overrides_the_models_only_where_set(gen_model):
+    """transformers' precedence: kwargs > the fields a passed config sets > the model's generation_config."""
+    from transformers import GenerationConfig
+
+    prompt = torch.randint(0, MASK, (1, 4))
+    saved = gen_model.generation_config
+    gen_model.generation_config = BD3LMGenerationConfig(sampler="first_hitting", max_new_tokens=8, eos_token_id=[7])
+    try:
+        expected = gen_model.generate(prompt, do_sample=False, return_dict_in_generate=True)
+        passed = gen_model.generate(prompt, GenerationConfig(do_sample=False), return_dict_in_generate=True)
+        assert torch.equal(passed.sequences, expected.sequences) and passed.nfe == expected.nfe
+        assert passed.sequences.shape[1] == 12 and passed.nfe == 8  # first hitting: one call per token
+        ddpm = gen_model.generate(inputs=prompt, generation_config=BD3LMGenerationConfig(sampler="ddpm", num_steps=1),
+                                  do_sample=False, return_dict_in_generate=True)
+        assert ddpm.nfe == 2  # the passed config's sampler, the model's max_new_tokens
+        config, _ = gen_model.resolve_generation_config(GenerationConfig(use_cache=False), {"top_k": None})
+        assert config.use_cache is False and config.top_k is None  # an explicit None turns top-k off
+    finally:
+        gen_model.generation_config = saved
+    with pytest.raises(ValueError, match="pass the prompts once"):
+        gen_model.generate(prompt, input_ids=prompt, max_new_tokens=4)
+    with pytest.raises(ValueError, match="needs the dynamic cache"):
+        gen_model.generate(prompt, GenerationConfig(use_cache=False, max_new_tokens=200))
+
+
+def test_num_return_sequences_repeats_each_prompt(gen_model):
+    """Sampling: n consecutive rows per prompt, each its own sample."""
+    ids, mask = prompts(lengths=(5, 3))
+    settings = dict(attention_mask=mask, max_new_tokens=8, do_sample=True)
+    sampled = gen_model.generate(ids, num_return_sequences=3, generator=torch.Generator().manual_seed(0), **settings)
+    assert sampled.shape == (6, ids.shape[1] + 8) and not torch.equal(sampled[0], sampled[1])
+    assert torch.equal(sampled[:, :ids.shape[1]], ids.repeat_interleave(3, dim=0))
+    with pytest.raises(ValueError, match="Greedy methods"):  # transformers' rule
+        gen_model.generate(ids, attention_mask=mask, max_new_tokens=8, num_return_sequences=2)
+    with pytest.raises(ValueError, match="num_return_sequences"):
+        gen_model.generate(ids, num_return_sequences=0, **settings)
+
+
+def test_static_cache_made_in_inference_mode_serves_later_generations(gen_model):
+    prompt = torch.randint(0, MASK, (1, 5))
+    settings = dict(max_new_tokens=8, do_sample=False, cache_implementation="static")
+    with torch.inference_mode():
+        inside = gen_model.generate(prompt, **settings)
+    assert torch.equal(gen_model.generate(prompt, **settings), inside)
+
+
 def test_empty_prompt_starts_from_bos(gen_model):
     out = gen_model.generate(torch.zeros(1, 0, dtype=torch.long), bos_token_id=3, max_new_tokens=4, do_sample=False)
     assert out.shape == (1, 5) and out[0, 0] == 3 and not (out == MASK).any()  # BOS, then 4 new tokens
@@ -305,6 +351,26 @@ def test_logits_processors_apply_per_position_with_the_sequence_so_far(gen_model
                              logits_processor=LogitsProcessorList([Ban(), RepetitionPenaltyLogitsProcessor(1.3)]))
     assert not (out[:, ids.shape[1]:] == banned).any()
     assert seen and all(shape[0] == 3 * 4 for shape in seen)  # one row per (sequence, block position)
+
+
+def test_processors_see_the_whole_prompt_in_the_first_block(gen_model):
+    """A prompt whose length is not a multiple of the block leaves its tail inside the first block: the processors'
+    context still holds every prompt token, right-aligned (left padding), as transformers passes input_ids."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    ids, mask = prompts(lengths=(6, 3))  # block 4: tails of 2 and 3 tokens
+    contexts = []
+
+    class Record(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            contexts.append(input_ids[::4].clone())  # one row per sequence (the block's positions repeat it)
+            return scores
+
+    gen_model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=False,
+                       logits_processor=LogitsProcessorList([Record()]))
+    first = contexts[0]
+    assert first.shape == (2, 6) and torch.equal(first[0], ids[0])
+    assert torch.equal(first[1, -3:], ids[1, -3:]) and (first[1, :3] == MASK).all()  # padding: no pad or EOS id
 
 
 @pytest.mark.parametrize("setting, processor", [
@@ -432,13 +498,19 @@ def test_time_conditioned_models_get_sigma_of_the_sampler_time(mdlm_model, monke
 
 
 @pytest.mark.parametrize("do_sample", [False, True])
-def test_time_conditioned_generation_is_the_same_cached_uncached_static(mdlm_model, do_sample):
+@pytest.mark.parametrize("num_steps", [5, 40])
+def test_time_conditioned_generation_is_the_same_cached_uncached_static(mdlm_model, do_sample, num_steps):
+    """With more steps than masked tokens, ddpm has steps that reveal nothing: a time-conditioned model still calls
+    the model at every step (its scores follow the step's time), on every path."""
     ids, mask = prompts(lengths=(3, 5))
-    outputs = [mdlm_model.generate(ids, attention_mask=mask, max_new_tokens=10, num_steps=5, do_sample=do_sample,
-                                   generator=torch.Generator().manual_seed(2), use_cache=use_cache,
-                                   cache_implementation=cache)
+    outputs = [mdlm_model.generate(ids, attention_mask=mask, max_new_tokens=10, num_steps=num_steps,
+                                   do_sample=do_sample, generator=torch.Generator().manual_seed(2),
+                                   use_cache=use_cache, cache_implementation=cache, return_dict_in_generate=True)
                for use_cache, cache in ((True, None), (False, None), (True, "static"))]
-    assert torch.equal(outputs[0], outputs[1]) and torch.equal(outputs[0], outputs[2])
+    assert all(torch.equal(outputs[0].sequences, out.sequences) for out in outputs[1:])
+    cached, uncached, static = (out.nfe for out in outputs)
+    assert cached == uncached and static == num_steps
+    assert cached > 16 or num_steps < 16  # steps that reveal nothing still call (a block has 16 positions)
 
 
 def test_sampling_through_the_pipeline_reports_the_true_nfe(exported):
