@@ -327,6 +327,27 @@ def test_pipeline_on_an_exported_folder(exported, caplog):
     assert full[0]["generated_text"] == tokenizer.decode(direct[0], skip_special_tokens=True)
 
 
+def test_pipeline_accepts_a_model_built_in_process():
+    """`import bd3lm_hf` registers the Auto classes: transformers' pipeline then knows the class (no "not supported"
+    error in its log). In a fresh process, as registration is global."""
+    import subprocess
+    import sys
+
+    script = (
+        "import bd3lm_hf, torch\n"
+        "from transformers import pipeline\n"
+        "from bd3lm_hf.tokenization import gpt2_tokenizer_with_mask\n"
+        "tokenizer = gpt2_tokenizer_with_mask()\n"
+        "config = bd3lm_hf.BD3LMConfig(vocab_size=len(tokenizer), hidden_size=32, num_hidden_layers=1,\n"
+        "    num_attention_heads=2, cond_dim=16, max_position_embeddings=16, block_size=4)\n"
+        "out = pipeline('text-generation', model=bd3lm_hf.BD3LMForBlockDiffusion(config), tokenizer=tokenizer)(\n"
+        "    'To be', max_new_tokens=4, do_sample=False)\n"
+        "print('OK', out[0]['generated_text'][:5])\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "OK To be" in result.stdout, result.stderr[-3000:]
+    assert "is not supported" not in result.stderr, result.stderr[-3000:]
+
+
 def test_generate_output_type(gen_model):
     out = gen_model.generate(torch.ones(1, 3, dtype=torch.long), max_new_tokens=4, return_dict_in_generate=True)
     assert isinstance(out, BD3LMGenerateOutput) and out.history is None

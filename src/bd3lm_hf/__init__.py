@@ -5,6 +5,10 @@ from .collator import DataCollatorForBlockDiffusion
 from .modeling import BD3LMCache, BD3LMConfig, BD3LMForBlockDiffusion, BD3LMModel, BD3LMPreTrainedModel
 from . import diffusion
 
+# In this process the Auto classes and pipelines know "bd3lm" (a model built here, not loaded with remote code, would
+# otherwise make pipeline("text-generation", model=...) log that its class is not supported).
+register_auto_classes()
+
 __all__ = [
     "BD3LMCache",
     "BD3LMConfig",
