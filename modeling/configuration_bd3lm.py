@@ -134,13 +134,32 @@ class BD3LMConfig(PretrainedConfig):
             raise ValueError("tie_word_embeddings=True is not supported: the BD3-LM output layer has its own weight "
                              "and bias (the original's); allowed: False.")
 
+    def validate(self):
+        """transformers' checks plus ours: `save_pretrained` calls this, so a config changed after construction
+        (`model.config.block_size = 5`) cannot be written to a folder that would not load."""
+        parent_validate = getattr(super(), "validate", None)  # absent from older transformers
+        if parent_validate is not None:
+            parent_validate()
+        self.validate_bd3lm()
+
+    @classmethod
+    def from_dict(cls, config_dict, **kwargs):
+        # `from_pretrained(..., block_size=5)` sets such overrides after __init__ has validated: check them too.
+        loaded = super().from_dict(config_dict, **kwargs)
+        config = loaded[0] if isinstance(loaded, tuple) else loaded
+        config.validate_bd3lm()
+        return loaded
+
     def to_dict(self):
         output = super().to_dict()
         # One model class serves both auto classes: keep the masked-LM entry in step with the causal-LM one that
-        # `register_for_auto_class` writes, as the original checkpoints are loaded with AutoModelForMaskedLM.
+        # `register_for_auto_class` writes, as the original checkpoints are loaded with AutoModelForMaskedLM; and
+        # name the backbone for AutoModel, which `register_auto_classes()` also maps in-process.
         auto_map = output.get("auto_map")
         if auto_map and "AutoModelForCausalLM" in auto_map:
             auto_map.setdefault("AutoModelForMaskedLM", auto_map["AutoModelForCausalLM"])
+            modeling_module = auto_map["AutoModelForCausalLM"].rsplit(".", 1)[0]
+            auto_map.setdefault("AutoModel", f"{modeling_module}.BD3LMModel")
         return output
 
 

@@ -236,6 +236,8 @@ class BD3LMPreTrainedModel(PreTrainedModel):
 class BD3LMModel(BD3LMPreTrainedModel):
     """Embeddings, time conditioning, DiT blocks and the final modulated norm."""
 
+    _auto_class = "AutoModel"  # a saved backbone folder loads with AutoModel + trust_remote_code, code included
+
     def __init__(self, config: BD3LMConfig):
         super().__init__(config)
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)

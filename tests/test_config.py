@@ -63,3 +63,31 @@ def test_save_and_reload(tmp_path):
 def test_invalid_config_raises(fields, message):
     with pytest.raises(ValueError, match=message):
         BD3LMConfig(**fields)
+
+
+@pytest.mark.parametrize("override, message", [
+    (dict(block_size=5), "block_size=5 must divide"),
+    (dict(mask_token_id=500), "mask_token_id=500 must be in"),
+    (dict(hidden_dropout=1.5), "hidden_dropout must be in"),
+])
+def test_overrides_at_load_time_are_checked(tmp_path, override, message):
+    from transformers import AutoConfig
+
+    BD3LMConfig(vocab_size=50, hidden_size=32, num_attention_heads=4, max_position_embeddings=16,
+                block_size=4).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=message):
+        BD3LMConfig.from_pretrained(tmp_path, **override)
+    with pytest.raises(ValueError, match=message):  # the saved configuration file, as a Hub user loads it
+        AutoConfig.from_pretrained(tmp_path, trust_remote_code=True, **override)
+
+
+def test_save_refuses_a_config_changed_into_an_invalid_one(tmp_path):
+    from bd3lm_hf import BD3LMForBlockDiffusion
+
+    model = BD3LMForBlockDiffusion(BD3LMConfig(vocab_size=50, hidden_size=32, num_hidden_layers=1,
+                                               num_attention_heads=4, cond_dim=8, max_position_embeddings=16,
+                                               block_size=4))
+    model.config.block_size = 5
+    with pytest.raises(ValueError, match="block_size=5 must divide max_position_embeddings=16"):
+        model.save_pretrained(tmp_path)
+    assert not (tmp_path / "config.json").exists()  # no folder that cannot load

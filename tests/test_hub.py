@@ -102,7 +102,7 @@ def test_invalid_repo_ids(exported, repo_id):
 
 
 def test_export_refuses_an_existing_folder_and_a_missing_tokenizer(exported, tmp_path):
-    model = random_model()
+    model = random_model(vocab_size=50258)  # fits the GPT-2 + [MASK] tokenizer
     with pytest.raises(HubError, match="exists and is not empty"):
         export_for_hub(model, gpt2_tokenizer_with_mask(), exported)
     with pytest.raises(HubError, match="needs the tokenizer"):
@@ -142,3 +142,73 @@ def test_demo_steps_run_shortened(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "NELBO" in out and "perplexity <=" in out and "model calls (NFE)" in out and "tokens/s" in out
     assert (tmp_path / "export" / "README.md").is_file() and result["summary"]["steps"] == 10
+
+
+def test_export_refuses_a_tokenizer_that_does_not_fit_the_model(tmp_path):
+    with pytest.raises(HubError, match="50258 tokens, more than the model's vocab_size=50"):
+        export_for_hub(random_model(), gpt2_tokenizer_with_mask(), tmp_path / "small")
+    with pytest.raises(HubError, match="mask token id 50257 is not the model's mask_token_id=50259"):
+        export_for_hub(random_model(vocab_size=50260), gpt2_tokenizer_with_mask(), tmp_path / "other_mask")
+    assert not (tmp_path / "small").exists() and not (tmp_path / "other_mask").exists()
+
+
+def test_exported_tokenizer_truncates_at_the_context_and_has_no_load_flags(exported, tmp_path):
+    from transformers import AutoTokenizer
+
+    assert cli(["export", str(exported), str(tmp_path / "again")]) == 0  # its tokenizer was loaded from a folder
+    saved = json.loads((tmp_path / "again" / "tokenizer_config.json").read_text())
+    assert saved["model_max_length"] == 64 and not {"is_local", "local_files_only"} & set(saved)
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "again")
+    assert len(tokenizer("word " * 100, truncation=True)["input_ids"]) == 64
+
+
+def test_export_cli_names_a_missing_model_folder_and_a_file_as_output(exported, tmp_path, capfd):
+    assert cli(["export", str(tmp_path / "nope"), str(tmp_path / "out")]) == 2
+    assert "nope is not a saved model folder" in capfd.readouterr().err
+    (tmp_path / "file").write_text("x")
+    assert cli(["export", str(exported), str(tmp_path / "file")]) == 2
+    err = capfd.readouterr().err
+    assert "file exists and is not a folder" in err and "Traceback" not in err
+
+
+def _generate_args(*flags):
+    from bd3lm_hf.cli import build_parser
+
+    return build_parser().parse_args(["generate", "folder", *flags])
+
+
+def test_generate_cli_takes_what_the_model_saved_unless_a_flag_is_given():
+    from transformers import GenerationConfig
+
+    from bd3lm_hf.cli import generation_options
+
+    saved = GenerationConfig(max_new_tokens=12)
+    saved.sampler, saved.num_steps = "first_hitting", 2  # custom fields load as plain attributes
+    assert generation_options(_generate_args(), saved) == {"do_sample": True, "top_p": 0.9, "temperature": 1.0,
+                                                           "top_k": 0}
+    assert generation_options(_generate_args("--sampler", "ddpm", "--max-new-tokens", "5", "--num-steps", "0"),
+                              saved) == {"do_sample": True, "top_p": 0.9, "temperature": 1.0, "top_k": 0,
+                                         "sampler": "ddpm", "max_new_tokens": 5, "num_steps": 0}
+    greedy = GenerationConfig(do_sample=False)
+    assert generation_options(_generate_args(), greedy) == {"max_new_tokens": 64, "sampler": "ddpm"}
+    assert generation_options(_generate_args(), GenerationConfig()) == {  # the CLI's documented defaults
+        "max_new_tokens": 64, "sampler": "ddpm", "do_sample": True, "top_p": 0.9, "temperature": 1.0, "top_k": 0}
+
+
+def test_generate_cli_passes_num_steps_zero_on_to_be_refused(exported):
+    assert cli(["generate", str(exported), "--prompt", "To be", "--num-steps", "0", "--device", "cpu"]) == 2
+
+
+def test_sampled_token_count_is_that_of_the_generated_ids(exported):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from bd3lm_hf.evaluation import sample_with_pipeline
+
+    model = AutoModelForCausalLM.from_pretrained(exported, trust_remote_code=True)
+    tokenizer = AutoTokenizer.from_pretrained(exported)
+    equals = tokenizer.convert_tokens_to_ids("=")
+    with torch.no_grad():
+        model.lm_head.bias[equals] = 1e4  # 16 generated "=" decode to a text that re-tokenizes into one token
+    result = sample_with_pipeline(model, tokenizer, ["To be"], max_new_tokens=16, do_sample=False)
+    assert result["texts"] == ["=" * 16] and result["new_tokens"] == 16

@@ -46,9 +46,13 @@ def test_saved_folder_loads_in_a_fresh_process_without_the_package(tmp_path):
     assert {"config.json", "model.safetensors", "modeling_bd3lm.py", "configuration_bd3lm.py", "cache_bd3lm.py",
             "masking_bd3lm.py", "diffusion_bd3lm.py", "generation_bd3lm.py", "sampling_bd3lm.py"} <= files
     auto_map = json.loads((tmp_path / "repo" / "config.json").read_text())["auto_map"]
-    assert auto_map == {"AutoConfig": "configuration_bd3lm.BD3LMConfig",
+    assert auto_map == {"AutoConfig": "configuration_bd3lm.BD3LMConfig", "AutoModel": "modeling_bd3lm.BD3LMModel",
                         "AutoModelForCausalLM": "modeling_bd3lm.BD3LMForBlockDiffusion",
                         "AutoModelForMaskedLM": "modeling_bd3lm.BD3LMForBlockDiffusion"}
+    model.model.save_pretrained(tmp_path / "backbone")  # the base model alone, as AutoModel gives it
+    assert json.loads((tmp_path / "backbone" / "config.json").read_text())["auto_map"]["AutoModel"] == \
+        "modeling_bd3lm.BD3LMModel"
+    assert (tmp_path / "backbone" / "modeling_bd3lm.py").is_file()
     ids = torch.randint(0, 49, (2, 16))
     torch.save(ids, tmp_path / "ids.pt")
     with torch.no_grad():
@@ -69,6 +73,10 @@ def test_saved_folder_loads_in_a_fresh_process_without_the_package(tmp_path):
             with torch.no_grad():
                 logits = model(input_ids=torch.load({str(tmp_path / 'ids.pt')!r})).logits
             assert torch.equal(logits, torch.load({str(tmp_path / 'expected.pt')!r})), "logits differ"
+        from transformers import AutoModel
+        for folder in ({str(tmp_path / 'repo')!r}, {str(tmp_path / 'backbone')!r}):
+            backbone = AutoModel.from_pretrained(folder, trust_remote_code=True)
+            assert type(backbone).__name__ == "BD3LMModel", type(backbone).__name__
         print("OK")
     """)
     env = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PATH": "/usr/bin:/bin",

@@ -244,7 +244,8 @@ def test_training_config_bad_input(tmp_path):
 
 
 def test_finetuning_keeps_the_base_models_tokenizer(tmp_path, small_data):
-    from bd3lm_hf.training import build_tokenizer, check_tokenizer_fits
+    from bd3lm_hf.tokenization import check_tokenizer_fits
+    from bd3lm_hf.training import build_tokenizer
 
     train_set, eval_set, tokenizer = small_data
     base = build_model(small_config(), tokenizer)

@@ -9,6 +9,11 @@ from transformers.utils import logging
 
 # Commands whose flags come from dataclasses (HfArgumentParser) rather than from argparse here.
 DATACLASS_COMMANDS = ("train", "demo")
+# `generate` settings: a flag the user gives wins, then the model's generation_config.json, then these.
+GENERATE_FLAGS = ("max_new_tokens", "sampler", "num_steps", "do_sample", "top_p", "temperature",
+                  "cache_implementation")
+GENERATE_FALLBACKS = {"max_new_tokens": 64, "sampler": "ddpm", "do_sample": True}
+SAMPLING_FALLBACKS = {"top_p": 0.9, "temperature": 1.0, "top_k": 0}  # applied only when sampling
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,6 +25,10 @@ def build_parser() -> argparse.ArgumentParser:
                                      "with --to-original, a folder in this package's format")
     convert.add_argument("dst", help="output folder")
     convert.add_argument("--to-original", action="store_true", help="write the original bd3lms Hub format")
+    convert.add_argument("--code-from", metavar="ORIGINAL_FOLDER",
+                         help="with --to-original: copy the original code files (configuration_bd3lm.py, "
+                              "modeling_bd3lm.py) from this download of an original Hub repo; without it the "
+                              "folder needs them added to load with trust_remote_code")
     convert.add_argument("--config", help="original config.json to use with a .ckpt")
     convert.add_argument("--block-size", type=int, help="block size of a .ckpt (not recorded in it)")
     convert.add_argument("--model-length", type=int, help="training context length of a .ckpt")
@@ -38,18 +47,25 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--max-sequences", type=int, default=None)
     evaluate.add_argument("--seed", type=int, default=0)
 
-    generate = commands.add_parser("generate", help="sample through pipeline('text-generation')")
+    generate = commands.add_parser(
+        "generate", help="sample through pipeline('text-generation')",
+        description="Each setting left out comes from the model's generation_config.json; where that has none: "
+                    "--sampler ddpm, --max-new-tokens 64, --do-sample with --top-p 0.9, --temperature 1.0 and top_k 0.")
     generate.add_argument("model", help="model folder or Hub id (loaded with trust_remote_code=True)")
     generate.add_argument("--prompt", nargs="+", default=["ROMEO.\n"])
-    generate.add_argument("--max-new-tokens", type=int, default=64)
-    generate.add_argument("--sampler", default="ddpm", choices=["ddpm", "first_hitting", "confidence"])
-    generate.add_argument("--num-steps", type=int, default=None)
-    generate.add_argument("--do-sample", action=argparse.BooleanOptionalAction, default=True)
-    generate.add_argument("--top-p", type=float, default=0.9)
-    generate.add_argument("--temperature", type=float, default=1.0)
+    generate.add_argument("--max-new-tokens", type=int, help="default: the model's, else 64")
+    generate.add_argument("--sampler", choices=["ddpm", "first_hitting", "confidence"],
+                          help="default: the model's, else ddpm")
+    generate.add_argument("--num-steps", type=int, help="ddpm steps per block (default: the model's, else its "
+                                                        "block size)")
+    generate.add_argument("--do-sample", action=argparse.BooleanOptionalAction,
+                          help="default: the model's, else sampling")
+    generate.add_argument("--top-p", type=float, help="default: the model's, else 0.9 when sampling")
+    generate.add_argument("--temperature", type=float, help="default: the model's, else 1.0 when sampling")
     generate.add_argument("--seed", type=int, default=0)
-    generate.add_argument("--cache-implementation", default="dynamic", choices=["dynamic", "static"],
-                          help="static: preallocated cache, the denoising step compiled on a GPU")
+    generate.add_argument("--cache-implementation", choices=["dynamic", "static"],
+                          help="static: preallocated cache, the denoising step compiled on a GPU (default: the "
+                               "model's, else dynamic)")
     generate.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, ...")
     generate.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
                           help="auto: bfloat16 on a GPU, float32 on CPU")
@@ -76,8 +92,10 @@ def run_convert(args) -> None:
     from .conversion import convert_to_original, convert_to_ours
 
     if args.to_original:
-        convert_to_original(args.src, args.dst)
+        convert_to_original(args.src, args.dst, code_from=args.code_from)
         return
+    if args.code_from is not None:
+        raise ValueError("--code-from copies the original code into a --to-original output; it has no use here.")
     original_config = json.loads(open(args.config).read()) if args.config else {}
     if args.block_size is not None:
         original_config["block_size"] = args.block_size
@@ -131,33 +149,37 @@ def run_eval(args) -> None:
           f"({result['tokens']} tokens, {result['sequences']} sequences)")
 
 
+def generation_options(args, saved) -> dict:
+    """The `generate` keyword arguments: the flags given, then for what neither they nor the model's saved
+    generation config (`saved`) set, the CLI's fallbacks."""
+    given = {name: getattr(args, name) for name in GENERATE_FLAGS if getattr(args, name) is not None}
+    options = {**_unset_in(saved, GENERATE_FALLBACKS), **given}
+    if options.get("do_sample", getattr(saved, "do_sample", None)):
+        options = {**_unset_in(saved, SAMPLING_FALLBACKS), **options}
+    return options
+
+
+def _unset_in(saved, fallbacks: dict) -> dict:
+    return {name: value for name, value in fallbacks.items() if getattr(saved, name, None) is None}
+
+
 def run_generate(args) -> None:
     from .evaluation import sample_with_pipeline
 
     model, tokenizer = load_for_inference(args.model, args.device, args.dtype)
-    options = dict(max_new_tokens=args.max_new_tokens, sampler=args.sampler, do_sample=args.do_sample,
-                   cache_implementation=args.cache_implementation)
-    if args.num_steps:
-        options["num_steps"] = args.num_steps
-    if args.do_sample:
-        options.update(top_p=args.top_p, temperature=args.temperature, top_k=0)
+    options = generation_options(args, model.generation_config)
     result = sample_with_pipeline(model, tokenizer, args.prompt, seed=args.seed, **options)
     for prompt, text in zip(result["prompts"], result["texts"]):
         print(f"--- {prompt!r}\n{prompt}{text}")
-    print(f"--- {result['nfe']} model calls (NFE) for ~{result['new_tokens']} new tokens, "
-          f"{result['tokens_per_second']:.1f} tokens/s ({args.sampler}, block {model.config.block_size})")
+    sampler = options.get("sampler", getattr(model.generation_config, "sampler", None))
+    print(f"--- {result['nfe']} model calls (NFE) for {result['new_tokens']} new tokens, "
+          f"{result['tokens_per_second']:.1f} tokens/s ({sampler}, block {model.config.block_size})")
 
 
 def run_export(args) -> None:
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from .hub import export_for_hub, load_for_export
 
-    from .hub import HubError, export_for_hub
-
-    model = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=True)
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or args.model, trust_remote_code=True)
-    except (OSError, ValueError, TypeError):
-        raise HubError(f"no tokenizer in {args.tokenizer or args.model}: pass --tokenizer FOLDER.") from None
+    model, tokenizer = load_for_export(args.model, args.tokenizer)
     metrics = json.loads(open(args.metrics).read()) if args.metrics else None
     out = export_for_hub(model, tokenizer, args.out_dir, repo_id=args.repo_id, metrics=metrics,
                          datasets=args.dataset, license=args.license, overwrite=args.overwrite)
@@ -215,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     package_logger.setLevel("INFO")
     try:
         COMMANDS[args.command](args)
-    except (ValueError, FileNotFoundError) as error:
+    except (ValueError, OSError) as error:  # OSError: unreadable or missing files the commands did not anticipate
         logging.get_logger("bd3lm_hf").error(str(error))
         return 2
     return 0

@@ -7,14 +7,17 @@ shape checked against the model the config describes, and a report listing what 
 import json
 import os
 import re
+import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from transformers.utils import logging
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, logging
 
 from .modeling import BD3LMConfig, BD3LMForBlockDiffusion
 from .modeling.configuration_bd3lm import ORIGINAL_FIELD_NAMES
+from .tokenization import check_tokenizer_fits
 
 logger = logging.get_logger(__name__)
 
@@ -23,6 +26,8 @@ ORIGINAL_PREFIX = "backbone."
 ROTARY_KEY = "backbone.rotary_emb.inv_freq"
 CLIP_KEYS = ("sampling_eps_min", "sampling_eps_max")
 BERT_VOCAB_SIZE, BERT_MASK_ID = 30522, 103
+# Hard-coded in the original code (its LayerNorm), so a model with another value has no original form.
+ORIGINAL_LAYER_NORM_EPS = 1e-5
 
 GLOBAL_KEY_MAP = {
     "vocab_embed.embedding": "model.embed_tokens.weight",
@@ -97,12 +102,9 @@ def config_from_original(original: dict, clip_range: tuple[float, float] | None 
     return BD3LMConfig(**fields)
 
 
-def config_to_original(config: BD3LMConfig) -> dict:
-    """The original bd3lms `config.json` fields for our config."""
-    if config.mask_token_id not in (config.vocab_size - 1, BERT_MASK_ID if config.vocab_size == BERT_VOCAB_SIZE
-                                    else None):
-        raise ConversionError(f"mask_token_id={config.mask_token_id} cannot be expressed in the original format "
-                              "(which assumes the last id, or 103 for the bert-base-uncased vocabulary).")
+def config_to_original(config: BD3LMConfig, dtype: str = "float32") -> dict:
+    """The original bd3lms `config.json` fields for our config (`dtype`: that of the weights written with it)."""
+    _check_expressible_in_original(config)
     inverse = {v: k for k, v in ORIGINAL_FIELD_NAMES.items()}
     original = {inverse[name]: getattr(config, name) for name in inverse}
     is_mdlm = config.block_size == config.max_position_embeddings
@@ -112,8 +114,22 @@ def config_to_original(config: BD3LMConfig) -> dict:
         sampling_eps_min=config.sampling_eps_min, sampling_eps_max=config.sampling_eps_max,
         attn_backend="sdpa", adaln=True, causal=False, architectures=["BD3LM"],
         auto_map={"AutoConfig": "configuration_bd3lm.BD3LMConfig", "AutoModelForMaskedLM": "modeling_bd3lm.BD3LM"},
+        # The original backbone returns a ModelOutput unless return_dict is False, and its diffusion code indexes
+        # the result as a logits tensor: every released config sets it.
+        return_dict=False, torch_dtype=dtype,
     )
     return dict(sorted(original.items()))
+
+
+def _check_expressible_in_original(config: BD3LMConfig) -> None:
+    """Refuse what the original format cannot record (it would be lost silently and change the logits)."""
+    if config.mask_token_id not in (config.vocab_size - 1, BERT_MASK_ID if config.vocab_size == BERT_VOCAB_SIZE
+                                    else None):
+        raise ConversionError(f"mask_token_id={config.mask_token_id} cannot be expressed in the original format "
+                              "(which assumes the last id, or 103 for the bert-base-uncased vocabulary).")
+    if config.layer_norm_eps != ORIGINAL_LAYER_NORM_EPS:
+        raise ConversionError(f"layer_norm_eps={config.layer_norm_eps} cannot be expressed in the original format "
+                              f"(whose code hard-codes {ORIGINAL_LAYER_NORM_EPS}); allowed: {ORIGINAL_LAYER_NORM_EPS}.")
 
 
 def expected_shapes(config: BD3LMConfig) -> dict[str, torch.Size]:
@@ -124,7 +140,6 @@ def expected_shapes(config: BD3LMConfig) -> dict[str, torch.Size]:
 
 def convert_original_state_dict(original: dict[str, torch.Tensor], config: BD3LMConfig) -> dict[str, torch.Tensor]:
     """Map an original state dict (prefix `backbone.`, plus clip buffers) onto ours; strict."""
-    shapes = expected_shapes(config)
     converted, problems = {}, []
     for key, tensor in original.items():
         if key in CLIP_KEYS:
@@ -133,22 +148,32 @@ def convert_original_state_dict(original: dict[str, torch.Tensor], config: BD3LM
             problems += _check_rotary(tensor, config)
             continue
         try:
-            ours = original_to_ours_key(key)
+            converted[original_to_ours_key(key)] = tensor
         except KeyError:
             problems.append(f"unexpected key {key!r} (not in the key map)")
-            continue
-        if ours not in shapes:
-            problems.append(f"unexpected key {key!r}: the config has no {ours!r} "
-                            f"(num_hidden_layers={config.num_hidden_layers})")
-        elif tensor.shape != shapes[ours]:
-            problems.append(f"shape mismatch for {key!r}: checkpoint {tuple(tensor.shape)}, "
-                            f"config expects {tuple(shapes[ours])}")
-        else:
-            converted[ours] = tensor
-    problems += [f"missing key {ours_to_original_key(k)!r}" for k in shapes if k not in converted]
-    if problems:
-        raise ConversionError("checkpoint does not match the config:\n  " + "\n  ".join(problems))
+    _raise_if_any(problems + state_dict_problems(converted, config, shown_as=ours_to_original_key))
     return converted
+
+
+def state_dict_problems(state_dict: dict[str, torch.Tensor], config: BD3LMConfig, shown_as=str) -> list[str]:
+    """Every key of `state_dict` (our names) against the model `config` describes: unexpected, wrong shape, missing.
+
+    `shown_as` names a key in the messages as the user's checkpoint names it."""
+    shapes = expected_shapes(config)
+    problems = []
+    for key, tensor in state_dict.items():
+        if key not in shapes:
+            problems.append(f"unexpected key {shown_as(key)!r}: not in the model the config describes "
+                            f"(num_hidden_layers={config.num_hidden_layers})")
+        elif tensor.shape != shapes[key]:
+            problems.append(f"shape mismatch for {shown_as(key)!r}: checkpoint {tuple(tensor.shape)}, "
+                            f"config expects {tuple(shapes[key])}")
+    return problems + [f"missing key {shown_as(key)!r}" for key in shapes if key not in state_dict]
+
+
+def _raise_if_any(problems: list[str]) -> None:
+    if problems:  # all of them at once: a user fixing one at a time would run the conversion again and again
+        raise ConversionError("checkpoint does not match the config:\n  " + "\n  ".join(problems))
 
 
 def _check_rotary(inv_freq: torch.Tensor, config: BD3LMConfig) -> list[str]:
@@ -187,8 +212,12 @@ def load_original(src: str | os.PathLike, original_config: dict | None = None) -
     """
     src = Path(src)
     if src.is_dir():
-        original_config = merge_config_fields(json.loads((src / "config.json").read_text()), original_config)
-        state_dict = load_file(src / "model.safetensors")
+        recorded = read_json(src / "config.json")
+        if "BD3LMForBlockDiffusion" in (recorded.get("architectures") or []):
+            raise ConversionError(f"{src} is already in this package's format; to write the original format, "
+                                  "convert it with --to-original.")
+        original_config = merge_config_fields(recorded, original_config)
+        state_dict = read_safetensors(src / SAFE_WEIGHTS_NAME)
     elif src.suffix == ".ckpt":
         state_dict = read_lightning_checkpoint(src)
         original_config = merge_config_fields(config_fields_from_weights(state_dict), original_config)
@@ -197,7 +226,7 @@ def load_original(src: str | os.PathLike, original_config: dict | None = None) -
             raise ConversionError(f"a .ckpt does not record {missing}: pass them (CLI: --block-size, "
                                   "--model-length, or --config with the original config.json).")
     else:
-        raise ValueError(f"{src} is neither a folder with config.json + model.safetensors nor a .ckpt file.")
+        raise ConversionError(f"{src} is neither a folder with config.json + model.safetensors nor a .ckpt file.")
     config = config_from_original(original_config, clip_range_from(state_dict))
     weights = convert_original_state_dict(state_dict, config)
     model = BD3LMForBlockDiffusion(config)
@@ -212,6 +241,24 @@ def merge_config_fields(recorded: dict, given: dict | None) -> dict:
     if conflicts:
         raise ConversionError("the given config fields contradict the checkpoint:\n  " + "\n  ".join(conflicts))
     return {**recorded, **(given or {})}
+
+
+def read_json(path: Path) -> dict:
+    if not path.is_file():
+        raise ConversionError(f"{path} does not exist: a checkpoint folder needs its config.json.")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise ConversionError(f"{path} is not a readable JSON file: {error}") from None
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    if not path.is_file():
+        raise ConversionError(f"{path} does not exist: the weights of a checkpoint folder are in {path.name}.")
+    try:
+        return load_file(path)
+    except (OSError, SafetensorError) as error:  # truncated or not a safetensors file at all
+        raise ConversionError(f"{path} is not a readable safetensors file: {error}") from None
 
 
 def read_lightning_checkpoint(path: Path, use_ema: bool = True) -> dict[str, torch.Tensor]:
@@ -262,10 +309,7 @@ def convert_to_ours(src: str | os.PathLike, dst: str | os.PathLike, original_con
     """Original folder or `.ckpt` -> our Hub folder (config, code, weights, and `tokenizer` when given)."""
     model = load_original(src, original_config)
     if tokenizer is not None:
-        if len(tokenizer) != model.config.vocab_size or tokenizer.mask_token_id != model.config.mask_token_id:
-            raise ConversionError(f"the tokenizer ({len(tokenizer)} tokens, [MASK] = {tokenizer.mask_token_id}) "
-                                  f"does not match the checkpoint (vocab_size={model.config.vocab_size}, "
-                                  f"mask_token_id={model.config.mask_token_id}).")
+        raise_if_tokenizer_mismatch(tokenizer, model, ConversionError)
         model.config.bos_token_id = model.config.eos_token_id = tokenizer.eos_token_id
         model.config.pad_token_id = tokenizer.pad_token_id
         model.generation_config.eos_token_id = model.generation_config.pad_token_id = tokenizer.eos_token_id
@@ -276,13 +320,97 @@ def convert_to_ours(src: str | os.PathLike, dst: str | os.PathLike, original_con
     return model
 
 
-def convert_to_original(src: str | os.PathLike, dst: str | os.PathLike) -> None:
-    """Our folder -> the original Hub format (config.json + model.safetensors with the original keys)."""
-    model = BD3LMForBlockDiffusion.from_pretrained(src)
-    dst = Path(dst)
+def raise_if_tokenizer_mismatch(tokenizer, model, error_class) -> None:
+    """`error_class` (this module's or the Hub's) when `tokenizer` does not fit `model`."""
+    try:
+        check_tokenizer_fits(model, tokenizer)
+    except ValueError as error:
+        raise error_class(str(error)) from None
+
+
+def convert_to_original(src: str | os.PathLike, dst: str | os.PathLike,
+                        code_from: str | os.PathLike | None = None) -> None:
+    """Our folder -> the original Hub format (config.json + model.safetensors with the original keys); strict.
+
+    The original code files (`configuration_bd3lm.py`, `modeling_bd3lm.py`) are not ours to ship: `code_from`, a
+    download of an original Hub repo, provides them; without it the folder loads only once they are added."""
+    src, dst = Path(src), Path(dst)
+    config = read_our_config(src)
+    state_dict = read_our_weights(src)
+    if any(key.startswith(ORIGINAL_PREFIX) for key in state_dict):
+        raise ConversionError(f"{src} holds original (`backbone.`) weights: it is already in the original format; "
+                              "convert it without --to-original.")
+    _raise_if_any(state_dict_problems(state_dict, config))
+    original_config = config_to_original(config, _dtype_name(state_dict))  # refuses what it cannot express
     dst.mkdir(parents=True, exist_ok=True)
-    state_dict = {k: v.contiguous() for k, v in model.state_dict().items()}
-    save_file(convert_to_original_state_dict(state_dict, model.config), dst / "model.safetensors",
-              metadata={"format": "pt"})
-    (dst / "config.json").write_text(json.dumps(config_to_original(model.config), indent=2, sort_keys=True) + "\n")
+    save_file(convert_to_original_state_dict(state_dict, config), dst / SAFE_WEIGHTS_NAME, metadata={"format": "pt"})
+    (dst / "config.json").write_text(json.dumps(original_config, indent=2, sort_keys=True) + "\n")
+    if code_from is not None:
+        copy_original_code(Path(code_from), dst, original_config["auto_map"])
+    else:
+        logger.warning("%s has no code files: bd3lm_hf does not ship the original code. To load it with "
+                       "trust_remote_code=True, copy %s from a download of an original Hub repo (e.g. "
+                       "kuleshov-group/bd3lm-owt-block_size16), or convert with --code-from THAT_FOLDER.", dst,
+                       " and ".join(_code_files(original_config["auto_map"])))
     logger.info("converted %s -> %s (original format)", src, dst)
+
+
+def read_our_config(folder: Path) -> BD3LMConfig:
+    """The config of a folder in this package's format; an original bd3lms folder is refused by name."""
+    if not folder.is_dir():
+        raise ConversionError(f"{folder} is not a folder: --to-original converts a folder in this package's format.")
+    fields = read_json(folder / "config.json")
+    original_names = sorted(name for name in ORIGINAL_FIELD_NAMES if name in fields)
+    if fields.get("architectures") == ["BD3LM"] or original_names:
+        raise ConversionError(f"{folder} is already in the original bd3lms format (architectures "
+                              f"{fields.get('architectures')}, fields {original_names}): convert it without "
+                              "--to-original.")
+    if fields.get("model_type") != BD3LMConfig.model_type:
+        raise ConversionError(f"{folder} is not a BD3-LM folder (model_type {fields.get('model_type')!r}, "
+                              f"allowed: {BD3LMConfig.model_type!r}).")
+    return BD3LMConfig.from_dict(fields)
+
+
+def read_our_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """The state dict of `model.safetensors`, or of the shards listed by `model.safetensors.index.json`."""
+    if (folder / SAFE_WEIGHTS_NAME).is_file() or not (folder / SAFE_WEIGHTS_INDEX_NAME).is_file():
+        return read_safetensors(folder / SAFE_WEIGHTS_NAME)
+    weight_map = read_json(folder / SAFE_WEIGHTS_INDEX_NAME).get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise ConversionError(f"{folder / SAFE_WEIGHTS_INDEX_NAME} has no weight_map: cannot find the shards.")
+    state_dict = {}
+    for shard in sorted(set(weight_map.values())):
+        state_dict.update(read_safetensors(folder / shard))
+    return state_dict
+
+
+def _dtype_name(state_dict: dict[str, torch.Tensor]) -> str:
+    dtypes = {tensor.dtype for tensor in state_dict.values() if tensor.is_floating_point()}
+    return str(dtypes.pop() if len(dtypes) == 1 else torch.float32).removeprefix("torch.")
+
+
+def _code_files(auto_map: dict) -> list[str]:
+    """`{"AutoConfig": "configuration_bd3lm.BD3LMConfig", ...}` -> ["configuration_bd3lm.py", ...]."""
+    return sorted({reference.split("--")[-1].rsplit(".", 1)[0] + ".py" for reference in auto_map.values()})
+
+
+def copy_original_code(code_from: Path, dst: Path, auto_map: dict) -> None:
+    """Copy the code files `auto_map` names, and the files they import relatively, from the user's download of an
+    original Hub repo: the folder then loads with trust_remote_code=True as that repo does."""
+    from transformers.dynamic_module_utils import get_relative_import_files
+
+    named = [code_from / name for name in _code_files(auto_map)]
+    missing = [path.name for path in named if not path.is_file()]
+    if missing:
+        raise ConversionError(f"--code-from {code_from} lacks {missing}: pass the folder of a download of an "
+                              "original bd3lms Hub repo (e.g. `hf download kuleshov-group/bd3lm-owt-block_size16 "
+                              "--local-dir FOLDER`).")
+    files = set(named)
+    for path in named:
+        files.update(Path(imported) for imported in get_relative_import_files(str(path)))
+    for path in sorted(files):
+        if not path.is_file():
+            raise ConversionError(f"--code-from {code_from}: {path.name}, imported by the original code, is missing.")
+        if path.resolve() != (dst / path.name).resolve():
+            shutil.copyfile(path, dst / path.name)
+    logger.info("copied the original code (%s) from %s", ", ".join(sorted(p.name for p in files)), code_from)

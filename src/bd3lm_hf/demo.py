@@ -75,7 +75,7 @@ def main(argv: list[str]) -> dict:
                                str(demo.eval_sequences))
     print(evaluation, end="")
     generation_flags = ["--prompt", *demo.prompts, "--max-new-tokens", str(demo.max_new_tokens), "--sampler",
-                        demo.sampler] + (["--num-steps", str(demo.num_steps)] if demo.num_steps else [])
+                        demo.sampler] + ([] if demo.num_steps is None else ["--num-steps", str(demo.num_steps)])
     samples = fresh_process("generate", str(export), *generation_flags)
     print(samples, end="")
     return {"summary": summary, "export": export, "evaluation": evaluation, "samples": samples}

@@ -54,17 +54,40 @@ class CallCounter:
 
 
 def sample_with_pipeline(model, tokenizer, prompts, seed: int = 0, **generate_kwargs) -> dict:
-    """Generate through `pipeline("text-generation")`; report texts, model calls (NFE) and new tokens/s."""
+    """Generate through `pipeline("text-generation")`; report texts, model calls (NFE) and new tokens/s.
+
+    New tokens are counted on the generated ids (those before a row's EOS or padding), not by re-tokenizing the
+    decoded text, which merges or splits tokens."""
     generator = pipeline("text-generation", model=model, tokenizer=tokenizer, trust_remote_code=True)
     counter = CallCounter(model)
     torch.manual_seed(seed)
     start = time.perf_counter()
     try:
-        outputs = generator(list(prompts), return_full_text=False, **generate_kwargs)
+        outputs = generator(list(prompts), return_tensors=True, **generate_kwargs)
     finally:
         counter.close()
     seconds = time.perf_counter() - start
-    texts = [output[0]["generated_text"] for output in outputs]
-    new_tokens = sum(len(tokenizer(text, add_special_tokens=False)["input_ids"]) for text in texts)
+    stops = stop_ids(model, tokenizer)
+    generated = [new_ids(tokenizer, prompt, output[0]["generated_token_ids"]) for prompt, output in
+                 zip(prompts, outputs)]
+    texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in generated]  # what return_full_text=False gives
+    new_tokens = sum(tokens_before_stop(ids, stops) for ids in generated)
     return {"prompts": list(prompts), "texts": texts, "nfe": counter.calls, "new_tokens": new_tokens,
             "seconds": seconds, "tokens_per_second": new_tokens / seconds if seconds else float("nan")}
+
+
+def new_ids(tokenizer, prompt: str, sequence: list[int]) -> list[int]:
+    """The ids after the prompt, which the pipeline encodes with the tokenizer's defaults."""
+    return list(sequence[len(tokenizer(prompt)["input_ids"]):])
+
+
+def stop_ids(model, tokenizer) -> set[int]:
+    """EOS and padding ids: where a row's generated tokens end."""
+    eos = model.generation_config.eos_token_id
+    ids = {tokenizer.eos_token_id, tokenizer.pad_token_id, model.generation_config.pad_token_id}
+    ids.update(eos if isinstance(eos, list) else [eos])
+    return ids - {None}
+
+
+def tokens_before_stop(ids: list[int], stops: set[int]) -> int:
+    return next((position for position, token in enumerate(ids) if token in stops), len(ids))

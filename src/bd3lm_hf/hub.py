@@ -1,5 +1,6 @@
 """Hub export and push: a folder that loads with `trust_remote_code=True`, with a model card, and its upload."""
 
+import json
 import shutil
 from importlib import resources
 from pathlib import Path
@@ -12,6 +13,8 @@ from .modeling import BD3LMConfig, BD3LMForBlockDiffusion
 
 logger = logging.get_logger(__name__)
 
+# Flags that describe how a tokenizer was loaded, not the tokenizer: a Hub copy must not carry them.
+LOAD_TIME_TOKENIZER_FLAGS = ("is_local", "local_files_only")
 TAGS = ["block-diffusion", "bd3lm", "diffusion", "masked-diffusion", "text-generation", "custom_code"]
 PAPER_URL = "https://arxiv.org/abs/2503.09573"
 # The paper's test perplexities (upper bounds for diffusion models; L = 1024 on OWT) and generative perplexities
@@ -82,26 +85,69 @@ def export_for_hub(model, tokenizer, out_dir, repo_id: str | None = None, metric
                    overwrite: bool = False) -> Path:
     """Write a Hub-ready folder: config.json (with auto_map), the modeling code, model.safetensors,
     generation_config.json, tokenizer files and a README.md model card. Refuses an existing folder unless
-    `overwrite`."""
+    `overwrite`, and a tokenizer that does not fit the model."""
     out_dir = Path(out_dir)
-    if tokenizer is None:
-        raise HubError("export needs the tokenizer: a Hub model without one cannot be used by pipeline().")
-    if not isinstance(model, BD3LMForBlockDiffusion) and type(model).__name__ != "BD3LMForBlockDiffusion":
-        raise HubError(f"export_for_hub takes a BD3LMForBlockDiffusion, got {type(model).__name__} (merge LoRA "
-                       "adapters with merge_and_unload() first).")
-    if out_dir.exists() and any(out_dir.iterdir()):
-        if not overwrite:
-            raise HubError(f"{out_dir} exists and is not empty; pass overwrite=True (CLI: --overwrite).")
-        shutil.rmtree(out_dir)
+    _check_exportable(model, tokenizer)
+    _prepare_out_dir(out_dir, overwrite)
     repo_id = repo_id or out_dir.name
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
+    _finish_tokenizer_config(out_dir / "tokenizer_config.json", model.config.max_position_embeddings)
     summary = summary or f"A BD3-LM with block size {model.config.block_size}, trained with `bd3lm_hf`."
     card = render_card(model.config, repo_id, sum(p.numel() for p in model.parameters()), summary,
                        metrics=metrics, datasets=datasets, license=license)
     card.save(out_dir / "README.md")
     logger.info("exported %s (%d files)", out_dir, len(list(out_dir.iterdir())))
     return out_dir
+
+
+def _check_exportable(model, tokenizer) -> None:
+    from .conversion import raise_if_tokenizer_mismatch
+
+    if tokenizer is None:
+        raise HubError("export needs the tokenizer: a Hub model without one cannot be used by pipeline().")
+    if not isinstance(model, BD3LMForBlockDiffusion) and type(model).__name__ != "BD3LMForBlockDiffusion":
+        raise HubError(f"export_for_hub takes a BD3LMForBlockDiffusion, got {type(model).__name__} (merge LoRA "
+                       "adapters with merge_and_unload() first).")
+    raise_if_tokenizer_mismatch(tokenizer, model, HubError)  # the card's own snippet would fail with it
+
+
+def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise HubError(f"{out_dir} exists and is not a folder: pass a new or an existing folder's path.")
+    if out_dir.exists() and any(out_dir.iterdir()):
+        if not overwrite:
+            raise HubError(f"{out_dir} exists and is not empty; pass overwrite=True (CLI: --overwrite).")
+        shutil.rmtree(out_dir)
+
+
+def _finish_tokenizer_config(path: Path, max_position_embeddings: int) -> None:
+    """The saved tokenizer truncates at the model's context (pipeline(truncation=True) needs a finite length) and
+    carries no flags of the local load it came from. Edited on disk: the caller's tokenizer stays as it was."""
+    if not path.is_file():
+        return
+    fields = json.loads(path.read_text(encoding="utf-8"))
+    fields["model_max_length"] = max_position_embeddings
+    for flag in LOAD_TIME_TOKENIZER_FLAGS:
+        fields.pop(flag, None)
+    path.write_text(json.dumps(fields, indent=2, ensure_ascii=False, sort_keys=True) + "\n", encoding="utf-8")
+
+
+def load_for_export(model_folder, tokenizer_folder=None):
+    """The model and tokenizer of a saved folder (`tokenizer_folder` when the tokenizer lives elsewhere)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model_folder = Path(model_folder)
+    if not (model_folder / "config.json").is_file():
+        raise HubError(f"{model_folder} is not a saved model folder (no config.json): export takes the folder "
+                       "save_pretrained (or `bd3lm-hf train`) wrote.")
+    model = AutoModelForCausalLM.from_pretrained(model_folder, trust_remote_code=True)
+    tokenizer_folder = tokenizer_folder or model_folder
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder, trust_remote_code=True)
+    except (OSError, ValueError, TypeError):
+        raise HubError(f"no tokenizer in {tokenizer_folder}: pass --tokenizer FOLDER.") from None
+    return model, tokenizer
 
 
 def paper_card(name: str) -> ModelCard:

@@ -40,3 +40,13 @@ def gpt2_tokenizer_with_mask(padding_side: str = "left") -> PreTrainedTokenizerF
     if tokenizer.mask_token_id != len(vocab):
         raise RuntimeError(f"[MASK] landed at {tokenizer.mask_token_id}, expected {len(vocab)}")
     return tokenizer
+
+
+def check_tokenizer_fits(model, tokenizer) -> None:
+    """A tokenizer must produce ids the model knows and share its [MASK] id."""
+    if len(tokenizer) > model.config.vocab_size:
+        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens, more than the model's vocab_size="
+                         f"{model.config.vocab_size}; use the tokenizer the model was trained with.")
+    if tokenizer.mask_token_id != model.config.mask_token_id:
+        raise ValueError(f"the tokenizer's mask token id {tokenizer.mask_token_id} is not the model's mask_token_id="
+                         f"{model.config.mask_token_id}; use the tokenizer the model was trained with.")

@@ -22,7 +22,7 @@ from .compilation import compile_decoder_layers, should_compile_layers
 from .data import load_text_dataset, sft_tokenize, shakespeare_files, train_bpe_tokenizer, wrap_tokenize
 from .ema import EMACallback
 from .modeling import BD3LMConfig, BD3LMForBlockDiffusion
-from .tokenization import gpt2_tokenizer_with_mask
+from .tokenization import check_tokenizer_fits, gpt2_tokenizer_with_mask
 
 logger = logging.get_logger(__name__)
 
@@ -84,16 +84,6 @@ def build_tokenizer(config: BD3LMTrainingConfig, texts: list[str]):
     if tokenizer.mask_token_id is None:
         raise ValueError(f"tokenizer {name} has no mask token; block diffusion needs one.")
     return tokenizer
-
-
-def check_tokenizer_fits(model, tokenizer) -> None:
-    """A tokenizer must produce ids the model knows and share its [MASK] id."""
-    if len(tokenizer) > model.config.vocab_size:
-        raise ValueError(f"the tokenizer has {len(tokenizer)} tokens, more than the model's vocab_size="
-                         f"{model.config.vocab_size}; use the tokenizer the model was trained with.")
-    if tokenizer.mask_token_id != model.config.mask_token_id:
-        raise ValueError(f"the tokenizer's mask token id {tokenizer.mask_token_id} is not the model's mask_token_id="
-                         f"{model.config.mask_token_id}; use the tokenizer the model was trained with.")
 
 
 def load_datasets(config: BD3LMTrainingConfig):
