@@ -33,6 +33,8 @@ class BD3LMCache(DynamicCache):
 
     def evict(self, num_tokens: int) -> None:
         """Drop the oldest `num_tokens` committed tokens of every layer (sliding-window generation)."""
+        if num_tokens < 0:
+            raise ValueError(f"evict drops the oldest tokens: num_tokens must be >= 0, got {num_tokens}.")
         for layer in self.layers:
             if layer.is_initialized and layer.keys.numel():
                 layer.keys = layer.keys[..., num_tokens:, :]

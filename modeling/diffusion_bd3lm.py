@@ -81,9 +81,11 @@ def masked_token_nll(logits: torch.Tensor, x_t: torch.Tensor, x_0: torch.Tensor,
 
 def diffusion_nelbo_terms(logits: torch.Tensor, x_t: torch.Tensor, x_0: torch.Tensor, noise_levels: torch.Tensor,
                           block_size: int, mask_token_id: int) -> torch.Tensor:
-    """Per-token NELBO terms (B, L): (1/t) * -log p(x_0 | x_t) at masked positions, 0 elsewhere."""
+    """Per-token NELBO terms (B, L): (1/t) * -log p(x_0 | x_t) at masked positions, 0 elsewhere (also where t = 0:
+    such a block has no masked token, and its infinite weight must not meet a zero term)."""
     t = per_token_noise_levels(noise_levels.float(), block_size, x_t.shape[-1])
-    return loss_weights(t) * masked_token_nll(logits, x_t, x_0, mask_token_id)
+    nll = masked_token_nll(logits, x_t, x_0, mask_token_id)
+    return torch.where(x_t == mask_token_id, loss_weights(t) * nll, torch.zeros_like(nll))
 
 
 def block_diffusion_nelbo(logits: torch.Tensor, x_t: torch.Tensor, x_0: torch.Tensor, noise_levels: torch.Tensor,

@@ -302,6 +302,10 @@ class BD3LMModel(BD3LMPreTrainedModel):
         """With `x0_ids` (the 2L training pass) returns the hidden states of the x_t half only. `modulations`: the
         output of `adaln_modulations` for these timesteps, when the caller already has it."""
         batch, seq_len = input_ids.shape
+        if past_key_values is not None and self.gradient_checkpointing and self.training:
+            # the backward pass would run each layer again and write its keys/values into the cache a second time
+            raise ValueError("a KV cache cannot be combined with gradient checkpointing in training mode: call "
+                             "model.eval() to generate, or pass no past_key_values.")
         if isinstance(past_key_values, BD3LMStaticCache):
             queries, keys, position_ids, query_offset = self.static_cache_layout(
                 past_key_values, attention_mask, position_ids, batch, seq_len, input_ids.device)
@@ -319,11 +323,12 @@ class BD3LMModel(BD3LMPreTrainedModel):
         else:
             # 2L pass: both halves share positions 0..L-1 and the padding of attention_mask.
             kv_valid = _key_validity(attention_mask, batch, seq_len, input_ids.device)
+            positions = _positions_from_validity(kv_valid)  # blocks follow real tokens, as in the other modes
             if position_ids is None:
-                position_ids = _positions_from_validity(kv_valid)
+                position_ids = positions
             hidden_states = self.embed_tokens(torch.cat([input_ids, x0_ids], dim=1))
-            noisy = token_descriptors(position_ids, self.config.block_size, kv_valid, clean=False)
-            clean = token_descriptors(position_ids, self.config.block_size, kv_valid, clean=True)
+            noisy = token_descriptors(positions, self.config.block_size, kv_valid, clean=False)
+            clean = token_descriptors(positions, self.config.block_size, kv_valid, clean=True)
             keys = queries = concat_descriptors(noisy, clean)
             position_ids = position_ids.repeat(1, 2)
             query_offset = 0
@@ -416,15 +421,25 @@ class BD3LMForBlockDiffusion(BD3LMPreTrainedModel, BD3LMGenerationMixin):
         past_key_values (`BD3LMCache`, optional) / use_cache: attend to committed blocks. store_kv: `True` commits
             this call's keys/values, an int n commits its first n tokens (a finished block sent along with the first
             denoising step of the next one), `False` commits nothing.
+        output_hidden_states (`bool`, optional; default `config.output_hidden_states`): also return the embeddings
+            and each layer's output (the last one before the final modulated norm, as the original's blocks).
         num_items_in_batch (`int`, optional): loss denominator across gradient-accumulation steps (Trainer).
-        logits_to_keep (`int`, defaults to 0): compute logits for the last n positions only (0 = all).
+        logits_to_keep (`int` or `LongTensor`, defaults to 0): an int n computes logits for the last n positions
+            only (0 = all); a 1-D tensor, for those positions (transformers' convention).
         return_dict (`bool`, optional): False returns a tuple (transformers' `can_return_tuple`).
+
+        In the 2L pass, blocks follow each row's real tokens (attention_mask), while `noise_levels[:, k]` weights
+        the columns [k bs, (k+1) bs): left padding must therefore be a multiple of block_size (right padding, as
+        `DataCollatorForBlockDiffusion` pads, always is).
         """
         for name in ("inputs_embeds", "output_attentions"):  # transformers inputs this model does not implement
             if kwargs.get(name) is not None and kwargs.get(name) is not False:
                 raise ValueError(f"{name} is not supported by BD3-LM (pass input_ids; attention weights are not "
                                  "returned).")
         self.check_input_ids(input_ids)
+        _check_store_kv(store_kv)
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
         if past_key_values is None and use_cache:
             past_key_values = BD3LMCache()
         if past_key_values is not None and not isinstance(past_key_values, (BD3LMCache, BD3LMStaticCache)):
@@ -444,13 +459,16 @@ class BD3LMForBlockDiffusion(BD3LMPreTrainedModel, BD3LMGenerationMixin):
                              timesteps=timesteps, past_key_values=past_key_values, store_kv=store_kv,
                              output_hidden_states=bool(output_hidden_states), **kwargs)
         hidden_states = outputs.last_hidden_state
-        if logits_to_keep:
+        if isinstance(logits_to_keep, torch.Tensor) or logits_to_keep:
             if labels is not None and noise_levels is not None:
                 raise ValueError("logits_to_keep cannot be combined with the training loss (it needs every position).")
-            hidden_states = hidden_states[:, -logits_to_keep:]
+            kept = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+            hidden_states = hidden_states[:, kept]
         logits = self.lm_head(hidden_states)
 
         loss = None
+        if noise_levels is not None and labels is None:
+            logger.warning_once("noise_levels without labels: no loss is computed (the 2L pass needs labels = x_0).")
         if labels is not None and noise_levels is not None:
             loss = self.nelbo(logits, input_ids, x0_ids, labels, noise_levels, attention_mask, num_items_in_batch)
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values,
@@ -470,6 +488,8 @@ class BD3LMForBlockDiffusion(BD3LMPreTrainedModel, BD3LMGenerationMixin):
         if input_ids is None or input_ids.dim() != 2:
             shape = None if input_ids is None else tuple(input_ids.shape)
             raise ValueError(f"input_ids must be a (batch, seq_len) LongTensor, got shape {shape}.")
+        if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
+            raise ValueError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}.")
         if input_ids.shape[1] > self.config.max_position_embeddings:
             raise ValueError(f"sequence of {input_ids.shape[1]} tokens is longer than max_position_embeddings="
                              f"{self.config.max_position_embeddings}.")
@@ -487,16 +507,28 @@ class BD3LMForBlockDiffusion(BD3LMPreTrainedModel, BD3LMGenerationMixin):
         x0_ids = torch.where(labels == -100, input_ids, labels)
         self.check_input_ids(x0_ids)
         masked = x0_ids == self.config.mask_token_id
+        misaligned = torch.zeros((), dtype=torch.bool, device=input_ids.device)
         if attention_mask is not None:
             masked = masked & attention_mask.bool()
-        if bool(masked.any()):
+            left_padding = (attention_mask.cumsum(-1) == 0).sum(-1)
+            misaligned = (left_padding % self.config.block_size != 0).any()
+        has_mask, misaligned = torch.stack([masked.any(), misaligned]).tolist()  # one host read
+        if has_mask:
             raise ValueError(f"clean tokens (labels, or input_ids where labels == -100) contain the mask token id "
                              f"{self.config.mask_token_id}.")
+        if misaligned:
+            raise ValueError(f"the 2L pass needs left padding in multiples of block_size={self.config.block_size} "
+                             "(noise_levels are per column block); pad on the right, as "
+                             "DataCollatorForBlockDiffusion does.")
         return x0_ids
 
     def nelbo(self, logits, x_t, x_0, labels, noise_levels, attention_mask, num_items_in_batch):
         """Sum of (1/t) * -log p(x_0 | x_t) over masked tokens, divided by the number of scored tokens, through
         `self.loss_function` (transformers' hook: `compile_decoder_layers` swaps in a compiled one)."""
+        expected = (x_t.shape[0], x_t.shape[1] // self.config.block_size)
+        if tuple(noise_levels.shape) != expected:
+            raise ValueError(f"noise_levels must be (batch, seq_len / block_size) = {expected}, got "
+                             f"{tuple(noise_levels.shape)}.")
         scored = labels != -100
         if attention_mask is not None:
             scored = scored & attention_mask.bool()
@@ -504,3 +536,11 @@ class BD3LMForBlockDiffusion(BD3LMPreTrainedModel, BD3LMGenerationMixin):
             num_items_in_batch = torch.as_tensor(num_items_in_batch, device=logits.device)
         return self.loss_function(logits, x_t, x_0, noise_levels, scored, self.config.block_size,
                                   self.config.mask_token_id, num_items_in_batch)
+
+
+def _check_store_kv(store_kv) -> None:
+    """`store_kv`: True, False, or the number of leading tokens to commit (an int >= 0)."""
+    if isinstance(store_kv, bool):
+        return
+    if not isinstance(store_kv, int) or store_kv < 0:
+        raise ValueError(f"store_kv must be True, False or an int >= 0 (tokens to commit), got {store_kv!r}.")

@@ -217,7 +217,14 @@ def test_dropout_is_active_in_train_mode_only():
          "block_size=4 divides"),
         (dict(input_ids=torch.zeros(1, 8, dtype=torch.long), labels=torch.full((1, 8), MASK)), "mask token"),
         (dict(input_ids=torch.zeros(1, 8, dtype=torch.long), labels=torch.zeros(1, 8, dtype=torch.long),
-              noise_levels=torch.ones(1, 3)), "needs 2"),
+              noise_levels=torch.ones(1, 3)), r"noise_levels must be .* = \(1, 2\), got \(1, 3\)"),
+        (dict(input_ids=torch.zeros(2, 8, dtype=torch.long), labels=torch.zeros(2, 8, dtype=torch.long),
+              noise_levels=torch.ones(2)), r"got \(2,\)"),
+        (dict(input_ids=torch.ones(1, 8, dtype=torch.long), labels=torch.ones(1, 8, dtype=torch.long),
+              noise_levels=torch.ones(1, 2), attention_mask=torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1]])),
+         "left padding in multiples of block_size=4"),
+        (dict(input_ids=torch.zeros(1, 4)), "integer token ids"),
+        (dict(input_ids=torch.zeros(1, 4, dtype=torch.long), use_cache=True, store_kv=-1), "store_kv must be"),
         (dict(input_ids=torch.zeros(1, 8, dtype=torch.long), attention_mask=torch.ones(1, 7)), "attention_mask"),
         (dict(input_ids=torch.zeros(1, 4, dtype=torch.long), store_kv=True), "needs a cache"),
     ],
@@ -225,6 +232,56 @@ def test_dropout_is_active_in_train_mode_only():
 def test_bad_inputs_raise_clear_errors(model, kwargs, message):
     with pytest.raises(ValueError, match=message):
         model(**kwargs)
+
+
+def test_nelbo_of_a_block_with_t_zero_is_finite():
+    """t = 0 masks nothing: its block adds nothing to the loss (its 1/t weight never meets a zero term)."""
+    from bd3lm_hf.diffusion import block_diffusion_nelbo
+
+    logits = torch.randn(1, 8, 50)
+    x0 = torch.randint(0, MASK, (1, 8))
+    x_t = x0.clone()
+    x_t[0, 5] = MASK  # a masked token in block 1 only
+    loss = block_diffusion_nelbo(logits, x_t, x0, torch.tensor([[0.0, 0.5]]), torch.ones(1, 8, dtype=torch.bool), 4,
+                                 MASK)
+    assert torch.isfinite(loss) and loss > 0
+
+
+def test_logits_to_keep_and_output_hidden_states_follow_transformers(model):
+    x0, _ = noisy_batch()
+    with torch.no_grad():
+        full = model(input_ids=x0).logits
+        picked = model(input_ids=x0, logits_to_keep=torch.tensor([0, 5])).logits
+        assert torch.equal(picked, full[:, [0, 5]])
+        model.config.output_hidden_states = True
+        try:
+            assert len(model(input_ids=x0).hidden_states) == model.config.num_hidden_layers + 1
+        finally:
+            model.config.output_hidden_states = False
+
+
+def test_position_ids_do_not_move_the_blocks_of_the_2l_pass(model):
+    """position_ids feed rotary only, in every mode; blocks follow the real tokens (attention_mask)."""
+    x0, xt = noisy_batch()
+    t = torch.full((3, 8), 0.5)
+    shifted = torch.arange(32)[None].expand(3, 32) + 2  # half a block: the same rotary differences, other blocks
+    with torch.no_grad():
+        base = model(input_ids=xt, labels=x0, noise_levels=t).logits
+        moved = model(input_ids=xt, labels=x0, noise_levels=t, position_ids=shifted).logits
+    torch.testing.assert_close(moved, base, atol=1e-4, rtol=0)
+
+
+def test_gradient_checkpointing_refuses_a_cache_in_training(model):
+    from bd3lm_hf import BD3LMCache
+
+    model.gradient_checkpointing_enable()
+    model.train()
+    with pytest.raises(ValueError, match="gradient checkpointing"):
+        model(input_ids=torch.zeros(1, 4, dtype=torch.long), past_key_values=BD3LMCache(), store_kv=True)
+    model.eval()
+    model(input_ids=torch.zeros(1, 4, dtype=torch.long), past_key_values=BD3LMCache(), store_kv=True)
+    with pytest.raises(ValueError, match="num_tokens must be >= 0"):
+        BD3LMCache().evict(-4)
 
 
 def test_plain_dynamic_cache_is_refused(model):
