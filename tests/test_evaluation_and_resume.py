@@ -12,17 +12,12 @@ from transformers import TrainerCallback
 import bd3lm_hf.callbacks as callbacks
 from bd3lm_hf.ema import EMA_FILE, EMACallback
 from bd3lm_hf.training import build_trainer, resume_checkpoint, train
-from test_training import arguments, small_config
+from test_training import arguments, shakespeare_sets, small_config
 
 
 @pytest.fixture(scope="module")
 def small_data():
-    from bd3lm_hf.data import load_text_dataset, shakespeare_files, train_bpe_tokenizer, wrap_tokenize
-
-    raw = load_text_dataset(shakespeare_files()[:1])
-    tokenizer = train_bpe_tokenizer(raw["text"], 256)
-    data = wrap_tokenize(raw, tokenizer, 32, 4)
-    return data.select(range(48)), data.select(range(160, 176)), tokenizer
+    return shakespeare_sets(train_rows=48, eval_rows=16)
 
 
 def history(trainer, key):

@@ -28,12 +28,17 @@ def arguments(out, **overrides):
     return TrainingArguments(str(out), **fields)
 
 
-@pytest.fixture(scope="module")
-def small_data():
+def shakespeare_sets(train_rows: int = 160, eval_rows: int = 32):
+    """(train, eval, tokenizer): sequences of 32 tokens of one play, BPE of 256 trained on it."""
     raw = load_text_dataset(shakespeare_files()[:1])
     tokenizer = train_bpe_tokenizer(raw["text"], 256)
     data = wrap_tokenize(raw, tokenizer, 32, 4)
-    return data.select(range(160)), data.select(range(160, 192)), tokenizer
+    return data.select(range(train_rows)), data.select(range(160, 160 + eval_rows)), tokenizer
+
+
+@pytest.fixture(scope="module")
+def small_data():
+    return shakespeare_sets()
 
 
 def small_config(**overrides):
