@@ -40,6 +40,9 @@ def q_xt(input_ids: torch.Tensor, noise_levels: torch.Tensor, block_size: int, m
 
     keep (B, L) bool, optional: positions never noised (a prompt, a BOS token).
     """
+    if keep is not None and (keep.dtype != torch.bool or keep.shape != input_ids.shape):
+        raise ValueError(f"keep must be a bool tensor of the shape of input_ids {tuple(input_ids.shape)}, got "
+                         f"{keep.dtype} {tuple(keep.shape)}.")
     t = per_token_noise_levels(noise_levels, block_size, input_ids.shape[-1])
     move = torch.rand(input_ids.shape, generator=generator, device=input_ids.device) <= t
     if keep is not None:

@@ -359,7 +359,7 @@ class BD3LMModel(BD3LMPreTrainedModel):
         """Descriptors over the whole preallocated buffer, computed from the cursor tensor (no host sync): keys
         past cursor + seq_len are stale and masked out."""
         start = cache.committed_length().to(device)
-        kv_valid = _key_validity(attention_mask, batch, cache.capacity, device)
+        kv_valid = _key_validity(attention_mask, batch, cache.capacity, device, "static cache capacity")
         kv_valid = kv_valid & (torch.arange(cache.capacity, device=device) < start + seq_len)
         positions = _positions_from_validity(kv_valid)
         query_index = start + torch.arange(seq_len, device=device)
@@ -370,13 +370,14 @@ class BD3LMModel(BD3LMPreTrainedModel):
         return queries, keys, position_ids, start
 
 
-def _key_validity(attention_mask, batch: int, kv_length: int, device) -> torch.Tensor:
+def _key_validity(attention_mask, batch: int, kv_length: int, device,
+                  length_name: str = "past + current length") -> torch.Tensor:
     """(B, kv_length) bool: which keys (cache + this call) are real tokens."""
     if attention_mask is None:
         return torch.ones(batch, kv_length, dtype=torch.bool, device=device)
     if attention_mask.dim() != 2 or attention_mask.shape != (batch, kv_length):
         raise ValueError(
-            f"attention_mask must have shape (batch, past + current length) = ({batch}, {kv_length}), "
+            f"attention_mask must have shape (batch, {length_name}) = ({batch}, {kv_length}), "
             f"got {tuple(attention_mask.shape)}.")
     return attention_mask.bool()
 
@@ -447,6 +448,11 @@ class BD3LMForBlockDiffusion(BD3LMPreTrainedModel, BD3LMGenerationMixin):
                              f"committing), got {type(past_key_values).__name__}.")
         if store_kv and past_key_values is None:
             raise ValueError("store_kv=True needs a cache: pass past_key_values or use_cache=True.")
+        if isinstance(past_key_values, BD3LMStaticCache):
+            free = past_key_values.capacity - past_key_values.get_seq_length()
+            if input_ids.shape[1] > free:
+                raise ValueError(f"{input_ids.shape[1]} tokens do not fit the static cache: {free} of its "
+                                 f"{past_key_values.capacity} positions are free (reset() it, or use BD3LMCache).")
         x0_ids = None
         if labels is not None:
             if past_key_values is not None:

@@ -69,3 +69,11 @@ def test_nelbo_terms_weight_masked_tokens_by_inverse_t():
 def test_sigma_is_capped_like_the_original():
     sigma = sigma_from_noise_level(torch.tensor([0.0, 0.5, 1.0]))
     torch.testing.assert_close(sigma, torch.tensor([0.0, 0.6931472, 6.9077554]))
+
+
+def test_q_xt_refuses_a_keep_that_is_not_a_bool_mask_of_the_input():
+    x0 = torch.randint(0, 10, (2, 8))
+    with pytest.raises(ValueError, match="keep must be a bool tensor"):
+        q_xt(x0, torch.full((2, 2), 0.5), 4, 99, keep=torch.zeros(2, 8, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"of the shape of input_ids \(2, 8\)"):
+        q_xt(x0, torch.full((2, 2), 0.5), 4, 99, keep=torch.zeros(2, 4, dtype=torch.bool))

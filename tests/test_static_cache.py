@@ -50,6 +50,10 @@ def test_static_cache_buffers_keep_their_shape_and_cursor_follows_store_kv(gen_m
     gen_model(input_ids=ids[:, 4:8], attention_mask=valid, past_key_values=cache, use_cache=True, store_kv=True)
     assert cache.get_seq_length() == 8 and [tuple(layer.keys.shape) for layer in cache.layers] == shapes == [(2, 4, 16, 8)] * 2
     assert cache.is_compileable
+    with pytest.raises(ValueError, match="12 tokens do not fit the static cache: 8 of its 16 positions are free"):
+        gen_model(input_ids=ids[:, :12], attention_mask=valid, past_key_values=cache, use_cache=True)
+    with pytest.raises(ValueError, match=r"\(batch, static cache capacity\) = \(2, 16\)"):
+        gen_model(input_ids=ids[:, :4], attention_mask=valid[:, :12], past_key_values=cache, use_cache=True)
 
 
 def test_static_cache_call_equals_no_cache_logits(gen_model):
