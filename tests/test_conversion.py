@@ -223,6 +223,24 @@ def test_to_original_reads_a_sharded_folder(fixtures, tmp_path):
     assert (tmp_path / "original" / "model.safetensors").read_bytes() == original_weights
 
 
+def test_a_sharded_original_folder_converts_as_the_single_file(fixtures, tmp_path):
+    source = fixtures / "bd3lm_public"
+    weights = load_file(str(source / "model.safetensors"))
+    names = sorted(weights)
+    shards = {"model-00001-of-00002.safetensors": names[::2], "model-00002-of-00002.safetensors": names[1::2]}
+    sharded = tmp_path / "sharded"
+    sharded.mkdir()
+    shutil.copy(source / "config.json", sharded / "config.json")
+    for shard, keys in shards.items():
+        save_file({key: weights[key] for key in keys}, str(sharded / shard), metadata={"format": "pt"})
+    index = {"metadata": {}, "weight_map": {key: shard for shard, keys in shards.items() for key in keys}}
+    (sharded / "model.safetensors.index.json").write_text(json.dumps(index))
+    for name, model in (("single", load_original(source)), ("sharded", load_original(sharded))):
+        model.save_pretrained(tmp_path / name)
+    single, from_shards = (load_file(str(tmp_path / name / "model.safetensors")) for name in ("single", "sharded"))
+    assert single.keys() == from_shards.keys() and all(torch.equal(single[k], from_shards[k]) for k in single)
+
+
 def test_code_from_copies_the_original_code_and_its_relative_imports(fixtures, tmp_path, caplog):
     download = tmp_path / "download"  # stands for `hf download kuleshov-group/...`: stand-in code, not the original
     download.mkdir()

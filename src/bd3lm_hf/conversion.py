@@ -217,7 +217,7 @@ def load_original(src: str | os.PathLike, original_config: dict | None = None) -
             raise ConversionError(f"{src} is already in this package's format; to write the original format, "
                                   "convert it with --to-original.")
         original_config = merge_config_fields(recorded, original_config)
-        state_dict = read_safetensors(src / SAFE_WEIGHTS_NAME)
+        state_dict = read_folder_weights(src)
     elif src.suffix == ".ckpt":
         state_dict = read_lightning_checkpoint(src)
         original_config = merge_config_fields(config_fields_from_weights(state_dict), original_config)
@@ -336,7 +336,7 @@ def convert_to_original(src: str | os.PathLike, dst: str | os.PathLike,
     download of an original Hub repo, provides them; without it the folder loads only once they are added."""
     src, dst = Path(src), Path(dst)
     config = read_our_config(src)
-    state_dict = read_our_weights(src)
+    state_dict = read_folder_weights(src)
     if any(key.startswith(ORIGINAL_PREFIX) for key in state_dict):
         raise ConversionError(f"{src} holds original (`backbone.`) weights: it is already in the original format; "
                               "convert it without --to-original.")
@@ -371,8 +371,9 @@ def read_our_config(folder: Path) -> BD3LMConfig:
     return BD3LMConfig.from_dict(fields)
 
 
-def read_our_weights(folder: Path) -> dict[str, torch.Tensor]:
-    """The state dict of `model.safetensors`, or of the shards listed by `model.safetensors.index.json`."""
+def read_folder_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """The state dict of a Hub folder (either format): `model.safetensors`, or the shards listed by
+    `model.safetensors.index.json`."""
     if (folder / SAFE_WEIGHTS_NAME).is_file() or not (folder / SAFE_WEIGHTS_INDEX_NAME).is_file():
         return read_safetensors(folder / SAFE_WEIGHTS_NAME)
     weight_map = read_json(folder / SAFE_WEIGHTS_INDEX_NAME).get("weight_map")
