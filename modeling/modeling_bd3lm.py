@@ -475,6 +475,9 @@ class BD3LMForBlockDiffusion(BD3LMPreTrainedModel, BD3LMGenerationMixin):
         loss = None
         if noise_levels is not None and labels is None:
             logger.warning_once("noise_levels without labels: no loss is computed (the 2L pass needs labels = x_0).")
+        if labels is not None and noise_levels is None:
+            logger.warning_once("labels without noise_levels: no loss is computed (it needs the per-block t that made "
+                                "input_ids; DataCollatorForBlockDiffusion provides both).")
         if labels is not None and noise_levels is not None:
             loss = self.nelbo(logits, input_ids, x0_ids, labels, noise_levels, attention_mask, num_items_in_batch)
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values,

@@ -172,6 +172,18 @@ def test_loss_is_sum_over_masked_divided_by_scored_tokens(model):
     assert model(input_ids=xt, labels=x0).loss is None
 
 
+def test_a_2l_call_missing_half_its_inputs_warns_that_it_has_no_loss(model, caplog):
+    from transformers.utils import logging as hf_logging
+
+    x0, xt = noisy_batch()
+    hf_logging.warning_once.cache_clear()  # each warning is logged once per process
+    with caplog.at_level("WARNING"):
+        assert model(input_ids=xt, labels=x0).loss is None
+        assert model(input_ids=xt, noise_levels=torch.full((3, 8), 0.5)).loss is None
+    assert "labels without noise_levels: no loss is computed" in caplog.text
+    assert "noise_levels without labels: no loss is computed" in caplog.text
+
+
 def test_gradient_checkpointing_gives_the_same_gradients():
     x0, xt = noisy_batch()
     t = torch.full((3, 8), 0.5)
