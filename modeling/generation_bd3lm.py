@@ -187,7 +187,8 @@ def unpack_schedule(schedule):
 
 
 def processor_context(canvas, valid, start: int, end: int, state):
-    """The sequence before the block, left-padded as transformers' processors expect it (None without processors).
+    """The sequence before the block, left-padded as transformers' processors expect it (None without processors);
+    the same for every step of the block.
 
     In the first block it also holds the prompt's tail (fixed tokens inside the block), right-aligned with the rest
     of each row's prompt."""
@@ -557,6 +558,7 @@ class BD3LMGenerationMixin(GenerationMixin):
         commits the previous block. A time-conditioned model's scores depend on the step's time: never reused (as
         the original MDLM sampler)."""
         constants = state["constants"]
+        context = processor_context(canvas, valid, start, end, state)  # fixed for the block
         scores, stale = None, True
         for step in range(num_steps):
             noise = self.step_noise(canvas, state, end - start)
@@ -564,8 +566,7 @@ class BD3LMGenerationMixin(GenerationMixin):
             time, reveal_probability = unpack_schedule(step_schedule(state, step))
             if stale and (step == 0 or bool(((block == constants.rule.mask_token_id) & ~fixed).any())):
                 logits = self.block_logits(canvas, valid, start, end, cache, state, self.step_timesteps(block, time))
-                scores = step_scores(logits, banned_eos, constants,
-                                     processor_context(canvas, valid, start, end, state))
+                scores = step_scores(logits, banned_eos, constants, context)
             new_block = sample_step(scores, block, fixed, noise, reveal_probability, constants.rule)
             stale = self.config.time_conditioning or bool((new_block != block).any())
             canvas[:, start:end] = new_block
@@ -582,6 +583,7 @@ class BD3LMGenerationMixin(GenerationMixin):
         # columns past the canvas are masked (the cursor rule masks them too)
         mask = cache.step_input("attention_mask", F.pad(valid, (0, cache.capacity - valid.shape[1]), value=True))
         fixed, banned_eos = cache.step_input("fixed", fixed), cache.step_input("banned_eos", banned_eos)
+        context = processor_context(canvas, valid, start, end, state)  # fixed for the block
         for step in range(num_steps):
             noise = self.step_noise(canvas, state, width, cache)
             committed = state["committed"]
@@ -594,7 +596,7 @@ class BD3LMGenerationMixin(GenerationMixin):
                 schedule = cache.step_input("schedule", schedule)
             canvas[:, start:end] = state["step"](
                 tokens, mask, cache, start - committed or False, fixed, banned_eos, noise, schedule,
-                state["constants"], processor_context(canvas, valid, start, end, state))
+                state["constants"], context)
             state["committed"] = start
             state["nfe"] += 1
             if state["history"] is not None:

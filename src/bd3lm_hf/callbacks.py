@@ -85,10 +85,8 @@ class BlockDiffusionCallback(TrainerCallback):
         self.collator.training = False
 
     def on_save(self, args, state, control, **kwargs):
-        path = Path(args.output_dir) / f"checkpoint-{state.global_step}" / COLLATOR_STATE
-        path.write_text(json.dumps({"train_range": list(self.collator.train_range),
-                                    "range_changes": [[start, list(bounds)]
-                                                      for start, bounds in self.collator.range_changes]}))
+        changes = [[start, list(bounds)] for start, bounds in self.collator.range_changes]
+        (checkpoint_folder(args, state) / COLLATOR_STATE).write_text(json.dumps({"range_changes": changes}))
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         # Back to training noise before the next training batch is fetched (the data loader fetches one batch
@@ -105,7 +103,8 @@ class BlockDiffusionCallback(TrainerCallback):
 
 
 def checkpoint_folder(args, state, resume_from: str | None = None) -> Path:
-    """The checkpoint a resumed run restarts from: `resume_from`, else Trainer's `output_dir/checkpoint-<step>`."""
+    """The checkpoint folder of this step: `resume_from` when given (a resumed run's source), else where Trainer
+    writes it, `output_dir/checkpoint-<step>`."""
     return Path(resume_from) if resume_from else Path(args.output_dir) / f"checkpoint-{state.global_step}"
 
 

@@ -77,7 +77,7 @@ class EMACallback(TrainerCallback):
         self.swap_out(model)
 
     def on_save(self, args, state, control, **kwargs):
-        self.save(Path(args.output_dir) / f"checkpoint-{state.global_step}" / EMA_FILE)
+        self.save(checkpoint_folder(args, state) / EMA_FILE)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         self.swap_out(model)
