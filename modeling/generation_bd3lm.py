@@ -23,9 +23,10 @@ logger = logging.get_logger(__name__)
 
 # Defaults of fields left unset by the user and the model: transformers' (what `GenerationMixin.generate` applies),
 # then block diffusion's own.
-HF_DEFAULTS = {"max_length": 20, "do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0, "use_cache": True,
+HF_DEFAULTS = {"do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0, "use_cache": True,
                "num_return_sequences": 1}
 BD3LM_DEFAULTS = {"sampler": "ddpm", "confidence_threshold": 0.9, "entropy_stop": False, "output_history": False}
+DEFAULT_MAX_NEW_TOKENS = 20  # transformers' default when neither max_new_tokens nor max_length is set anywhere
 # what a fullgraph compilation raises past the recompile limit (the name changed across torch versions)
 RECOMPILE_LIMIT_ERRORS = tuple(getattr(torch._dynamo.exc, name) for name in
                                ("FailOnRecompileLimitHit", "FailOnCacheLimitHit") if hasattr(torch._dynamo.exc, name))
@@ -80,6 +81,7 @@ class BD3LMGenerationConfig(GenerationConfig):
         self.confidence_threshold = confidence_threshold
         self.entropy_stop = entropy_stop
         self.output_history = output_history
+        self.validate()  # the base class validated before these fields existed
 
     @classmethod
     def from_model_config(cls, model_config) -> "BD3LMGenerationConfig":
@@ -88,29 +90,45 @@ class BD3LMGenerationConfig(GenerationConfig):
         return cls(**{name: config[name] for name in ("bos_token_id", "eos_token_id", "pad_token_id")
                       if config.get(name) is not None})
 
+    def validate(self, strict=False, user_set_attributes=None, **kwargs):
+        """transformers' checks, then those of the block-diffusion fields that do not depend on the model (run on
+        construction, `update` and `save_pretrained`, so a bad value is refused before it is saved); None = unset."""
+        super().validate(strict=strict, user_set_attributes=user_set_attributes, **kwargs)
+        sampler = getattr(self, "sampler", None)
+        if sampler is not None and sampler not in SAMPLERS:
+            raise ValueError(f"unknown sampler {sampler!r}; allowed: {', '.join(SAMPLERS)}.")
+        for name in ("block_size", "num_steps"):
+            value = getattr(self, name, None)
+            if value is not None and (not _is_int(value) or value < 1):
+                raise ValueError(f"{name} must be a positive int, got {value!r}.")
+        threshold = getattr(self, "confidence_threshold", None)
+        if threshold is not None and (not _is_number(threshold) or not 0.0 <= threshold <= 1.0):
+            raise ValueError(f"confidence_threshold must be a number in [0, 1], got {threshold!r}.")
+        for name in ("entropy_stop", "output_history"):
+            value = getattr(self, name, None)
+            if value is not None and not isinstance(value, bool):
+                raise ValueError(f"{name} must be True or False, got {value!r}.")
+
     def validate_for(self, model_config) -> None:
-        """Raise a ValueError for settings block diffusion cannot honour; warn where it can proceed."""
+        """Raise a ValueError for settings block diffusion cannot honour for this model; warn where it can proceed."""
+        self.validate()
         for name, neutral in UNSUPPORTED.items():
             value = getattr(self, name, None)
             if value is not None and not any(value == allowed for allowed in neutral):
                 allowed = " or ".join(repr(off) for off in (None, *neutral))
                 raise ValueError(f"{name}={value!r} is not supported by block-diffusion generation (allowed: "
                                  f"{allowed}).")
-        if self.sampler not in SAMPLERS:
-            raise ValueError(f"unknown sampler {self.sampler!r}; allowed: {', '.join(SAMPLERS)}.")
         block_size = self.block_size
-        if not isinstance(block_size, int) or block_size < 1:
-            raise ValueError(f"block_size must be a positive int, got {block_size!r}.")
         if model_config.max_position_embeddings % block_size:
             raise ValueError(f"block_size={block_size} must divide the context max_position_embeddings="
                              f"{model_config.max_position_embeddings}.")
         if block_size != model_config.block_size:
             logger.warning(f"generating with block_size={block_size}, but the model was trained with block_size="
                            f"{model_config.block_size}; expect worse samples.")
-        if not isinstance(self.num_steps, int) or self.num_steps < 1:
-            raise ValueError(f"num_steps must be a positive int, got {self.num_steps!r}.")
-        if not 0.0 <= self.confidence_threshold <= 1.0:
-            raise ValueError(f"confidence_threshold must be in [0, 1], got {self.confidence_threshold}.")
+        for name in ("max_new_tokens", "max_length", "min_new_tokens", "min_length"):
+            value = getattr(self, name)
+            if value is not None and (not _is_int(value) or value < 0):
+                raise ValueError(f"{name} must be an int >= 0, got {value!r}.")
         if self.max_new_tokens is not None and self.max_new_tokens <= 0:
             raise ValueError(f"max_new_tokens must be > 0, got {self.max_new_tokens}.")
         if not isinstance(self.num_return_sequences, int) or self.num_return_sequences < 1:
@@ -199,9 +217,17 @@ def processor_context(canvas, valid, start: int, end: int, state):
     if start != state["first_block"] or not bool(tail.any()):  # the tail only lies in the first block
         return before
     real = torch.cat([valid[:, :start], tail], dim=1)
+    return left_padded(canvas[:, :end], real, state["pad_id"], int(real.sum(-1).max()))
+
+
+def left_padded(tokens, real, pad_id: int, width: int):
+    """Each row's real tokens, in order and right-aligned in `width` columns (padding on the left), as transformers'
+    processors and stopping criteria expect a batch: the last column holds every row's latest token."""
     order = real.int().sort(dim=1, stable=True).indices  # each row: padding first, then its tokens in order
-    tokens = torch.where(real, canvas[:, :end], state["pad_id"]).gather(1, order)
-    return tokens[:, -int(real.sum(-1).max()):]  # no column that is padding in every row
+    packed = torch.where(real, tokens, pad_id).gather(1, order)
+    if width > packed.shape[1]:
+        return F.pad(packed, (width - packed.shape[1], 0), value=pad_id)
+    return packed[:, packed.shape[1] - width:]
 
 
 # --- generate -----------------------------------------------------------------------------------------------------
@@ -222,6 +248,12 @@ class BD3LMGenerationMixin(GenerationMixin):
             if getattr(config, name, None) is None:
                 setattr(config, name, value)
         unused = config.update(**kwargs)
+        for name, value in BD3LM_DEFAULTS.items():  # an explicit None means unset, as for transformers' fields
+            if getattr(config, name) is None:
+                setattr(config, name, value)
+        if config.num_steps is not None and config.sampler != "ddpm":
+            logger.warning_once(f"num_steps={config.num_steps} applies to the ddpm sampler only; {config.sampler} "
+                                "reveals one position per call or more (up to block_size calls per block).")
         if config.block_size is None:
             config.block_size = self.config.block_size
         if config.num_steps is None:
@@ -287,8 +319,14 @@ class BD3LMGenerationMixin(GenerationMixin):
         """
         # 1. configuration and inputs
         config, unused = self.resolve_generation_config(generation_config, kwargs)
+        if "past_key_values" in unused:
+            raise ValueError("generate() starts from a prompt and builds its own cache: continuing from "
+                             "past_key_values is not supported; pass the whole text so far as the prompt.")
         if unused:
             raise ValueError(f"generate() got arguments it does not use: {sorted(unused)}.")
+        if self.training and self.config.hidden_dropout > 0:
+            logger.warning_once("generate() runs with the model in training mode: dropout is active, so even greedy "
+                                "output is random. Call model.eval() first.")
         if inputs is not None and input_ids is not None:
             raise ValueError("pass the prompts once: as `inputs` (the first argument) or as `input_ids`.")
         input_ids, attention_mask = self.prepare_prompts(input_ids if inputs is None else inputs, attention_mask,
@@ -304,6 +342,9 @@ class BD3LMGenerationMixin(GenerationMixin):
         max_new_tokens = _max_new_tokens(config, prompt_width)
         if config.min_length:  # transformers' min_length counts the prompt
             config.min_new_tokens = max(config.min_new_tokens or 0, config.min_length - prompt_width)
+        if (config.min_new_tokens or 0) > max_new_tokens:
+            logger.warning(f"min_new_tokens={config.min_new_tokens} is more than the {max_new_tokens} new tokens "
+                           "allowed: generation stops at the maximum length.")
         mask_id, bs = self.config.mask_token_id, config.block_size
         eos_ids = _as_id_tensor(config.eos_token_id, input_ids.device)
         pad_id = _first_id(config.pad_token_id, config.eos_token_id, default=mask_id)
@@ -517,17 +558,23 @@ class BD3LMGenerationMixin(GenerationMixin):
         return sigma_from_noise_level(block_noise_level(block, self.config.mask_token_id, time))
 
     def prepare_prompts(self, input_ids, attention_mask, config):
-        """Validate the prompts; an empty prompt starts from BOS."""
+        """Validate the prompts; an empty prompt starts from BOS; without `attention_mask`, padding is inferred as
+        transformers does (`input_ids != pad_token_id` where the pad id occurs and differs from EOS)."""
+        if input_ids is not None and (not isinstance(input_ids, torch.Tensor) or input_ids.is_floating_point()
+                                      or input_ids.dtype == torch.bool):
+            kind = input_ids.dtype if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+            raise ValueError(f"input_ids must be an integer torch.Tensor (batch, seq_len), got {kind}; e.g. "
+                             "tokenizer(texts, return_tensors='pt', padding=True).")
         if input_ids is None or input_ids.shape[-1] == 0:
             if config.bos_token_id is None:
                 raise ValueError("an empty prompt needs a bos_token_id (in the model or generation config) to start.")
             batch = 1 if input_ids is None else input_ids.shape[0]
             input_ids = torch.full((batch, 1), config.bos_token_id, dtype=torch.long, device=self.device)
-            attention_mask = None
+            attention_mask = torch.ones_like(input_ids)
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, seq_len), got shape {tuple(input_ids.shape)}.")
         if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
+            attention_mask = infer_attention_mask(input_ids, config.pad_token_id, config.eos_token_id)
         if attention_mask.shape != input_ids.shape:
             raise ValueError(f"attention_mask {tuple(attention_mask.shape)} must have the shape of input_ids "
                              f"{tuple(input_ids.shape)}.")
@@ -654,8 +701,13 @@ class BD3LMGenerationMixin(GenerationMixin):
             streamer.put(block[is_new].cpu())
         done = done | (index[:, -1] >= max_new_tokens - 1)
         if len(stopping_criteria):
-            produced = _gather_new_tokens(canvas[:, :end], first_new, int(index[:, -1].max()) + 1, pad_id)
-            done = done | stopping_criteria(torch.cat([prompts, produced], dim=1), None).to(done.device)
+            # every row's prompt and new tokens, right-aligned: the criteria read a row's latest token in the last
+            # column even when rows have produced different numbers of tokens (prompts of other lengths mod bs)
+            # (the last block may run past max_new_tokens: those tokens are never returned, nor shown)
+            real = valid[:, :end] & (torch.arange(end, device=canvas.device)[None] < (first_new + max_new_tokens)[:, None])
+            width = prompts.shape[1] + min(int(index[:, -1].max()) + 1, max_new_tokens)
+            sequences = left_padded(canvas[:, :end], real, pad_id, width)
+            done = done | stopping_criteria(sequences, None).to(done.device)
         if config.entropy_stop:
             done = done | low_entropy_rows(canvas[:, :end], valid[:, :end])
         return done
@@ -695,6 +747,19 @@ def start_block(canvas, valid, prompt_tail, done, start: int, block_size: int, p
     return prompt_tail[:, start:end] | done[:, None]
 
 
+def infer_attention_mask(input_ids, pad_token_id, eos_token_id):
+    """transformers' rule for a missing attention_mask: padding where the pad id occurs, unless it is also an EOS id
+    (then it cannot be told from text: all ones, with a warning for a batch)."""
+    eos_ids = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
+    if pad_token_id is not None and pad_token_id not in eos_ids and bool((input_ids == pad_token_id).any()):
+        return (input_ids != pad_token_id).long()
+    if input_ids.shape[0] > 1:
+        logger.warning_once("the attention mask is not set with a batched input and cannot be inferred (no pad "
+                            "token id, or the pad id is an EOS id): every token is taken as real. Pass the "
+                            "tokenizer's attention_mask to generate() for reliable results.")
+    return torch.ones_like(input_ids)
+
+
 def _gather_new_tokens(canvas, first_new, count: int, pad_id: int):
     """(B, count): the `count` canvas tokens of each row from its first new column; pad past the canvas."""
     columns = first_new[:, None] + torch.arange(count, device=canvas.device)[None]
@@ -710,12 +775,29 @@ def _check_generator(generator, device) -> None:
 
 
 def _max_new_tokens(config, prompt_width: int) -> int:
+    """transformers' rule: `max_new_tokens` wins over `max_length` (which counts the prompt); neither set: 20 new
+    tokens (no cap at the context: the dynamic cache slides past it)."""
     if config.max_new_tokens is not None:
-        return config.max_new_tokens
-    if config.max_length is not None and config.max_length > prompt_width:
-        return config.max_length - prompt_width
-    raise ValueError(f"set max_new_tokens (max_length={config.max_length} leaves no room after a prompt of "
-                     f"{prompt_width} tokens).")
+        if config.max_length is not None:
+            logger.warning(f"both max_new_tokens (={config.max_new_tokens}) and max_length (={config.max_length}) "
+                           "are set; max_new_tokens takes precedence.")
+        max_new_tokens = config.max_new_tokens
+    elif config.max_length is None:
+        max_new_tokens = DEFAULT_MAX_NEW_TOKENS
+    elif config.max_length > prompt_width:
+        max_new_tokens = config.max_length - prompt_width
+    else:
+        raise ValueError(f"max_length={config.max_length} leaves no room after a prompt of {prompt_width} tokens: "
+                         "set max_new_tokens, or a larger max_length.")
+    return max_new_tokens
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _as_id_tensor(ids, device):

@@ -9,6 +9,7 @@ from conftest import random_model
 from transformers import (AutoModelForCausalLM, AutoTokenizer, LogitsProcessorList, NoBadWordsLogitsProcessor,
                           NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor, SequenceBiasLogitsProcessor,
                           StoppingCriteria, StoppingCriteriaList, SuppressTokensLogitsProcessor, pipeline)
+from transformers.generation.stopping_criteria import EosTokenCriteria
 from transformers.generation.streamers import BaseStreamer
 
 from bd3lm_hf import BD3LMCache
@@ -163,6 +164,73 @@ def test_stopping_criteria_stop_rows(gen_model):
     assert (out.sequences[:, -8:] == 0).all()
 
 
+def test_stopping_criteria_see_every_rows_latest_token_in_the_last_column(gen_model):
+    # prompts of lengths 7, 4, 10 (mod 4: 3, 0, 2) produce different numbers of tokens per block; a criterion on the
+    # last column (transformers' EOS criterion) must not read padding there when a pad id doubles as EOS
+    ids, mask = prompts()
+    free = gen_model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
+    never = next(token for token in range(MASK) if not (free[:, ids.shape[1]:] == token).any())
+    seen = []
+
+    class Record(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            seen.append(input_ids.clone())
+            return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+
+    criteria = StoppingCriteriaList([EosTokenCriteria(never), Record()])
+    out = gen_model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, pad_token_id=never,
+                             stopping_criteria=criteria)
+    assert torch.equal(out, free)
+    for row, length in enumerate((7, 4, 10)):  # after the last block: the row's prompt and new tokens, right-aligned
+        real = torch.cat([ids[row, mask[row].bool()], free[row, ids.shape[1]:]])
+        assert torch.equal(seen[-1][row, -len(real):], real)
+        assert (seen[-1][row, :-len(real)] == never).all()
+
+
+def test_default_length_is_20_new_tokens_as_in_transformers(gen_model, caplog):
+    for length in (5, 25, 120):  # 120: past the context of 128, the dynamic cache slides
+        assert gen_model.generate(torch.randint(0, MASK, (1, length)), do_sample=False).shape == (1, length + 20)
+    assert gen_model.generate(torch.randint(0, MASK, (1, 5)), max_length=12).shape == (1, 12)
+    with caplog.at_level(logging.WARNING):
+        out = gen_model.generate(torch.randint(0, MASK, (1, 5)), max_length=12, max_new_tokens=3)
+    assert out.shape == (1, 8) and "max_new_tokens takes precedence" in caplog.text
+    with pytest.raises(ValueError, match="max_length=5 leaves no room"):
+        gen_model.generate(torch.randint(0, MASK, (1, 5)), max_length=5)
+
+
+def test_missing_attention_mask_is_inferred_from_the_pad_id(gen_model):
+    ids, mask = prompts()
+    padded = ids.masked_fill(mask == 0, 17)  # 17 occurs nowhere else in these prompts
+    assert not (ids[mask.bool()] == 17).any()
+    with_mask = gen_model.generate(padded, attention_mask=mask, max_new_tokens=6, do_sample=False, pad_token_id=17)
+    inferred = gen_model.generate(padded, max_new_tokens=6, do_sample=False, pad_token_id=17)
+    assert torch.equal(inferred, with_mask)
+    # pad id == EOS id: padding cannot be told from text (transformers' rule), every token counts
+    as_text = gen_model.generate(padded, max_new_tokens=6, do_sample=False, pad_token_id=17, eos_token_id=17)
+    all_ones = gen_model.generate(padded, attention_mask=torch.ones_like(mask), max_new_tokens=6, do_sample=False,
+                                  pad_token_id=17, eos_token_id=17)
+    assert torch.equal(as_text, all_ones) and not torch.equal(as_text, with_mask)
+
+
+def test_block_diffusion_settings_are_validated_on_save(gen_model, tmp_path):
+    with pytest.raises(ValueError, match="unknown sampler 'foo'"):
+        BD3LMGenerationConfig(sampler="foo")
+    config = BD3LMGenerationConfig(sampler="first_hitting", block_size=4)
+    config.save_pretrained(tmp_path / "good")
+    assert BD3LMGenerationConfig.from_pretrained(tmp_path / "good").sampler == "first_hitting"
+    for name, value in (("sampler", "foo"), ("num_steps", 0), ("block_size", 2.5), ("confidence_threshold", 1.5),
+                        ("entropy_stop", "yes")):
+        bad = BD3LMGenerationConfig()
+        setattr(bad, name, value)
+        with pytest.raises(ValueError, match=name):
+            bad.save_pretrained(tmp_path / name)
+    # an explicit None means unset (as transformers' own fields): the default applies
+    out = gen_model.generate(torch.ones(1, 3, dtype=torch.long), max_new_tokens=4, sampler="confidence",
+                             confidence_threshold=None, do_sample=False)
+    assert torch.equal(out, gen_model.generate(torch.ones(1, 3, dtype=torch.long), max_new_tokens=4,
+                                               sampler="confidence", confidence_threshold=0.9, do_sample=False))
+
+
 def test_entropy_stop_ends_degenerate_rows():
     repetitive = random_model(seed=0, std=0.5, max_position_embeddings=512)  # collapses onto one token
     prompt = torch.randint(0, MASK, (1, 4))
@@ -284,6 +352,12 @@ def test_empty_prompt_starts_from_bos(gen_model):
         (dict(forced_eos_token_id=2), "forced_eos_token_id"),
         (dict(length_penalty=2.0), "length_penalty"),
         (dict(diversity_penalty=0.5), "diversity_penalty"),
+        (dict(past_key_values=BD3LMCache()), "continuing from past_key_values is not supported"),
+        (dict(input_ids=[[1, 2, 3]]), "integer torch.Tensor"),
+        (dict(input_ids=torch.ones(1, 3)), "integer torch.Tensor"),
+        (dict(max_new_tokens=4.0), "max_new_tokens must be an int"),
+        (dict(confidence_threshold="high"), "confidence_threshold must be a number"),
+        (dict(entropy_stop="yes"), "entropy_stop must be True or False"),
     ],
 )
 def test_bad_generate_inputs(gen_model, kwargs, message):
