@@ -154,3 +154,58 @@ def test_remove_unused_columns_is_refused(tmp_path, small_data):
     trainer.args.remove_unused_columns = True
     with pytest.raises(ValueError, match="remove_unused_columns=True drops the `prompt_length` column"):
         trainer.train()
+
+
+def test_every_split_of_a_dict_eval_dataset_sees_the_eval_noise_on_the_ema_weights(tmp_path, small_data):
+    """Trainer evaluates a dict split after split (on_evaluate after each): the evaluation noise and the EMA weights
+    last until the last split, so two copies of one split score the same, and as a standalone evaluate()."""
+    train_set, eval_set, tokenizer = small_data
+    args = arguments(tmp_path, per_device_eval_batch_size=8, max_steps=4, eval_strategy="steps", eval_steps=2)
+    trainer = build_trainer(small_config(eps_min=0.5, eps_max=0.6), args, train_set=train_set,
+                            eval_set={"a": eval_set, "b": eval_set}, tokenizer=tokenizer)
+    trainer.train()
+    assert len(history(trainer, "eval_b_loss")) == 2
+    assert history(trainer, "eval_a_loss") == history(trainer, "eval_b_loss")
+    assert history(trainer, "eval_a_perplexity") == history(trainer, "eval_b_perplexity")
+    assert trainer.evaluate(eval_set)["eval_loss"] == history(trainer, "eval_b_loss")[-1][1]
+    single = make_trainer(tmp_path / "single", small_data, max_steps=4, eval_strategy="steps", eval_steps=2)
+    single.train()
+    assert history(single, "loss") == history(trainer, "loss")  # training noise untouched by the evaluations
+
+    stock = make_trainer(tmp_path / "stock", small_data, max_steps=2, eval_strategy="steps", eval_steps=2)
+    stock.eval_dataset = {"a": eval_set, "b": eval_set}  # callbacks built without eval_splits
+    with pytest.raises(ValueError, match="pass eval_splits=list"):
+        stock.train()
+
+
+def test_resume_is_exact_when_an_epoch_ends_inside_an_accumulation(tmp_path, small_data):
+    """12 batches per epoch with gradient_accumulation_steps=5: steps of 5, 5, 2 batches. Resumed at step 4 (epoch
+    2), the collator continues at batch 12 + 5 = 17, as Trainer skips the data, not at 4 x 5 = 20."""
+    def run(out, resume=None):
+        trainer = make_trainer(out, small_data, num_train_epochs=2, gradient_accumulation_steps=5,
+                               save_strategy="steps", save_steps=4)
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer
+
+    whole = run(tmp_path / "whole")
+    resumed = run(tmp_path / "whole", resume=str(tmp_path / "whole" / "checkpoint-4"))
+    assert len(history(whole, "loss")) == 6
+    assert history(resumed, "loss") == history(whole, "loss")
+    assert resumed.data_collator.batch_index["train"] == whole.data_collator.batch_index["train"] == 24
+
+
+@pytest.mark.parametrize("fields, message", [
+    (dict(neftune_noise_alpha=5.0), "neftune_noise_alpha=5.0 would add noise to the clean x_0 half"),
+    (dict(dataloader_num_workers=1), "dataloader_num_workers=1: the block-diffusion collator"),
+])
+def test_arguments_that_change_the_objective_or_the_noise_are_refused(tmp_path, small_data, fields, message):
+    with pytest.raises(ValueError, match=message):
+        make_trainer(tmp_path, small_data, max_steps=1, **fields).train()
+
+
+def test_train_saves_the_training_dtype_whatever_the_eval_dtype(tmp_path, small_data):
+    train_set, eval_set, tokenizer = small_data
+    args = arguments(tmp_path, max_steps=1, bf16_full_eval=True)
+    train(small_config(), args, train_set=train_set, eval_set=eval_set, tokenizer=tokenizer)
+    saved = load_file(str(tmp_path / "model.safetensors"))
+    assert {tensor.dtype for tensor in saved.values()} == {torch.float32}

@@ -29,29 +29,24 @@ class BlockDiffusionCallback(TrainerCallback):
     `resume_from`: the checkpoint folder to read the collator state from when training resumes; by default
     `output_dir/checkpoint-<step>`, where Trainer writes it (`train(resume_from_checkpoint=...)` does not tell
     callbacks the folder it resumes from: set this when resuming from elsewhere).
+
+    `eval_splits`: the keys of a dict `eval_dataset`, in order (Trainer evaluates them one after the other and calls
+    `on_evaluate` after each); the evaluation noise then lasts until the last split. Required with a dict.
     """
 
-    def __init__(self, collator, resume_from: str | None = None):
+    def __init__(self, collator, resume_from: str | None = None, eval_splits=None):
         self.collator = collator
         self.collator.training = False  # outside `train()`, Trainer only evaluates
         self.in_training = False
         self.resume_from = resume_from
+        self.eval_splits = list(eval_splits) if eval_splits is not None else None
 
-    def on_train_begin(self, args, state, control, **kwargs):
-        if args.label_smoothing_factor:
-            # Trainer's label smoother pops the labels, so the model would run its plain forward (no 2L pass) and
-            # Trainer would train a smoothed cross-entropy of x_t predictions instead of the NELBO.
-            raise ValueError(f"label_smoothing_factor={args.label_smoothing_factor} replaces the block-diffusion "
-                             "NELBO with Trainer's smoothed cross-entropy; set label_smoothing_factor=0.")
-        if args.remove_unused_columns:
-            # Trainer keeps only the columns of the model's forward: the collator's `prompt_length` would be dropped
-            # and SFT prompts noised and scored as if they were responses.
-            raise ValueError("remove_unused_columns=True drops the `prompt_length` column the collator needs; set "
-                             "TrainingArguments(remove_unused_columns=False) (the collator ignores other columns).")
+    def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
+        refuse_unsupported_arguments(args)
         self.in_training = True
         self.collator.training = True
         self.collator.stream = args.process_index
-        self.collator.batch_index["train"] = state.global_step * args.gradient_accumulation_steps
+        self.collator.batch_index["train"] = consumed_batches(args, state, train_dataloader)
         if state.global_step > 0:
             self.restore(checkpoint_folder(args, state, self.resume_from) / COLLATOR_STATE)
         if args.eval_on_start:
@@ -90,16 +85,83 @@ class BlockDiffusionCallback(TrainerCallback):
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         # Back to training noise before the next training batch is fetched (the data loader fetches one batch
-        # ahead, before `on_step_begin`); the next evaluation starts again at eval batch 0.
-        self.collator.training = self.in_training
+        # ahead, before `on_step_begin`), unless another split of this evaluation follows; every split and the next
+        # evaluation start again at eval batch 0.
         self.collator.batch_index["eval"] = 0
-        if metrics and "eval_loss" in metrics:
-            metrics["eval_perplexity"] = math.exp(min(metrics["eval_loss"], 50.0))
-            if state.log_history and "eval_loss" in state.log_history[-1]:
-                state.log_history[-1]["eval_perplexity"] = metrics["eval_perplexity"]
+        if not (self.in_training and more_splits_follow(metrics, self.eval_splits)):
+            self.collator.training = self.in_training
+        add_perplexity(metrics, state)
 
     def on_predict(self, args, state, control, metrics=None, **kwargs):
         self.collator.batch_index["eval"] = 0
+
+
+def refuse_unsupported_arguments(args) -> None:
+    """TrainingArguments that would silently train or evaluate something else than the block-diffusion NELBO."""
+    if args.label_smoothing_factor:
+        # Trainer's label smoother pops the labels, so the model would run its plain forward (no 2L pass) and
+        # Trainer would train a smoothed cross-entropy of x_t predictions instead of the NELBO.
+        raise ValueError(f"label_smoothing_factor={args.label_smoothing_factor} replaces the block-diffusion "
+                         "NELBO with Trainer's smoothed cross-entropy; set label_smoothing_factor=0.")
+    if args.remove_unused_columns:
+        # Trainer keeps only the columns of the model's forward: the collator's `prompt_length` would be dropped
+        # and SFT prompts noised and scored as if they were responses.
+        raise ValueError("remove_unused_columns=True drops the `prompt_length` column the collator needs; set "
+                         "TrainingArguments(remove_unused_columns=False) (the collator ignores other columns).")
+    if args.neftune_noise_alpha:
+        # NEFTune hooks the input embeddings, which embed [x_t ; x_0] in the 2L pass: it would noise the clean
+        # context too (at a scale set by 2L), which inference never sees.
+        raise ValueError(f"neftune_noise_alpha={args.neftune_noise_alpha} would add noise to the clean x_0 half of "
+                         "the 2L training input too; set neftune_noise_alpha=None.")
+    if args.dataloader_num_workers:
+        # Each worker collates with its own copy of the collator: the batch-index keyed noise, the evaluation noise
+        # and clip-search ranges set in the main process would not reach it (noise no longer exact or resumable).
+        raise ValueError(f"dataloader_num_workers={args.dataloader_num_workers}: the block-diffusion collator "
+                         "draws its noise in the main process (keyed by batch index; collating is cheap); set "
+                         "dataloader_num_workers=0.")
+
+
+def consumed_batches(args, state, train_dataloader=None) -> int:
+    """Training batches drawn before `state.global_step`, as Trainer counts them when it resumes: an epoch of n
+    batches makes ceil(n / gradient_accumulation_steps) optimizer steps (its last one may take fewer batches)."""
+    accumulation = args.gradient_accumulation_steps
+    try:
+        per_epoch = len(train_dataloader)
+    except TypeError:  # no data loader, or no length (an iterable dataset): every step takes a full accumulation
+        return state.global_step * accumulation
+    steps_per_epoch = max(math.ceil(per_epoch / accumulation), 1)
+    epochs, steps = divmod(state.global_step, steps_per_epoch)
+    return epochs * per_epoch + steps * accumulation
+
+
+def metric_prefix(metrics) -> str | None:
+    """The prefix of an evaluation's metrics (`eval`, or `eval_<split>` for a dict eval_dataset)."""
+    runtime = next((key for key in metrics or {} if key.endswith("_runtime")), None)
+    return runtime[: -len("_runtime")] if runtime else None
+
+
+def more_splits_follow(metrics, eval_splits) -> bool:
+    """Whether Trainer evaluates another split of a dict eval_dataset after this one (it goes through the dict in
+    order, with the prefix `eval_<name>`)."""
+    prefix = metric_prefix(metrics)
+    if prefix is None or not prefix.startswith("eval_"):
+        return False
+    if eval_splits is None:
+        raise ValueError(f"eval_dataset is a dict (this evaluation: {prefix!r}): pass eval_splits=list(eval_dataset) "
+                         "to BlockDiffusionCallback and EMACallback, so that every split is evaluated with the "
+                         "evaluation noise on the EMA weights.")
+    return prefix != f"eval_{eval_splits[-1]}"
+
+
+def add_perplexity(metrics, state) -> None:
+    """`<prefix>_perplexity` = exp(`<prefix>_loss`), in the metrics and in the log entry Trainer just wrote."""
+    prefix = metric_prefix(metrics)
+    if prefix is None or f"{prefix}_loss" not in metrics:
+        return
+    perplexity = math.exp(min(metrics[f"{prefix}_loss"], 50.0))
+    metrics[f"{prefix}_perplexity"] = perplexity
+    if state.log_history and f"{prefix}_loss" in state.log_history[-1]:
+        state.log_history[-1][f"{prefix}_perplexity"] = perplexity
 
 
 def checkpoint_folder(args, state, resume_from: str | None = None) -> Path:
@@ -128,7 +190,7 @@ def per_block_losses(model, x0, attention_mask, keep, interval, mask_token_id: i
     t = sample_block_noise_levels(batch, length // block_size, *interval, generator=generator).to(x0.device)
     x_t = q_xt(x0.cpu(), t.cpu(), block_size, mask_token_id, generator=generator, keep=keep.cpu()).to(x0.device)
     labels = x0.masked_fill(keep, -100)
-    logits = model(input_ids=x_t, labels=labels, attention_mask=attention_mask).logits
+    logits = model(input_ids=x_t, labels=labels, noise_levels=t, attention_mask=attention_mask, return_dict=True).logits
     terms = diffusion_nelbo_terms(logits, x_t, x0, t, block_size, mask_token_id) * (~keep)
     return terms.view(batch, -1, block_size).mean(-1)
 

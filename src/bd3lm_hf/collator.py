@@ -26,8 +26,9 @@ class DataCollatorForBlockDiffusion:
     then a function of the batch index, not of a running RNG stream, so a resumed run draws exactly the noise of
     an uninterrupted one (`BlockDiffusionCallback` sets the batch index on resume and `stream` to the process
     index) and every evaluation sees the same noise. With an explicit `generator` it is used as one stream; with
-    neither, torch's global RNG. In DataLoader worker processes torch's per-worker RNG is used (exact resume needs
-    `dataloader_num_workers=0`, the default).
+    neither, torch's global RNG. In DataLoader worker processes torch's per-worker RNG is used: each worker holds a
+    copy of the collator, which the batch index and range changes of the main process never reach
+    (`BlockDiffusionCallback` therefore refuses `dataloader_num_workers > 0`).
 
     Setting `train_range` (the clip search does, between steps) takes effect from the next training batch not yet
     drawn: the data loader has already drawn one batch ahead with the old range. `range_changes` keeps the batch

@@ -7,7 +7,7 @@ from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
 from transformers.utils import logging
 
-from .callbacks import checkpoint_folder
+from .callbacks import checkpoint_folder, more_splits_follow
 
 logger = logging.get_logger(__name__)
 
@@ -26,15 +26,18 @@ class EMACallback(TrainerCallback):
     it resumes from: set `resume_from` when resuming from elsewhere).
 
     Register it AFTER callbacks that must see the EMA weights during evaluation (e.g. `ClipSearchCallback`): its
-    `on_evaluate` puts the training weights back.
+    `on_evaluate` puts the training weights back (after the last split of a dict eval_dataset, whose keys go in
+    `eval_splits`, as for `BlockDiffusionCallback`).
     """
 
-    def __init__(self, decay: float = 0.9999, warmup: bool = True, resume_from: str | None = None):
+    def __init__(self, decay: float = 0.9999, warmup: bool = True, resume_from: str | None = None,
+                 eval_splits=None):
         if not 0.0 <= decay <= 1.0:
             raise ValueError(f"EMA decay must be in [0, 1], got {decay}.")
         self.decay = decay
         self.warmup = warmup
         self.resume_from = resume_from
+        self.eval_splits = list(eval_splits) if eval_splits is not None else None
         self.num_updates = 0
         self.shadow: dict[str, torch.Tensor] | None = None
         self.stored: dict[str, torch.Tensor] | None = None
@@ -73,8 +76,9 @@ class EMACallback(TrainerCallback):
         if control.should_evaluate:  # eval_strategy="epoch"
             self.swap_in(model)
 
-    def on_evaluate(self, args, state, control, model=None, **kwargs):
-        self.swap_out(model)
+    def on_evaluate(self, args, state, control, model=None, metrics=None, **kwargs):
+        if self.stored is not None and not more_splits_follow(metrics, self.eval_splits):
+            self.swap_out(model)
 
     def on_save(self, args, state, control, **kwargs):
         self.save(checkpoint_folder(args, state) / EMA_FILE)

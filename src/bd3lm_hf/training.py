@@ -168,7 +168,8 @@ def build_trainer(config: BD3LMTrainingConfig, args: TrainingArguments, train_se
     collator = DataCollatorForBlockDiffusion(
         mask_token_id=model.config.mask_token_id, block_size=model.config.block_size, eps_min=config.eps_min,
         eps_max=config.eps_max, resample=config.resample, pad_token_id=model.config.pad_token_id, seed=args.seed)
-    callbacks = [BlockDiffusionCallback(collator)]
+    splits = list(eval_set) if isinstance(eval_set, dict) else None  # a dict: Trainer evaluates each split
+    callbacks = [BlockDiffusionCallback(collator, eval_splits=splits)]
     if config.clip_search and eval_set is not None:
         callbacks.append(ClipSearchCallback(collator, num_batches=config.clip_search_batches))
     if config.lora:
@@ -176,7 +177,7 @@ def build_trainer(config: BD3LMTrainingConfig, args: TrainingArguments, train_se
 
         model = add_lora(model, lora_config(r=config.lora_r, lora_alpha=config.lora_alpha))
     elif config.ema_decay > 0:
-        callbacks.append(EMACallback(config.ema_decay))  # after ClipSearchCallback: see its docstring
+        callbacks.append(EMACallback(config.ema_decay, eval_splits=splits))  # after ClipSearchCallback: see its docstring
     if compile_layers:
         compile_decoder_layers(model)
     args.remove_unused_columns = False  # prompt_length reaches the collator
@@ -196,8 +197,8 @@ def train(config: BD3LMTrainingConfig, args: TrainingArguments, resume_from_chec
             if hasattr(callback, "resume_from"):
                 callback.resume_from = resume
     result = trainer.train(resume_from_checkpoint=resume)
+    trainer.save_model(args.output_dir)  # before evaluate(): bf16/fp16_full_eval casts the model in place
     metrics = trainer.evaluate() if trainer.eval_dataset is not None else {}
-    trainer.save_model(args.output_dir)
     if metrics:
         trainer.save_metrics("eval", metrics)  # eval_results.json: what `bd3lm-hf export --metrics` puts on the card
     summary = {
