@@ -13,7 +13,11 @@ ORIGINAL_FIELD_NAMES = {
 # Original fields with no counterpart here: how the research code chose kernels, or flags whose only legal
 # value is implied by our architecture. They are accepted on load and checked, never stored.
 ORIGINAL_FIELDS_CHECKED = {"adaln": True, "causal": False}
-ORIGINAL_FIELDS_DROPPED = ("attn_backend", "var_min", "cross_attn", "return_dict")
+ORIGINAL_FIELDS_DROPPED = ("attn_backend", "var_min", "cross_attn")
+# Standard transformers fields that an original config sets for the original code only: its diffusion code indexes
+# the backbone's output as a logits tensor, so every released config has return_dict=False. Dropped from an
+# original-format config (ours return a ModelOutput, as any transformers model); kept in one of ours.
+ORIGINAL_CODE_SETTINGS = ("return_dict",)
 
 
 class BD3LMConfig(PretrainedConfig):
@@ -165,6 +169,9 @@ class BD3LMConfig(PretrainedConfig):
 
 def _take_original_fields(kwargs: dict) -> dict:
     """Pop the original bd3lms field names out of `kwargs`; return them under our names (plus `cross_attn`)."""
+    if is_original_format(kwargs):
+        for name in ORIGINAL_CODE_SETTINGS:
+            kwargs.pop(name, None)
     renamed = {new: kwargs.pop(old) for old, new in ORIGINAL_FIELD_NAMES.items() if old in kwargs}
     for name, allowed in ORIGINAL_FIELDS_CHECKED.items():
         if name in kwargs and kwargs.pop(name) != allowed:
@@ -174,3 +181,9 @@ def _take_original_fields(kwargs: dict) -> dict:
     for name in ORIGINAL_FIELDS_DROPPED:
         kwargs.pop(name, None)
     return renamed
+
+
+def is_original_format(fields: dict) -> bool:
+    """Whether `fields` come from an original bd3lms config.json: they use one of its own field names."""
+    original_names = (*ORIGINAL_FIELD_NAMES, *ORIGINAL_FIELDS_CHECKED, *ORIGINAL_FIELDS_DROPPED)
+    return any(name in fields for name in original_names)

@@ -118,6 +118,10 @@ class BD3LMGenerationConfig(GenerationConfig):
                 allowed = " or ".join(repr(off) for off in (None, *neutral))
                 raise ValueError(f"{name}={value!r} is not supported by block-diffusion generation (allowed: "
                                  f"{allowed}).")
+        if not 0 <= model_config.mask_token_id < model_config.vocab_size:  # a config edited after construction
+            raise ValueError(f"the model's mask_token_id={model_config.mask_token_id} is outside its vocabulary "
+                             f"(vocab_size={model_config.vocab_size}); generation needs an id in [0, "
+                             f"{model_config.vocab_size}): set config.mask_token_id, or resize the embeddings.")
         block_size = self.block_size
         if model_config.max_position_embeddings % block_size:
             raise ValueError(f"block_size={block_size} must divide the context max_position_embeddings="
@@ -308,8 +312,8 @@ class BD3LMGenerationMixin(GenerationMixin):
                 no single next-token distribution; True stops a row; `max_time` adds transformers'
                 MaxTimeCriteria).
             streamer (`BaseStreamer`, optional): receives the prompt, then each finished block (batch size 1).
-            generator (`torch.Generator`, optional): the source of every random draw when sampling (on the model's
-                device); by default torch's global generator (`set_seed`).
+            generator (`torch.Generator`, optional): the source of every random draw when sampling (on the
+                prompts' device); by default torch's global generator (`set_seed`).
             attention_mask (`LongTensor` (B, L), optional): 1 for real tokens; padding is read from here only.
             use_cache (`bool`, defaults to True; a generation setting): False recomputes the whole prefix at every
                 call (reference).
@@ -335,7 +339,9 @@ class BD3LMGenerationMixin(GenerationMixin):
             input_ids = input_ids.repeat_interleave(config.num_return_sequences, dim=0)
             attention_mask = attention_mask.repeat_interleave(config.num_return_sequences, dim=0)
         use_cache = config.use_cache
-        _check_generator(generator, self.device)
+        # Everything generation creates lives on the prompts' device, not `self.device`: that is the first
+        # parameter's, meta when accelerate offloads it (device_map with "disk" or "cpu" entries).
+        _check_generator(generator, input_ids.device)
         batch, prompt_width = input_ids.shape
         if streamer is not None and batch != 1:
             raise ValueError("streamers support batch size 1 only (as in transformers).")
@@ -364,7 +370,7 @@ class BD3LMGenerationMixin(GenerationMixin):
         if config.max_time is not None:
             stopping_criteria.append(MaxTimeCriteria(config.max_time))
         stops_from = first_stop_column(first_new_min, eos_ids, config, stopping_criteria)
-        cache = self.make_cache(config, batch) if use_cache else None
+        cache = self.make_cache(config, batch, canvas.device) if use_cache else None
         state = self.loop_state(config, cache, canvas.device, pad_id, eos_ids, warpers, logits_processor, generator)
         state.update(first_block=prefix, prompt_tail=prompt_tail)  # the processors' context in the first block
         if streamer is not None:
@@ -404,20 +410,21 @@ class BD3LMGenerationMixin(GenerationMixin):
         (`StepConstants`), the ddpm schedule, the generator, the step function and whether it compiles."""
         rule = StepRule(self.config.mask_token_id, config.sampler, bool(config.do_sample),
                         float(config.confidence_threshold))
-        constants = StepConstants(rule, eos_ids, warpers, logits_processor or None, self.constant_modulations(cache))
+        constants = StepConstants(rule, eos_ids, warpers, logits_processor or None,
+                                  self.constant_modulations(cache, device))
         schedule = ddpm_schedule(config.num_steps, device) if config.sampler == "ddpm" else None
-        compiles = self.compiles_steps(cache, config, logits_processor)
+        compiles = self.compiles_steps(cache, config, device, logits_processor)
         return {"nfe": 0, "committed": 0, "window_start": 0, "history": [] if config.output_history else None,
                 "pad_id": pad_id, "constants": constants, "generator": generator, "ddpm_schedule": schedule,
                 "step": self.step_function(cache, config, compiles), "compiles": compiles}
 
-    def constant_modulations(self, cache):
+    def constant_modulations(self, cache, device):
         """The adaLN modulations of a model without time conditioning (sigma = 0: constants of the weights),
         computed once per generation instead of at every call; None for time-conditioned models (theirs follow the
         sampler's sigma). A static cache holds them at fixed addresses, as CUDA graphs need their inputs."""
         if self.config.time_conditioning:
             return None
-        modulations = self.model.adaln_modulations(None, 1, self.device, self.model.embed_tokens.weight.dtype)
+        modulations = self.model.adaln_modulations(None, 1, device, self.model.embed_tokens.weight.dtype)
         return cache.hold_constants(modulations) if isinstance(cache, BD3LMStaticCache) else modulations
 
     def build_canvas(self, input_ids, attention_mask, block_size: int, max_new_tokens: int, pad_id: int,
@@ -447,7 +454,7 @@ class BD3LMGenerationMixin(GenerationMixin):
         valid[:, :prefix] = aligned_valid[:, :prefix]
         return canvas, valid, prompt_tail, first_new
 
-    def make_cache(self, config, batch_size: int):
+    def make_cache(self, config, batch_size: int, device):
         """`cache_implementation`: None / "dynamic" (BD3LMCache) or "static" (preallocated, fixed shapes).
 
         The static cache holds the whole context (max_position_embeddings tokens), whatever the prompt and
@@ -463,26 +470,26 @@ class BD3LMGenerationMixin(GenerationMixin):
         cache = getattr(self, "_bd3lm_static_cache", None)
         if (cache is not None and cache.capacity == self.config.max_position_embeddings
                 and len(cache.layers) == self.config.num_hidden_layers
-                and cache.fits(batch_size, self.dtype, self.device)):
+                and cache.fits(batch_size, self.dtype, device)):
             cache.reset()
             return cache
         cache = BD3LMStaticCache(self.config, max_cache_len=self.config.max_position_embeddings)
         # allocated before the first call, so that a compiled step never allocates
         cache.early_initialization(batch_size, self.config.num_attention_heads, self.config.head_dim, self.dtype,
-                                   self.device)
+                                   device)
         self._bd3lm_static_cache = cache
         return cache
 
-    def compiles_steps(self, cache, config, logits_processor=None) -> bool:
+    def compiles_steps(self, cache, config, device, logits_processor=None) -> bool:
         """transformers' rule for compiling a decoding step: a static cache, on CUDA/XPU (elsewhere only when
         `compile_config._compile_all_devices` is set, as in transformers' own tests), unless `disable_compile`; and
         here no custom logits processors (arbitrary Python, run eagerly)."""
         if not isinstance(cache, BD3LMStaticCache) or config.disable_compile:
             return False
         compile_config = config.compile_config
-        if not (self.device.type in ("cuda", "xpu") or getattr(compile_config, "_compile_all_devices", None)):
+        if not (device.type in ("cuda", "xpu") or getattr(compile_config, "_compile_all_devices", None)):
             if compile_config is not None:
-                logger.warning_once(f"compile_config is set but the model is on {self.device.type}: the denoising "
+                logger.warning_once(f"compile_config is set but the model is on {device.type}: the denoising "
                                     "step runs eagerly (compiling there needs compile_config._compile_all_devices).")
             return False
         if logits_processor:
@@ -569,7 +576,8 @@ class BD3LMGenerationMixin(GenerationMixin):
             if config.bos_token_id is None:
                 raise ValueError("an empty prompt needs a bos_token_id (in the model or generation config) to start.")
             batch = 1 if input_ids is None else input_ids.shape[0]
-            input_ids = torch.full((batch, 1), config.bos_token_id, dtype=torch.long, device=self.device)
+            device = self.device if input_ids is None else input_ids.device  # no prompt at all: the model's
+            input_ids = torch.full((batch, 1), config.bos_token_id, dtype=torch.long, device=device)
             attention_mask = torch.ones_like(input_ids)
         if input_ids.dim() != 2:
             raise ValueError(f"input_ids must be (batch, seq_len), got shape {tuple(input_ids.shape)}.")
@@ -770,7 +778,7 @@ def _gather_new_tokens(canvas, first_new, count: int, pad_id: int):
 
 def _check_generator(generator, device) -> None:
     if generator is not None and (not isinstance(generator, torch.Generator) or generator.device.type != device.type):
-        raise ValueError(f"generator must be a torch.Generator on the model's device ({device.type}), got "
+        raise ValueError(f"generator must be a torch.Generator on the prompts' device ({device.type}), got "
                          f"{generator!r}.")
 
 

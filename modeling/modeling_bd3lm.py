@@ -8,6 +8,7 @@ Three forward modes, chosen by the arguments:
     committed blocks; the block is committed only when `store_kv=True`.
 """
 
+import copy
 import math
 import warnings
 from collections.abc import Callable
@@ -86,6 +87,15 @@ class BD3LMRotaryEmbedding(nn.Module):
     def compute_inv_freq(self) -> torch.Tensor:
         # fp32 formula of the original: computing it in fp64 differs by 1 ulp for some entries.
         return 1.0 / (self.base ** (torch.arange(0, self.head_dim, 2).float() / self.head_dim))
+
+    def _apply(self, fn, recurse=True):
+        # `model.to(torch.bfloat16)` / `.half()` cast every floating buffer: a bf16 inv_freq puts cos/sin 0.4 off at
+        # position ~1000 (head_dim 64), while from_pretrained(dtype=bf16) keeps it fp32, as the original computes
+        # rotary. Recomputed (not cast back: the cast lost bits) in fp32 on the buffer's device, meta included.
+        super()._apply(fn, recurse)
+        if self.inv_freq.dtype != torch.float32:
+            self.inv_freq = self.compute_inv_freq().to(self.inv_freq.device)
+        return self
 
     @torch.no_grad()
     def forward(self, position_ids: torch.Tensor, dtype: torch.dtype):
@@ -408,6 +418,21 @@ class BD3LMForBlockDiffusion(BD3LMPreTrainedModel, BD3LMGenerationMixin):
     def set_output_embeddings(self, new_embeddings):
         self.lm_head = new_embeddings
 
+    def resize_token_embeddings(self, new_num_tokens=None, pad_to_multiple_of=None, mean_resizing=True):
+        """transformers' resize, refused (before anything changes) when the new vocabulary would not hold the
+        [MASK] token: the forward would still run, but training and generation need that id."""
+        new_vocab_size = _resized_vocab_size(self.get_input_embeddings().num_embeddings, new_num_tokens,
+                                             pad_to_multiple_of)
+        resized_config = copy.deepcopy(self.config)
+        resized_config.vocab_size = new_vocab_size
+        try:
+            resized_config.validate_bd3lm()
+        except ValueError as error:
+            raise ValueError(f"resize_token_embeddings({new_num_tokens}) would leave a vocabulary of {new_vocab_size} "
+                             f"tokens: {error} Keep at least mask_token_id + 1 = {self.config.mask_token_id + 1} "
+                             "tokens, or first set config.mask_token_id to an id of the new vocabulary.") from None
+        return super().resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
+
     @can_return_tuple
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, labels=None, noise_levels=None,
                 timesteps=None, past_key_values=None, use_cache=None, store_kv=False, output_hidden_states=None,
@@ -502,7 +527,8 @@ class BD3LMForBlockDiffusion(BD3LMPreTrainedModel, BD3LMGenerationMixin):
         if input_ids.shape[1] > self.config.max_position_embeddings:
             raise ValueError(f"sequence of {input_ids.shape[1]} tokens is longer than max_position_embeddings="
                              f"{self.config.max_position_embeddings}.")
-        if input_ids.numel() and (int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
+        if reads_values_on_host() and input_ids.numel() and (
+                int(input_ids.min()) < 0 or int(input_ids.max()) >= self.config.vocab_size):
             raise ValueError(f"input_ids must be in [0, vocab_size={self.config.vocab_size}), got values in "
                              f"[{int(input_ids.min())}, {int(input_ids.max())}].")
 
@@ -515,6 +541,8 @@ class BD3LMForBlockDiffusion(BD3LMPreTrainedModel, BD3LMGenerationMixin):
                              f"divides, got {input_ids.shape[1]}.")
         x0_ids = torch.where(labels == -100, input_ids, labels)
         self.check_input_ids(x0_ids)
+        if not reads_values_on_host():
+            return x0_ids
         masked = x0_ids == self.config.mask_token_id
         misaligned = torch.zeros((), dtype=torch.bool, device=input_ids.device)
         if attention_mask is not None:
@@ -545,6 +573,21 @@ class BD3LMForBlockDiffusion(BD3LMPreTrainedModel, BD3LMGenerationMixin):
             num_items_in_batch = torch.as_tensor(num_items_in_batch, device=logits.device)
         return self.loss_function(logits, x_t, x_0, noise_levels, scored, self.config.block_size,
                                   self.config.mask_token_id, num_items_in_batch)
+
+
+def reads_values_on_host() -> bool:
+    """Whether the forward's value checks (token ids in range; in the 2L pass no [MASK] among the clean tokens and
+    left padding in whole blocks) run: not while torch.compile traces it, where reading a tensor on the host breaks
+    the graph (fullgraph=True fails). Shape and dtype checks always run."""
+    return not torch.compiler.is_compiling()
+
+
+def _resized_vocab_size(current: int, new_num_tokens: int | None, pad_to_multiple_of: int | None) -> int:
+    """The vocabulary size `PreTrainedModel.resize_token_embeddings` will give (None keeps the current size)."""
+    size = current if new_num_tokens is None else new_num_tokens
+    if pad_to_multiple_of:
+        size = math.ceil(size / pad_to_multiple_of) * pad_to_multiple_of
+    return size
 
 
 def _check_store_kv(store_kv) -> None:

@@ -64,3 +64,14 @@ def test_compiled_layers_take_the_flex_block_mask():
         for batch in (training_batch(0), {k: v for k, v in training_batch(1).items() if k != "attention_mask"}):
             torch.testing.assert_close(compiled(**batch).loss, eager(**batch).loss, atol=1e-5, rtol=1e-5)
     
+
+@torch.no_grad()
+def test_the_whole_forward_compiles_in_one_graph():
+    """torch.compile(model, fullgraph=True): the forward's input checks that read values on the host are skipped
+    while compiling (they would break the graph); inference and the 2L training pass give the eager results."""
+    model = random_model(seed=3, std=0.1, max_position_embeddings=16)
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    batch = {k: v for k, v in training_batch(0).items() if k != "attention_mask"}
+    torch.testing.assert_close(compiled(input_ids=batch["input_ids"]).logits,
+                               model(input_ids=batch["input_ids"]).logits, rtol=0, atol=0)
+    torch.testing.assert_close(compiled(**batch).loss, model(**batch).loss, rtol=0, atol=0)

@@ -91,3 +91,18 @@ def test_save_refuses_a_config_changed_into_an_invalid_one(tmp_path):
     with pytest.raises(ValueError, match="block_size=5 must divide max_position_embeddings=16"):
         model.save_pretrained(tmp_path)
     assert not (tmp_path / "config.json").exists()  # no folder that cannot load
+
+
+def test_return_dict_false_is_kept_and_round_trips(tmp_path):
+    config = BD3LMConfig(return_dict=False)
+    assert config.return_dict is False
+    config.save_pretrained(tmp_path)
+    assert BD3LMConfig.from_pretrained(tmp_path).return_dict is False
+
+
+def test_the_original_return_dict_false_is_not_taken_over(fixtures):
+    """Every original config.json sets return_dict=False for the original code (its diffusion code indexes the
+    output as a logits tensor); our model, loaded from it, returns a ModelOutput as any transformers model."""
+    original = json.loads((fixtures / "bd3lm_public" / "config.json").read_text())
+    assert original["return_dict"] is False
+    assert BD3LMConfig(**{k: v for k, v in original.items() if k != "model_type"}).return_dict is True

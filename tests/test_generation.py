@@ -633,3 +633,23 @@ def test_cli_generate_with_the_static_cache(exported, capsys):
     assert code == 0 and "--- 'To be'" in printed
     calls = int(printed.rsplit("--- ", 1)[1].split(" model calls")[0])
     assert calls >= 8  # one call per denoising step (the static cache never skips one)
+
+
+@torch.no_grad()
+def test_generate_with_the_model_offloaded_to_disk(gen_model, tmp_path):
+    """accelerate's disk offload leaves every parameter on the meta device (model.device is meta): the tensors made
+    during generation must follow the prompts' device."""
+    gen_model.save_pretrained(tmp_path / "model")
+    offloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "model", trust_remote_code=True,
+                                                     device_map={"": "disk"}, offload_folder=tmp_path / "offload")
+    assert offloaded.device.type == "meta"
+    ids, mask = prompts()
+    settings = dict(attention_mask=mask, max_new_tokens=8, do_sample=False)
+    assert torch.equal(offloaded.generate(ids, **settings), gen_model.generate(ids, **settings))
+
+
+def test_generate_refuses_a_mask_token_outside_the_vocabulary():
+    model = random_model()
+    model.config.mask_token_id = model.config.vocab_size  # a config edited into an invalid state
+    with pytest.raises(ValueError, match=r"mask_token_id=50 .*vocab_size=50"):
+        model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=4, do_sample=False)

@@ -313,3 +313,54 @@ def test_flex_training_mask_is_built_once_and_matches_the_rule():
     mask_mod_rule = torch.stack([torch.stack([first.mask_mod(0, 0, torch.tensor(q), torch.tensor(k))
                                               for k in range(32)]) for q in range(32)])
     assert torch.equal(mask_mod_rule, training_mask_2l(16, 4))
+
+
+def long_context_model():
+    """Rotary at the paper's head_dim 64 over 1024 positions, where bf16 frequencies would be far off."""
+    return random_model(std=0.05, hidden_size=128, num_attention_heads=2, num_hidden_layers=1,
+                        max_position_embeddings=1024)
+
+
+@torch.no_grad()
+def test_casting_to_bf16_or_half_keeps_the_rotary_frequencies_in_fp32():
+    model = long_context_model()
+    rotary = model.model.rotary_emb
+    fp32_inv_freq = rotary.inv_freq.clone()
+    last_positions = torch.arange(1000, 1024)[None]
+    expected = rotary(last_positions, torch.bfloat16)
+    for cast in (lambda m: m.to(torch.bfloat16), lambda m: m.half(), lambda m: m.to("cpu", torch.bfloat16)):
+        cast(model)
+        assert rotary.inv_freq.dtype == torch.float32
+        assert all(torch.equal(got, want) for got, want in zip(rotary(last_positions, torch.bfloat16), expected))
+    model.float()
+    assert torch.equal(rotary.inv_freq, fp32_inv_freq)
+    with torch.device("meta"):
+        on_meta = BD3LMForBlockDiffusion(tiny_config())
+    assert on_meta.to(torch.bfloat16).model.rotary_emb.inv_freq.dtype == torch.float32
+
+
+@torch.no_grad()
+def test_casting_to_bf16_equals_loading_in_bf16(tmp_path):
+    long_context_model().save_pretrained(tmp_path)
+    loaded_in_bf16 = BD3LMForBlockDiffusion.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    cast_to_bf16 = BD3LMForBlockDiffusion.from_pretrained(tmp_path).to(torch.bfloat16).eval()
+    ids = torch.randint(0, 49, (1, 1024), generator=torch.Generator().manual_seed(0))
+    assert torch.equal(cast_to_bf16(input_ids=ids).logits, loaded_in_bf16(input_ids=ids).logits)
+
+
+def test_shrinking_the_vocabulary_past_the_mask_token_is_refused(model):
+    with pytest.raises(ValueError, match=rf"resize_token_embeddings\(40\).*mask_token_id={MASK}"):
+        model.resize_token_embeddings(40)
+    # refused before resizing: the model is left whole
+    assert model.config.vocab_size == model.model.embed_tokens.num_embeddings == model.lm_head.out_features == 50
+
+
+@torch.no_grad()
+def test_resizing_the_vocabulary_above_the_mask_token_works(model):
+    model.resize_token_embeddings(64)
+    assert model.config.vocab_size == model.model.embed_tokens.num_embeddings == model.lm_head.out_features == 64
+    assert model(input_ids=torch.tensor([[63, 1, 2, 3]])).logits.shape == (1, 4, 64)
+    model.resize_token_embeddings(45, pad_to_multiple_of=32)  # 45 rounds up to 64: [MASK] stays in
+    assert model.config.vocab_size == 64
+    model.resize_token_embeddings(MASK + 1)  # the smallest vocabulary that keeps [MASK]
+    assert model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=4, do_sample=False).shape == (1, 7)

@@ -333,3 +333,15 @@ def test_training_with_compiled_layers_matches_eager(tmp_path, small_data, monke
             assert abs(loss - expected_loss) < 1e-5
         if eval_loss is not None:
             assert abs(eval_loss - expected_eval) < 1e-5
+
+
+def test_ema_checkpoints_of_fsdp2_sharded_parameters(tmp_path):
+    """FSDP2 (fully_shard, 2 processes, gloo): the EMA file holds the full weights, written by one process, and
+    resumes sharded as the parameters are (before: the DTensor shadow could not be saved)."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29563",
+               str(SCRIPTS / "fsdp_ema.py"), str(tmp_path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((tmp_path / "result.json").read_text()) == {"same": True, "sharded": True, "updates": 1,
+                                                                  "full_shapes": True}

@@ -86,9 +86,10 @@ def ours_to_original_key(our_key: str) -> str:
 
 def config_from_original(original: dict, clip_range: tuple[float, float] | None = None) -> BD3LMConfig:
     """Our config from an original `config.json` dict (model_type "bd3lm" or "mdlm")."""
+    # return_dict=False is for the original code (it indexes the output as logits): ours keep the default ModelOutput.
     fields = {k: v for k, v in original.items()
               if k not in ("architectures", "auto_map", "_name_or_path", "model_type", "transformers_version",
-                           "torch_dtype", "dtype")}
+                           "torch_dtype", "dtype", "return_dict")}
     if original.get("model_type") == "mdlm":
         fields["block_size"] = fields.get("model_length", fields.get("max_position_embeddings"))
         fields.setdefault("sampling_eps_max", 1.0)

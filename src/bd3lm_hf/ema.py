@@ -4,6 +4,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
+from torch.distributed.tensor import DTensor, distribute_tensor
 from transformers import TrainerCallback
 from transformers.utils import logging
 
@@ -81,7 +82,7 @@ class EMACallback(TrainerCallback):
             self.swap_out(model)
 
     def on_save(self, args, state, control, **kwargs):
-        self.save(checkpoint_folder(args, state) / EMA_FILE)
+        self.save(checkpoint_folder(args, state) / EMA_FILE, write=args.should_save)
 
     def on_train_end(self, args, state, control, model=None, **kwargs):
         self.swap_out(model)
@@ -114,10 +115,14 @@ class EMACallback(TrainerCallback):
                 parameter.copy_(self.stored[name])
             self.stored = None
 
-    def save(self, path: Path):
+    def save(self, path: Path, write: bool = True):
+        """Writes the full EMA (sharded FSDP2 parameters are gathered first: every process must call this; only
+        those with `write`, the ones Trainer saves on, write the file)."""
+        tensors = {name: full_tensor(shadow).contiguous() for name, shadow in self.shadow.items()}
+        if not write:
+            return
         path.parent.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in self.shadow.items()}, str(path),
-                  metadata={"num_updates": str(self.num_updates), "decay": str(self.decay)})
+        save_file(tensors, str(path), metadata={"num_updates": str(self.num_updates), "decay": str(self.decay)})
 
     def load(self, path: Path):
         from safetensors import safe_open
@@ -127,6 +132,18 @@ class EMACallback(TrainerCallback):
         loaded = load_file(str(path))
         if set(loaded) != set(self.shadow):
             raise ValueError(f"EMA state {path} does not match the model's trainable parameters.")
-        self.shadow = {name: tensor.to(self.shadow[name].device) for name, tensor in loaded.items()}
+        self.shadow = {name: shard_like(tensor, self.shadow[name]) for name, tensor in loaded.items()}
         self.num_updates = int(metadata["num_updates"])
         logger.info("resumed the EMA from %s (%d updates)", path, self.num_updates)
+
+
+def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor of an FSDP2-sharded (DTensor) parameter or EMA entry (a collective); others as they are."""
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def shard_like(full: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """`full` laid out as `like`: sharded over its device mesh when `like` is a DTensor, else on its device."""
+    if isinstance(like, DTensor):
+        return distribute_tensor(full.to(like.device), like.device_mesh, like.placements)
+    return full.to(like.device)

@@ -32,7 +32,8 @@ def nelbo_perplexity(model, tokenizer, files, batch_size: int = 32, max_sequence
         batch = collator(sequences.select(range(start, min(start + batch_size, len(sequences)))).to_list())
         batch = {k: v.to(model.device) for k, v in batch.items()}
         scored = int((batch["labels"] != -100).sum())
-        total += float(model(**batch).loss) * scored
+        # return_dict=True: a model loaded with return_dict=False would give a tuple
+        total += float(model(**batch, return_dict=True).loss) * scored
         count += scored
     nelbo = total / count
     return {"nelbo": nelbo, "perplexity": math.exp(nelbo), "tokens": count, "sequences": len(sequences)}
