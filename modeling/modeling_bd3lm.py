@@ -464,6 +464,12 @@ class BD3LMForBlockDiffusion(BD3LMPreTrainedModel, BD3LMGenerationMixin):
                                  "returned).")
         self.check_input_ids(input_ids)
         _check_store_kv(store_kv)
+        if self.training and noise_levels is not None and labels is None:
+            # Trainer pops the labels before the forward when `compute_loss_func` or `label_smoothing_factor` is set:
+            # without x_0 there is no 2L pass, and its loss would train on x_t predictions instead of the NELBO.
+            raise ValueError("noise_levels without labels in training: the 2L training pass needs labels (x_0). "
+                             "Trainer removes them when compute_loss_func or label_smoothing_factor is set; "
+                             "block diffusion trains its own NELBO (the model's loss): unset both.")
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
         if past_key_values is None and use_cache:

@@ -209,3 +209,12 @@ def test_train_saves_the_training_dtype_whatever_the_eval_dtype(tmp_path, small_
     train(small_config(), args, train_set=train_set, eval_set=eval_set, tokenizer=tokenizer)
     saved = load_file(str(tmp_path / "model.safetensors"))
     assert {tensor.dtype for tensor in saved.values()} == {torch.float32}
+
+
+def test_a_custom_compute_loss_func_is_refused(tmp_path, small_data):
+    """Trainer pops the labels when compute_loss_func is set: the model would train on x_t predictions (no 2L pass)
+    instead of its NELBO; the training forward refuses noise_levels without labels."""
+    trainer = make_trainer(tmp_path, small_data, max_steps=1)
+    trainer.compute_loss_func = lambda outputs, labels, num_items_in_batch=None: outputs.logits.mean()
+    with pytest.raises(ValueError, match="Trainer removes them when compute_loss_func"):
+        trainer.train()
