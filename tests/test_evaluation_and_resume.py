@@ -2,6 +2,7 @@
 epoch, on start, standalone) sees the evaluation noise on the EMA weights; the best checkpoint's EMA is what
 load_best_model_at_end keeps; a run resumed from any folder, or across a clip-range change, is exact."""
 
+import json
 import shutil
 
 import pytest
@@ -218,3 +219,20 @@ def test_a_custom_compute_loss_func_is_refused(tmp_path, small_data):
     trainer.compute_loss_func = lambda outputs, labels, num_items_in_batch=None: outputs.logits.mean()
     with pytest.raises(ValueError, match="Trainer removes them when compute_loss_func"):
         trainer.train()
+
+
+def test_clip_search_runs_at_evaluations_during_training_only(tmp_path, small_data, monkeypatch):
+    """train() saves, then evaluates: a search at that last evaluation would change a config no longer saved (and
+    report a range on the model card the saved model does not hold)."""
+    monkeypatch.setattr(callbacks, "per_block_losses", fake_losses)
+    train_set, eval_set, tokenizer = small_data
+    config = small_config(clip_search=True, clip_search_batches=1)
+    args = arguments(tmp_path, per_device_eval_batch_size=8, max_steps=3, eval_strategy="steps", eval_steps=2)
+    summary = train(config, args, train_set=train_set, eval_set=eval_set, tokenizer=tokenizer)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert (saved["sampling_eps_min"], saved["sampling_eps_max"]) == pytest.approx((0.2, 0.8))
+    assert "eval_sampling_eps_min" not in json.loads((tmp_path / "eval_results.json").read_text())
+    assert summary["trainer"].model.config.sampling_eps_min == pytest.approx(0.2)
+    with pytest.raises(ValueError, match="clip_search=True searches at evaluations during training"):
+        build_trainer(config, arguments(tmp_path / "no-eval"), train_set=train_set, eval_set=eval_set,
+                      tokenizer=tokenizer)

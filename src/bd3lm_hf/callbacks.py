@@ -196,7 +196,7 @@ def per_block_losses(model, x0, attention_mask, keep, interval, mask_token_id: i
 
 
 class ClipSearchCallback(TrainerCallback):
-    """At each evaluation, picks the clip range [beta, omega] whose per-block NELBO has the least summed variance
+    """At each evaluation during training, picks the clip range [beta, omega] whose per-block NELBO has the least summed variance
     over `num_batches` validation batches (the paper's search, widths 0.5-0.9 in steps of 0.05), and writes it to
     `model.config.sampling_eps_min/max` (saved with the checkpoint) and to the collator's training range.
 
@@ -209,9 +209,18 @@ class ClipSearchCallback(TrainerCallback):
         self.num_batches = num_batches
         self.intervals = intervals or candidate_intervals()
         self.seed = seed
+        self.in_training = False
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.in_training = True
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self.in_training = False
 
     def on_evaluate(self, args, state, control, model=None, eval_dataloader=None, metrics=None, **kwargs):
-        if eval_dataloader is None:
+        # Only evaluations during training search: the range is for the training still to come, and a standalone
+        # evaluate() after the model was saved would change a config that is no longer saved.
+        if eval_dataloader is None or not self.in_training:
             return
         with self.collator.evaluating():  # whatever the order of the callbacks' on_evaluate
             best = self.search(model, eval_dataloader)

@@ -170,7 +170,11 @@ def build_trainer(config: BD3LMTrainingConfig, args: TrainingArguments, train_se
         eps_max=config.eps_max, resample=config.resample, pad_token_id=model.config.pad_token_id, seed=args.seed)
     splits = list(eval_set) if isinstance(eval_set, dict) else None  # a dict: Trainer evaluates each split
     callbacks = [BlockDiffusionCallback(collator, eval_splits=splits)]
-    if config.clip_search and eval_set is not None:
+    if config.clip_search:
+        if eval_set is None or args.eval_strategy == "no":
+            # the search runs at the evaluations during training: without them it would silently never run
+            raise ValueError("clip_search=True searches at evaluations during training: set an eval_strategy "
+                             "(steps or epoch) and evaluation data.")
         callbacks.append(ClipSearchCallback(collator, num_batches=config.clip_search_batches))
     if config.lora:
         from .lora import add_lora, lora_config
