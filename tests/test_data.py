@@ -112,3 +112,47 @@ def test_sft_rows_whose_prompt_fills_max_length_are_dropped(gpt2):
     assert len(encoded) == 1 and gpt2.decode(encoded[0]["input_ids"][:encoded[0]["prompt_length"]]) == "Say hi"
     with pytest.raises(ValueError, match="every SFT prompt fills max_length=16"):
         sft_tokenize(rows.select([0]), gpt2, block_size=4, max_length=16)
+
+
+def test_wrap_mode_keeps_every_full_sequence_of_the_stream(gpt2):
+    """The stream continues across the map's batches of 1000 documents: only its final partial sequence is dropped
+    (before: up to seq_len - 1 tokens per batch, and 'fewer than seq_len tokens' for data holding several)."""
+    documents = Dataset.from_dict({"text": [f"line {i}" for i in range(2500)]})
+    stream = [token for text in documents["text"] for token in gpt2(text)["input_ids"] + [gpt2.eos_token_id]]
+    wrapped = wrap_tokenize(documents, gpt2, seq_len=512, block_size=4)
+    assert len(wrapped) == len(stream) // 512 >= 2
+    assert sum(wrapped["input_ids"], []) == stream[: len(wrapped) * 512]
+
+
+def test_text_files_must_all_hold_text(tmp_path):
+    (tmp_path / "a.txt").write_text("To be, or not to be.")
+    (tmp_path / "other.jsonl").write_text(json.dumps({"body": "hello"}) + "\n")
+    (tmp_path / "nulls.jsonl").write_text(json.dumps({"text": "hi"}) + "\n" + json.dumps({"text": None}) + "\n")
+    with pytest.raises(ValueError, match=r"other.jsonl has no column 'text'"):
+        load_text_dataset([tmp_path / "a.txt", tmp_path / "other.jsonl"])
+    with pytest.raises(ValueError, match=r"nulls.jsonl: 1 rows have no 'text'"):
+        load_text_dataset([tmp_path / "a.txt", tmp_path / "nulls.jsonl"])
+    (tmp_path / "sft.jsonl").write_text(json.dumps({"prompt": "Q", "response": "A"}) + "\n")
+    assert load_text_dataset(tmp_path / "sft.jsonl").column_names == ["prompt", "response"]
+
+
+@pytest.mark.parametrize("messages", [[{"role": "user", "content": "Hi"}],
+                                      [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"},
+                                       {"role": "user", "content": "and?"}]])
+def test_a_chat_must_end_with_an_assistant_turn(messages):
+    tokenizer = gpt2_tokenizer_with_mask()
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    with pytest.raises(ValueError, match="must end with an assistant turn"):
+        sft_tokenize(Dataset.from_list([{"messages": messages}]), tokenizer, 4, 64, messages_column="messages")
+
+
+def test_sft_bpe_is_trained_on_prompts_and_responses(tmp_path):
+    from bd3lm_hf.training import BD3LMTrainingConfig, build_tokenizer, training_texts
+
+    rows = [{"prompt": f"Q: the cat sat on mat {i}", "response": f" the dog ran to cat {i}"} for i in range(50)]
+    (tmp_path / "sft.jsonl").write_text("\n".join(json.dumps(row) for row in rows))
+    config = BD3LMTrainingConfig(data=[str(tmp_path / "sft.jsonl")], sft=True, bpe_vocab_size=300)
+    texts = training_texts(config, load_text_dataset(config.data))
+    assert len(texts) == 100
+    tokenizer = build_tokenizer(config, texts)
+    assert len(tokenizer("Q: the cat sat")["input_ids"]) < len("Q: the cat sat")  # merges learnt, not bytes

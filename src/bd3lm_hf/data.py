@@ -31,7 +31,8 @@ def shakespeare_files(folio: bool = False) -> list[Path]:
 def load_text_dataset(paths, text_column: str = "text") -> Dataset:
     """One dataset from local files: each .txt/.md file is one document; .json/.jsonl rows keep their columns.
 
-    Raises a ValueError for a missing file, an unknown suffix, an empty file or a JSON file without `text_column`.
+    Raises a ValueError for a missing file, an unknown suffix, an empty file, and, when some file has
+    `text_column` (wrap data), a file without it or with null values in it.
     """
     paths = [Path(p) for p in ([paths] if isinstance(paths, (str, os.PathLike)) else paths)]
     if not paths:
@@ -55,10 +56,24 @@ def load_text_dataset(paths, text_column: str = "text") -> Dataset:
         else:
             raise ValueError(f"unsupported data file {path}: allowed suffixes are "
                              f"{sorted(TEXT_SUFFIXES | JSON_SUFFIXES)}.")
+    _check_text_column(parts, paths, text_column)
     return concatenate_datasets(parts) if len(parts) > 1 else parts[0]
 
 
-def _require_columns(dataset: Dataset, *columns: str) -> None:
+def _check_text_column(parts, paths, text_column: str) -> None:
+    """Text data must have text in every file: concatenating files would fill a missing column with nulls."""
+    if not any(text_column in part.column_names for part in parts):
+        return  # no text column at all: SFT data (prompt/response or messages)
+    for part, path in zip(parts, paths):
+        if text_column not in part.column_names:
+            raise ValueError(f"data file {path} has no column {text_column!r} (its columns: {part.column_names}), "
+                             "while other files do; set --text_column or give files of one kind.")
+        nulls = sum(value is None for value in part[text_column])
+        if nulls:
+            raise ValueError(f"data file {path}: {nulls} rows have no {text_column!r} (null).")
+
+
+def require_columns(dataset: Dataset, *columns: str) -> None:
     missing = [c for c in columns if c not in dataset.column_names]
     if missing:
         raise ValueError(f"dataset has no column {missing}; its columns are {dataset.column_names}.")
@@ -72,24 +87,28 @@ def _check_lengths(seq_len: int, block_size: int, name: str = "seq_len") -> None
 
 
 def wrap_tokenize(dataset: Dataset, tokenizer, seq_len: int, block_size: int, text_column: str = "text") -> Dataset:
-    """Wrap mode (pretraining, as the paper): documents joined with BOS/EOS separators, cut into sequences of
-    `seq_len` tokens (block-aligned); the incomplete tail is dropped."""
+    """Wrap mode (pretraining): documents tokenized and joined into one stream (each document as BOS + text + EOS;
+    EOS only when BOS is EOS, as for GPT-2), cut into sequences of `seq_len` tokens (block-aligned; a sequence may
+    start inside a document); only the stream's final incomplete sequence is dropped."""
     _check_lengths(seq_len, block_size)
-    _require_columns(dataset, text_column)
+    require_columns(dataset, text_column)
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     if eos is None:
         raise ValueError("wrap mode needs a tokenizer with an eos_token to separate documents.")
+    carry = []  # the tokens of the previous batches not yet in a sequence: the stream continues across batches
 
     def join_and_cut(batch):
-        stream = []
+        stream = carry[:]
         for text in batch[text_column]:
             ids = tokenizer(text, add_special_tokens=False)["input_ids"]
             stream += ([bos] if bos is not None and bos != eos else []) + ids + [eos]
         usable = len(stream) - len(stream) % seq_len
+        carry[:] = stream[usable:]
         return {"input_ids": [stream[i:i + seq_len] for i in range(0, usable, seq_len)]}
 
+    # one process, batches in order (the carry needs both); no cache: a cached run would skip the carry's history
     wrapped = dataset.map(join_and_cut, batched=True, batch_size=1000, remove_columns=dataset.column_names,
-                          desc="tokenize + wrap")
+                          load_from_cache_file=False, desc="tokenize + wrap")
     if len(wrapped) == 0:
         raise ValueError(f"the data hold fewer than seq_len={seq_len} tokens: no training sequence.")
     return wrapped
@@ -99,17 +118,19 @@ def sft_tokenize(dataset: Dataset, tokenizer, block_size: int, max_length: int, 
                  response_column: str = "response", messages_column: str | None = None) -> Dataset:
     """SFT mode: `input_ids` = prompt + response + EOS padding to a block multiple, and `prompt_length` (those
     tokens are never noised and carry no loss). With `messages_column`, the chat template renders the prompt from
-    all messages but the last (an assistant turn), which is the response. Rows longer than max_length are cut;
+    all messages but the last, which must be an assistant turn (the response) after at least one other message.
+    Rows longer than max_length are cut;
     rows whose prompt alone fills max_length (nothing left to learn) are dropped with a warning."""
     _check_lengths(max_length, block_size, "max_length")
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError("SFT needs a tokenizer with an eos_token (responses are padded with it).")
-    _require_columns(dataset, *([messages_column] if messages_column else [prompt_column, response_column]))
+    require_columns(dataset, *([messages_column] if messages_column else [prompt_column, response_column]))
 
     def encode(row):
         if messages_column:
             messages = row[messages_column]
+            _check_chat(messages)
             prompt = list(tokenizer.apply_chat_template(messages[:-1], tokenize=True, add_generation_prompt=True,
                                                         return_dict=True)["input_ids"])
             response = tokenizer(messages[-1]["content"], add_special_tokens=False)["input_ids"]
@@ -128,6 +149,23 @@ def sft_tokenize(dataset: Dataset, tokenizer, block_size: int, max_length: int, 
     if len(kept) == 0:
         raise ValueError(f"every SFT prompt fills max_length={max_length}: no response token to train on.")
     return kept
+
+
+def _check_chat(messages) -> None:
+    if not messages or len(messages) < 2 or messages[-1].get("role") != "assistant":
+        roles = [message.get("role") for message in messages or []]
+        raise ValueError(f"an SFT chat must end with an assistant turn (the response) after at least one other "
+                         f"message; got roles {roles}.")
+
+
+def sft_texts(dataset: Dataset, prompt_column: str = "prompt", response_column: str = "response",
+              messages_column: str | None = None) -> list[str]:
+    """The text of SFT rows (prompts and responses, or every message's content): what a BPE is trained on."""
+    if messages_column:
+        require_columns(dataset, messages_column)
+        return [message["content"] for messages in dataset[messages_column] for message in messages]
+    require_columns(dataset, prompt_column, response_column)
+    return [*dataset[prompt_column], *dataset[response_column]]
 
 
 def train_bpe_tokenizer(texts, vocab_size: int = 1024) -> PreTrainedTokenizerFast:

@@ -19,7 +19,8 @@ from transformers.utils import logging
 from .callbacks import BlockDiffusionCallback, ClipSearchCallback
 from .collator import DataCollatorForBlockDiffusion
 from .compilation import compile_decoder_layers, should_compile_layers
-from .data import load_text_dataset, sft_tokenize, shakespeare_files, train_bpe_tokenizer, wrap_tokenize
+from .data import (load_text_dataset, require_columns, sft_texts, sft_tokenize, shakespeare_files, train_bpe_tokenizer,
+                   wrap_tokenize)
 from .ema import EMACallback
 from .modeling import BD3LMConfig, BD3LMForBlockDiffusion
 from .tokenization import check_tokenizer_fits, gpt2_tokenizer_with_mask
@@ -84,6 +85,14 @@ def build_tokenizer(config: BD3LMTrainingConfig, texts: list[str]):
     if tokenizer.mask_token_id is None:
         raise ValueError(f"tokenizer {name} has no mask token; block diffusion needs one.")
     return tokenizer
+
+
+def training_texts(config: BD3LMTrainingConfig, raw_train) -> list[str]:
+    """What a BPE tokenizer is trained on: the text column, or the prompts and responses (messages) of SFT data."""
+    if config.sft:
+        return sft_texts(raw_train, config.prompt_column, config.response_column, config.messages_column)
+    require_columns(raw_train, config.text_column)
+    return raw_train[config.text_column]
 
 
 def load_datasets(config: BD3LMTrainingConfig):
@@ -151,8 +160,7 @@ def build_trainer(config: BD3LMTrainingConfig, args: TrainingArguments, train_se
     if train_set is None:
         raw_train, raw_eval = load_datasets(config)
         if tokenizer is None:
-            texts = raw_train[config.text_column] if config.text_column in raw_train.column_names else []
-            tokenizer = build_tokenizer(config, texts)
+            tokenizer = build_tokenizer(config, training_texts(config, raw_train))
         train_set = tokenize(config, raw_train, tokenizer)
         eval_set = tokenize(config, raw_eval, tokenizer) if raw_eval is not None else None
         if eval_set is None:
