@@ -176,3 +176,27 @@ def test_folders_case_duplicates_and_unreadable_json(tmp_path, caplog):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ValueError, match="holds no"):
         load_text_dataset(tmp_path / "empty")
+
+
+def test_framed_wrap_mode_lays_sequences_out_as_the_original(gpt2):
+    """Each document + EOS in one stream; every sequence BOS + seq_len - 2 stream tokens + EOS; the BOS is a
+    one-token prompt (never noised nor scored), as the original's first token."""
+    documents = Dataset.from_dict({"text": [f"Scene {i}. Enter the king." for i in range(40)]})
+    stream = [token for text in documents["text"] for token in gpt2(text)["input_ids"] + [gpt2.eos_token_id]]
+    framed = wrap_tokenize(documents, gpt2, seq_len=16, block_size=4, framed=True)
+    assert len(framed) == len(stream) // 14
+    for index, row in enumerate(framed):
+        assert row["input_ids"] == [gpt2.bos_token_id, *stream[index * 14:(index + 1) * 14], gpt2.eos_token_id]
+        assert row["prompt_length"] == 1
+    from bd3lm_hf import DataCollatorForBlockDiffusion
+
+    batch = DataCollatorForBlockDiffusion(gpt2.mask_token_id, 4, seed=0)(framed.select(range(4)).to_list())
+    assert (batch["labels"][:, 0] == -100).all() and (batch["input_ids"][:, 0] == gpt2.bos_token_id).all()
+
+
+def test_training_config_selects_the_framed_layout(gpt2):
+    from bd3lm_hf.training import BD3LMTrainingConfig, tokenize
+
+    documents = Dataset.from_dict({"text": ["Enter the ghost of Hamlet's father. " * 4] * 4})
+    config = BD3LMTrainingConfig(max_position_embeddings=16, block_size=4, wrap_framed=True)
+    assert set(tokenize(config, documents, gpt2)["prompt_length"]) == {1}

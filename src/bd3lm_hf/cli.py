@@ -46,6 +46,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--batch-size", type=int, default=32)
     evaluate.add_argument("--max-sequences", type=int, default=None)
     evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--wrap-framed", action="store_true",
+                          help="lay the text out as the original bd3lms wrap mode (every sequence BOS + L-2 "
+                               "tokens + EOS, its BOS not scored)")
 
     generate = commands.add_parser(
         "generate", help="sample through pipeline('text-generation')",
@@ -144,7 +147,8 @@ def run_eval(args) -> None:
     from .evaluation import nelbo_perplexity
 
     model, tokenizer = load_for_inference(args.model)
-    result = nelbo_perplexity(model, tokenizer, args.data, args.batch_size, args.max_sequences, args.seed)
+    result = nelbo_perplexity(model, tokenizer, args.data, args.batch_size, args.max_sequences, args.seed,
+                              framed=args.wrap_framed)
     print(f"NELBO {result['nelbo']:.4f} nats/token, perplexity <= {result['perplexity']:.2f} "
           f"({result['tokens']} tokens, {result['sequences']} sequences)")
 

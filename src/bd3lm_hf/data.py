@@ -127,25 +127,38 @@ def _check_lengths(seq_len: int, block_size: int, name: str = "seq_len") -> None
         raise ValueError(f"block_size={block_size} must divide {name}={seq_len}.")
 
 
-def wrap_tokenize(dataset: Dataset, tokenizer, seq_len: int, block_size: int, text_column: str = "text") -> Dataset:
-    """Wrap mode (pretraining): documents tokenized and joined into one stream (each document as BOS + text + EOS;
-    EOS only when BOS is EOS, as for GPT-2), cut into sequences of `seq_len` tokens (block-aligned; a sequence may
-    start inside a document); only the stream's final incomplete sequence is dropped."""
+def wrap_tokenize(dataset: Dataset, tokenizer, seq_len: int, block_size: int, text_column: str = "text",
+                  framed: bool = False) -> Dataset:
+    """Wrap mode (pretraining): documents tokenized and joined into one stream, cut into block-aligned sequences of
+    `seq_len` tokens; a sequence may start inside a document, and only the stream's final incomplete sequence is
+    dropped.
+
+    Default: each document as BOS + text + EOS (EOS only when BOS is EOS, as for GPT-2), sequences cut straight
+    from the stream. `framed=True` lays the data out as the original bd3lms wrap mode does: each document as
+    text + EOS, and every sequence framed as BOS + seq_len - 2 stream tokens + EOS, its BOS never noised nor scored
+    (`prompt_length` = 1, as the original's first token)."""
     _check_lengths(seq_len, block_size)
     require_columns(dataset, text_column)
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     if eos is None:
         raise ValueError("wrap mode needs a tokenizer with an eos_token to separate documents.")
+    if framed and (bos is None or seq_len < 3):
+        raise ValueError("framed wrap mode needs a tokenizer with a bos_token and seq_len >= 3.")
+    opens_documents = bos is not None and bos != eos and not framed
+    chunk = seq_len - 2 if framed else seq_len
     carry = []  # the tokens of the previous batches not yet in a sequence: the stream continues across batches
 
     def join_and_cut(batch):
         stream = carry[:]
         for text in batch[text_column]:
-            ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-            stream += ([bos] if bos is not None and bos != eos else []) + ids + [eos]
-        usable = len(stream) - len(stream) % seq_len
+            stream += ([bos] if opens_documents else []) + tokenizer(text, add_special_tokens=False)["input_ids"]
+            stream.append(eos)
+        usable = len(stream) - len(stream) % chunk
         carry[:] = stream[usable:]
-        return {"input_ids": [stream[i:i + seq_len] for i in range(0, usable, seq_len)]}
+        pieces = [stream[i:i + chunk] for i in range(0, usable, chunk)]
+        if not framed:
+            return {"input_ids": pieces}
+        return {"input_ids": [[bos, *piece, eos] for piece in pieces], "prompt_length": [1] * len(pieces)}
 
     # one process, batches in order (the carry needs both); no cache: a cached run would skip the carry's history
     wrapped = dataset.map(join_and_cut, batched=True, batch_size=1000, remove_columns=dataset.column_names,

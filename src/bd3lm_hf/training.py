@@ -40,6 +40,9 @@ class BD3LMTrainingConfig:
                                                               "eval_data is given (shakespeare: whole plays)"})
     shakespeare_plays: int = field(default=12, metadata={"help": "plays to train on; the next 2 are held out"})
     text_column: str = "text"
+    wrap_framed: bool = field(default=False, metadata={"help": "wrap data laid out as the original: every "
+                                                               "sequence BOS + L-2 tokens + EOS, its BOS never "
+                                                               "noised nor scored"})
     sft: bool = field(default=False, metadata={"help": "prompt/response finetuning instead of wrap pretraining"})
     prompt_column: str = "prompt"
     response_column: str = "response"
@@ -112,7 +115,8 @@ def tokenize(config: BD3LMTrainingConfig, dataset, tokenizer):
     if config.sft:
         return sft_tokenize(dataset, tokenizer, config.block_size, config.max_position_embeddings,
                             config.prompt_column, config.response_column, config.messages_column)
-    return wrap_tokenize(dataset, tokenizer, config.max_position_embeddings, config.block_size, config.text_column)
+    return wrap_tokenize(dataset, tokenizer, config.max_position_embeddings, config.block_size, config.text_column,
+                         framed=config.wrap_framed)
 
 
 def split_off_eval(train_set, fraction: float):
