@@ -288,3 +288,22 @@ def test_cli_names_the_unreadable_file_in_one_line(fixtures, tmp_path, capfd, da
     assert cli(["convert", str(tmp_path / "src"), str(tmp_path / "dst"), *flags]) == 2
     err = capfd.readouterr().err
     assert message in err and str(tmp_path / "src") in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("flags", [[], ["--to-original"]], ids=["to-ours", "to-original"])
+def test_cli_refuses_an_existing_file_as_output_in_both_directions(fixtures, tmp_path, capfd, flags):
+    src = fixtures / "bd3lm_public" if not flags else _our_folder(fixtures, tmp_path / "ours")
+    (tmp_path / "afile").write_text("keep me")
+    assert cli(["convert", str(src), str(tmp_path / "afile"), *flags]) == 2
+    err = capfd.readouterr().err
+    assert "afile exists and is not a folder" in err and "Traceback" not in err and "converted" not in err
+    assert (tmp_path / "afile").read_text() == "keep me"
+
+
+def test_cli_names_a_ckpt_without_a_state_dict_in_one_line(tmp_path, capfd):
+    torch.save({"foo": 1, "global_step": 3}, tmp_path / "nostate.ckpt")
+    assert cli(["convert", str(tmp_path / "nostate.ckpt"), str(tmp_path / "out"), "--block-size", "4",
+                "--model-length", "32"]) == 2
+    err = capfd.readouterr().err
+    assert "nostate.ckpt has no 'state_dict'" in err and "['foo', 'global_step']" in err
+    assert "Traceback" not in err and not (tmp_path / "out").exists()

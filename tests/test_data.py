@@ -200,3 +200,14 @@ def test_training_config_selects_the_framed_layout(gpt2):
     documents = Dataset.from_dict({"text": ["Enter the ghost of Hamlet's father. " * 4] * 4})
     config = BD3LMTrainingConfig(max_position_embeddings=16, block_size=4, wrap_framed=True)
     assert set(tokenize(config, documents, gpt2)["prompt_length"]) == {1}
+
+
+def test_chats_need_a_chat_template_and_long_documents_do_not_warn(caplog):
+    tokenizer = gpt2_tokenizer_with_mask()  # no chat template
+    chats = Dataset.from_list([{"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]}])
+    with pytest.raises(ValueError, match="this tokenizer has none"):
+        sft_tokenize(chats, tokenizer, 4, 64, messages_column="messages")
+    tokenizer.model_max_length = 16  # an exported tokenizer's: the model's context
+    with caplog.at_level("WARNING"):
+        wrap_tokenize(Dataset.from_dict({"text": ["To be, or not to be. " * 20]}), tokenizer, 16, 4)
+    assert "indexing errors" not in caplog.text

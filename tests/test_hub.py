@@ -152,14 +152,25 @@ def test_export_refuses_a_tokenizer_that_does_not_fit_the_model(tmp_path):
     assert not (tmp_path / "small").exists() and not (tmp_path / "other_mask").exists()
 
 
-def test_exported_tokenizer_truncates_at_the_context_and_has_no_load_flags(exported, tmp_path):
+def test_exported_tokenizer_truncates_to_the_longest_prompt_and_has_no_load_flags(exported, tmp_path):
     from transformers import AutoTokenizer
 
     assert cli(["export", str(exported), str(tmp_path / "again")]) == 0  # its tokenizer was loaded from a folder
     saved = json.loads((tmp_path / "again" / "tokenizer_config.json").read_text())
-    assert saved["model_max_length"] == 64 and not {"is_local", "local_files_only"} & set(saved)
+    assert saved["model_max_length"] == 63 and not {"is_local", "local_files_only"} & set(saved)  # context 64
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "again")
-    assert len(tokenizer("word " * 100, truncation=True)["input_ids"]) == 64
+    assert len(tokenizer("word " * 100, truncation=True)["input_ids"]) == 63
+
+
+def test_pipeline_truncation_keeps_the_end_of_a_prompt_longer_than_the_context(exported):
+    from transformers import pipeline
+
+    generator = pipeline("text-generation", model=str(exported), trust_remote_code=True)
+    text = " ".join(f"word{i}" for i in range(60))  # 120 tokens, the context is 64
+    ids = generator.tokenizer(text)["input_ids"]
+    out = generator(text, truncation=True, max_new_tokens=8, do_sample=False, return_tensors=True)
+    generated = out[0]["generated_token_ids"]
+    assert generated[:63] == ids[-63:] and len(generated) > 63  # the model continued the prompt's last 63 tokens
 
 
 def test_export_cli_names_a_missing_model_folder_and_a_file_as_output(exported, tmp_path, capfd):

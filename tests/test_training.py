@@ -256,7 +256,7 @@ def test_finetuning_keeps_the_base_models_tokenizer(tmp_path, small_data):
     base = build_model(small_config(), tokenizer)
     base.save_pretrained(tmp_path / "base")
     tokenizer.save_pretrained(tmp_path / "base")
-    loaded = build_tokenizer(small_config(init_from=str(tmp_path / "base")), ["other text, other vocabulary"])
+    loaded = build_tokenizer(BD3LMTrainingConfig(init_from=str(tmp_path / "base")), ["other text, other vocabulary"])
     assert loaded.get_vocab() == tokenizer.get_vocab()
     with pytest.raises(ValueError, match="50258 tokens, more than the model's vocab_size"):
         check_tokenizer_fits(base, build_tokenizer(small_config(tokenizer="gpt2"), []))
@@ -345,3 +345,20 @@ def test_ema_checkpoints_of_fsdp2_sharded_parameters(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((tmp_path / "result.json").read_text()) == {"same": True, "sharded": True, "updates": 1,
                                                                   "full_shapes": True}
+
+
+def test_finetuning_keeps_the_base_models_shape_unless_told(tmp_path, small_data):
+    """Unset, the context and block size are the init_from model's (they were the CLI defaults 64 and 4, which
+    re-targeted a block-16 checkpoint); a new model's shape cannot be given with init_from."""
+    train_set, eval_set, tokenizer = small_data
+    base = build_model(small_config(block_size=8), tokenizer)
+    base.save_pretrained(tmp_path / "base")
+    config = BD3LMTrainingConfig(init_from=str(tmp_path / "base"))
+    assert (config.max_position_embeddings, config.block_size) == (32, 8)
+    assert BD3LMTrainingConfig(init_from=str(tmp_path / "base"), block_size=4).block_size == 4  # the paper's finetune
+    with pytest.raises(ValueError, match="hidden_size describe a new model"):
+        BD3LMTrainingConfig(init_from=str(tmp_path / "base"), hidden_size=256)
+    with pytest.raises(ValueError, match="longer than the context of init_from"):
+        BD3LMTrainingConfig(init_from=str(tmp_path / "base"), max_position_embeddings=64)
+    fresh = BD3LMTrainingConfig()
+    assert (fresh.max_position_embeddings, fresh.block_size, fresh.hidden_size) == (64, 4, 128)

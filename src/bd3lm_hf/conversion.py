@@ -273,6 +273,10 @@ def read_lightning_checkpoint(path: Path, use_ema: bool = True) -> dict[str, tor
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # pickle refuses objects other than tensors and containers
         raise ConversionError(f"{path} cannot be read with torch.load(weights_only=True): {error}") from None
+    if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
+        found = sorted(map(str, checkpoint)) if isinstance(checkpoint, dict) else type(checkpoint).__name__
+        raise ConversionError(f"{path} has no 'state_dict' (it holds {found}): a bd3lms Lightning checkpoint keeps "
+                              "the weights there.")
     state_dict = {k.replace("_orig_mod.", ""): v for k, v in checkpoint["state_dict"].items()}
     state_dict = {k: v for k, v in state_dict.items() if k.startswith(ORIGINAL_PREFIX) or k in CLIP_KEYS}
     for key in CLIP_KEYS:
@@ -308,6 +312,7 @@ def config_fields_from_weights(state_dict: dict[str, torch.Tensor]) -> dict:
 def convert_to_ours(src: str | os.PathLike, dst: str | os.PathLike, original_config: dict | None = None,
                     tokenizer=None) -> BD3LMForBlockDiffusion:
     """Original folder or `.ckpt` -> our Hub folder (config, code, weights, and `tokenizer` when given)."""
+    refuse_a_file_as_output(dst)
     model = load_original(src, original_config)
     if tokenizer is not None:
         raise_if_tokenizer_mismatch(tokenizer, model, ConversionError)
@@ -319,6 +324,12 @@ def convert_to_ours(src: str | os.PathLike, dst: str | os.PathLike, original_con
         tokenizer.save_pretrained(dst)
     logger.info("converted %s -> %s", src, dst)
     return model
+
+
+def refuse_a_file_as_output(dst: str | os.PathLike) -> None:
+    """Checked before any work: save_pretrained only logs when its folder is a file, and writes nothing."""
+    if Path(dst).exists() and not Path(dst).is_dir():
+        raise ConversionError(f"{dst} exists and is not a folder: pass a new or an existing folder's path.")
 
 
 def raise_if_tokenizer_mismatch(tokenizer, model, error_class) -> None:
@@ -336,6 +347,7 @@ def convert_to_original(src: str | os.PathLike, dst: str | os.PathLike,
     The original code files (`configuration_bd3lm.py`, `modeling_bd3lm.py`) are not ours to ship: `code_from`, a
     download of an original Hub repo, provides them; without it the folder loads only once they are added."""
     src, dst = Path(src), Path(dst)
+    refuse_a_file_as_output(dst)
     config = read_our_config(src)
     state_dict = read_folder_weights(src)
     if any(key.startswith(ORIGINAL_PREFIX) for key in state_dict):

@@ -151,7 +151,9 @@ def wrap_tokenize(dataset: Dataset, tokenizer, seq_len: int, block_size: int, te
     def join_and_cut(batch):
         stream = carry[:]
         for text in batch[text_column]:
-            stream += ([bos] if opens_documents else []) + tokenizer(text, add_special_tokens=False)["input_ids"]
+            # whole documents, longer than the tokenizer's model_max_length: its "indexing errors" warning is moot
+            ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+            stream += ([bos] if opens_documents else []) + ids
             stream.append(eos)
         usable = len(stream) - len(stream) % chunk
         carry[:] = stream[usable:]
@@ -180,6 +182,10 @@ def sft_tokenize(dataset: Dataset, tokenizer, block_size: int, max_length: int, 
     if eos is None:
         raise ValueError("SFT needs a tokenizer with an eos_token (responses are padded with it).")
     require_columns(dataset, *([messages_column] if messages_column else [prompt_column, response_column]))
+    if messages_column and not getattr(tokenizer, "chat_template", None):
+        raise ValueError(f"messages_column={messages_column!r} renders chats with the tokenizer's chat template, and "
+                         "this tokenizer has none (the built-in BPE and GPT-2 tokenizers have none): give a "
+                         "tokenizer folder with a chat_template, or prompt/response columns.")
 
     def encode(row):
         if messages_column:
@@ -187,10 +193,10 @@ def sft_tokenize(dataset: Dataset, tokenizer, block_size: int, max_length: int, 
             _check_chat(messages)
             prompt = list(tokenizer.apply_chat_template(messages[:-1], tokenize=True, add_generation_prompt=True,
                                                         return_dict=True)["input_ids"])
-            response = tokenizer(messages[-1]["content"], add_special_tokens=False)["input_ids"]
+            response = tokenizer(messages[-1]["content"], add_special_tokens=False, verbose=False)["input_ids"]
         else:
-            prompt = tokenizer(row[prompt_column], add_special_tokens=False)["input_ids"]
-            response = tokenizer(row[response_column], add_special_tokens=False)["input_ids"]
+            prompt = tokenizer(row[prompt_column], add_special_tokens=False, verbose=False)["input_ids"]
+            response = tokenizer(row[response_column], add_special_tokens=False, verbose=False)["input_ids"]
         ids = (prompt + response + [eos])[:max_length]
         ids += [eos] * (-len(ids) % block_size)
         return {"input_ids": ids, "prompt_length": min(len(prompt), len(ids))}

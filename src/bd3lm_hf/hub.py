@@ -92,7 +92,7 @@ def export_for_hub(model, tokenizer, out_dir, repo_id: str | None = None, metric
     repo_id = repo_id or out_dir.name
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-    _finish_tokenizer_config(out_dir / "tokenizer_config.json", model.config.max_position_embeddings)
+    _finish_tokenizer_config(out_dir / "tokenizer_config.json", longest_prompt(model.config))
     summary = summary or f"A BD3-LM with block size {model.config.block_size}, trained with `bd3lm_hf`."
     card = render_card(model.config, repo_id, sum(p.numel() for p in model.parameters()), summary,
                        metrics=metrics, datasets=datasets, license=license)
@@ -121,13 +121,21 @@ def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
         shutil.rmtree(out_dir)
 
 
-def _finish_tokenizer_config(path: Path, max_position_embeddings: int) -> None:
-    """The saved tokenizer truncates at the model's context (pipeline(truncation=True) needs a finite length) and
+def longest_prompt(config) -> int:
+    """The most prompt tokens generate() takes: the prompt's whole blocks plus its first block to denoise must fit
+    the context (floor(p / block_size) * block_size + block_size <= context), and the block size divides it."""
+    return config.max_position_embeddings - 1
+
+
+def _finish_tokenizer_config(path: Path, model_max_length: int) -> None:
+    """The saved tokenizer truncates to the longest prompt generation takes (pipeline(truncation=True) needs a
+    finite length), from the left: generation continues the end of a prompt, so that is the part to keep. It
     carries no flags of the local load it came from. Edited on disk: the caller's tokenizer stays as it was."""
     if not path.is_file():
         return
     fields = json.loads(path.read_text(encoding="utf-8"))
-    fields["model_max_length"] = max_position_embeddings
+    fields["model_max_length"] = model_max_length
+    fields["truncation_side"] = "left"
     for flag in LOAD_TIME_TOKENIZER_FLAGS:
         fields.pop(flag, None)
     path.write_text(json.dumps(fields, indent=2, ensure_ascii=False, sort_keys=True) + "\n", encoding="utf-8")

@@ -52,13 +52,14 @@ class BD3LMTrainingConfig:
                                                                    "init_from folder's, else 'bpe'"})
     bpe_vocab_size: int = 1024
     init_from: str | None = field(default=None, metadata={"help": "pretrained BD3-LM folder to finetune"})
-    max_position_embeddings: int = field(default=64, metadata={"help": "sequence length L"})
-    block_size: int = 4
-    hidden_size: int = 128
-    num_hidden_layers: int = 2
-    num_attention_heads: int = 4
-    cond_dim: int = 64
-    hidden_dropout: float = 0.0
+    max_position_embeddings: int | None = field(default=None, metadata={"help": "sequence length L (default: the "
+                                                                                "init_from model's, else 64)"})
+    block_size: int | None = field(default=None, metadata={"help": "default: the init_from model's, else 4"})
+    hidden_size: int | None = field(default=None, metadata={"help": "a new model's width (default 128)"})
+    num_hidden_layers: int | None = field(default=None, metadata={"help": "a new model's depth (default 2)"})
+    num_attention_heads: int | None = field(default=None, metadata={"help": "a new model's heads (default 4)"})
+    cond_dim: int | None = field(default=None, metadata={"help": "a new model's conditioning width (default 64)"})
+    hidden_dropout: float | None = field(default=None, metadata={"help": "a new model's dropout (default 0.0)"})
     attn_implementation: str = field(default="auto", metadata={"help": "auto (flex_attention on a GPU, where the "
                                                                        "2L BlockMask skips masked tiles; sdpa on "
                                                                        "CPU, where flex has no backward), sdpa, "
@@ -74,6 +75,43 @@ class BD3LMTrainingConfig:
     lora: bool = False
     lora_r: int = 8
     lora_alpha: int = 16
+
+    def __post_init__(self):
+        """Shape fields left unset take the `init_from` model's (context, block size) or a new model's defaults;
+        the shape of a new model cannot be given together with `init_from` (the checkpoint fixes it)."""
+        given = [name for name in NEW_MODEL_SHAPE if getattr(self, name) is not None]
+        if self.init_from and given:
+            raise ValueError(f"{', '.join(given)} describe a new model; init_from={self.init_from!r} fixes the "
+                             "model's shape: leave them out.")
+        for name, value in NEW_MODEL_SHAPE.items():
+            if getattr(self, name) is None:
+                setattr(self, name, None if self.init_from else value)
+        base = base_sequence_shape(self.init_from)
+        if self.max_position_embeddings is None:
+            self.max_position_embeddings = base["max_position_embeddings"]
+        elif self.max_position_embeddings > base.get("context", math.inf):
+            raise ValueError(f"max_position_embeddings={self.max_position_embeddings} is longer than the context of "
+                             f"init_from ({base['context']} tokens).")
+        if self.block_size is None:
+            self.block_size = base["block_size"]
+
+
+# A new model's shape (what `init_from` replaces), and the sequence shape of a new model.
+NEW_MODEL_SHAPE = {"hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "cond_dim": 64,
+                   "hidden_dropout": 0.0}
+NEW_SEQUENCE_SHAPE = {"max_position_embeddings": 64, "block_size": 4}
+
+
+def base_sequence_shape(init_from: str | None) -> dict:
+    """Context and block size to train with by default: the `init_from` model's (finetuning keeps them unless
+    told otherwise), else a new model's."""
+    if not init_from:
+        return dict(NEW_SEQUENCE_SHAPE)
+    if init_from.startswith((".", "/", "~")) and not Path(init_from).expanduser().exists():
+        raise ValueError(f"init_from folder {init_from} does not exist.")  # else transformers: "Repo id must ..."
+    base = BD3LMConfig.from_pretrained(init_from)
+    return {"max_position_embeddings": base.max_position_embeddings, "block_size": base.block_size,
+            "context": base.max_position_embeddings}
 
 
 def build_tokenizer(config: BD3LMTrainingConfig, texts: list[str]):

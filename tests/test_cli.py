@@ -1,0 +1,51 @@
+"""The `bd3lm-hf` command line turns the usual mistakes into one-line errors (exit code 2), never a traceback."""
+
+import importlib.util
+
+import pytest
+import torch
+from conftest import random_model
+
+from bd3lm_hf.cli import main as cli
+
+
+def _one_line_error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err, err
+    return err
+
+
+@pytest.fixture
+def model_folder(tmp_path):
+    random_model().save_pretrained(tmp_path / "model")
+    return tmp_path / "model"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_generate_on_cuda_without_cuda_is_a_one_line_error(model_folder, capsys):
+    assert cli(["generate", str(model_folder), "--prompt", "x", "--device", "cuda"]) == 2
+    assert "--device cuda: no CUDA device is available" in _one_line_error(capsys)
+
+
+def test_generate_on_an_unknown_device_is_a_one_line_error(model_folder, capsys):
+    assert cli(["generate", str(model_folder), "--prompt", "x", "--device", "gpu0"]) == 2
+    assert "--device gpu0 is not a device" in _one_line_error(capsys)
+
+
+@pytest.mark.parametrize("command", [["generate"], ["eval", "--data", "held_out.txt"]], ids=["generate", "eval"])
+@pytest.mark.parametrize("folder", ["./missing_dir", "runs/missing/model", "~/missing_dir"])
+def test_a_missing_local_model_folder_is_named(command, folder, capsys):
+    name, *flags = command
+    assert cli([name, folder, *flags]) == 2
+    err = _one_line_error(capsys)
+    assert f"model folder {folder} does not exist" in err and "Repo id" not in err
+
+
+@pytest.mark.skipif(importlib.util.find_spec("flash_attn") is not None, reason="needs flash-attn to be missing")
+def test_train_with_flash_attention_but_no_flash_attn_is_a_one_line_error(tmp_path, capsys):
+    code = cli(["train", "--output_dir", str(tmp_path / "out"), "--max_steps", "1", "--shakespeare_plays", "1",
+                "--hidden_size", "32", "--num_hidden_layers", "1", "--cond_dim", "16", "--bpe_vocab_size", "300",
+                "--max_position_embeddings", "32", "--per_device_train_batch_size", "4", "--report_to", "none",
+                "--use_cpu", "true", "--attn_implementation", "flash_attention_2"])
+    assert code == 2
+    assert "flash" in _one_line_error(capsys).lower()
