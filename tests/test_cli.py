@@ -34,7 +34,9 @@ def test_generate_on_an_unknown_device_is_a_one_line_error(model_folder, capsys)
 
 @pytest.mark.parametrize("command", [["generate"], ["eval", "--data", "held_out.txt"]], ids=["generate", "eval"])
 @pytest.mark.parametrize("folder", ["./missing_dir", "runs/missing/model", "~/missing_dir"])
-def test_a_missing_local_model_folder_is_named(command, folder, capsys):
+def test_a_missing_local_model_folder_is_named(command, folder, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HOME", str(tmp_path))
     name, *flags = command
     assert cli([name, folder, *flags]) == 2
     err = _one_line_error(capsys)
@@ -49,3 +51,12 @@ def test_train_with_flash_attention_but_no_flash_attn_is_a_one_line_error(tmp_pa
                 "--use_cpu", "true", "--attn_implementation", "flash_attention_2"])
     assert code == 2
     assert "flash" in _one_line_error(capsys).lower()
+
+
+@pytest.mark.parametrize("name, local", [("bd3lm-owt", False), ("kuleshov-group/bd3lm-owt-block_size16", False),
+                                         ("./model", True), ("/abs/model", True), ("~/model", True),
+                                         ("runs/a/model", True), ("..", True)])
+def test_names_that_cannot_be_hub_ids_are_taken_as_local_folders(name, local):
+    from bd3lm_hf.cli import looks_like_a_local_path
+
+    assert looks_like_a_local_path(name) is local

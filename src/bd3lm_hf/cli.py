@@ -3,7 +3,9 @@
 import argparse
 import json
 import logging as std_logging
+import os
 import sys
+from pathlib import Path
 
 from transformers.utils import logging
 
@@ -135,12 +137,49 @@ def load_for_inference(name: str, device: str = "cpu", dtype: str = "float32"):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    name = local_folder_or_hub_id(name)
+    device = resolve_device(device)
     if dtype == "auto":
         dtype = "bfloat16" if device.startswith("cuda") else "float32"
     model = AutoModelForCausalLM.from_pretrained(name, trust_remote_code=True, dtype=getattr(torch, dtype))
     return model.to(device).eval(), AutoTokenizer.from_pretrained(name, trust_remote_code=True)
+
+
+def local_folder_or_hub_id(name: str) -> str:
+    """`name` unchanged, or as a path with ~ expanded when it is meant as a local folder. A missing one is named
+    here: from_pretrained would take it for a Hub id and answer that repo ids must use alphanumeric chars."""
+    if not looks_like_a_local_path(name):
+        return name
+    folder = Path(name).expanduser()
+    if not folder.exists():
+        raise ValueError(f"model folder {name} does not exist (a Hub id is NAME or OWNER/NAME).")
+    return str(folder)
+
+
+def looks_like_a_local_path(name: str) -> bool:
+    """A Hub id is "name" or "owner/name": a relative or home path, a path separator other than /, or more than
+    one / can only mean a folder."""
+    return name.startswith((".", "/", "~")) or os.sep in name.replace("/", "") or name.count("/") > 1
+
+
+def resolve_device(device: str) -> str:
+    """"auto": cuda when there is a GPU, else cpu. A device this machine lacks is refused before the model loads:
+    torch's own error (an AssertionError from deep inside .to()) does not say which flag was wrong."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        kind = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"--device {device} is not a device: use auto, cpu, cuda or cuda:N.") from None
+    if kind.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: no CUDA device is available on this machine; use --device cpu "
+                         "(or auto).")
+    if kind.type == "cuda" and kind.index is not None and kind.index >= torch.cuda.device_count():
+        raise ValueError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s), "
+                         f"cuda:0 to cuda:{torch.cuda.device_count() - 1}.")
+    return device
 
 
 def run_eval(args) -> None:
@@ -241,7 +280,9 @@ def main(argv: list[str] | None = None) -> int:
     package_logger.setLevel("INFO")
     try:
         COMMANDS[args.command](args)
-    except (ValueError, OSError) as error:  # OSError: unreadable or missing files the commands did not anticipate
+    # OSError: unreadable or missing files the commands did not anticipate; ImportError: an optional package a flag
+    # asks for (flash-attn for --attn_implementation flash_attention_2, ...) is not installed.
+    except (ValueError, OSError, ImportError) as error:
         logging.get_logger("bd3lm_hf").error(str(error))
         return 2
     return 0
