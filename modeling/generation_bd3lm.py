@@ -809,13 +809,13 @@ def _is_number(value) -> bool:
 
 
 def _as_id_tensor(ids, device):
-    if ids is None:
+    if ids is None or (not isinstance(ids, int) and len(ids) == 0):  # [] = no EOS: fixed-length generation
         return None
     return torch.tensor([ids] if isinstance(ids, int) else list(ids), device=device)
 
 
 def _first_id(*candidates, default):
     for ids in candidates:
-        if ids is not None:
+        if ids is not None and (isinstance(ids, int) or len(ids)):
             return ids if isinstance(ids, int) else list(ids)[0]
     return default

@@ -115,3 +115,22 @@ def test_bad_input(kwargs, feats, message):
     with pytest.raises(ValueError, match=message):
         collator = DataCollatorForBlockDiffusion(**{"mask_token_id": MASK, "block_size": 4, **kwargs})
         collator(feats)
+
+
+def test_resampling_leaves_a_bound_at_the_edge_unenforced_as_the_original():
+    """With [1e-3, 0.5] only blocks above 0.5 are redrawn: a block may stay unmasked (the original's rule)."""
+    collator = DataCollatorForBlockDiffusion(MASK, 8, eps_min=1e-3, eps_max=0.5, resample=True, seed=0)
+    fraction = (collator(features(lengths=(64,) * 16, prompts=(0,) * 16))["input_ids"] == MASK).float()
+    fraction = fraction.view(16, -1, 8).mean(-1)
+    assert fraction.max() <= 0.5 and (fraction == 0).any()
+
+
+def test_ignore_first_token_never_noises_it_and_scores_it_in_training_only():
+    collator = DataCollatorForBlockDiffusion(MASK, 4, eps_min=0.9, eps_max=1.0, seed=0, ignore_first_token=True)
+    feats = features(lengths=(16,) * 8, prompts=(0,) * 8)
+    train = collator(feats)
+    assert torch.equal(train["input_ids"][:, 0], train["labels"][:, 0])  # clean, and counted (loss 0)
+    assert (train["input_ids"][:, 1:4] == MASK).any()
+    with collator.evaluating():
+        evaluation = collator(feats)
+    assert (evaluation["labels"][:, 0] == -100).all() and (evaluation["input_ids"][:, 0] != MASK).all()

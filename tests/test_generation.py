@@ -653,3 +653,16 @@ def test_generate_refuses_a_mask_token_outside_the_vocabulary():
     model.config.mask_token_id = model.config.vocab_size  # a config edited into an invalid state
     with pytest.raises(ValueError, match=r"mask_token_id=50 .*vocab_size=50"):
         model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=4, do_sample=False)
+
+
+def test_an_empty_eos_list_means_fixed_length_generation():
+    """eos_token_id=[] turns EOS off (the paper's fixed-length samples), even when the model has one."""
+    model = random_model(seed=1, std=0.12, max_position_embeddings=128, eos_token_id=7, pad_token_id=0)
+    prompt = torch.randint(0, MASK, (1, 5))
+    free = model.generate(prompt, max_new_tokens=40, do_sample=True, generator=torch.Generator().manual_seed(0),
+                          eos_token_id=[])
+    assert free.shape == (1, 45)
+    stopping = model.generate(prompt, max_new_tokens=40, do_sample=True, generator=torch.Generator().manual_seed(0))
+    if (free[0, 5:] == 7).any():  # the same draws: EOS on, the row stops and pads after its first 7
+        first = int((free[0, 5:] == 7).nonzero()[0])
+        assert (stopping[0, 5 + first + 1:] == 0).all()

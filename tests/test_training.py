@@ -155,8 +155,9 @@ def test_ema_follows_the_warmed_up_formula_and_is_what_gets_evaluated():
 
 
 def test_clip_search_intervals_match_the_paper():
-    intervals = candidate_intervals()
-    assert len(intervals) == 64 and intervals[0] == (1e-3, 1.0)
+    intervals = candidate_intervals()  # the released runs' widths 0.5, 0.6, ..., 0.9, starts stepping 0.05
+    assert len(intervals) == 36 and intervals[0] == (1e-3, 1.0)
+    assert len(candidate_intervals(widths=(0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9))) == 64
     assert (1e-3, 0.5) in intervals and (0.5, 1.0) in intervals and (0.1, 1.0) in intervals
     assert all(0.5 - 1e-9 <= high - low + (low == 1e-3) * 1e-3 <= 0.9 + 1e-9 for low, high in intervals[1:])
 
@@ -362,3 +363,22 @@ def test_finetuning_keeps_the_base_models_shape_unless_told(tmp_path, small_data
         BD3LMTrainingConfig(init_from=str(tmp_path / "base"), max_position_embeddings=64)
     fresh = BD3LMTrainingConfig()
     assert (fresh.max_position_embeddings, fresh.block_size, fresh.hidden_size) == (64, 4, 128)
+
+
+def test_clip_search_noises_as_training_does_resampling_included(monkeypatch):
+    """The original's search draws its candidate masks through q_xt, which resamples when training does."""
+    import bd3lm_hf.callbacks as callbacks
+    from bd3lm_hf import DataCollatorForBlockDiffusion
+
+    seen = []
+
+    def spy(model, x0, attention_mask, keep, interval, *args):
+        seen.append(args[-1])
+        return torch.zeros(1, 2)
+
+    monkeypatch.setattr(callbacks, "per_block_losses", spy)
+    for resample in (True, False):
+        collator = DataCollatorForBlockDiffusion(9, 4, resample=resample, seed=0)
+        batch = collator([{"input_ids": list(range(8))}])
+        ClipSearchCallback(collator, num_batches=1, intervals=[(1e-3, 1.0)]).search(torch.nn.Linear(1, 1), [batch])
+    assert seen == [seen[0], None] and seen[0].__func__ is DataCollatorForBlockDiffusion.resample_blocks

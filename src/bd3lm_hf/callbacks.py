@@ -170,9 +170,10 @@ def checkpoint_folder(args, state, resume_from: str | None = None) -> Path:
     return Path(resume_from) if resume_from else Path(args.output_dir) / f"checkpoint-{state.global_step}"
 
 
-def candidate_intervals(widths=(0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9), delta: float = 0.05,
+def candidate_intervals(widths=(0.5, 0.6, 0.7, 0.8, 0.9), delta: float = 0.05,
                         eps: float = 1e-3) -> list[tuple[float, float]]:
-    """[1e-3, 1] and every interval of each width stepping `delta` across [0, 1] (lower ends clamped at eps)."""
+    """[1e-3, 1] and every interval of each width stepping `delta` across [0, 1] (lower ends clamped at eps); the
+    widths of the original's released runs (clip_search_widths), 36 intervals."""
     intervals = [(eps, 1.0)]
     for width in widths:
         for start in np.arange(0.0, 1.0 - width + delta / 2, delta):
@@ -184,11 +185,16 @@ def candidate_intervals(widths=(0.5, 0.55, 0.6, 0.65, 0.7, 0.75, 0.8, 0.85, 0.9)
 
 @torch.no_grad()
 def per_block_losses(model, x0, attention_mask, keep, interval, mask_token_id: int, block_size: int,
-                     generator: torch.Generator | None = None):
-    """(B, nb) mean NELBO term per block for clean `x0` noised with t in `interval` (low-discrepancy)."""
+                     generator: torch.Generator | None = None, resample=None):
+    """(B, nb) mean NELBO term per block for clean `x0` noised with t in `interval` (low-discrepancy); `resample`:
+    the collator's `resample_blocks`, when training resamples (the original's search noises as training does)."""
     batch, length = x0.shape
-    t = sample_block_noise_levels(batch, length // block_size, *interval, generator=generator).to(x0.device)
-    x_t = q_xt(x0.cpu(), t.cpu(), block_size, mask_token_id, generator=generator, keep=keep.cpu()).to(x0.device)
+    t = sample_block_noise_levels(batch, length // block_size, *interval, generator=generator)
+    x0_cpu, keep_cpu = x0.cpu(), keep.cpu()
+    x_t = q_xt(x0_cpu, t, block_size, mask_token_id, generator=generator, keep=keep_cpu)
+    if resample is not None:
+        x_t = resample(x0_cpu, x_t, t, keep_cpu, interval, generator)
+    t, x_t = t.to(x0.device), x_t.to(x0.device)
     labels = x0.masked_fill(keep, -100)
     logits = model(input_ids=x_t, labels=labels, noise_levels=t, attention_mask=attention_mask, return_dict=True).logits
     terms = diffusion_nelbo_terms(logits, x_t, x0, t, block_size, mask_token_id) * (~keep)
@@ -196,9 +202,11 @@ def per_block_losses(model, x0, attention_mask, keep, interval, mask_token_id: i
 
 
 class ClipSearchCallback(TrainerCallback):
-    """At each evaluation during training, picks the clip range [beta, omega] whose per-block NELBO has the least summed variance
-    over `num_batches` validation batches (the paper's search, widths 0.5-0.9 in steps of 0.05), and writes it to
-    `model.config.sampling_eps_min/max` (saved with the checkpoint) and to the collator's training range.
+    """At each evaluation during training, picks the clip range [beta, omega] whose per-block NELBO has the least
+    summed variance over `num_batches` validation batches (the paper's search: widths 0.5, 0.6, ..., 0.9 as in the
+    original's released runs, starts stepping 0.05; noised as training noises, resampling included), and writes it
+    to `model.config.sampling_eps_min/max` (saved with the checkpoint) and to the collator's training range.
+    With several processes, each process's variance is summed (the original pools the losses first).
 
     Register it BEFORE `EMACallback`, so that it searches with the EMA weights as the original does.
     """
@@ -236,6 +244,7 @@ class ClipSearchCallback(TrainerCallback):
         variances = dict.fromkeys(self.intervals, 0.0)
         device = next(model.parameters()).device
         generator = torch.Generator().manual_seed(self.seed)  # every search draws the same noise
+        resampling = self.collator.resample_blocks if self.collator.resample else None
         for index, batch in enumerate(dataloader):
             if index >= self.num_batches:
                 break
@@ -245,7 +254,7 @@ class ClipSearchCallback(TrainerCallback):
             attention_mask = batch["attention_mask"].to(device)
             for interval in self.intervals:
                 losses = per_block_losses(model, x0, attention_mask, keep, interval, self.collator.mask_token_id,
-                                          self.collator.block_size, generator)
+                                          self.collator.block_size, generator, resampling)
                 variances[interval] += float(_all_reduce_sum(losses.var()))
         model.train(was_training)
         return min(self.intervals, key=lambda interval: (variances[interval], interval != EVAL_RANGE))

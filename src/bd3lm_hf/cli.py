@@ -51,6 +51,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--wrap-framed", action="store_true",
                           help="lay the text out as the original bd3lms wrap mode (every sequence BOS + L-2 "
                                "tokens + EOS, its BOS not scored)")
+    evaluate.add_argument("--ignore-first-token", action="store_true",
+                          help="leave each sequence's first token out (neither noised nor scored), as the "
+                               "original's ignore_bos; with it, the paper's OpenWebText protocol")
 
     generate = commands.add_parser(
         "generate", help="sample through pipeline('text-generation')",
@@ -187,7 +190,7 @@ def run_eval(args) -> None:
 
     model, tokenizer = load_for_inference(args.model)
     result = nelbo_perplexity(model, tokenizer, args.data, args.batch_size, args.max_sequences, args.seed,
-                              framed=args.wrap_framed)
+                              framed=args.wrap_framed, ignore_first_token=args.ignore_first_token)
     print(f"NELBO {result['nelbo']:.4f} nats/token, perplexity <= {result['perplexity']:.2f} "
           f"({result['tokens']} tokens, {result['sequences']} sequences)")
 

@@ -19,7 +19,9 @@ class DataCollatorForBlockDiffusion:
     `noise_levels` (B, L / block_size) and `attention_mask`. One t per block, low-discrepancy across the batch, in
     the training clip range [eps_min, eps_max] while `training` is True and in [1e-3, 1] otherwise (evaluation;
     `BlockDiffusionCallback` switches it around Trainer evaluations). `resample=True` redraws the noise of blocks
-    whose realised masked fraction falls outside the clip range (as the original).
+    whose realised masked fraction falls outside the clip range (as the original: a bound at 1e-3 or 1 is not
+    enforced, so with [1e-3, w] only blocks above w are redrawn). `ignore_first_token=True` never noises the first
+    token of a sequence and leaves it out of evaluation scores (the original's `ignore_bos`, on in its BD3-LM runs).
 
     Randomness: with `seed`, the noise of the i-th training batch comes from a generator seeded with
     (seed, stream, i), and the noise of the i-th batch of an evaluation from (seed, stream, "eval", i). Noise is
@@ -37,7 +39,7 @@ class DataCollatorForBlockDiffusion:
 
     def __init__(self, mask_token_id: int, block_size: int, eps_min: float = 1e-3, eps_max: float = 1.0,
                  resample: bool = False, pad_token_id: int | None = None, seed: int | None = None,
-                 generator: torch.Generator | None = None):
+                 generator: torch.Generator | None = None, ignore_first_token: bool = False):
         if not hasattr(mask_token_id, "__index__") or operator.index(mask_token_id) < 0:
             raise ValueError(f"mask_token_id must be a token id (int >= 0; the model's config.mask_token_id), got "
                              f"{mask_token_id!r}.")
@@ -49,6 +51,7 @@ class DataCollatorForBlockDiffusion:
         self.block_size = block_size
         self.range_changes: list[tuple[int, tuple[float, float]]] = [(0, (float(eps_min), float(eps_max)))]
         self.resample = resample
+        self.ignore_first_token = ignore_first_token
         self.pad_token_id = pad_token_id
         self.seed = seed
         self.generator = generator
@@ -104,15 +107,19 @@ class DataCollatorForBlockDiffusion:
         return torch.Generator().manual_seed(key % (2**63))
 
     def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
-        x0, attention_mask, keep = self.pad(features)
+        x0, attention_mask, unscored = self.pad(features)
         batch, length = x0.shape
         noise_range = self.noise_range
         rng = self.next_generator()
+        keep = unscored.clone()
+        if self.ignore_first_token:  # never noised; scored (with loss 0) in training, left out of evaluations
+            keep[:, 0] = True
+            unscored[:, 0] |= not self.training
         t = sample_block_noise_levels(batch, length // self.block_size, *noise_range, generator=rng)
         x_t = q_xt(x0, t, self.block_size, self.mask_token_id, generator=rng, keep=keep)
-        if self.resample and self.training and noise_range != EVAL_RANGE:
+        if self.resample and self.training:
             x_t = self.resample_blocks(x0, x_t, t, keep, noise_range, rng)
-        labels = x0.masked_fill(keep, -100)
+        labels = x0.masked_fill(unscored, -100)
         return {"input_ids": x_t, "labels": labels, "noise_levels": t, "attention_mask": attention_mask}
 
     def pad(self, features):
@@ -150,7 +157,10 @@ class DataCollatorForBlockDiffusion:
         noisable = (~keep).view(blocks).sum(-1)  # blocks made only of prompt/padding are never redrawn
         for _ in range(MAX_RESAMPLES):
             fraction = (x_t == self.mask_token_id).view(blocks).sum(-1) / noisable.clamp(min=1)
-            outside = ((fraction < eps_min) | (fraction > eps_max)) & (noisable > 0)
+            # as the original, a bound at the edge of [1e-3, 1] is not enforced (a block may stay unmasked)
+            too_low = (fraction < eps_min) if eps_min > EVAL_RANGE[0] else torch.zeros_like(fraction, dtype=torch.bool)
+            too_high = (fraction > eps_max) if eps_max < EVAL_RANGE[1] else torch.zeros_like(fraction, dtype=torch.bool)
+            outside = (too_low | too_high) & (noisable > 0)
             if not bool(outside.any()):
                 break
             redrawn = q_xt(x0, t, self.block_size, self.mask_token_id, generator=generator, keep=keep)

@@ -16,15 +16,17 @@ logger = logging.get_logger(__name__)
 
 @torch.no_grad()
 def nelbo_perplexity(model, tokenizer, files, batch_size: int = 32, max_sequences: int | None = None,
-                     seed: int = 0, framed: bool = False) -> dict:
+                     seed: int = 0, framed: bool = False, ignore_first_token: bool = False) -> dict:
     """Token-mean NELBO (t over [1e-3, 1], the paper's bound) and its exp, on `files` wrapped into sequences of
-    the model's context length (`framed`: as the original lays them out, see `wrap_tokenize`)."""
+    the model's context length (`framed`: as the original lays them out, see `wrap_tokenize`; `ignore_first_token`:
+    each sequence's first token neither noised nor scored, as the original's `ignore_bos`)."""
     config = model.config
     sequences = wrap_tokenize(load_text_dataset(files), tokenizer, config.max_position_embeddings,
                               config.block_size, framed=framed)
     if max_sequences is not None:
         sequences = sequences.select(range(min(max_sequences, len(sequences))))
-    collator = DataCollatorForBlockDiffusion(config.mask_token_id, config.block_size, seed=seed)
+    collator = DataCollatorForBlockDiffusion(config.mask_token_id, config.block_size, seed=seed,
+                                             ignore_first_token=ignore_first_token)
     collator.training = False  # evaluation range [1e-3, 1]
     model.eval()
     total, count = 0.0, 0

@@ -69,6 +69,9 @@ class BD3LMTrainingConfig:
     eps_min: float = field(default=1e-3, metadata={"help": "training clip range: lowest t"})
     eps_max: float = field(default=1.0, metadata={"help": "training clip range: highest t"})
     resample: bool = False
+    ignore_first_token: bool = field(default=False, metadata={"help": "never noise a sequence's first token and leave "
+                                                                      "it out of evaluation scores (the original's "
+                                                                      "ignore_bos, on in its BD3-LM runs)"})
     ema_decay: float = field(default=0.9999, metadata={"help": "0 disables the EMA"})
     clip_search: bool = False
     clip_search_batches: int = 100
@@ -217,7 +220,8 @@ def build_trainer(config: BD3LMTrainingConfig, args: TrainingArguments, train_se
         check_tokenizer_fits(model, tokenizer)
     collator = DataCollatorForBlockDiffusion(
         mask_token_id=model.config.mask_token_id, block_size=model.config.block_size, eps_min=config.eps_min,
-        eps_max=config.eps_max, resample=config.resample, pad_token_id=model.config.pad_token_id, seed=args.seed)
+        eps_max=config.eps_max, resample=config.resample, pad_token_id=model.config.pad_token_id, seed=args.seed,
+        ignore_first_token=config.ignore_first_token)
     splits = list(eval_set) if isinstance(eval_set, dict) else None  # a dict: Trainer evaluates each split
     callbacks = [BlockDiffusionCallback(collator, eval_splits=splits)]
     if config.clip_search:
