@@ -3,9 +3,7 @@
 import argparse
 import json
 import logging as std_logging
-import os
 import sys
-from pathlib import Path
 
 from transformers.utils import logging
 
@@ -140,29 +138,14 @@ def load_for_inference(name: str, device: str = "cpu", dtype: str = "float32"):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from .hub import local_folder_or_hub_id
+
     name = local_folder_or_hub_id(name)
     device = resolve_device(device)
     if dtype == "auto":
         dtype = "bfloat16" if device.startswith("cuda") else "float32"
     model = AutoModelForCausalLM.from_pretrained(name, trust_remote_code=True, dtype=getattr(torch, dtype))
     return model.to(device).eval(), AutoTokenizer.from_pretrained(name, trust_remote_code=True)
-
-
-def local_folder_or_hub_id(name: str) -> str:
-    """`name` unchanged, or as a path with ~ expanded when it is meant as a local folder. A missing one is named
-    here: from_pretrained would take it for a Hub id and answer that repo ids must use alphanumeric chars."""
-    if not looks_like_a_local_path(name):
-        return name
-    folder = Path(name).expanduser()
-    if not folder.exists():
-        raise ValueError(f"model folder {name} does not exist (a Hub id is NAME or OWNER/NAME).")
-    return str(folder)
-
-
-def looks_like_a_local_path(name: str) -> bool:
-    """A Hub id is "name" or "owner/name": a relative or home path, a path separator other than /, or more than
-    one / can only mean a folder."""
-    return name.startswith((".", "/", "~")) or os.sep in name.replace("/", "") or name.count("/") > 1
 
 
 def resolve_device(device: str) -> str:

@@ -1,6 +1,7 @@
 """Hub export and push: a folder that loads with `trust_remote_code=True`, with a model card, and its upload."""
 
 import json
+import os
 import shutil
 from importlib import resources
 from pathlib import Path
@@ -226,3 +227,20 @@ def push_to_hub(folder, repo_id: str, private: bool = False, dry_run: bool = Fal
 
 def _without(message: str, secret: str) -> str:
     return message.replace(secret, "***") if secret else message
+
+
+def local_folder_or_hub_id(name: str) -> str:
+    """`name` unchanged, or as a path with ~ expanded when it is meant as a local folder. A missing one is named
+    here: from_pretrained would take it for a Hub id and answer that repo ids must use alphanumeric chars."""
+    if not looks_like_a_local_path(name):
+        return name
+    folder = Path(name).expanduser()
+    if not folder.exists():
+        raise ValueError(f"model folder {name} does not exist (a Hub id is NAME or OWNER/NAME).")
+    return str(folder)
+
+
+def looks_like_a_local_path(name: str) -> bool:
+    """A Hub id is "name" or "owner/name": a relative or home path, a path separator other than /, or more than
+    one / can only mean a folder."""
+    return name.startswith((".", "/", "~")) or os.sep in name.replace("/", "") or name.count("/") > 1

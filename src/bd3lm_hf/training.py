@@ -22,6 +22,7 @@ from .compilation import compile_decoder_layers, should_compile_layers
 from .data import (load_text_dataset, require_columns, sft_texts, sft_tokenize, shakespeare_files, train_bpe_tokenizer,
                    wrap_tokenize)
 from .ema import EMACallback
+from .hub import local_folder_or_hub_id
 from .modeling import BD3LMConfig, BD3LMForBlockDiffusion
 from .tokenization import check_tokenizer_fits, gpt2_tokenizer_with_mask
 
@@ -110,9 +111,7 @@ def base_sequence_shape(init_from: str | None) -> dict:
     told otherwise), else a new model's."""
     if not init_from:
         return dict(NEW_SEQUENCE_SHAPE)
-    if init_from.startswith((".", "/", "~")) and not Path(init_from).expanduser().exists():
-        raise ValueError(f"init_from folder {init_from} does not exist.")  # else transformers: "Repo id must ..."
-    base = BD3LMConfig.from_pretrained(init_from)
+    base = BD3LMConfig.from_pretrained(local_folder_or_hub_id(init_from))
     return {"max_position_embeddings": base.max_position_embeddings, "block_size": base.block_size,
             "context": base.max_position_embeddings}
 
