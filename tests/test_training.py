@@ -382,3 +382,12 @@ def test_clip_search_noises_as_training_does_resampling_included(monkeypatch):
         batch = collator([{"input_ids": list(range(8))}])
         ClipSearchCallback(collator, num_batches=1, intervals=[(1e-3, 1.0)]).search(torch.nn.Linear(1, 1), [batch])
     assert seen == [seen[0], None] and seen[0].__func__ is DataCollatorForBlockDiffusion.resample_blocks
+
+
+def test_clip_search_pools_the_losses_of_all_processes(tmp_path):
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29565",
+               str(SCRIPTS / "clip_search_processes.py"), str(tmp_path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((tmp_path / "result.json").read_text()) == {"best": [0.2, 0.8]}

@@ -206,7 +206,7 @@ class ClipSearchCallback(TrainerCallback):
     summed variance over `num_batches` validation batches (the paper's search: widths 0.5, 0.6, ..., 0.9 as in the
     original's released runs, starts stepping 0.05; noised as training noises, resampling included), and writes it
     to `model.config.sampling_eps_min/max` (saved with the checkpoint) and to the collator's training range.
-    With several processes, each process's variance is summed (the original pools the losses first).
+    With several processes, the variance is taken over the losses of all of them (as the original pools them).
 
     Register it BEFORE `EMACallback`, so that it searches with the EMA weights as the original does.
     """
@@ -255,13 +255,16 @@ class ClipSearchCallback(TrainerCallback):
             for interval in self.intervals:
                 losses = per_block_losses(model, x0, attention_mask, keep, interval, self.collator.mask_token_id,
                                           self.collator.block_size, generator, resampling)
-                variances[interval] += float(_all_reduce_sum(losses.var()))
+                variances[interval] += float(all_processes_rows(losses).var())
         model.train(was_training)
         return min(self.intervals, key=lambda interval: (variances[interval], interval != EVAL_RANGE))
 
 
-def _all_reduce_sum(value: torch.Tensor) -> torch.Tensor:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        value = value.clone()
-        torch.distributed.all_reduce(value)
-    return value
+def all_processes_rows(losses: torch.Tensor) -> torch.Tensor:
+    """The per-block losses of every process, stacked (the original pools them before taking one variance). The
+    evaluation data loader gives every process batches of one shape (accelerate's even_batches)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return losses
+    gathered = [torch.empty_like(losses) for _ in range(torch.distributed.get_world_size())]
+    torch.distributed.all_gather(gathered, losses.contiguous())
+    return torch.cat(gathered)
