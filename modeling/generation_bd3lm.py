@@ -25,6 +25,7 @@ logger = logging.get_logger(__name__)
 # then block diffusion's own.
 HF_DEFAULTS = {"do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0, "use_cache": True,
                "num_return_sequences": 1}
+REFILLED_HF_DEFAULTS = {"use_cache": True, "num_return_sequences": 1, "do_sample": False}
 BD3LM_DEFAULTS = {"sampler": "ddpm", "confidence_threshold": 0.9, "entropy_stop": False, "output_history": False}
 DEFAULT_MAX_NEW_TOKENS = 20  # transformers' default when neither max_new_tokens nor max_length is set anywhere
 # what a fullgraph compilation raises past the recompile limit (the name changed across torch versions)
@@ -252,7 +253,9 @@ class BD3LMGenerationMixin(GenerationMixin):
             if getattr(config, name, None) is None:
                 setattr(config, name, value)
         unused = config.update(**kwargs)
-        for name, value in BD3LM_DEFAULTS.items():  # an explicit None means unset, as for transformers' fields
+        # An explicit None: for our fields and the switches without an "off" value, the default (None has no other
+        # meaning there); for transformers' warpers (top_k, top_p, temperature) it stays None, i.e. off, as there.
+        for name, value in {**BD3LM_DEFAULTS, **REFILLED_HF_DEFAULTS}.items():
             if getattr(config, name) is None:
                 setattr(config, name, value)
         if config.num_steps is not None and config.sampler != "ddpm":

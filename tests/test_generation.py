@@ -666,3 +666,11 @@ def test_an_empty_eos_list_means_fixed_length_generation():
     if (free[0, 5:] == 7).any():  # the same draws: EOS on, the row stops and pads after its first 7
         first = int((free[0, 5:] == 7).nonzero()[0])
         assert (stopping[0, 5 + first + 1:] == 0).all()
+
+
+def test_an_explicit_none_for_a_switch_means_its_default(gen_model):
+    prompt = torch.randint(0, MASK, (1, 5))
+    expected = gen_model.generate(prompt, max_new_tokens=8, return_dict_in_generate=True)
+    out = gen_model.generate(prompt, max_new_tokens=8, num_return_sequences=None, use_cache=None,
+                             return_dict_in_generate=True)
+    assert torch.equal(out.sequences, expected.sequences) and out.nfe == expected.nfe  # cached: the same calls

@@ -348,7 +348,7 @@ def test_ema_checkpoints_of_fsdp2_sharded_parameters(tmp_path):
                                                                   "full_shapes": True}
 
 
-def test_finetuning_keeps_the_base_models_shape_unless_told(tmp_path, small_data):
+def test_finetuning_keeps_the_base_models_shape_unless_told(tmp_path, small_data, monkeypatch):
     """Unset, the context and block size are the init_from model's (they were the CLI defaults 64 and 4, which
     re-targeted a block-16 checkpoint); a new model's shape cannot be given with init_from."""
     train_set, eval_set, tokenizer = small_data
@@ -356,6 +356,8 @@ def test_finetuning_keeps_the_base_models_shape_unless_told(tmp_path, small_data
     base.save_pretrained(tmp_path / "base")
     config = BD3LMTrainingConfig(init_from=str(tmp_path / "base"))
     assert (config.max_position_embeddings, config.block_size) == (32, 8)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert BD3LMTrainingConfig(init_from="~/base").init_from == str(tmp_path / "base")  # for every later load
     assert BD3LMTrainingConfig(init_from=str(tmp_path / "base"), block_size=4).block_size == 4  # the paper's finetune
     with pytest.raises(ValueError, match="hidden_size describe a new model"):
         BD3LMTrainingConfig(init_from=str(tmp_path / "base"), hidden_size=256)
@@ -391,3 +393,13 @@ def test_clip_search_pools_the_losses_of_all_processes(tmp_path):
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((tmp_path / "result.json").read_text()) == {"best": [0.2, 0.8]}
+
+
+def test_clip_search_runs_once_per_evaluation_on_the_first_split():
+    from bd3lm_hf import DataCollatorForBlockDiffusion
+
+    search = ClipSearchCallback(DataCollatorForBlockDiffusion(9, 4), eval_splits=["a", "b"])
+    assert search.searches_on({"eval_runtime": 1.0}) and search.searches_on({"eval_a_runtime": 1.0})
+    assert not search.searches_on({"eval_b_runtime": 1.0})
+    with pytest.raises(ValueError, match="pass eval_splits=list"):
+        ClipSearchCallback(DataCollatorForBlockDiffusion(9, 4)).searches_on({"eval_a_runtime": 1.0})

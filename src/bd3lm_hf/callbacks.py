@@ -212,8 +212,9 @@ class ClipSearchCallback(TrainerCallback):
     """
 
     def __init__(self, collator, num_batches: int = 100, intervals: list[tuple[float, float]] | None = None,
-                 seed: int = 0):
+                 seed: int = 0, eval_splits=None):
         self.collator = collator
+        self.eval_splits = list(eval_splits) if eval_splits is not None else None
         self.num_batches = num_batches
         self.intervals = intervals or candidate_intervals()
         self.seed = seed
@@ -228,7 +229,7 @@ class ClipSearchCallback(TrainerCallback):
     def on_evaluate(self, args, state, control, model=None, eval_dataloader=None, metrics=None, **kwargs):
         # Only evaluations during training search: the range is for the training still to come, and a standalone
         # evaluate() after the model was saved would change a config that is no longer saved.
-        if eval_dataloader is None or not self.in_training:
+        if eval_dataloader is None or not self.in_training or not self.searches_on(metrics):
             return
         with self.collator.evaluating():  # whatever the order of the callbacks' on_evaluate
             best = self.search(model, eval_dataloader)
@@ -237,6 +238,16 @@ class ClipSearchCallback(TrainerCallback):
         if metrics is not None:
             metrics["eval_sampling_eps_min"], metrics["eval_sampling_eps_max"] = best
         logger.info("clip search: training noise range is now [%.3f, %.3f]", *best)
+
+    def searches_on(self, metrics) -> bool:
+        """One search per evaluation: on the first split of a dict eval_dataset (`eval_splits`, in order)."""
+        prefix = metric_prefix(metrics)
+        if prefix is None or not prefix.startswith("eval_"):
+            return True
+        if self.eval_splits is None:
+            raise ValueError(f"eval_dataset is a dict (this evaluation: {prefix!r}): pass eval_splits=list("
+                             "eval_dataset) to ClipSearchCallback, which searches on the first split.")
+        return prefix == f"eval_{self.eval_splits[0]}"
 
     def search(self, model, dataloader) -> tuple[float, float]:
         was_training = model.training
@@ -255,16 +266,19 @@ class ClipSearchCallback(TrainerCallback):
             for interval in self.intervals:
                 losses = per_block_losses(model, x0, attention_mask, keep, interval, self.collator.mask_token_id,
                                           self.collator.block_size, generator, resampling)
-                variances[interval] += float(all_processes_rows(losses).var())
+                variances[interval] += pooled_variance(losses)
         model.train(was_training)
         return min(self.intervals, key=lambda interval: (variances[interval], interval != EVAL_RANGE))
 
 
-def all_processes_rows(losses: torch.Tensor) -> torch.Tensor:
-    """The per-block losses of every process, stacked (the original pools them before taking one variance). The
-    evaluation data loader gives every process batches of one shape (accelerate's even_batches)."""
-    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
-        return losses
-    gathered = [torch.empty_like(losses) for _ in range(torch.distributed.get_world_size())]
-    torch.distributed.all_gather(gathered, losses.contiguous())
-    return torch.cat(gathered)
+def pooled_variance(losses: torch.Tensor) -> float:
+    """The unbiased variance of the per-block losses of every process together (the original pools them before
+    taking one variance). Reduced as (count, sum, sum of squares): processes may hold batches of other shapes
+    (the collator pads each batch to its longest row)."""
+    values = losses.detach().double().flatten()
+    moments = torch.stack([torch.tensor(values.numel(), dtype=torch.float64, device=values.device), values.sum(),
+                           values.square().sum()])
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(moments)
+    count, total, squares = moments.tolist()
+    return (squares - total * total / count) / (count - 1) if count > 1 else math.nan

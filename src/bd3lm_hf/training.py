@@ -83,6 +83,8 @@ class BD3LMTrainingConfig:
     def __post_init__(self):
         """Shape fields left unset take the `init_from` model's (context, block size) or a new model's defaults;
         the shape of a new model cannot be given together with `init_from` (the checkpoint fixes it)."""
+        if self.init_from:  # a local folder as a path (~ expanded, a missing one named), else a Hub id
+            self.init_from = local_folder_or_hub_id(self.init_from)
         given = [name for name in NEW_MODEL_SHAPE if getattr(self, name) is not None]
         if self.init_from and given:
             raise ValueError(f"{', '.join(given)} describe a new model; init_from={self.init_from!r} fixes the "
@@ -111,7 +113,7 @@ def base_sequence_shape(init_from: str | None) -> dict:
     told otherwise), else a new model's."""
     if not init_from:
         return dict(NEW_SEQUENCE_SHAPE)
-    base = BD3LMConfig.from_pretrained(local_folder_or_hub_id(init_from))
+    base = BD3LMConfig.from_pretrained(init_from)
     return {"max_position_embeddings": base.max_position_embeddings, "block_size": base.block_size,
             "context": base.max_position_embeddings}
 
@@ -228,7 +230,7 @@ def build_trainer(config: BD3LMTrainingConfig, args: TrainingArguments, train_se
             # the search runs at the evaluations during training: without them it would silently never run
             raise ValueError("clip_search=True searches at evaluations during training: set an eval_strategy "
                              "(steps or epoch) and evaluation data.")
-        callbacks.append(ClipSearchCallback(collator, num_batches=config.clip_search_batches))
+        callbacks.append(ClipSearchCallback(collator, num_batches=config.clip_search_batches, eval_splits=splits))
     if config.lora:
         from .lora import add_lora, lora_config
 

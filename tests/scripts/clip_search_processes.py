@@ -16,10 +16,11 @@ SAME, SPREAD = (1e-3, 1.0), (0.2, 0.8)
 
 
 def losses_of_this_process(model, x0, attention_mask, keep, interval, *args):
-    """SAME: constant within each process (variance 0 each) but 0 on one and 10 on the other; SPREAD: [0, 1] on
-    both (variance 0.5 each). Pooled: SAME varies far more, so SPREAD wins; summed per process, SAME would."""
+    """SAME: constant within each process (variance 0 each) but 0 on one and 10 on the other, in batches of other
+    widths (as SFT batches padded to their longest row); SPREAD: [0, 1] on both (variance 0.5 each). Pooled: SAME
+    varies far more, so SPREAD wins; summed per process, SAME would."""
     if interval == SAME:
-        return torch.full((1, 2), 10.0 * dist.get_rank())
+        return torch.full((1, 2 + dist.get_rank()), 10.0 * dist.get_rank())
     return torch.tensor([[0.0, 1.0]])
 
 
