@@ -21,11 +21,10 @@ from .sampling_bd3lm import (SAMPLERS, StepRule, block_noise_level, config_proce
 
 logger = logging.get_logger(__name__)
 
-# Defaults of fields left unset by the user and the model: transformers' (what `GenerationMixin.generate` applies),
-# then block diffusion's own.
-HF_DEFAULTS = {"do_sample": False, "temperature": 1.0, "top_k": 50, "top_p": 1.0, "use_cache": True,
-               "num_return_sequences": 1}
-REFILLED_HF_DEFAULTS = {"use_cache": True, "num_return_sequences": 1, "do_sample": False}
+# Defaults of fields left unset (what `GenerationMixin.generate` applies). transformers' warpers: a None passed to
+# generate() stays None, i.e. off, as there. Switches and block diffusion's own fields: None means the default.
+WARPER_DEFAULTS = {"temperature": 1.0, "top_k": 50, "top_p": 1.0}
+SWITCH_DEFAULTS = {"do_sample": False, "use_cache": True, "num_return_sequences": 1}
 BD3LM_DEFAULTS = {"sampler": "ddpm", "confidence_threshold": 0.9, "entropy_stop": False, "output_history": False}
 DEFAULT_MAX_NEW_TOKENS = 20  # transformers' default when neither max_new_tokens nor max_length is set anywhere
 # what a fullgraph compilation raises past the recompile limit (the name changed across torch versions)
@@ -134,8 +133,6 @@ class BD3LMGenerationConfig(GenerationConfig):
             value = getattr(self, name)
             if value is not None and (not _is_int(value) or value < 0):
                 raise ValueError(f"{name} must be an int >= 0, got {value!r}.")
-        if self.max_new_tokens is not None and self.max_new_tokens <= 0:
-            raise ValueError(f"max_new_tokens must be > 0, got {self.max_new_tokens}.")
         if not isinstance(self.num_return_sequences, int) or self.num_return_sequences < 1:
             raise ValueError(f"num_return_sequences must be a positive int, got {self.num_return_sequences!r}.")
 
@@ -243,21 +240,16 @@ class BD3LMGenerationMixin(GenerationMixin):
 
     def resolve_generation_config(self, generation_config, kwargs):
         """Our config class, with transformers' precedence: `kwargs`, then the fields `generation_config` sets, then
-        the model's `generation_config`, then the defaults (`HF_DEFAULTS`, `BD3LM_DEFAULTS`). Returns (config, the
+        the model's `generation_config`, then the defaults (`WARPER_DEFAULTS`, `SWITCH_DEFAULTS`, `BD3LM_DEFAULTS`).
+        Returns (config, the
         kwargs that are not generation settings)."""
         settings = self.generation_config.to_dict()
         if generation_config is not None:
             settings.update({name: value for name, value in generation_config.to_dict().items() if value is not None})
         config = BD3LMGenerationConfig.from_dict(settings)
-        for name, value in {**HF_DEFAULTS, **BD3LM_DEFAULTS}.items():
-            if getattr(config, name, None) is None:
-                setattr(config, name, value)
+        _fill_unset(config, WARPER_DEFAULTS)
         unused = config.update(**kwargs)
-        # An explicit None: for our fields and the switches without an "off" value, the default (None has no other
-        # meaning there); for transformers' warpers (top_k, top_p, temperature) it stays None, i.e. off, as there.
-        for name, value in {**BD3LM_DEFAULTS, **REFILLED_HF_DEFAULTS}.items():
-            if getattr(config, name) is None:
-                setattr(config, name, value)
+        _fill_unset(config, {**SWITCH_DEFAULTS, **BD3LM_DEFAULTS})
         if config.num_steps is not None and config.sampler != "ddpm":
             logger.warning_once(f"num_steps={config.num_steps} applies to the ddpm sampler only; {config.sampler} "
                                 "reveals one position per call or more (up to block_size calls per block).")
@@ -801,6 +793,12 @@ def _max_new_tokens(config, prompt_width: int) -> int:
         raise ValueError(f"max_length={config.max_length} leaves no room after a prompt of {prompt_width} tokens: "
                          "set max_new_tokens, or a larger max_length.")
     return max_new_tokens
+
+
+def _fill_unset(config, defaults: dict) -> None:
+    for name, value in defaults.items():
+        if getattr(config, name, None) is None:
+            setattr(config, name, value)
 
 
 def _is_int(value) -> bool:

@@ -140,17 +140,23 @@ def metric_prefix(metrics) -> str | None:
     return runtime[: -len("_runtime")] if runtime else None
 
 
-def more_splits_follow(metrics, eval_splits) -> bool:
-    """Whether Trainer evaluates another split of a dict eval_dataset after this one (it goes through the dict in
-    order, with the prefix `eval_<name>`)."""
+def evaluated_split(metrics, eval_splits) -> str | None:
+    """The split of a dict eval_dataset these metrics are of (Trainer evaluates the dict in order, with the prefix
+    `eval_<name>`); None for a single dataset. A dict needs its keys in `eval_splits`."""
     prefix = metric_prefix(metrics)
     if prefix is None or not prefix.startswith("eval_"):
-        return False
+        return None
     if eval_splits is None:
         raise ValueError(f"eval_dataset is a dict (this evaluation: {prefix!r}): pass eval_splits=list(eval_dataset) "
-                         "to BlockDiffusionCallback and EMACallback, so that every split is evaluated with the "
-                         "evaluation noise on the EMA weights.")
-    return prefix != f"eval_{eval_splits[-1]}"
+                         "to BlockDiffusionCallback, EMACallback and ClipSearchCallback, so that every split is "
+                         "evaluated with the evaluation noise on the EMA weights.")
+    return prefix[len("eval_"):]
+
+
+def more_splits_follow(metrics, eval_splits) -> bool:
+    """Whether Trainer evaluates another split of a dict eval_dataset after this one."""
+    split = evaluated_split(metrics, eval_splits)
+    return split is not None and split != eval_splits[-1]
 
 
 def add_perplexity(metrics, state) -> None:
@@ -241,13 +247,8 @@ class ClipSearchCallback(TrainerCallback):
 
     def searches_on(self, metrics) -> bool:
         """One search per evaluation: on the first split of a dict eval_dataset (`eval_splits`, in order)."""
-        prefix = metric_prefix(metrics)
-        if prefix is None or not prefix.startswith("eval_"):
-            return True
-        if self.eval_splits is None:
-            raise ValueError(f"eval_dataset is a dict (this evaluation: {prefix!r}): pass eval_splits=list("
-                             "eval_dataset) to ClipSearchCallback, which searches on the first split.")
-        return prefix == f"eval_{self.eval_splits[0]}"
+        split = evaluated_split(metrics, self.eval_splits)
+        return split is None or split == self.eval_splits[0]
 
     def search(self, model, dataloader) -> tuple[float, float]:
         was_training = model.training

@@ -1,6 +1,7 @@
 """The noising data collator of block diffusion: clean token ids in, (x_t, labels, per-block t) out."""
 
 import contextlib
+import math
 import operator
 
 import torch
@@ -152,15 +153,14 @@ class DataCollatorForBlockDiffusion:
 
     def resample_blocks(self, x0, x_t, t, keep, noise_range, generator=None):
         """Redraw the masks of blocks whose masked fraction is outside `noise_range` (bounded retries)."""
-        eps_min, eps_max = noise_range
+        # as the original, a bound at the edge of [1e-3, 1] is not enforced (a block may stay unmasked)
+        low = noise_range[0] if noise_range[0] > EVAL_RANGE[0] else -math.inf
+        high = noise_range[1] if noise_range[1] < EVAL_RANGE[1] else math.inf
         blocks = (x0.shape[0], -1, self.block_size)
         noisable = (~keep).view(blocks).sum(-1)  # blocks made only of prompt/padding are never redrawn
         for _ in range(MAX_RESAMPLES):
             fraction = (x_t == self.mask_token_id).view(blocks).sum(-1) / noisable.clamp(min=1)
-            # as the original, a bound at the edge of [1e-3, 1] is not enforced (a block may stay unmasked)
-            too_low = (fraction < eps_min) if eps_min > EVAL_RANGE[0] else torch.zeros_like(fraction, dtype=torch.bool)
-            too_high = (fraction > eps_max) if eps_max < EVAL_RANGE[1] else torch.zeros_like(fraction, dtype=torch.bool)
-            outside = (too_low | too_high) & (noisable > 0)
+            outside = ((fraction < low) | (fraction > high)) & (noisable > 0)
             if not bool(outside.any()):
                 break
             redrawn = q_xt(x0, t, self.block_size, self.mask_token_id, generator=generator, keep=keep)

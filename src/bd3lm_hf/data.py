@@ -70,11 +70,10 @@ def data_files(paths) -> list[Path]:
             files.append(path)
         else:
             raise ValueError(f"data file {path} does not exist.")
-    unique, seen = [], set()
+    by_file = {}
     for file in files:
-        if file.resolve() not in seen:
-            seen.add(file.resolve())
-            unique.append(file)
+        by_file.setdefault(file.resolve(), file)
+    unique = list(by_file.values())
     if len(unique) < len(files):
         logger.warning("%d data files were given more than once: each is read once.", len(files) - len(unique))
     return unique

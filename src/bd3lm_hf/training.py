@@ -89,33 +89,33 @@ class BD3LMTrainingConfig:
         if self.init_from and given:
             raise ValueError(f"{', '.join(given)} describe a new model; init_from={self.init_from!r} fixes the "
                              "model's shape: leave them out.")
-        for name, value in NEW_MODEL_SHAPE.items():
-            if getattr(self, name) is None:
-                setattr(self, name, None if self.init_from else value)
-        base = base_sequence_shape(self.init_from)
+        if not self.init_from:
+            for name, value in NEW_MODEL_SHAPE.items():
+                if getattr(self, name) is None:
+                    setattr(self, name, value)
+        context, block_size = base_sequence_shape(self.init_from)
         if self.max_position_embeddings is None:
-            self.max_position_embeddings = base["max_position_embeddings"]
-        elif self.max_position_embeddings > base.get("context", math.inf):
+            self.max_position_embeddings = context
+        elif self.init_from and self.max_position_embeddings > context:
             raise ValueError(f"max_position_embeddings={self.max_position_embeddings} is longer than the context of "
-                             f"init_from ({base['context']} tokens).")
+                             f"init_from ({context} tokens).")
         if self.block_size is None:
-            self.block_size = base["block_size"]
+            self.block_size = block_size
 
 
-# A new model's shape (what `init_from` replaces), and the sequence shape of a new model.
+# A new model's shape (what `init_from` replaces), and its context and block size.
 NEW_MODEL_SHAPE = {"hidden_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4, "cond_dim": 64,
                    "hidden_dropout": 0.0}
-NEW_SEQUENCE_SHAPE = {"max_position_embeddings": 64, "block_size": 4}
+NEW_SEQUENCE_SHAPE = (64, 4)
 
 
-def base_sequence_shape(init_from: str | None) -> dict:
-    """Context and block size to train with by default: the `init_from` model's (finetuning keeps them unless
-    told otherwise), else a new model's."""
+def base_sequence_shape(init_from: str | None) -> tuple[int, int]:
+    """(context, block size) to train with by default: the `init_from` model's (finetuning keeps them unless told
+    otherwise), else a new model's."""
     if not init_from:
-        return dict(NEW_SEQUENCE_SHAPE)
+        return NEW_SEQUENCE_SHAPE
     base = BD3LMConfig.from_pretrained(init_from)
-    return {"max_position_embeddings": base.max_position_embeddings, "block_size": base.block_size,
-            "context": base.max_position_embeddings}
+    return base.max_position_embeddings, base.block_size
 
 
 def build_tokenizer(config: BD3LMTrainingConfig, texts: list[str]):
