@@ -211,3 +211,48 @@ def test_chats_need_a_chat_template_and_long_documents_do_not_warn(caplog):
     with caplog.at_level("WARNING"):
         wrap_tokenize(Dataset.from_dict({"text": ["To be, or not to be. " * 20]}), tokenizer, 16, 4)
     assert "indexing errors" not in caplog.text
+
+
+def bpe_with_prefix_space(gpt2):
+    """GPT-2's BPE adding a space before every call's text: no cut before a line break gives the ids of one call."""
+    from tokenizers import pre_tokenizers
+
+    tokenizer = gpt2_tokenizer_with_mask()
+    tokenizer.backend_tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=True)
+    return tokenizer
+
+
+@pytest.mark.parametrize("kind", ["gpt2", "trained bpe", "prefix space"])
+def test_long_documents_are_tokenized_in_pieces_with_the_ids_of_one_call(gpt2, kind, monkeypatch, caplog):
+    from bd3lm_hf import encoding
+
+    text = shakespeare_files()[0].read_text()[:60_000]
+    tokenizer = {"gpt2": lambda: gpt2, "trained bpe": lambda: train_bpe_tokenizer([text[:20_000]], 512),
+                 "prefix space": lambda: bpe_with_prefix_space(gpt2)}[kind]()
+    whole = tokenizer(text, add_special_tokens=False)["input_ids"]
+    calls = []
+    monkeypatch.setattr(encoding, "encode", lambda tok, piece: calls.append(len(piece)) or tok(
+        piece, add_special_tokens=False)["input_ids"])
+    with caplog.at_level("WARNING", logger="bd3lm_hf"):
+        ids = encoding.encode_documents(tokenizer, ["a short one", text], piece_chars=2_000)
+    assert ids[0].tolist() == tokenizer("a short one", add_special_tokens=False)["input_ids"]
+    assert ids[1].dtype.name == "int64" and ids[1].tolist() == whole
+    pieces = [n for n in calls if n > 2 * encoding.CHECK_CHARS]  # the rest are the checks around the cuts
+    if kind == "prefix space":
+        assert pieces == [len(text)] and "tokenized in one call" in caplog.text
+    else:
+        assert len(pieces) >= 25 and max(pieces) <= 3_000 and sum(pieces) == len(text) and not caplog.text
+
+
+@pytest.mark.parametrize("framed", [False, True])
+def test_wrap_mode_gives_the_same_sequences_with_long_documents_in_pieces(gpt2, framed, monkeypatch):
+    from bd3lm_hf import encoding
+
+    plays = load_text_dataset(shakespeare_files()[:2])
+    plays = plays.select([0, 1, 0])  # the stream goes on across documents
+    whole = wrap_tokenize(plays, gpt2, 64, 4, framed=framed)
+    monkeypatch.setattr(encoding, "PIECE_CHARS", 5_000)
+    pieces = wrap_tokenize(plays, gpt2, 64, 4, framed=framed)
+    assert pieces.features == whole.features and pieces.to_dict() == whole.to_dict()
+    tokens = sum(len(gpt2(text)["input_ids"]) + 1 for text in plays["text"])
+    assert len(whole) == tokens // (62 if framed else 64)

@@ -5,9 +5,12 @@ import os
 from importlib import resources
 from pathlib import Path
 
+import numpy as np
 from datasets import Dataset, concatenate_datasets, load_dataset
 from transformers import PreTrainedTokenizerFast
 from transformers.utils import logging
+
+from .encoding import encode_documents
 
 logger = logging.get_logger(__name__)
 
@@ -145,21 +148,20 @@ def wrap_tokenize(dataset: Dataset, tokenizer, seq_len: int, block_size: int, te
         raise ValueError("framed wrap mode needs a tokenizer with a bos_token and seq_len >= 3.")
     opens_documents = bos is not None and bos != eos and not framed
     chunk = seq_len - 2 if framed else seq_len
-    carry = []  # the tokens of the previous batches not yet in a sequence: the stream continues across batches
+    opening, closing = np.array([bos] if opens_documents else [], np.int64), np.array([eos], np.int64)
+    carry = [np.empty(0, np.int64)]  # the tokens of the previous batches not yet in a sequence: the stream goes on
 
     def join_and_cut(batch):
-        stream = carry[:]
-        for text in batch[text_column]:
-            # whole documents, longer than the tokenizer's model_max_length: its "indexing errors" warning is moot
-            ids = tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
-            stream += ([bos] if opens_documents else []) + ids
-            stream.append(eos)
+        documents = encode_documents(tokenizer, batch[text_column])
+        stream = np.concatenate([carry[0], *(part for ids in documents for part in (opening, ids, closing))])
         usable = len(stream) - len(stream) % chunk
-        carry[:] = stream[usable:]
-        pieces = [stream[i:i + chunk] for i in range(0, usable, chunk)]
+        carry[0] = stream[usable:]
+        pieces = stream[:usable].reshape(-1, chunk)
         if not framed:
             return {"input_ids": pieces}
-        return {"input_ids": [[bos, *piece, eos] for piece in pieces], "prompt_length": [1] * len(pieces)}
+        edge = np.ones((len(pieces), 1), np.int64)
+        return {"input_ids": np.concatenate([edge * bos, pieces, edge * eos], axis=1),
+                "prompt_length": [1] * len(pieces)}
 
     # one process, batches in order (the carry needs both); no cache: a cached run would skip the carry's history
     wrapped = dataset.map(join_and_cut, batched=True, batch_size=1000, remove_columns=dataset.column_names,
