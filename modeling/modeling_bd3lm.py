@@ -275,7 +275,8 @@ class BD3LMModel(BD3LMPreTrainedModel):
                              f"{tuple(timesteps.shape)}.")
         return F.silu(self.timestep_embedder(timesteps))
 
-    def attention_mask_for(self, queries, keys, query_offset: int, training_length: int | None = None):
+    def attention_mask_for(self, queries, keys, query_offset: int, block_size: int,
+                           training_length: int | None = None):
         """The block-diffusion mask in the form the configured attention backend takes."""
         implementation = self.config._attn_implementation
         if implementation == "flex_attention":
@@ -284,7 +285,7 @@ class BD3LMModel(BD3LMPreTrainedModel):
                                  f"{self.config.head_dim} (hidden_size / num_attention_heads). Use fewer heads or "
                                  "attn_implementation='sdpa'.")
             if training_length is not None and bool(keys[2].all()):  # 2L pass without padding: one shared mask
-                return flex_training_mask(training_length, self.config.block_size, str(keys[0].device))
+                return flex_training_mask(training_length, block_size, str(keys[0].device))
             return flex_block_diffusion_mask(queries, keys, query_offset)
         mask = dense_block_diffusion_mask(queries, keys, query_offset)
         if implementation.startswith("flash_attention"):
@@ -308,17 +309,20 @@ class BD3LMModel(BD3LMPreTrainedModel):
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, x0_ids=None, timesteps=None,
                 past_key_values: Cache | None = None, store_kv=False, output_hidden_states=False, modulations=None,
-                **kwargs):
+                block_size: int | None = None, **kwargs):
         """With `x0_ids` (the 2L training pass) returns the hidden states of the x_t half only. `modulations`: the
-        output of `adaln_modulations` for these timesteps, when the caller already has it."""
+        output of `adaln_modulations` for these timesteps, when the caller already has it. `block_size`: the width
+        of the mask's blocks (default `config.block_size`); generation passes its own, which may differ, so that
+        cached and recomputed keys see the same blocks."""
         batch, seq_len = input_ids.shape
+        block_size = block_size or self.config.block_size
         if past_key_values is not None and self.gradient_checkpointing and self.training:
             # the backward pass would run each layer again and write its keys/values into the cache a second time
             raise ValueError("a KV cache cannot be combined with gradient checkpointing in training mode: call "
                              "model.eval() to generate, or pass no past_key_values.")
         if isinstance(past_key_values, BD3LMStaticCache):
             queries, keys, position_ids, query_offset = self.static_cache_layout(
-                past_key_values, attention_mask, position_ids, batch, seq_len, input_ids.device)
+                past_key_values, attention_mask, position_ids, batch, seq_len, block_size, input_ids.device)
             hidden_states = self.embed_tokens(input_ids)
         elif x0_ids is None:
             past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
@@ -327,7 +331,7 @@ class BD3LMModel(BD3LMPreTrainedModel):
             if position_ids is None:
                 position_ids = positions[:, past_length:]
             hidden_states = self.embed_tokens(input_ids)
-            keys = token_descriptors(positions, self.config.block_size, kv_valid)
+            keys = token_descriptors(positions, block_size, kv_valid)
             queries = tuple(t[:, past_length:] for t in keys)
             query_offset = past_length
         else:
@@ -337,13 +341,14 @@ class BD3LMModel(BD3LMPreTrainedModel):
             if position_ids is None:
                 position_ids = positions
             hidden_states = self.embed_tokens(torch.cat([input_ids, x0_ids], dim=1))
-            noisy = token_descriptors(positions, self.config.block_size, kv_valid, clean=False)
-            clean = token_descriptors(positions, self.config.block_size, kv_valid, clean=True)
+            noisy = token_descriptors(positions, block_size, kv_valid, clean=False)
+            clean = token_descriptors(positions, block_size, kv_valid, clean=True)
             keys = queries = concat_descriptors(noisy, clean)
             position_ids = position_ids.repeat(1, 2)
             query_offset = 0
 
-        mask = self.attention_mask_for(queries, keys, query_offset, seq_len if x0_ids is not None else None)
+        mask = self.attention_mask_for(queries, keys, query_offset, block_size,
+                                       seq_len if x0_ids is not None else None)
         position_embeddings = self.rotary_emb(position_ids, hidden_states.dtype)
         if modulations is None:
             modulations = self.adaln_modulations(timesteps, batch, input_ids.device, hidden_states.dtype)
@@ -365,7 +370,8 @@ class BD3LMModel(BD3LMPreTrainedModel):
         return BaseModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=past_key_values,
                                        hidden_states=all_hidden_states)
 
-    def static_cache_layout(self, cache, attention_mask, position_ids, batch: int, seq_len: int, device):
+    def static_cache_layout(self, cache, attention_mask, position_ids, batch: int, seq_len: int, block_size: int,
+                            device):
         """Descriptors over the whole preallocated buffer, computed from the cursor tensor (no host sync): keys
         past cursor + seq_len are stale and masked out."""
         start = cache.committed_length().to(device)
@@ -373,7 +379,7 @@ class BD3LMModel(BD3LMPreTrainedModel):
         kv_valid = kv_valid & (torch.arange(cache.capacity, device=device) < start + seq_len)
         positions = _positions_from_validity(kv_valid)
         query_index = start + torch.arange(seq_len, device=device)
-        keys = token_descriptors(positions, self.config.block_size, kv_valid)
+        keys = token_descriptors(positions, block_size, kv_valid)
         queries = tuple(t[:, query_index] for t in keys)
         if position_ids is None:
             position_ids = positions[:, query_index]
@@ -514,15 +520,19 @@ class BD3LMForBlockDiffusion(BD3LMPreTrainedModel, BD3LMGenerationMixin):
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values,
                                       hidden_states=outputs.hidden_states)
 
-    def denoise_forward(self, input_ids, attention_mask, past_key_values, store_kv, logits_to_keep,
+    def denoise_forward(self, input_ids, attention_mask, past_key_values, store_kv, block_size: int,
                         position_ids=None, timesteps=None, modulations=None):
-        """The generation hot path: one call against the cache, without input checks (generate validated the
-        prompt; the rest are its own tokens), so that it can be compiled whole. `modulations`: the adaLN
-        modulations computed once per generation (`BD3LMModel.adaln_modulations`), or None to compute them."""
+        """The generation hot path: one call against the cache whose last `block_size` tokens are the block being
+        denoised; returns their logits. No input checks (generate validated the prompt; the rest are its own
+        tokens), so that it can be compiled whole. The mask's blocks are the generation's `block_size` wide: with
+        the model's, a generation block narrower than it would be committed to the cache before the rest of its
+        model block is known, while a recomputation (use_cache=False) would let it see those tokens.
+        `modulations`: the adaLN modulations computed once per generation (`BD3LMModel.adaln_modulations`), or None
+        to compute them."""
         outputs = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids,
                              past_key_values=past_key_values, store_kv=store_kv, timesteps=timesteps,
-                             modulations=modulations)
-        return self.lm_head(outputs.last_hidden_state[:, -logits_to_keep:])
+                             modulations=modulations, block_size=block_size)
+        return self.lm_head(outputs.last_hidden_state[:, -block_size:])
 
     def check_input_ids(self, input_ids):
         if input_ids is None or input_ids.dim() != 2:

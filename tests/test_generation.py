@@ -373,6 +373,25 @@ def test_untrained_block_size_warns_but_generates(gen_model, caplog):
     assert out.shape == (1, 11)
 
 
+@pytest.mark.parametrize("model_block, generation_block", [(8, 4), (8, 2), (4, 8)])
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_another_generation_block_size_keeps_the_cache_exact(model_block, generation_block, sampler):
+    """The mask's blocks follow the generation's block size: with the model's, a block narrower than the model's
+    was committed to the cache before the rest of its model block was known, while use_cache=False let it see it."""
+    model = random_model(seed=3, std=0.3, block_size=model_block, max_position_embeddings=32)
+    ids, mask = prompts((6, 3, 9), seed=1)
+    tokens = {}
+    for cache in ("dynamic", "static", None):
+        tokens[cache] = model.generate(ids, attention_mask=mask, max_new_tokens=14, sampler=sampler,
+                                       do_sample=False, block_size=generation_block, use_cache=cache is not None,
+                                       cache_implementation=cache or "dynamic")
+    assert torch.equal(tokens["dynamic"], tokens[None]) and torch.equal(tokens["static"], tokens[None])
+    for row in range(ids.shape[0]):  # and each row as if alone
+        alone = model.generate(ids[row, mask[row].bool()][None], max_new_tokens=14, sampler=sampler,
+                               do_sample=False, block_size=generation_block, use_cache=False)
+        assert torch.equal(alone[0], tokens[None][row, ids.shape[1] - int(mask[row].sum()):])
+
+
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     from bd3lm_hf.tokenization import gpt2_tokenizer_with_mask
