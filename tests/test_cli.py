@@ -60,3 +60,28 @@ def test_names_that_cannot_be_hub_ids_are_taken_as_local_folders(name, local):
     from bd3lm_hf.hub import looks_like_a_local_path
 
     assert looks_like_a_local_path(name) is local
+
+
+@pytest.mark.parametrize("command", [["generate", "--prompt", "x"], ["eval", "--data", "held_out.txt"]],
+                         ids=["generate", "eval"])
+def test_a_model_folder_without_a_tokenizer_is_named(model_folder, command, capsys):
+    name, *flags = command
+    assert cli([name, str(model_folder), *flags]) == 2
+    err = _one_line_error(capsys)
+    assert f"{model_folder} has no tokenizer files" in err and "sentencepiece" not in err
+
+
+@pytest.mark.parametrize("flag", ["--batch-size", "--max-sequences"])
+@pytest.mark.parametrize("value", ["0", "-1", "two"])
+def test_eval_refuses_counts_below_one(model_folder, flag, value, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli(["eval", str(model_folder), "--data", "held_out.txt", flag, value])
+    assert exit_info.value.code == 2 and flag in capsys.readouterr().err
+
+
+def test_nelbo_perplexity_refuses_counts_below_one():
+    from bd3lm_hf.evaluation import nelbo_perplexity
+
+    for kwargs in ({"batch_size": 0}, {"max_sequences": 0}, {"batch_size": 2.5}):
+        with pytest.raises(ValueError, match="must be a positive integer"):
+            nelbo_perplexity(None, None, ["held_out.txt"], **kwargs)

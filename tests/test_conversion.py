@@ -307,3 +307,46 @@ def test_cli_names_a_ckpt_without_a_state_dict_in_one_line(tmp_path, capfd):
     err = capfd.readouterr().err
     assert "nostate.ckpt has no 'state_dict'" in err and "['foo', 'global_step']" in err
     assert "Traceback" not in err and not (tmp_path / "out").exists()
+
+
+def test_cli_convert_refuses_a_non_empty_folder_and_its_own_input(fixtures, tmp_path, capfd):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "README.md").write_text("an earlier export")
+    assert cli(["convert", str(fixtures / "bd3lm_public"), str(out)]) == 2
+    assert "exists and is not empty" in capfd.readouterr().err and (out / "README.md").is_file()
+    assert cli(["convert", str(fixtures / "bd3lm_public"), str(out), "--overwrite"]) == 0
+    assert not (out / "README.md").exists() and (out / "model.safetensors").is_file()
+    shutil.copytree(fixtures / "bd3lm_public", tmp_path / "src")
+    assert cli(["convert", str(tmp_path / "src"), str(tmp_path / "src"), "--overwrite"]) == 2
+    assert "is or contains the input" in capfd.readouterr().err
+    assert "backbone.vocab_embed.embedding" in load_file(tmp_path / "src" / "model.safetensors")
+
+
+def test_cli_convert_names_a_bad_config_file(fixtures, tmp_path, capfd):
+    (tmp_path / "list.json").write_text("[1, 2]")
+    (tmp_path / "broken.json").write_text("{'single': quotes}")
+    for name, message in (("list.json", "must hold a JSON object"), ("broken.json", "is not valid JSON")):
+        assert cli(["convert", str(tmp_path / "x.ckpt"), str(tmp_path / "out"), "--config",
+                    str(tmp_path / name)]) == 2
+        err = capfd.readouterr().err
+        assert message in err and str(tmp_path / name) in err and "Traceback" not in err
+
+
+def test_convert_with_the_tokenizer_writes_a_folder_ready_to_push(tmp_path):
+    import json
+
+    from bd3lm_hf import BD3LMConfig
+    from bd3lm_hf.conversion import convert_to_original
+    from bd3lm_hf.hub import push_to_hub
+
+    BD3LMForBlockDiffusion(BD3LMConfig(vocab_size=50258, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                       cond_dim=16, max_position_embeddings=32, block_size=4)).save_pretrained(
+        tmp_path / "ours")
+    convert_to_original(tmp_path / "ours", tmp_path / "bd3lm-owt-block_size4")  # the paper's name, not its shape
+    assert cli(["convert", str(tmp_path / "bd3lm-owt-block_size4"), str(tmp_path / "hf"),
+                "--with-gpt2-tokenizer"]) == 0
+    tokenizer_config = json.loads((tmp_path / "hf" / "tokenizer_config.json").read_text())
+    assert tokenizer_config["model_max_length"] == 31 and tokenizer_config["truncation_side"] == "left"
+    card = push_to_hub(tmp_path / "hf", "me/converted", dry_run=True)["card"]
+    assert "bd3lm-owt-block_size4" in card and 'from_pretrained("me/converted"' in card

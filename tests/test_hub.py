@@ -223,3 +223,62 @@ def test_sampled_token_count_is_that_of_the_generated_ids(exported):
         model.lm_head.bias[equals] = 1e4  # 16 generated "=" decode to a text that re-tokenizes into one token
     result = sample_with_pipeline(model, tokenizer, ["To be"], max_new_tokens=16, do_sample=False)
     assert result["texts"] == ["=" * 16] and result["new_tokens"] == 16
+
+
+@pytest.mark.parametrize("layout", ["same folder", "parent folder"])
+def test_export_overwrite_never_deletes_its_input(exported, tmp_path, layout, capfd):
+    import shutil
+
+    shutil.copytree(exported, tmp_path / "run" / "model")
+    (tmp_path / "run" / "notes.txt").write_text("keep me")
+    source = tmp_path / "run" / "model"
+    out = source if layout == "same folder" else tmp_path / "run"
+    assert cli(["export", str(source), str(out), "--overwrite"]) == 2
+    assert "is or contains the input" in capfd.readouterr().err
+    assert (source / "model.safetensors").is_file() and (tmp_path / "run" / "notes.txt").read_text() == "keep me"
+
+
+@pytest.mark.parametrize("metrics, message", [([1, 2], "must hold a JSON object"),
+                                              ({"eval_perplexity": "n/a"}, "eval_perplexity must be a number"),
+                                              ("{bad json", "is not valid JSON")])
+def test_export_checks_its_metrics_file_before_writing_anything(exported, tmp_path, capfd, metrics, message):
+    path = tmp_path / "metrics.json"
+    path.write_text(metrics if isinstance(metrics, str) else json.dumps(metrics))
+    assert cli(["export", str(exported), str(tmp_path / "out"), "--metrics", str(path)]) == 2
+    err = capfd.readouterr().err
+    assert message in err and "Traceback" not in err and not (tmp_path / "out").exists()
+    if message != "eval_perplexity must be a number":
+        assert str(path) in err
+
+
+def test_push_points_the_card_snippets_at_the_repo_pushed_to(exported, tmp_path, monkeypatch):
+    import shutil
+
+    from huggingface_hub import HfApi
+
+    shutil.copytree(exported, tmp_path / "folder")
+    card = push_to_hub(tmp_path / "folder", "me/other-name", dry_run=True)["card"]
+    assert 'from_pretrained("me/other-name", trust_remote_code=True)' in card and "someone/tiny-bd3lm" not in card
+    assert "someone/tiny-bd3lm" in (tmp_path / "folder" / "README.md").read_text()  # a dry run writes nothing
+    uploaded = {}
+    monkeypatch.setattr(HfApi, "create_repo", lambda self, *args, **kwargs: None)
+    monkeypatch.setattr(HfApi, "upload_folder", lambda self, folder_path, **kwargs: uploaded.setdefault(
+        "card", (tmp_path / "folder" / "README.md").read_text()))
+    push_to_hub(tmp_path / "folder", "me/other-name", token="hf_fake")
+    assert uploaded["card"] == card
+
+
+def test_converted_cards_are_the_papers_only_for_their_shape():
+    import torch
+
+    from bd3lm_hf import BD3LMConfig, BD3LMForBlockDiffusion
+    from bd3lm_hf.hub import converted_card
+
+    with torch.device("meta"):
+        paper_shaped = BD3LMForBlockDiffusion(BD3LMConfig(block_size=16))
+    card = str(converted_card(paper_shaped, "bd3lm-owt-block_size16", "me/bd3lm16"))
+    assert "Results reported in the paper" in card and 'from_pretrained("me/bd3lm16"' in card
+    card = str(converted_card(random_model(block_size=16), "bd3lm-owt-block_size16", "tiny"))
+    assert "Results reported in the paper" not in card and "converted from the original" in card
+    mdlm = str(paper_card("mdlm-owt"))
+    assert "| noise clip range (training) | [0.001, 1] |" in mdlm and "grid-searched" not in mdlm

@@ -35,7 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--mask-token-id", type=int,
                          help="[MASK] id (default: the last id; 103 for the bert-base-uncased vocabulary of LM1B)")
     convert.add_argument("--with-gpt2-tokenizer", action="store_true",
-                         help="also save the GPT-2 BPE + [MASK] tokenizer (the OWT checkpoints' vocabulary)")
+                         help="also save the GPT-2 BPE + [MASK] tokenizer (the OWT checkpoints' vocabulary) and a "
+                              "model card: the folder is then ready for `bd3lm-hf push`")
+    convert.add_argument("--overwrite", action="store_true", help="empty an existing output folder first")
 
     for name in DATACLASS_COMMANDS:
         commands.add_parser(name, add_help=False, help=f"`bd3lm-hf {name} --help` lists its flags")
@@ -43,8 +45,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("eval", help="NELBO perplexity of a saved model on held-out text files")
     evaluate.add_argument("model", help="model folder or Hub id (loaded with trust_remote_code=True)")
     evaluate.add_argument("--data", nargs="+", required=True, help=".txt/.md/.json/.jsonl files")
-    evaluate.add_argument("--batch-size", type=int, default=32)
-    evaluate.add_argument("--max-sequences", type=int, default=None)
+    evaluate.add_argument("--batch-size", type=positive_int, default=32)
+    evaluate.add_argument("--max-sequences", type=positive_int, default=None)
     evaluate.add_argument("--seed", type=int, default=0)
     evaluate.add_argument("--wrap-framed", action="store_true",
                           help="lay the text out as the original bd3lms wrap mode (every sequence BOS + L-2 "
@@ -94,15 +96,40 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (argparse names the flag in its error)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not a positive integer (at least 1)")
+    return value
+
+
+def read_json_object(path: str, flag: str) -> dict:
+    """The JSON object in the file a flag names; one-line errors naming the flag and the file."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            value = json.load(handle)
+    except OSError as error:
+        raise ValueError(f"{flag} {path}: cannot read it ({error.strerror or error}).") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise ValueError(f"{flag} {path} is not valid JSON: {error}.") from None
+    if not isinstance(value, dict):
+        raise ValueError(f"{flag} {path} must hold a JSON object ({{...}}), got a {type(value).__name__}.")
+    return value
+
+
 def run_convert(args) -> None:
     from .conversion import convert_to_original, convert_to_ours
 
     if args.to_original:
-        convert_to_original(args.src, args.dst, code_from=args.code_from)
+        convert_to_original(args.src, args.dst, code_from=args.code_from, overwrite=args.overwrite)
         return
     if args.code_from is not None:
         raise ValueError("--code-from copies the original code into a --to-original output; it has no use here.")
-    original_config = json.loads(open(args.config).read()) if args.config else {}
+    original_config = read_json_object(args.config, "--config") if args.config else {}
     if args.block_size is not None:
         original_config["block_size"] = args.block_size
     if args.model_length is not None:
@@ -114,7 +141,7 @@ def run_convert(args) -> None:
         from .tokenization import gpt2_tokenizer_with_mask
 
         tokenizer = gpt2_tokenizer_with_mask()
-    convert_to_ours(args.src, args.dst, original_config or None, tokenizer)
+    convert_to_ours(args.src, args.dst, original_config or None, tokenizer, overwrite=args.overwrite)
 
 
 def run_train(argv: list[str]) -> None:
@@ -145,7 +172,12 @@ def load_for_inference(name: str, device: str = "cpu", dtype: str = "float32"):
     if dtype == "auto":
         dtype = "bfloat16" if device.startswith("cuda") else "float32"
     model = AutoModelForCausalLM.from_pretrained(name, trust_remote_code=True, dtype=getattr(torch, dtype))
-    return model.to(device).eval(), AutoTokenizer.from_pretrained(name, trust_remote_code=True)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=True)
+    except (OSError, ValueError, TypeError):  # transformers' own message lists backends, not the missing files
+        raise ValueError(f"{name} has no tokenizer files: convert with --with-gpt2-tokenizer, or save the "
+                         "tokenizer into the folder (tokenizer.save_pretrained).") from None
+    return model.to(device).eval(), tokenizer
 
 
 def resolve_device(device: str) -> str:
@@ -209,7 +241,7 @@ def run_export(args) -> None:
     from .hub import export_for_hub, load_for_export
 
     model, tokenizer = load_for_export(args.model, args.tokenizer)
-    metrics = json.loads(open(args.metrics).read()) if args.metrics else None
+    metrics = read_json_object(args.metrics, "--metrics") if args.metrics else None
     out = export_for_hub(model, tokenizer, args.out_dir, repo_id=args.repo_id, metrics=metrics,
                          datasets=args.dataset, license=args.license, overwrite=args.overwrite)
     print(f"exported {out}")

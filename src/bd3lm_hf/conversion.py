@@ -16,7 +16,9 @@ from safetensors.torch import load_file, save_file
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, logging
 
 from .modeling import BD3LMConfig, BD3LMForBlockDiffusion
+from .hub import converted_card, finish_tokenizer_config, longest_prompt
 from .modeling.configuration_bd3lm import ORIGINAL_FIELD_NAMES
+from .output_folder import prepare_output_folder
 from .tokenization import check_tokenizer_fits
 
 logger = logging.get_logger(__name__)
@@ -310,9 +312,11 @@ def config_fields_from_weights(state_dict: dict[str, torch.Tensor]) -> dict:
 
 
 def convert_to_ours(src: str | os.PathLike, dst: str | os.PathLike, original_config: dict | None = None,
-                    tokenizer=None) -> BD3LMForBlockDiffusion:
-    """Original folder or `.ckpt` -> our Hub folder (config, code, weights, and `tokenizer` when given)."""
-    refuse_a_file_as_output(dst)
+                    tokenizer=None, overwrite: bool = False) -> BD3LMForBlockDiffusion:
+    """Original folder or `.ckpt` -> our Hub folder (config, code, weights; with `tokenizer`, also the tokenizer
+    and a model card, so that the folder is ready for `bd3lm-hf push`). `dst` must be new or empty, or
+    `overwrite` empties it (never when it holds `src`)."""
+    prepare_output_folder(dst, overwrite, (src,), ConversionError)
     model = load_original(src, original_config)
     if tokenizer is not None:
         raise_if_tokenizer_mismatch(tokenizer, model, ConversionError)
@@ -322,14 +326,11 @@ def convert_to_ours(src: str | os.PathLike, dst: str | os.PathLike, original_con
     model.save_pretrained(dst)
     if tokenizer is not None:
         tokenizer.save_pretrained(dst)
+        finish_tokenizer_config(Path(dst) / "tokenizer_config.json", longest_prompt(model.config))
+        source_name = Path(src).name if Path(src).is_dir() else Path(src).stem
+        converted_card(model, source_name, Path(dst).name).save(Path(dst) / "README.md")
     logger.info("converted %s -> %s", src, dst)
     return model
-
-
-def refuse_a_file_as_output(dst: str | os.PathLike) -> None:
-    """Checked before any work: save_pretrained only logs when its folder is a file, and writes nothing."""
-    if Path(dst).exists() and not Path(dst).is_dir():
-        raise ConversionError(f"{dst} exists and is not a folder: pass a new or an existing folder's path.")
 
 
 def raise_if_tokenizer_mismatch(tokenizer, model, error_class) -> None:
@@ -341,13 +342,13 @@ def raise_if_tokenizer_mismatch(tokenizer, model, error_class) -> None:
 
 
 def convert_to_original(src: str | os.PathLike, dst: str | os.PathLike,
-                        code_from: str | os.PathLike | None = None) -> None:
+                        code_from: str | os.PathLike | None = None, overwrite: bool = False) -> None:
     """Our folder -> the original Hub format (config.json + model.safetensors with the original keys); strict.
 
     The original code files (`configuration_bd3lm.py`, `modeling_bd3lm.py`) are not ours to ship: `code_from`, a
     download of an original Hub repo, provides them; without it the folder loads only once they are added."""
     src, dst = Path(src), Path(dst)
-    refuse_a_file_as_output(dst)
+    prepare_output_folder(dst, overwrite, (src, code_from), ConversionError)
     config = read_our_config(src)
     state_dict = read_folder_weights(src)
     if any(key.startswith(ORIGINAL_PREFIX) for key in state_dict):

@@ -20,6 +20,9 @@ def nelbo_perplexity(model, tokenizer, files, batch_size: int = 32, max_sequence
     """Token-mean NELBO (t over [1e-3, 1], the paper's bound) and its exp, on `files` wrapped into sequences of
     the model's context length (`framed`: as the original lays them out, see `wrap_tokenize`; `ignore_first_token`:
     each sequence's first token neither noised nor scored, as the original's `ignore_bos`)."""
+    for name, value in (("batch_size", batch_size), ("max_sequences", max_sequences)):
+        if value is not None and (not isinstance(value, int) or value < 1):
+            raise ValueError(f"{name} must be a positive integer, got {value!r}.")
     config = model.config
     sequences = wrap_tokenize(load_text_dataset(files), tokenizer, config.max_position_embeddings,
                               config.block_size, framed=framed)

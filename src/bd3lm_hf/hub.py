@@ -2,7 +2,7 @@
 
 import json
 import os
-import shutil
+import re
 from importlib import resources
 from pathlib import Path
 
@@ -11,11 +11,14 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from transformers.utils import logging
 
 from .modeling import BD3LMConfig, BD3LMForBlockDiffusion
+from .output_folder import prepare_output_folder
 
 logger = logging.get_logger(__name__)
 
 # Flags that describe how a tokenizer was loaded, not the tokenizer: a Hub copy must not carry them.
 LOAD_TIME_TOKENIZER_FLAGS = ("is_local", "local_files_only")
+# The repo id in the card's usage snippet (`{{ repo_id }}` in model_cards/template.md).
+SNIPPET_REPO_ID = re.compile(r'from_pretrained\("([^"]*)", trust_remote_code=True\)')
 TAGS = ["block-diffusion", "bd3lm", "diffusion", "masked-diffusion", "text-generation", "custom_code"]
 PAPER_URL = "https://arxiv.org/abs/2503.09573"
 # The paper's test perplexities (upper bounds for diffusion models; L = 1024 on OWT) and generative perplexities
@@ -89,14 +92,15 @@ def export_for_hub(model, tokenizer, out_dir, repo_id: str | None = None, metric
     `overwrite`, and a tokenizer that does not fit the model."""
     out_dir = Path(out_dir)
     _check_exportable(model, tokenizer)
-    _prepare_out_dir(out_dir, overwrite)
-    repo_id = repo_id or out_dir.name
+    _check_metrics(metrics)
+    prepare_output_folder(out_dir, overwrite, (getattr(model, "name_or_path", None),
+                                               getattr(tokenizer, "name_or_path", None)), HubError)
+    summary = summary or f"A BD3-LM with block size {model.config.block_size}, trained with `bd3lm_hf`."
+    card = render_card(model.config, repo_id or out_dir.name, sum(p.numel() for p in model.parameters()), summary,
+                       metrics=metrics, datasets=datasets, license=license)  # before writing: nothing half done
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
-    _finish_tokenizer_config(out_dir / "tokenizer_config.json", longest_prompt(model.config))
-    summary = summary or f"A BD3-LM with block size {model.config.block_size}, trained with `bd3lm_hf`."
-    card = render_card(model.config, repo_id, sum(p.numel() for p in model.parameters()), summary,
-                       metrics=metrics, datasets=datasets, license=license)
+    finish_tokenizer_config(out_dir / "tokenizer_config.json", longest_prompt(model.config))
     card.save(out_dir / "README.md")
     logger.info("exported %s (%d files)", out_dir, len(list(out_dir.iterdir())))
     return out_dir
@@ -113,13 +117,15 @@ def _check_exportable(model, tokenizer) -> None:
     raise_if_tokenizer_mismatch(tokenizer, model, HubError)  # the card's own snippet would fail with it
 
 
-def _prepare_out_dir(out_dir: Path, overwrite: bool) -> None:
-    if out_dir.exists() and not out_dir.is_dir():
-        raise HubError(f"{out_dir} exists and is not a folder: pass a new or an existing folder's path.")
-    if out_dir.exists() and any(out_dir.iterdir()):
-        if not overwrite:
-            raise HubError(f"{out_dir} exists and is not empty; pass overwrite=True (CLI: --overwrite).")
-        shutil.rmtree(out_dir)
+def _check_metrics(metrics) -> None:
+    if metrics is None:
+        return
+    if not isinstance(metrics, dict):
+        raise HubError(f"metrics must be a dict of metric name -> number (as eval_results.json), got "
+                       f"{type(metrics).__name__}.")
+    perplexity = metrics.get("eval_perplexity")
+    if perplexity is not None and (isinstance(perplexity, bool) or not isinstance(perplexity, (int, float))):
+        raise HubError(f"metrics: eval_perplexity must be a number, got {perplexity!r}.")
 
 
 def longest_prompt(config) -> int:
@@ -128,7 +134,7 @@ def longest_prompt(config) -> int:
     return config.max_position_embeddings - 1
 
 
-def _finish_tokenizer_config(path: Path, model_max_length: int) -> None:
+def finish_tokenizer_config(path: Path, model_max_length: int) -> None:
     """The saved tokenizer truncates to the longest prompt generation takes (pipeline(truncation=True) needs a
     finite length), from the left: generation continues the end of a prompt, so that is the part to keep. It
     carries no flags of the local load it came from. Edited on disk: the caller's tokenizer stays as it was."""
@@ -159,8 +165,9 @@ def load_for_export(model_folder, tokenizer_folder=None):
     return model, tokenizer
 
 
-def paper_card(name: str) -> ModelCard:
-    """The card of a converted paper checkpoint: what it is, the paper's tables, how to convert and load it."""
+def paper_card(name: str, repo_id: str | None = None) -> ModelCard:
+    """The card of a converted paper checkpoint: what it is, the paper's tables, how to convert and load it (from
+    `repo_id`, by default the folder `<name>-hf` its instructions convert into)."""
     if name not in PAPER_CHECKPOINTS:
         raise HubError(f"unknown paper checkpoint {name!r}; known: {sorted(PAPER_CHECKPOINTS)}.")
     block_size, summary = PAPER_CHECKPOINTS[name]
@@ -173,12 +180,40 @@ def paper_card(name: str) -> ModelCard:
                   f"```bash\nhf download kuleshov-group/{name} --local-dir {name}\n"
                   f"bd3lm-hf convert {name} {name}-hf --with-gpt2-tokenizer\n```\n\n"
                   f"The usage above then runs with `\"{name}-hf\"` (a local folder) or the repo you push it to "
-                  f"(`bd3lm-hf push {name}-hf <namespace>/{name}-hf`). The clip range stored with the weights "
-                  "(the grid-searched one) is kept. Tokenizer: GPT-2 BPE with [MASK] appended at id 50257.")
-    return render_card(config, f"{name}-hf", parameters, summary, results=PAPER_RESULTS, provenance=provenance,
-                       datasets=["Skylion007/openwebtext"], license="apache-2.0",
-                       example_prompt="The capital of France is",
-                       clip_range="the grid-searched range stored with the weights (kept by the conversion)")
+                  f"(`bd3lm-hf push {name}-hf <namespace>/{name}-hf`, which points the snippets above at that "
+                  "repo). Tokenizer: GPT-2 BPE with [MASK] appended at id 50257.")
+    clip_range = None  # MDLM's weights hold none: it trains over the full range, which the conversion writes
+    if not config.time_conditioning:
+        clip_range = "the grid-searched range stored with the weights (kept by the conversion)"
+    return render_card(config, repo_id or f"{name}-hf", parameters, summary, results=PAPER_RESULTS,
+                       provenance=provenance, datasets=["Skylion007/openwebtext"], license="apache-2.0",
+                       example_prompt="The capital of France is", clip_range=clip_range)
+
+
+def converted_card(model, source_name: str, repo_id: str) -> ModelCard:
+    """The card `bd3lm-hf convert` writes with the tokenizer: the paper's for its released checkpoints (known by
+    name), otherwise the model's shape and where it came from."""
+    if source_name in PAPER_CHECKPOINTS and has_paper_shape(model.config, source_name):
+        return paper_card(source_name, repo_id)
+    provenance = (f"## Provenance\n\nConverted losslessly from the original bd3lms checkpoint `{source_name}` by "
+                  "`bd3lm-hf convert` (the `bd3lm_hf` package).")
+    return render_card(model.config, repo_id, sum(p.numel() for p in model.parameters()),
+                       f"A BD3-LM with block size {model.config.block_size}, converted from the original bd3lms "
+                       "code's format.", provenance=provenance)
+
+
+def has_paper_shape(config, name: str) -> bool:
+    block_size = PAPER_CHECKPOINTS[name][0]
+    paper = BD3LMConfig(block_size=block_size, time_conditioning=name.startswith("mdlm"))
+    fields = ("block_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
+              "max_position_embeddings", "time_conditioning")
+    return all(getattr(config, field) == getattr(paper, field) for field in fields)
+
+
+def card_for_repo(card_text: str, repo_id: str) -> str:
+    """The card with its usage snippets loading `repo_id`: a folder's card names the repo it was exported or
+    converted for (by default the folder's name), which need not be the one it is pushed to."""
+    return SNIPPET_REPO_ID.sub(f'from_pretrained("{repo_id}", trust_remote_code=True)', card_text)
 
 
 def validate_repo_id(repo_id: str) -> None:
@@ -207,14 +242,19 @@ def push_to_hub(folder, repo_id: str, private: bool = False, dry_run: bool = Fal
     validate_repo_id(repo_id)
     if not (folder / "config.json").is_file() or not (folder / "README.md").is_file():
         raise HubError(f"{folder} is not an exported folder (no config.json / README.md): run `bd3lm-hf export`.")
+    card_path = folder / "README.md"
+    written = card_path.read_text(encoding="utf-8")
+    card = card_for_repo(written, repo_id)
     if dry_run:
-        return {"repo_id": repo_id, "private": private, "files": folder_files(folder),
-                "card": (folder / "README.md").read_text(encoding="utf-8")}
+        return {"repo_id": repo_id, "private": private, "files": folder_files(folder), "card": card}
     from huggingface_hub import HfApi, get_token
 
     token = token or get_token()
     if not token:
         raise HubError("no Hugging Face token found: run `hf auth login` or set HF_TOKEN, then push again.")
+    if card != written:
+        card_path.write_text(card, encoding="utf-8")
+        logger.info("%s: the card's usage snippets now load %s", card_path, repo_id)
     try:
         api = HfApi(token=token)
         api.create_repo(repo_id, private=private, exist_ok=True)
