@@ -755,9 +755,10 @@ def infer_attention_mask(input_ids, pad_token_id, eos_token_id):
     """transformers' rule for a missing attention_mask: padding where the pad id occurs, unless it is also an EOS id
     (then it cannot be told from text: all ones, with a warning for a batch)."""
     eos_ids = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
-    if pad_token_id is not None and pad_token_id not in eos_ids and bool((input_ids == pad_token_id).any()):
+    distinct_pad = pad_token_id is not None and pad_token_id not in eos_ids
+    if distinct_pad and bool((input_ids == pad_token_id).any()):
         return (input_ids != pad_token_id).long()
-    if input_ids.shape[0] > 1:
+    if input_ids.shape[0] > 1 and not distinct_pad:  # a distinct pad id that does not occur: nothing is padded
         logger.warning_once("the attention mask is not set with a batched input and cannot be inferred (no pad "
                             "token id, or the pad id is an EOS id): every token is taken as real. Pass the "
                             "tokenizer's attention_mask to generate() for reliable results.")

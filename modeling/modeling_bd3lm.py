@@ -469,6 +469,7 @@ class BD3LMForBlockDiffusion(BD3LMPreTrainedModel, BD3LMGenerationMixin):
                 raise ValueError(f"{name} is not supported by BD3-LM (pass input_ids; attention weights are not "
                                  "returned).")
         self.check_input_ids(input_ids)
+        _check_position_ids(position_ids, input_ids)
         _check_store_kv(store_kv)
         if self.training and noise_levels is not None and labels is None:
             # Trainer pops the labels before the forward when `compute_loss_func` or `label_smoothing_factor` is set:
@@ -540,6 +541,8 @@ class BD3LMForBlockDiffusion(BD3LMPreTrainedModel, BD3LMGenerationMixin):
             raise ValueError(f"input_ids must be a (batch, seq_len) LongTensor, got shape {shape}.")
         if input_ids.is_floating_point() or input_ids.is_complex() or input_ids.dtype == torch.bool:
             raise ValueError(f"input_ids must hold integer token ids, got dtype {input_ids.dtype}.")
+        if input_ids.shape[1] == 0:
+            raise ValueError(f"input_ids holds no tokens (shape {tuple(input_ids.shape)}): pass at least one.")
         if input_ids.shape[1] > self.config.max_position_embeddings:
             raise ValueError(f"sequence of {input_ids.shape[1]} tokens is longer than max_position_embeddings="
                              f"{self.config.max_position_embeddings}.")
@@ -604,6 +607,14 @@ def _resized_vocab_size(current: int, new_num_tokens: int | None, pad_to_multipl
     if pad_to_multiple_of:
         size = math.ceil(size / pad_to_multiple_of) * pad_to_multiple_of
     return size
+
+
+def _check_position_ids(position_ids, input_ids) -> None:
+    batch, seq_len = input_ids.shape
+    if position_ids is not None and (position_ids.dim() != 2 or position_ids.shape[1] != seq_len
+                                     or position_ids.shape[0] not in (1, batch)):
+        raise ValueError(f"position_ids must have shape ({batch}, {seq_len}) or (1, {seq_len}) like input_ids, got "
+                         f"{tuple(position_ids.shape)}.")
 
 
 def _check_store_kv(store_kv) -> None:

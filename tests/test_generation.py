@@ -212,6 +212,18 @@ def test_missing_attention_mask_is_inferred_from_the_pad_id(gen_model):
     assert torch.equal(as_text, all_ones) and not torch.equal(as_text, with_mask)
 
 
+def test_mask_inference_warns_only_where_padding_cannot_be_told_from_text(caplog):
+    from bd3lm_hf.modeling.generation_bd3lm import infer_attention_mask
+
+    ids = torch.tensor([[3, 4, 5], [6, 7, 8]])
+    for pad, eos, warns in ((17, 2, False), (None, 2, True), (17, 17, True)):
+        logging.Logger.warning_once.cache_clear()  # transformers' loggers warn once per message and process
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            assert torch.equal(infer_attention_mask(ids, pad, eos), torch.ones_like(ids))
+        assert ("cannot be inferred" in caplog.text) == warns, (pad, eos)
+
+
 def test_block_diffusion_settings_are_validated_on_save(gen_model, tmp_path):
     with pytest.raises(ValueError, match="unknown sampler 'foo'"):
         BD3LMGenerationConfig(sampler="foo")

@@ -239,6 +239,10 @@ def test_dropout_is_active_in_train_mode_only():
         (dict(input_ids=torch.zeros(1, 4, dtype=torch.long), use_cache=True, store_kv=-1), "store_kv must be"),
         (dict(input_ids=torch.zeros(1, 8, dtype=torch.long), attention_mask=torch.ones(1, 7)), "attention_mask"),
         (dict(input_ids=torch.zeros(1, 4, dtype=torch.long), store_kv=True), "needs a cache"),
+        (dict(input_ids=torch.zeros(2, 0, dtype=torch.long)), "holds no tokens"),
+        (dict(input_ids=torch.zeros(2, 4, dtype=torch.long), position_ids=torch.arange(3)[None]),
+         r"position_ids must have shape \(2, 4\) or \(1, 4\)"),
+        (dict(input_ids=torch.zeros(2, 4, dtype=torch.long), position_ids=torch.arange(4)), "position_ids"),
     ],
 )
 def test_bad_inputs_raise_clear_errors(model, kwargs, message):
