@@ -124,6 +124,12 @@ def test_wrap_mode_keeps_every_full_sequence_of_the_stream(gpt2):
     assert sum(wrapped["input_ids"], []) == stream[: len(wrapped) * 512]
 
 
+def test_a_text_file_that_is_not_utf8_is_named(tmp_path):
+    (tmp_path / "latin1.txt").write_bytes("Café crème, naïve façade.\n".encode("latin-1"))
+    with pytest.raises(ValueError, match="latin1.txt is not UTF-8 text"):
+        load_text_dataset([tmp_path / "latin1.txt"])
+
+
 def test_text_files_must_all_hold_text(tmp_path):
     (tmp_path / "a.txt").write_text("To be, or not to be.")
     (tmp_path / "other.jsonl").write_text(json.dumps({"body": "hello"}) + "\n")

@@ -138,9 +138,11 @@ def test_demo_steps_run_shortened(tmp_path, capsys):
                    "--hidden_size", "32", "--num_hidden_layers",
                    "1", "--cond_dim", "16", "--bpe_vocab_size", "300", "--max_position_embeddings", "32",
                    "--output_dir", str(tmp_path / "run"), "--export_dir", str(tmp_path / "export"),
-                   "--eval_sequences", "8", "--max_new_tokens", "8", "--prompts", "ROMEO.\n"])
+                   "--eval_sequences", "8", "--max_new_tokens", "8", "--prompts", "ROMEO.\n",
+                   "--wrap_framed", "true", "--ignore_first_token", "true"])
     out = capsys.readouterr().out
     assert "NELBO" in out and "perplexity <=" in out and "model calls (NFE)" in out and "tokens/s" in out
+    assert "(248 tokens, 8 sequences)" in out  # the fresh process evaluates in the trained layout: 31 scored each
     assert (tmp_path / "export" / "README.md").is_file() and result["summary"]["steps"] == 10
 
 

@@ -403,3 +403,28 @@ def test_clip_search_runs_once_per_evaluation_on_the_first_split():
     assert not search.searches_on({"eval_b_runtime": 1.0})
     with pytest.raises(ValueError, match="pass eval_splits=list"):
         ClipSearchCallback(DataCollatorForBlockDiffusion(9, 4)).searches_on({"eval_a_runtime": 1.0})
+
+
+def test_lora_runs_keep_what_their_adapters_carry(tmp_path, small_data, monkeypatch):
+    """A LoRA run saves adapters only: config changes they cannot carry are refused, the base is recorded as an
+    absolute path (it loads from any working directory), and the EMA covers the adapters."""
+    train_set, eval_set, tokenizer = small_data
+    base = build_model(small_config(block_size=8), tokenizer)
+    base.save_pretrained(tmp_path / "base")
+    with pytest.raises(ValueError, match="reload on the base model's block_size=8"):
+        BD3LMTrainingConfig(init_from=str(tmp_path / "base"), lora=True, block_size=4)
+    with pytest.raises(ValueError, match="a LoRA adapter does not carry"):
+        BD3LMTrainingConfig(init_from=str(tmp_path / "base"), lora=True, clip_search=True)
+    monkeypatch.chdir(tmp_path)
+    config = BD3LMTrainingConfig(init_from="./base", lora=True, lora_r=4, ema_decay=0.5)
+    assert config.init_from == str((tmp_path / "base").resolve())
+    trainer = build_trainer(config, arguments(tmp_path / "run", max_steps=3, learning_rate=1e-2),
+                            train_set=train_set, eval_set=eval_set, tokenizer=tokenizer)
+    ema = [c for c in trainer.callback_handler.callbacks if isinstance(c, EMACallback)]
+    assert len(ema) == 1
+    trainer.train()
+    adapters = {n: p for n, p in trainer.model.named_parameters() if p.requires_grad}
+    assert adapters and all(torch.equal(p.float(), ema[0].shadow[n]) for n, p in adapters.items())
+    trainer.save_model(tmp_path / "adapter")
+    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert saved["base_model_name_or_path"] == str((tmp_path / "base").resolve())

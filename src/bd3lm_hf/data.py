@@ -43,7 +43,7 @@ def load_text_dataset(paths, text_column: str = "text") -> Dataset:
     for path in paths:
         suffix = path.suffix.lower()
         if suffix in TEXT_SUFFIXES:
-            text = path.read_text(encoding="utf-8", errors="replace")
+            text = _read_utf8(path)
             if not text.strip():
                 raise ValueError(f"data file {path} is empty.")
             parts.append(Dataset.from_dict({text_column: [text]}))
@@ -80,6 +80,13 @@ def data_files(paths) -> list[Path]:
     if len(unique) < len(files):
         logger.warning("%d data files were given more than once: each is read once.", len(files) - len(unique))
     return unique
+
+
+def _read_utf8(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as error:  # replacing the bytes would train on U+FFFD characters
+        raise ValueError(f"data file {path} is not UTF-8 text ({error}); convert it to UTF-8 first.") from None
 
 
 def _load_json(path: Path) -> Dataset:

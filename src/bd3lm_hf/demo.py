@@ -71,8 +71,9 @@ def main(argv: list[str]) -> dict:
     print(f"2/3 exported the Hub folder {export} ({', '.join(sorted(p.name for p in Path(export).iterdir()))})")
     print("3/3 reloading it in a fresh process with AutoModelForCausalLM.from_pretrained(dir, "
           "trust_remote_code=True)", flush=True)
+    layout = ["--wrap-framed"] * config.wrap_framed + ["--ignore-first-token"] * config.ignore_first_token
     evaluation = fresh_process("eval", str(export), "--data", *held_out_files(config), "--max-sequences",
-                               str(demo.eval_sequences))
+                               str(demo.eval_sequences), *layout)  # the layout training evaluated with
     print(evaluation, end="")
     generation_flags = ["--prompt", *demo.prompts, "--max-new-tokens", str(demo.max_new_tokens), "--sampler",
                         demo.sampler] + ([] if demo.num_steps is None else ["--num-steps", str(demo.num_steps)])

@@ -270,14 +270,16 @@ def _without(message: str, secret: str) -> str:
 
 
 def local_folder_or_hub_id(name: str) -> str:
-    """`name` unchanged, or as a path with ~ expanded when it is meant as a local folder. A missing one is named
-    here: from_pretrained would take it for a Hub id and answer that repo ids must use alphanumeric chars."""
-    if not looks_like_a_local_path(name):
-        return name
+    """A local folder as its absolute path (~ expanded), else `name` as a Hub id. An existing folder wins, as in
+    from_pretrained; absolute, so that what records it (a LoRA adapter's base_model_name_or_path) loads from any
+    working directory. A missing folder is named here: from_pretrained would take it for a Hub id and answer
+    that repo ids must use alphanumeric chars."""
     folder = Path(name).expanduser()
-    if not folder.exists():
+    if folder.is_dir():
+        return str(folder.resolve())
+    if looks_like_a_local_path(name):
         raise ValueError(f"model folder {name} does not exist (a Hub id is NAME or OWNER/NAME).")
-    return str(folder)
+    return name
 
 
 def looks_like_a_local_path(name: str) -> bool:

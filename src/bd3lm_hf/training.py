@@ -101,6 +101,19 @@ class BD3LMTrainingConfig:
                              f"init_from ({context} tokens).")
         if self.block_size is None:
             self.block_size = block_size
+        if self.lora:
+            self.refuse_what_an_adapter_cannot_carry(block_size)
+
+    def refuse_what_an_adapter_cannot_carry(self, base_block_size: int) -> None:
+        """A LoRA run saves only the adapters: the base model's config comes back on reload, so a config change
+        made during training would be silently lost."""
+        if self.init_from and self.block_size != base_block_size:
+            raise ValueError(f"lora=True saves adapters only, and they reload on the base model's block_size="
+                             f"{base_block_size}, not block_size={self.block_size}: finetune at another block size "
+                             "without LoRA.")
+        if self.clip_search:
+            raise ValueError("clip_search=True writes the clip range it finds into the model's config, which a LoRA "
+                             "adapter does not carry: search without LoRA, or set eps_min/eps_max.")
 
 
 # A new model's shape (what `init_from` replaces), and its context and block size.
@@ -235,7 +248,7 @@ def build_trainer(config: BD3LMTrainingConfig, args: TrainingArguments, train_se
         from .lora import add_lora, lora_config
 
         model = add_lora(model, lora_config(r=config.lora_r, lora_alpha=config.lora_alpha))
-    elif config.ema_decay > 0:
+    if config.ema_decay > 0:  # of the trainable weights: the adapters under LoRA
         callbacks.append(EMACallback(config.ema_decay, eval_splits=splits))  # after ClipSearchCallback: see its docstring
     if compile_layers:
         compile_decoder_layers(model)
