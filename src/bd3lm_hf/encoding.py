@@ -22,15 +22,31 @@ def encode(tokenizer, text: str) -> list[int]:
 
 def encode_documents(tokenizer, texts: list[str], piece_chars: int | None = None) -> list[np.ndarray]:
     """The ids (int64) of each text, without special tokens; equal to `tokenizer(text)["input_ids"]` one by one.
-    Texts longer than `piece_chars` (default PIECE_CHARS) go through `encode_long_text`."""
+    Texts up to `piece_chars` (default PIECE_CHARS) characters go in batched calls of at most about that much text;
+    longer ones through `encode_long_text`."""
     texts, piece_chars = list(texts), piece_chars or PIECE_CHARS
-    short = [i for i, text in enumerate(texts) if len(text) <= piece_chars]
     encoded = {}
-    if short:
-        batch = tokenizer([texts[i] for i in short], add_special_tokens=False, verbose=False)["input_ids"]
-        encoded = dict(zip(short, batch))
+    for group in short_text_groups(texts, piece_chars):
+        batch = tokenizer([texts[i] for i in group], add_special_tokens=False, verbose=False)["input_ids"]
+        encoded.update(zip(group, batch))
     return [np.asarray(encoded[i], dtype=np.int64) if i in encoded else encode_long_text(tokenizer, text, piece_chars)
             for i, text in enumerate(texts)]
+
+
+def short_text_groups(texts: list[str], piece_chars: int):
+    """Indices of the texts of at most `piece_chars` characters, in groups of at most about `piece_chars` in all
+    (a group closes once it reaches it)."""
+    group, size = [], 0
+    for index, text in enumerate(texts):
+        if len(text) > piece_chars:
+            continue
+        group.append(index)
+        size += len(text)
+        if size >= piece_chars:
+            yield group
+            group, size = [], 0
+    if group:
+        yield group
 
 
 def encode_long_text(tokenizer, text: str, piece_chars: int) -> np.ndarray:
