@@ -459,6 +459,8 @@ class BD3LMForBlockDiffusion(BD3LMPreTrainedModel, BD3LMGenerationMixin):
         logits_to_keep (`int` or `LongTensor`, defaults to 0): an int n computes logits for the last n positions
             only (0 = all); a 1-D tensor, for those positions (transformers' convention).
         return_dict (`bool`, optional): False returns a tuple (transformers' `can_return_tuple`).
+        block_size (`int`, optional): at inference, the width of the mask's blocks (default `config.block_size`),
+            as generation at another block size uses; the training pass always uses `config.block_size`.
 
         In the 2L pass, blocks follow each row's real tokens (attention_mask), while `noise_levels[:, k]` weights
         the columns [k bs, (k+1) bs): left padding must therefore be a multiple of block_size (right padding, as
@@ -470,6 +472,9 @@ class BD3LMForBlockDiffusion(BD3LMPreTrainedModel, BD3LMGenerationMixin):
                                  "returned).")
         self.check_input_ids(input_ids)
         _check_position_ids(position_ids, input_ids)
+        if labels is not None and kwargs.get("block_size") not in (None, self.config.block_size):
+            raise ValueError(f"block_size={kwargs['block_size']} applies to inference calls: the training pass "
+                             f"(labels) uses config.block_size={self.config.block_size}, as its loss does.")
         _check_store_kv(store_kv)
         if self.training and noise_levels is not None and labels is None:
             # Trainer pops the labels before the forward when `compute_loss_func` or `label_smoothing_factor` is set:

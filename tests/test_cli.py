@@ -82,6 +82,19 @@ def test_eval_refuses_counts_below_one(model_folder, flag, value, capsys):
 def test_nelbo_perplexity_refuses_counts_below_one():
     from bd3lm_hf.evaluation import nelbo_perplexity
 
-    for kwargs in ({"batch_size": 0}, {"max_sequences": 0}, {"batch_size": 2.5}):
+    for kwargs in ({"batch_size": 0}, {"max_sequences": 0}, {"batch_size": 2.5}, {"batch_size": True}):
         with pytest.raises(ValueError, match="must be a positive integer"):
             nelbo_perplexity(None, None, ["held_out.txt"], **kwargs)
+
+
+def test_a_broken_tokenizer_file_is_not_called_missing(model_folder, capsys):
+    (model_folder / "tokenizer_config.json").write_text('{"tokenizer_class": ')
+    assert cli(["generate", str(model_folder), "--prompt", "x"]) == 2
+    err = _one_line_error(capsys)
+    assert "tokenizer of" in err and "could not be loaded" in err and "no tokenizer files" not in err
+
+
+def test_a_file_given_as_the_model_folder_is_named_a_file(tmp_path, capsys):
+    (tmp_path / "model.ckpt").write_bytes(b"not a folder")
+    assert cli(["eval", str(tmp_path / "model.ckpt"), "--data", "held_out.txt"]) == 2
+    assert "model.ckpt is a file, not a model folder" in _one_line_error(capsys)

@@ -350,3 +350,28 @@ def test_convert_with_the_tokenizer_writes_a_folder_ready_to_push(tmp_path):
     assert tokenizer_config["model_max_length"] == 31 and tokenizer_config["truncation_side"] == "left"
     card = push_to_hub(tmp_path / "hf", "me/converted", dry_run=True)["card"]
     assert "bd3lm-owt-block_size4" in card and 'from_pretrained("me/converted"' in card
+
+
+def test_convert_overwrite_keeps_the_previous_output_when_the_source_fails(fixtures, tmp_path, capfd):
+    assert cli(["convert", str(fixtures / "bd3lm_public"), str(tmp_path / "out")]) == 0
+    before = sorted(p.name for p in (tmp_path / "out").iterdir())
+    assert cli(["convert", str(tmp_path / "typo"), str(tmp_path / "out"), "--overwrite"]) == 2
+    assert cli(["convert", str(tmp_path / "out"), str(tmp_path / "out2"), "--to-original"]) == 0
+    assert cli(["convert", str(tmp_path / "typo"), str(tmp_path / "out2"), "--to-original", "--overwrite"]) == 2
+    capfd.readouterr()
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == before
+    assert (tmp_path / "out2" / "model.safetensors").is_file()
+
+
+def test_convert_into_the_current_folder_names_its_card_after_it(tmp_path, monkeypatch):
+    from bd3lm_hf import BD3LMConfig
+    from bd3lm_hf.conversion import convert_to_original
+
+    BD3LMForBlockDiffusion(BD3LMConfig(vocab_size=50258, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                       cond_dim=16, max_position_embeddings=32, block_size=4)).save_pretrained(
+        tmp_path / "ours")
+    convert_to_original(tmp_path / "ours", tmp_path / "original")
+    (tmp_path / "tiny-hf").mkdir()
+    monkeypatch.chdir(tmp_path / "tiny-hf")
+    assert cli(["convert", "../original", ".", "--with-gpt2-tokenizer"]) == 0
+    assert 'from_pretrained("tiny-hf", trust_remote_code=True)' in (tmp_path / "tiny-hf" / "README.md").read_text()

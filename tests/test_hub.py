@@ -10,7 +10,7 @@ from conftest import random_model
 from huggingface_hub import ModelCard
 
 from bd3lm_hf.cli import main as cli
-from bd3lm_hf.hub import PAPER_CHECKPOINTS, HubError, export_for_hub, paper_card, push_to_hub
+from bd3lm_hf.hub import PAPER_CHECKPOINTS, HubError, card_for_repo, export_for_hub, paper_card, push_to_hub
 from bd3lm_hf.tokenization import gpt2_tokenizer_with_mask
 from test_hub_folder import BLOCK_IMPORT
 
@@ -262,6 +262,8 @@ def test_push_points_the_card_snippets_at_the_repo_pushed_to(exported, tmp_path,
     card = push_to_hub(tmp_path / "folder", "me/other-name", dry_run=True)["card"]
     assert 'from_pretrained("me/other-name", trust_remote_code=True)' in card and "someone/tiny-bd3lm" not in card
     assert "someone/tiny-bd3lm" in (tmp_path / "folder" / "README.md").read_text()  # a dry run writes nothing
+    other = 'from_pretrained("gpt2", trust_remote_code=True)'  # a snippet a user added about another repo stays
+    assert other in card_for_repo(f"{card}\n{other}\n", "me/third")
     uploaded = {}
     monkeypatch.setattr(HfApi, "create_repo", lambda self, *args, **kwargs: None)
     monkeypatch.setattr(HfApi, "upload_folder", lambda self, folder_path, **kwargs: uploaded.setdefault(
@@ -282,5 +284,10 @@ def test_converted_cards_are_the_papers_only_for_their_shape():
     assert "Results reported in the paper" in card and 'from_pretrained("me/bd3lm16"' in card
     card = str(converted_card(random_model(block_size=16), "bd3lm-owt-block_size16", "tiny"))
     assert "Results reported in the paper" not in card and "converted from the original" in card
+    card = str(converted_card(paper_shaped, "bd3lm-owt-block_size16", "bd3lm-owt-bs16"))
+    assert "bd3lm-hf convert bd3lm-owt-block_size16 bd3lm-owt-bs16" in card and "block_size16-hf" not in card
+    with torch.device("meta"):  # the shape decides, not the time conditioning a config may record
+        mdlm_shaped = BD3LMForBlockDiffusion(BD3LMConfig(block_size=1024, time_conditioning=False))
+    assert "Results reported in the paper" in str(converted_card(mdlm_shaped, "mdlm-owt", "mdlm-owt-hf"))
     mdlm = str(paper_card("mdlm-owt"))
     assert "| noise clip range (training) | [0.001, 1] |" in mdlm and "grid-searched" not in mdlm

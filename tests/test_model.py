@@ -243,6 +243,8 @@ def test_dropout_is_active_in_train_mode_only():
         (dict(input_ids=torch.zeros(2, 4, dtype=torch.long), position_ids=torch.arange(3)[None]),
          r"position_ids must have shape \(2, 4\) or \(1, 4\)"),
         (dict(input_ids=torch.zeros(2, 4, dtype=torch.long), position_ids=torch.arange(4)), "position_ids"),
+        (dict(input_ids=torch.zeros(1, 8, dtype=torch.long), labels=torch.zeros(1, 8, dtype=torch.long),
+              noise_levels=torch.ones(1, 2), block_size=2), "applies to inference calls"),
     ],
 )
 def test_bad_inputs_raise_clear_errors(model, kwargs, message):

@@ -163,20 +163,17 @@ def run_demo(argv: list[str]) -> None:
 def load_for_inference(name: str, device: str = "cpu", dtype: str = "float32"):
     """The model (on `device`, in `dtype`; "auto": the GPU in bf16 when there is one) and its tokenizer."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
-    from .hub import local_folder_or_hub_id
+    from .hub import load_tokenizer, local_folder_or_hub_id
 
     name = local_folder_or_hub_id(name)
     device = resolve_device(device)
     if dtype == "auto":
         dtype = "bfloat16" if device.startswith("cuda") else "float32"
     model = AutoModelForCausalLM.from_pretrained(name, trust_remote_code=True, dtype=getattr(torch, dtype))
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=True)
-    except (OSError, ValueError, TypeError):  # transformers' own message lists backends, not the missing files
-        raise ValueError(f"{name} has no tokenizer files: convert with --with-gpt2-tokenizer, or save the "
-                         "tokenizer into the folder (tokenizer.save_pretrained).") from None
+    tokenizer = load_tokenizer(name, "convert with --with-gpt2-tokenizer, or save the tokenizer into the folder "
+                                     "(tokenizer.save_pretrained)")
     return model.to(device).eval(), tokenizer
 
 

@@ -18,7 +18,7 @@ from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, loggi
 from .modeling import BD3LMConfig, BD3LMForBlockDiffusion
 from .hub import converted_card, finish_tokenizer_config, longest_prompt
 from .modeling.configuration_bd3lm import ORIGINAL_FIELD_NAMES
-from .output_folder import prepare_output_folder
+from .output_folder import check_output_folder, clear_output_folder
 from .tokenization import check_tokenizer_fits
 
 logger = logging.get_logger(__name__)
@@ -316,19 +316,20 @@ def convert_to_ours(src: str | os.PathLike, dst: str | os.PathLike, original_con
     """Original folder or `.ckpt` -> our Hub folder (config, code, weights; with `tokenizer`, also the tokenizer
     and a model card, so that the folder is ready for `bd3lm-hf push`). `dst` must be new or empty, or
     `overwrite` empties it (never when it holds `src`)."""
-    prepare_output_folder(dst, overwrite, (src,), ConversionError)
+    check_output_folder(dst, overwrite, (src,), ConversionError)
     model = load_original(src, original_config)
     if tokenizer is not None:
         raise_if_tokenizer_mismatch(tokenizer, model, ConversionError)
         model.config.bos_token_id = model.config.eos_token_id = tokenizer.eos_token_id
         model.config.pad_token_id = tokenizer.pad_token_id
         model.generation_config.eos_token_id = model.generation_config.pad_token_id = tokenizer.eos_token_id
+    clear_output_folder(dst)  # only now: a source that fails to convert leaves the previous output as it was
     model.save_pretrained(dst)
     if tokenizer is not None:
         tokenizer.save_pretrained(dst)
         finish_tokenizer_config(Path(dst) / "tokenizer_config.json", longest_prompt(model.config))
-        source_name = Path(src).name if Path(src).is_dir() else Path(src).stem
-        converted_card(model, source_name, Path(dst).name).save(Path(dst) / "README.md")
+        source_name = Path(src).resolve().name if Path(src).is_dir() else Path(src).stem
+        converted_card(model, source_name, Path(dst).resolve().name).save(Path(dst) / "README.md")
     logger.info("converted %s -> %s", src, dst)
     return model
 
@@ -348,7 +349,7 @@ def convert_to_original(src: str | os.PathLike, dst: str | os.PathLike,
     The original code files (`configuration_bd3lm.py`, `modeling_bd3lm.py`) are not ours to ship: `code_from`, a
     download of an original Hub repo, provides them; without it the folder loads only once they are added."""
     src, dst = Path(src), Path(dst)
-    prepare_output_folder(dst, overwrite, (src, code_from), ConversionError)
+    check_output_folder(dst, overwrite, (src, code_from), ConversionError)
     config = read_our_config(src)
     state_dict = read_folder_weights(src)
     if any(key.startswith(ORIGINAL_PREFIX) for key in state_dict):
@@ -356,6 +357,7 @@ def convert_to_original(src: str | os.PathLike, dst: str | os.PathLike,
                               "convert it without --to-original.")
     _raise_if_any(state_dict_problems(state_dict, config))
     original_config = config_to_original(config, _dtype_name(state_dict))  # refuses what it cannot express
+    clear_output_folder(dst)
     dst.mkdir(parents=True, exist_ok=True)
     save_file(convert_to_original_state_dict(state_dict, config), dst / SAFE_WEIGHTS_NAME, metadata={"format": "pt"})
     (dst / "config.json").write_text(json.dumps(original_config, indent=2, sort_keys=True) + "\n")

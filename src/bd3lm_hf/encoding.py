@@ -1,5 +1,5 @@
-"""Token ids of whole documents with bounded memory: short documents in one batched call, a long one in pieces cut
-where its tokens split cleanly, so that the ids are those of one call over the whole text.
+"""Token ids of whole documents with bounded memory: short documents in batched calls of ~1 MB of text, a long one
+in pieces cut where its tokens split cleanly, so that the ids are those of one call over the whole text.
 
 A fast tokenizer keeps offsets and other per-token records for everything it encodes in one call (~700 bytes per
 token: a 10 MB text file peaked at 2.1 GB); in pieces of ~1 MB of text the peak stays near one piece's records.
@@ -22,7 +22,7 @@ def encode(tokenizer, text: str) -> list[int]:
 
 def encode_documents(tokenizer, texts: list[str], piece_chars: int | None = None) -> list[np.ndarray]:
     """The ids (int64) of each text, without special tokens; equal to `tokenizer(text)["input_ids"]` one by one.
-    Texts up to `piece_chars` (default PIECE_CHARS) characters go in batched calls of at most about that much text;
+    Texts up to `piece_chars` (default PIECE_CHARS) characters go in batched calls of under twice that much text;
     longer ones through `encode_long_text`."""
     texts, piece_chars = list(texts), piece_chars or PIECE_CHARS
     encoded = {}
@@ -34,8 +34,8 @@ def encode_documents(tokenizer, texts: list[str], piece_chars: int | None = None
 
 
 def short_text_groups(texts: list[str], piece_chars: int):
-    """Indices of the texts of at most `piece_chars` characters, in groups of at most about `piece_chars` in all
-    (a group closes once it reaches it)."""
+    """Indices of the texts of at most `piece_chars` characters, in groups that close once they reach `piece_chars`
+    characters in all (so under twice that)."""
     group, size = [], 0
     for index, text in enumerate(texts):
         if len(text) > piece_chars:
@@ -58,9 +58,9 @@ def encode_long_text(tokenizer, text: str, piece_chars: int) -> np.ndarray:
     while len(text) - start > piece_chars:
         cut = clean_cut(tokenizer, text, start + piece_chars, start + piece_chars + piece_chars // 2)
         if cut is None:
-            logger.warning_once(f"a document of {len(text) - start:,} characters is tokenized in one call: no line "
-                                "break near its cut points splits this tokenizer's tokens cleanly, so memory grows "
-                                "with the document (split such files into several documents or JSON lines).")
+            logger.warning_once("a long document is tokenized in one call: no line break near its cut points "
+                                "splits this tokenizer's tokens cleanly, so memory grows with the document (split "
+                                "such files into several documents or JSON lines).")
             break
         pieces.append(np.asarray(encode(tokenizer, text[start:cut]), dtype=np.int64))
         start = cut

@@ -1,6 +1,7 @@
 """Evaluation: NELBO perplexity on held-out text, and timed sampling through `pipeline("text-generation")`."""
 
 import math
+import numbers
 import time
 
 import torch
@@ -21,7 +22,7 @@ def nelbo_perplexity(model, tokenizer, files, batch_size: int = 32, max_sequence
     the model's context length (`framed`: as the original lays them out, see `wrap_tokenize`; `ignore_first_token`:
     each sequence's first token neither noised nor scored, as the original's `ignore_bos`)."""
     for name, value in (("batch_size", batch_size), ("max_sequences", max_sequences)):
-        if value is not None and (not isinstance(value, int) or value < 1):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1):
             raise ValueError(f"{name} must be a positive integer, got {value!r}.")
     config = model.config
     sequences = wrap_tokenize(load_text_dataset(files), tokenizer, config.max_position_embeddings,

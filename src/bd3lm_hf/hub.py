@@ -11,7 +11,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from transformers.utils import logging
 
 from .modeling import BD3LMConfig, BD3LMForBlockDiffusion
-from .output_folder import prepare_output_folder
+from .output_folder import check_output_folder, clear_output_folder
 
 logger = logging.get_logger(__name__)
 
@@ -93,11 +93,12 @@ def export_for_hub(model, tokenizer, out_dir, repo_id: str | None = None, metric
     out_dir = Path(out_dir)
     _check_exportable(model, tokenizer)
     _check_metrics(metrics)
-    prepare_output_folder(out_dir, overwrite, (getattr(model, "name_or_path", None),
-                                               getattr(tokenizer, "name_or_path", None)), HubError)
+    check_output_folder(out_dir, overwrite, (getattr(model, "name_or_path", None),
+                                             getattr(tokenizer, "name_or_path", None)), HubError)
     summary = summary or f"A BD3-LM with block size {model.config.block_size}, trained with `bd3lm_hf`."
-    card = render_card(model.config, repo_id or out_dir.name, sum(p.numel() for p in model.parameters()), summary,
-                       metrics=metrics, datasets=datasets, license=license)  # before writing: nothing half done
+    card = render_card(model.config, repo_id or out_dir.resolve().name, sum(p.numel() for p in model.parameters()),
+                       summary, metrics=metrics, datasets=datasets, license=license)  # before writing anything
+    clear_output_folder(out_dir)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     finish_tokenizer_config(out_dir / "tokenizer_config.json", longest_prompt(model.config))
@@ -150,19 +151,32 @@ def finish_tokenizer_config(path: Path, model_max_length: int) -> None:
 
 def load_for_export(model_folder, tokenizer_folder=None):
     """The model and tokenizer of a saved folder (`tokenizer_folder` when the tokenizer lives elsewhere)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     model_folder = Path(model_folder)
     if not (model_folder / "config.json").is_file():
         raise HubError(f"{model_folder} is not a saved model folder (no config.json): export takes the folder "
                        "save_pretrained (or `bd3lm-hf train`) wrote.")
     model = AutoModelForCausalLM.from_pretrained(model_folder, trust_remote_code=True)
-    tokenizer_folder = tokenizer_folder or model_folder
+    return model, load_tokenizer(tokenizer_folder or model_folder, "pass --tokenizer FOLDER")
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
+def load_tokenizer(name, remedy: str):
+    """AutoTokenizer of a folder or Hub id, with a one-line error: transformers answers a folder without tokenizer
+    files with a list of backends to install. `remedy` says what to do about a missing tokenizer."""
+    from transformers import AutoTokenizer
+
+    folder = Path(name)
+    if folder.is_dir() and not any((folder / file).is_file() for file in TOKENIZER_FILES):
+        raise HubError(f"{name} has no tokenizer files: {remedy}.")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder, trust_remote_code=True)
-    except (OSError, ValueError, TypeError):
-        raise HubError(f"no tokenizer in {tokenizer_folder}: pass --tokenizer FOLDER.") from None
-    return model, tokenizer
+        return AutoTokenizer.from_pretrained(name, trust_remote_code=True)
+    except (OSError, ValueError, TypeError) as error:  # a broken file: say which error, in one line
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise HubError(f"the tokenizer of {name} could not be loaded: {first_line}") from None
 
 
 def paper_card(name: str, repo_id: str | None = None) -> ModelCard:
@@ -170,22 +184,23 @@ def paper_card(name: str, repo_id: str | None = None) -> ModelCard:
     `repo_id`, by default the folder `<name>-hf` its instructions convert into)."""
     if name not in PAPER_CHECKPOINTS:
         raise HubError(f"unknown paper checkpoint {name!r}; known: {sorted(PAPER_CHECKPOINTS)}.")
-    block_size, summary = PAPER_CHECKPOINTS[name]
-    config = BD3LMConfig(block_size=block_size, time_conditioning=name.startswith("mdlm"))
+    config, summary = paper_config(name), PAPER_CHECKPOINTS[name][1]
+    repo_id = repo_id or f"{name}-hf"
+    folder = repo_id.split("/")[-1]
     with torch.device("meta"):
         parameters = sum(p.numel() for p in BD3LMForBlockDiffusion(config).parameters())
     provenance = (f"## Provenance: converted from `kuleshov-group/{name}`\n\n"
                   "Converted losslessly (every key mapped and shape-checked; the round trip back to the original "
                   "format is byte-identical) by the `bd3lm_hf` package:\n\n"
                   f"```bash\nhf download kuleshov-group/{name} --local-dir {name}\n"
-                  f"bd3lm-hf convert {name} {name}-hf --with-gpt2-tokenizer\n```\n\n"
-                  f"The usage above then runs with `\"{name}-hf\"` (a local folder) or the repo you push it to "
-                  f"(`bd3lm-hf push {name}-hf <namespace>/{name}-hf`, which points the snippets above at that "
+                  f"bd3lm-hf convert {name} {folder} --with-gpt2-tokenizer\n```\n\n"
+                  f"The usage above then runs with `\"{folder}\"` (a local folder) or the repo you push it to "
+                  f"(`bd3lm-hf push {folder} <namespace>/{folder}`, which points the snippets above at that "
                   "repo). Tokenizer: GPT-2 BPE with [MASK] appended at id 50257.")
     clip_range = None  # MDLM's weights hold none: it trains over the full range, which the conversion writes
-    if not config.time_conditioning:
+    if not name.startswith("mdlm"):
         clip_range = "the grid-searched range stored with the weights (kept by the conversion)"
-    return render_card(config, repo_id or f"{name}-hf", parameters, summary, results=PAPER_RESULTS,
+    return render_card(config, repo_id, parameters, summary, results=PAPER_RESULTS,
                        provenance=provenance, datasets=["Skylion007/openwebtext"], license="apache-2.0",
                        example_prompt="The capital of France is", clip_range=clip_range)
 
@@ -202,18 +217,27 @@ def converted_card(model, source_name: str, repo_id: str) -> ModelCard:
                        "code's format.", provenance=provenance)
 
 
+def paper_config(name: str) -> BD3LMConfig:
+    """The config of a released checkpoint: the paper's "small" model at its block size."""
+    return BD3LMConfig(block_size=PAPER_CHECKPOINTS[name][0], time_conditioning=name.startswith("mdlm"))
+
+
 def has_paper_shape(config, name: str) -> bool:
-    block_size = PAPER_CHECKPOINTS[name][0]
-    paper = BD3LMConfig(block_size=block_size, time_conditioning=name.startswith("mdlm"))
+    paper = paper_config(name)
     fields = ("block_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "vocab_size",
-              "max_position_embeddings", "time_conditioning")
+              "max_position_embeddings")
     return all(getattr(config, field) == getattr(paper, field) for field in fields)
 
 
 def card_for_repo(card_text: str, repo_id: str) -> str:
     """The card with its usage snippets loading `repo_id`: a folder's card names the repo it was exported or
-    converted for (by default the folder's name), which need not be the one it is pushed to."""
-    return SNIPPET_REPO_ID.sub(f'from_pretrained("{repo_id}", trust_remote_code=True)', card_text)
+    converted for (by default the folder's name), which need not be the one it is pushed to. Only the snippets
+    that load the card's own repo (the first snippet's) change."""
+    first = SNIPPET_REPO_ID.search(card_text)
+    if first is None:
+        return card_text
+    old = f'from_pretrained("{first.group(1)}", trust_remote_code=True)'
+    return card_text.replace(old, f'from_pretrained("{repo_id}", trust_remote_code=True)')
 
 
 def validate_repo_id(repo_id: str) -> None:
@@ -277,6 +301,8 @@ def local_folder_or_hub_id(name: str) -> str:
     folder = Path(name).expanduser()
     if folder.is_dir():
         return str(folder.resolve())
+    if folder.exists():
+        raise ValueError(f"{name} is a file, not a model folder (a saved model is the folder save_pretrained wrote).")
     if looks_like_a_local_path(name):
         raise ValueError(f"model folder {name} does not exist (a Hub id is NAME or OWNER/NAME).")
     return name

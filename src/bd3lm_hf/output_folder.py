@@ -4,9 +4,10 @@ import shutil
 from pathlib import Path
 
 
-def prepare_output_folder(folder, overwrite: bool, inputs=(), error=ValueError) -> Path:
-    """Check `folder` before any work, and empty it when `overwrite` allows. Refuses a file, a non-empty folder
-    without `overwrite`, and a folder that is or contains one of `inputs` (emptying it would delete them)."""
+def check_output_folder(folder, overwrite: bool, inputs=(), error=ValueError) -> Path:
+    """Refuse, before any work, a file, a non-empty folder without `overwrite`, and a folder that is or contains
+    one of `inputs` (emptying it would delete them). Deletes nothing: `clear_output_folder` does, once the inputs
+    have been read."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise error(f"{folder} exists and is not a folder: pass a new or an existing folder's path.")
@@ -14,11 +15,16 @@ def prepare_output_folder(folder, overwrite: bool, inputs=(), error=ValueError) 
         if source and Path(source).exists() and holds(folder, Path(source)):
             raise error(f"the output folder {folder} is or contains the input {source}: writing there would replace "
                         "or delete it; pass another output folder.")
-    if folder.exists() and any(folder.iterdir()):
-        if not overwrite:
-            raise error(f"{folder} exists and is not empty; pass overwrite=True (CLI: --overwrite).")
-        shutil.rmtree(folder)
+    if folder.exists() and any(folder.iterdir()) and not overwrite:
+        raise error(f"{folder} exists and is not empty; pass overwrite=True (CLI: --overwrite).")
     return folder
+
+
+def clear_output_folder(folder) -> None:
+    """Empty a folder `check_output_folder` allowed (with overwrite): what a previous run left there goes."""
+    folder = Path(folder)
+    if folder.is_dir() and any(folder.iterdir()):
+        shutil.rmtree(folder)
 
 
 def holds(folder: Path, path: Path) -> bool:
