@@ -242,8 +242,7 @@ class BD3LMGenerationMixin(GenerationMixin):
     def resolve_generation_config(self, generation_config, kwargs):
         """Our config class, with transformers' precedence: `kwargs`, then the fields `generation_config` sets, then
         the model's `generation_config`, then the defaults (`WARPER_DEFAULTS`, `SWITCH_DEFAULTS`, `BD3LM_DEFAULTS`).
-        Returns (config, the
-        kwargs that are not generation settings)."""
+        Returns (config, the kwargs that are not generation settings)."""
         settings = self.generation_config.to_dict()
         if generation_config is not None:
             settings.update({name: value for name, value in generation_config.to_dict().items() if value is not None})

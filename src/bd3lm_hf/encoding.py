@@ -15,7 +15,8 @@ CHECK_CHARS = 512      # text kept either side of a cut when verifying it
 CUT_TRIES = 16         # line breaks tried per cut before the rest of the document goes in one call
 
 
-def encode(tokenizer, text: str) -> list[int]:
+def encode(tokenizer, text: str | list[str]) -> list:
+    """The ids of a text (or of each of a list of texts), without special tokens."""
     # whole documents, longer than the tokenizer's model_max_length: its "indexing errors" warning is moot
     return tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
 
@@ -27,8 +28,7 @@ def encode_documents(tokenizer, texts: list[str], piece_chars: int | None = None
     texts, piece_chars = list(texts), piece_chars or PIECE_CHARS
     encoded = {}
     for group in short_text_groups(texts, piece_chars):
-        batch = tokenizer([texts[i] for i in group], add_special_tokens=False, verbose=False)["input_ids"]
-        encoded.update(zip(group, batch))
+        encoded.update(zip(group, encode(tokenizer, [texts[i] for i in group])))
     return [np.asarray(encoded[i], dtype=np.int64) if i in encoded else encode_long_text(tokenizer, text, piece_chars)
             for i, text in enumerate(texts)]
 

@@ -83,7 +83,7 @@ class BD3LMTrainingConfig:
     def __post_init__(self):
         """Shape fields left unset take the `init_from` model's (context, block size) or a new model's defaults;
         the shape of a new model cannot be given together with `init_from` (the checkpoint fixes it)."""
-        if self.init_from:  # a local folder as a path (~ expanded, a missing one named), else a Hub id
+        if self.init_from:  # a local folder as its absolute path (a missing one named), else a Hub id
             self.init_from = local_folder_or_hub_id(self.init_from)
         given = [name for name in NEW_MODEL_SHAPE if getattr(self, name) is not None]
         if self.init_from and given:
