@@ -39,6 +39,23 @@ def test_converted_folder_loads_with_same_logits(fixtures, tmp_path):
         assert torch.equal(model(input_ids=ids).logits, reloaded(input_ids=ids).logits)
 
 
+def test_a_converted_checkpoint_samples_as_the_papers_runs_by_default(fixtures, tmp_path):
+    from bd3lm_hf.conversion import convert_to_ours
+    from bd3lm_hf.hub import ORIGINAL_SAMPLING
+
+    convert_to_ours(fixtures / "bd3lm_public", tmp_path / "ours")
+    converted = BD3LMForBlockDiffusion.from_pretrained(tmp_path / "ours").eval()
+    assert {name: getattr(converted.generation_config, name) for name in ORIGINAL_SAMPLING} == ORIGINAL_SAMPLING
+    plain = load_original(fixtures / "bd3lm_public")  # the package's defaults: ddpm, greedy
+    prompt = torch.randint(0, 96, (1, 6), generator=torch.Generator().manual_seed(0))
+
+    def generate(model, **settings):
+        return model.generate(prompt, max_new_tokens=12, generator=torch.Generator().manual_seed(1), **settings)
+
+    assert torch.equal(generate(converted), generate(plain, **ORIGINAL_SAMPLING))
+    assert not torch.equal(generate(converted), generate(plain))
+
+
 def test_key_map_is_a_bijection_over_every_key(fixtures):
     keys = load_file(fixtures / "bd3lm_public" / "model.safetensors")
     parameters = [k for k in keys if k.startswith("backbone.") and "rotary" not in k]

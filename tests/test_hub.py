@@ -291,3 +291,15 @@ def test_converted_cards_are_the_papers_only_for_their_shape():
     assert "Results reported in the paper" in str(converted_card(mdlm_shaped, "mdlm-owt", "mdlm-owt-hf"))
     mdlm = str(paper_card("mdlm-owt"))
     assert "| noise clip range (training) | [0.001, 1] |" in mdlm and "grid-searched" not in mdlm
+
+
+def test_cards_name_the_folders_generation_defaults(exported):
+    from bd3lm_hf.hub import converted_card
+
+    assert "`generation_config.json` where not given: none is set" in (exported / "README.md").read_text()
+    paper_defaults = '`sampler="first_hitting", do_sample=True, top_k=0, top_p=0.9`'
+    assert paper_defaults in str(paper_card("bd3lm-owt-block_size4"))
+    model = random_model(block_size=4)
+    model.generation_config.update(sampler="ddpm", num_steps=2, do_sample=True, temperature=0.7)
+    assert '`sampler="ddpm", num_steps=2, do_sample=True, temperature=0.7`' in str(
+        converted_card(model, "my-run", "me/my-run"))

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, logging
 
 from .modeling import BD3LMConfig, BD3LMForBlockDiffusion
-from .hub import converted_card, finish_tokenizer_config, longest_prompt
+from .hub import ORIGINAL_SAMPLING, converted_card, finish_tokenizer_config, longest_prompt
 from .modeling.configuration_bd3lm import ORIGINAL_FIELD_NAMES
 from .output_folder import check_output_folder, clear_output_folder
 from .tokenization import check_tokenizer_fits
@@ -313,11 +313,14 @@ def config_fields_from_weights(state_dict: dict[str, torch.Tensor]) -> dict:
 
 def convert_to_ours(src: str | os.PathLike, dst: str | os.PathLike, original_config: dict | None = None,
                     tokenizer=None, overwrite: bool = False) -> BD3LMForBlockDiffusion:
-    """Original folder or `.ckpt` -> our Hub folder (config, code, weights; with `tokenizer`, also the tokenizer
-    and a model card, so that the folder is ready for `bd3lm-hf push`). `dst` must be new or empty, or
+    """Original folder or `.ckpt` -> our Hub folder (config, code, weights, and a generation config holding the
+    original's sampling, `ORIGINAL_SAMPLING`; with `tokenizer`, also the tokenizer and a model card, so that the
+    folder is ready for `bd3lm-hf push`). `dst` must be new or empty, or
     `overwrite` empties it (never when it holds `src`)."""
     check_output_folder(dst, overwrite, (src,), ConversionError)
     model = load_original(src, original_config)
+    for name, value in ORIGINAL_SAMPLING.items():
+        setattr(model.generation_config, name, value)
     if tokenizer is not None:
         raise_if_tokenizer_mismatch(tokenizer, model, ConversionError)
         model.config.bos_token_id = model.config.eos_token_id = tokenizer.eos_token_id

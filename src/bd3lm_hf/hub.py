@@ -43,6 +43,11 @@ PAPER_CHECKPOINTS = {
                                                 "from which the BD3-LMs are finetuned, trained on OpenWebText."),
     "mdlm-owt": (1024, "MDLM (one block over the whole context, time-conditioned) trained on OpenWebText."),
 }
+# How the original code sampled the paper's generative-perplexity texts (its scripts/gen_ppl: first hitting, nucleus
+# p 0.9, no top-k): the generation config a converted checkpoint gets, so that `generate()` samples as the paper did.
+ORIGINAL_SAMPLING = {"sampler": "first_hitting", "do_sample": True, "top_k": 0, "top_p": 0.9}
+# The settings a card names as the folder's `generate()` defaults, when its generation config sets them.
+SAMPLING_FIELDS = ("sampler", "num_steps", "do_sample", "temperature", "top_k", "top_p")
 
 
 class HubError(ValueError):
@@ -56,8 +61,9 @@ def card_template() -> str:
 def render_card(config: BD3LMConfig, repo_id: str, num_parameters: int, summary: str, results: str = "",
                 provenance: str = "", metrics: dict | None = None, datasets=None,
                 license: str = "apache-2.0", example_prompt: str = "To be, or not to be",
-                clip_range: str | None = None) -> ModelCard:
-    """The model card: YAML metadata (library, pipeline, tags, license, datasets, evaluation) and usage."""
+                clip_range: str | None = None, sampling: dict | None = None) -> ModelCard:
+    """The model card: YAML metadata (library, pipeline, tags, license, datasets, evaluation) and usage.
+    `sampling`: the settings of the folder's generation config among `SAMPLING_FIELDS` (None or {}: none set)."""
     eval_results = None
     if metrics and metrics.get("eval_perplexity") is not None:
         eval_results = [EvalResult(task_type="text-generation", dataset_type=(datasets or ["text"])[0],
@@ -74,7 +80,22 @@ def render_card(config: BD3LMConfig, repo_id: str, num_parameters: int, summary:
     return ModelCard.from_template(card_data, template_str=card_template(), model_name=repo_id.split("/")[-1],
                                    repo_id=repo_id, summary=summary, results=results or _metrics_table(metrics),
                                    provenance=provenance, num_parameters=f"{num_parameters:,}",
-                                   example_prompt=example_prompt, clip_range=clip_range, **fields)
+                                   example_prompt=example_prompt, clip_range=clip_range,
+                                   sampling_defaults=sampling_defaults(sampling), **fields)
+
+
+def sampling_settings(generation_config) -> dict:
+    """The settings among `SAMPLING_FIELDS` that `generation_config` sets (None = unset)."""
+    settings = {name: getattr(generation_config, name, None) for name in SAMPLING_FIELDS}
+    return {name: value for name, value in settings.items() if value is not None}
+
+
+def sampling_defaults(settings: dict | None) -> str:
+    """The card's words for what `generate()` does without arguments."""
+    if not settings:
+        return "none is set, so it uses the `ddpm` sampler with `num_steps = block_size`, greedy"
+    written = (f'{name}="{value}"' if isinstance(value, str) else f"{name}={value}" for name, value in settings.items())
+    return "`" + ", ".join(written) + "`"
 
 
 def _metrics_table(metrics: dict | None) -> str:
@@ -97,7 +118,8 @@ def export_for_hub(model, tokenizer, out_dir, repo_id: str | None = None, metric
                                              getattr(tokenizer, "name_or_path", None)), HubError)
     summary = summary or f"A BD3-LM with block size {model.config.block_size}, trained with `bd3lm_hf`."
     card = render_card(model.config, repo_id or out_dir.resolve().name, sum(p.numel() for p in model.parameters()),
-                       summary, metrics=metrics, datasets=datasets, license=license)  # before writing anything
+                       summary, metrics=metrics, datasets=datasets, license=license,
+                       sampling=sampling_settings(model.generation_config))  # before writing anything
     clear_output_folder(out_dir)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
@@ -196,13 +218,18 @@ def paper_card(name: str, repo_id: str | None = None) -> ModelCard:
                   f"bd3lm-hf convert {name} {folder} --with-gpt2-tokenizer\n```\n\n"
                   f"The usage above then runs with `\"{folder}\"` (a local folder) or the repo you push it to "
                   f"(`bd3lm-hf push {folder} <namespace>/{folder}`, which points the snippets above at that "
-                  "repo). Tokenizer: GPT-2 BPE with [MASK] appended at id 50257.")
+                  "repo). Tokenizer: GPT-2 BPE with [MASK] appended at id 50257.\n\n"
+                  "The conversion writes the sampling of the paper's generative-perplexity runs as the generation "
+                  "defaults (first hitting, nucleus p = 0.9, no top-k). Those samples were 1024 tokens long, "
+                  "whatever EOS they held: `generate(..., max_new_tokens=1024, eos_token_id=[])` starting from "
+                  "`<|endoftext|>` gives texts of that kind.")
     clip_range = None  # MDLM's weights hold none: it trains over the full range, which the conversion writes
     if not name.startswith("mdlm"):
         clip_range = "the grid-searched range stored with the weights (kept by the conversion)"
     return render_card(config, repo_id, parameters, summary, results=PAPER_RESULTS,
                        provenance=provenance, datasets=["Skylion007/openwebtext"], license="apache-2.0",
-                       example_prompt="The capital of France is", clip_range=clip_range)
+                       example_prompt="The capital of France is", clip_range=clip_range,
+                       sampling=ORIGINAL_SAMPLING)
 
 
 def converted_card(model, source_name: str, repo_id: str) -> ModelCard:
@@ -214,7 +241,7 @@ def converted_card(model, source_name: str, repo_id: str) -> ModelCard:
                   "`bd3lm-hf convert` (the `bd3lm_hf` package).")
     return render_card(model.config, repo_id, sum(p.numel() for p in model.parameters()),
                        f"A BD3-LM with block size {model.config.block_size}, converted from the original bd3lms "
-                       "code's format.", provenance=provenance)
+                       "code's format.", provenance=provenance, sampling=sampling_settings(model.generation_config))
 
 
 def paper_config(name: str) -> BD3LMConfig:
