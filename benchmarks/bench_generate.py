@@ -16,16 +16,18 @@ benchmarks/RESULTS.md (or --results). Compare ratios within one run only.
 
 import argparse
 import datetime
+import gc
 import multiprocessing
 import platform
 import resource
+import sys
 import time
 from pathlib import Path
 
 import torch
 
 from compile_settings import add_compile_arguments, compile_kwargs, generation_compile_config
-from experiments import EXPERIMENTS, apply_experiment, logit_difference
+from experiments import EXPERIMENTS, apply_experiment, logit_difference, reference_logits
 from reporting import measure_all, publish
 
 RESULTS = Path(__file__).parent / "RESULTS.md"
@@ -38,7 +40,8 @@ CPU_MODELS = {
 }
 GPU_MODEL = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, cond_dim=128, vocab_size=50258)
 ORIGINAL_H100 = {"first_hitting": 59.6, "4 tokens/call": 218.0}  # DESIGN.md §5: bd3lms, batch 1, block 16
-H100_HBM_BYTES_PER_S = 3.35e12
+# Peak HBM bandwidth by device name (the first match; the original's figures are from an H100 SXM).
+HBM_BYTES_PER_S = (("H200", 4.8e12), ("H100 PCIe", 2.0e12), ("H100", 3.35e12))
 
 
 def build_bd3lm(model_shape, block_size, context, device, dtype, attention="sdpa"):
@@ -54,13 +57,19 @@ def build_bd3lm(model_shape, block_size, context, device, dtype, attention="sdpa
     return model.to(device=device, dtype=dtype).eval()
 
 
+def llama_shape(model_shape) -> dict:
+    """The AR baseline of the same size: Llama's gated MLP has three matrices where the DiT's has two, so its
+    width is 2/3 of 4 H (same MLP weights per layer: 3 H x 8H/3 = 2 H x 4H)."""
+    hidden = model_shape["hidden_size"]
+    return dict(vocab_size=model_shape["vocab_size"], hidden_size=hidden, intermediate_size=8 * hidden // 3,
+                num_hidden_layers=model_shape["num_hidden_layers"],
+                num_attention_heads=model_shape["num_attention_heads"])
+
+
 def build_llama(model_shape, context, device, dtype):
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    config = LlamaConfig(vocab_size=model_shape["vocab_size"], hidden_size=model_shape["hidden_size"],
-                         intermediate_size=4 * model_shape["hidden_size"],
-                         num_hidden_layers=model_shape["num_hidden_layers"],
-                         num_attention_heads=model_shape["num_attention_heads"], max_position_embeddings=context)
+    config = LlamaConfig(**llama_shape(model_shape), max_position_embeddings=context)
     torch.manual_seed(0)
     return LlamaForCausalLM(config).to(device=device, dtype=dtype).eval()
 
@@ -77,8 +86,13 @@ def build_model(case, models: dict):
            case.get("experiment"))
     if key not in models:
         # Compiled graphs are kept per code object, up to torch._dynamo.config.recompile_limit (8): a new model
-        # starts from an empty cache (the previous model's graphs are not used again).
+        # starts from an empty cache (the previous model's graphs are not used again). The previous models go too,
+        # so that a row's peak memory is its own model's (weights, static cache, graph pools).
+        models.clear()
         torch._dynamo.reset()
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
         if case["kind"] == "ar":
             models[key] = build_llama(case["shape"], context_for(case), device, dtype)
         else:
@@ -95,9 +109,9 @@ def build_bd3lm_case(case, device, dtype):
 
     model = build()
     if case.get("experiment"):
-        reference = build()
+        # the reference's logits before patching: an experiment may switch a process-wide backend
+        reference = reference_logits(build())
         model.experiment_difference = logit_difference(apply_experiment(model, case["experiment"]), reference)
-        del reference
     return model
 
 
@@ -175,7 +189,6 @@ def gpu_cases(new_tokens: int, batches, blocks, device="cuda", dtype="bfloat16",
     shape = shape or GPU_MODEL
     suffix = ("" if attention == "sdpa" else f"-{attention}") + (f"+{experiment}" if experiment else "")
     rows = []
-    samplers = {"first_hitting": ("first_hitting", None), "4 tokens/call": ("ddpm", 4)}
     for batch in batches:
         for index, block_size in enumerate(blocks):
             if index == 1:  # after the first block size (the one the targets quote): the AR baseline
@@ -188,13 +201,22 @@ def gpu_cases(new_tokens: int, batches, blocks, device="cuda", dtype="bfloat16",
             if batch == 1 and block_size == 16:
                 paths.insert(1, ("static+eager", "static", False))
             for label, cache, compiled in paths:
-                for sampler_label, (sampler, tokens_per_call) in samplers.items():
-                    steps = block_size if tokens_per_call is None else max(block_size // tokens_per_call, 1)
+                for sampler_label, sampler, steps in samplers_for(block_size):
                     rows.append({**base, "name": f"{model}: bd3lm {label}, {sampler_label}",
                                  "cache": cache, "compiled": compiled, "sampler": sampler, "num_steps": steps})
         if len(blocks) == 1:
             rows.append(ar_case(device, dtype, shape, new_tokens, batch))
     return rows
+
+
+def samplers_for(block_size: int) -> list[tuple[str, str, int]]:
+    """(label, sampler, ddpm steps per block): first hitting (1 token per call), 4 tokens per call (the AR
+    comparison's setting) and 4 steps per block (the issue's second sampler; the same as 4 tokens per call at block
+    16, 1 token per call at block 4)."""
+    samplers = [("first_hitting", "first_hitting", block_size), ("4 tokens/call", "ddpm", max(block_size // 4, 1))]
+    if block_size // 4 != 4:
+        samplers.append(("4 steps/block", "ddpm", 4))
+    return samplers
 
 
 def ar_case(device, dtype, shape, new_tokens: int, batch: int) -> dict:
@@ -207,6 +229,14 @@ def decoding_text(cases) -> str:
     if all(case.get("do_sample") for case in cases):
         return "pure sampling (top_k=0, top_p=1.0: the original's nucleus_p=1.0)"
     return "greedy" if not any(case.get("do_sample") for case in cases) else "greedy and sampled rows"
+
+
+def run_stamp() -> str:
+    """When and where, so that sections copied from several device calls can be told apart."""
+    import transformers
+
+    now = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    return f"{now}, host {platform.node()}, transformers {transformers.__version__}"
 
 
 def machine(device: str) -> str:
@@ -227,14 +257,37 @@ def table(rows) -> str:
     return "\n".join(lines)
 
 
-def hbm_floor_ms(shape) -> float:
-    weights = sum(p.numel() for p in build_bd3lm(shape, 16, 1040, "meta", torch.bfloat16).parameters()) * 2
-    return 1000 * weights / H100_HBM_BYTES_PER_S
+def hbm_bandwidth(device_name: str) -> tuple[str, float]:
+    """(name, bytes/s) of the device's peak HBM bandwidth; an H100 SXM's where the name is not known (CPU runs)."""
+    return next(((name, rate) for name, rate in HBM_BYTES_PER_S if name in device_name), ("H100", 3.35e12))
 
 
-def gpu_summary(rows, shape) -> list[str]:
+def streamed_bytes_per_call(shape, batch: int, context: int) -> int:
+    """What one bf16 call must read from HBM: every weight but the embedding table (only its rows are gathered) and
+    the keys and values of the whole static capacity."""
+    with torch.device("meta"):
+        model = build_bd3lm(shape, 16, context, "meta", torch.bfloat16)
+    weights = sum(p.numel() for p in model.parameters()) - model.model.embed_tokens.weight.numel()
+    cache = 2 * shape["num_hidden_layers"] * batch * context * shape["hidden_size"]
+    return 2 * (weights + cache)
+
+
+def hbm_floor_lines(rows, shape, device_name: str) -> list[str]:
+    name, rate = hbm_bandwidth(device_name)
+    lines = []
+    for batch, context in sorted({(row["batch"], context_for(row)) for row in rows if row["kind"] != "ar"}):
+        floor = 1000 * streamed_bytes_per_call(shape, batch, context) / rate
+        lines.append(f"HBM floor per call at batch {batch}, context {context} (bf16 weights without the embedding "
+                     f"table + the static cache's keys/values, at {name}'s {rate / 1e12:.2f} TB/s): {floor:.3f} ms")
+    if "H100" not in device_name or "PCIe" in device_name:
+        lines.append(f"this device ({device_name}) is not the H100 SXM of the original's figures: the ratios to "
+                     "them compare other hardware")
+    return lines
+
+
+def gpu_summary(rows, shape, device_name: str) -> list[str]:
     """The issue's targets: vs the original sampler (batch 1, block 16), ms/call vs the HBM floor, vs AR."""
-    lines = [f"HBM floor per call (bf16 weights / 3.35 TB/s): {hbm_floor_ms(shape):.3f} ms"]
+    lines = hbm_floor_lines(rows, shape, device_name)
     for model in sorted({row["model"] for row in rows if "logit_difference" in row}):
         difference = next(row["logit_difference"] for row in rows if row["model"] == model)
         lines.append(f"{model}: largest logit difference from the shipped model {difference:.1e} (of the largest "
@@ -313,10 +366,13 @@ def main(argv=None):
         raise SystemExit(f"no case matches --only {args.only!r}")
     rows, failures = run_cases(selected, isolate=not args.smoke)
     shape = selected[0]["shape"]
-    summary = gpu_summary(rows, shape) if args.gpu or args.smoke else cpu_summary(rows)
-    models_text = "; ".join(f"{name} = {shape}" for name, shape in {c["model"]: c["shape"] for c in selected}.items())
+    device_name = torch.cuda.get_device_name() if args.gpu else "CPU"
+    summary = gpu_summary(rows, shape, device_name) if args.gpu or args.smoke else cpu_summary(rows)
+    models_text = "; ".join(f"{name} = {llama_shape(shape) if name.endswith('-ar') else shape}"
+                            for name, shape in {c["model"]: c["shape"] for c in selected}.items())
     title = "GPU" if args.gpu else ("smoke, CPU" if args.smoke else "CPU")
-    text = (f"\n## bench_generate ({title}) — {datetime.date.today()}\n\nMachine: {machine(selected[0]['device'])}. "
+    text = (f"\n## bench_generate ({title}) — {run_stamp()}\n\nMachine: {machine(selected[0]['device'])}. "
+            f"Command: `bench_generate.py {' '.join(argv if argv is not None else sys.argv[1:])}`. "
             f"Models: {models_text}. Random weights, {decoding_text(selected)}, prompt = 1 token. Compiled rows: "
             f"{compile_settings}."
             f"\n\n{table(rows)}\n\n"

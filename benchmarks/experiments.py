@@ -73,13 +73,23 @@ def apply_experiment(model, name: str):
     return model
 
 
-@torch.no_grad()
-def logit_difference(patched, reference, length: int = 64) -> float:
-    """Largest |logit difference| between the two models on one random sequence (at most the context), relative to
-    the largest logit."""
+def probe_tokens(model, length: int = 64) -> torch.Tensor:
+    """One random sequence (at most the context) on which a variant is compared with the shipped model."""
     generator = torch.Generator().manual_seed(0)
-    length = min(length, reference.config.max_position_embeddings)
-    tokens = torch.randint(0, reference.config.vocab_size - 1, (1, length), generator=generator)
-    tokens = tokens.to(reference.device)
-    expected = reference(input_ids=tokens).logits.float()
-    return float((patched(input_ids=tokens).logits.float() - expected).abs().max() / expected.abs().max())
+    length = min(length, model.config.max_position_embeddings)
+    tokens = torch.randint(0, model.config.vocab_size - 1, (1, length), generator=generator)
+    return tokens.to(model.device)
+
+
+@torch.no_grad()
+def reference_logits(model) -> torch.Tensor:
+    """The unpatched model's logits on `probe_tokens`, taken before any experiment switches a process-wide
+    backend (sdpa-efficient), so that the comparison runs the shipped model's kernels."""
+    return model(input_ids=probe_tokens(model)).logits.float()
+
+
+@torch.no_grad()
+def logit_difference(patched, expected: torch.Tensor) -> float:
+    """Largest |logit difference| of the patched model from `reference_logits`, relative to the largest logit."""
+    return float((patched(input_ids=probe_tokens(patched)).logits.float() - expected).abs().max()
+                 / expected.abs().max())

@@ -2,8 +2,9 @@
 # The GPU checks, in stages that each fit one 10-minute call of the device tool (its image: torch 2.11 cu130,
 # transformers 5.17, peft, accelerate, no `datasets`, no network). Run them back to back (the machine stays warm
 # only ~30 s between calls):
+#   run(command="bash benchmarks/run_gpu_checks.sh generate1 tests")  # bench_generate --gpu --batch 1, then the GPU
+#                                                                     # tests with what is left (~8 min in all)
 #   run(command="bash benchmarks/run_gpu_checks.sh tests train")   # GPU tests, then bench_train --gpu (~6 min)
-#   run(command="bash benchmarks/run_gpu_checks.sh generate1")     # bench_generate --gpu --batch 1 (~6 min)
 #   run(command="bash benchmarks/run_gpu_checks.sh generate16")    # bench_generate --gpu --batch 16 (~6 min)
 #   run(command="bash benchmarks/run_gpu_checks.sh profile")       # kernels per call, top operators (~2 min)
 #   run(command="bash benchmarks/run_gpu_checks.sh tune")          # batch 1 block 16 compiled rows per compile setting
@@ -11,7 +12,9 @@
 # Each stage leaves its log and the tables it appended (RESULTS.md) in $OUT: copy the new sections into the repo's
 # benchmarks/RESULTS.md. The stages of one call share its time: a benchmark gets what is left (SIGTERM then writes
 # the finished rows) and a stage with under 90 s left is not started. With no stage named, all of them run (longer
-# than one call allows: set CALL_SECONDS to the real limit).
+# than one call allows: set CALL_SECONDS to the real limit). The device tool shortens a call when less device time is
+# left than its timeout (then it kills the call before the script's own `timeout`s fire, and the sections are lost):
+# with under 10 minutes left (`status`: budget_left_s), pass CALL_SECONDS=<budget_left_s - 40> in the command.
 set -uo pipefail
 CALL_SECONDS=${CALL_SECONDS:-580}  # the device call ends at 600 s: each benchmark gets what is left of it, so that its
                                    # own SIGTERM handler writes the finished rows before the call is killed
@@ -36,8 +39,11 @@ stages=("$@")
 [ ${#stages[@]} -eq 0 ] && stages=(tests train generate1 generate16)
 for stage in "${stages[@]}"; do
   case "$stage" in
-    tests)  # flex training fwd+bwd, bf16, flash (if installed), compiled static cache == eager, no recompiles
-      "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py tests/test_compilation.py \
+    tests) stage_budget tests  # flex training fwd+bwd, bf16, flash (if installed), compiled static == eager, no
+      # recompiles; bounded like the benchmarks (a hung test would take the stages after it), and per test where
+      # the image has pytest-timeout
+      per_test=(); "$PY" -c "import pytest_timeout" 2>/dev/null && per_test=(--timeout 240)
+      timeout "$BUDGET" "$PY" -m pytest -q -p no:cacheprovider "${per_test[@]}" tests/test_gpu.py tests/test_compilation.py \
         "tests/test_static_cache.py::test_compiled_static_generation_matches_eager_on_gpu" \
         "tests/test_static_cache.py::test_compiled_flex_static_generation_matches_eager_sdpa_on_gpu" \
         "tests/test_benchmarks.py::test_mlp_epilogue_experiment_computes_the_model_on_cuda" 2>&1 \

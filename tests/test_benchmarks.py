@@ -32,7 +32,8 @@ def test_bench_generate_runs_the_bd3lm_rows_with_flex_attention(tmp_path):
                                 "--attn", "flex_attention", "--only", "static+compiled",
                                 "--results", str(tmp_path / "RESULTS.md")])
     assert {row["name"] for row in rows} == {"small-bs4-flex_attention: bd3lm static+compiled, first_hitting",
-                                             "small-bs4-flex_attention: bd3lm static+compiled, 4 tokens/call"}
+                                             "small-bs4-flex_attention: bd3lm static+compiled, 4 tokens/call",
+                                             "small-bs4-flex_attention: bd3lm static+compiled, 4 steps/block"}
     assert all(row["attention"] == "flex_attention" and row["nfe"] > 0 for row in rows)
 
 
@@ -46,11 +47,58 @@ def test_bench_generate_times_an_experiment_and_reports_its_logit_difference(tmp
     assert "small-bs4+aligned-logits: largest logit difference from the shipped model" in results.read_text()
 
 
+def test_an_experiment_switching_a_process_wide_backend_is_compared_with_the_shipped_kernels(tmp_path,
+                                                                                             monkeypatch):
+    """sdpa-efficient switches cuDNN attention off for the whole process: the reference logits must be taken
+    before, or the shipped model runs the variant's kernels too and the difference reads 0 whatever it is."""
+    import experiments
+
+    layer_norm = torch.nn.functional.layer_norm
+
+    def process_wide(model):  # another function, switched for every model in the process
+        monkeypatch.setattr(torch.nn.functional, "layer_norm", lambda *a, **k: layer_norm(*a, **k) * 1.5)
+
+    monkeypatch.setitem(experiments.EXPERIMENTS, "process-wide", process_wide)
+    monkeypatch.setattr(sys.modules["bench_generate"], "EXPERIMENTS", experiments.EXPERIMENTS)
+    rows = bench_generate.run_cases([case for case in bench_generate.gpu_cases(
+        8, [1], [4], "cpu", "float32", bench_generate.CPU_MODELS["tiny"], experiment="process-wide")
+        if case["name"].endswith("static+eager, first_hitting") or "compiled, first" in case["name"]][:1],
+        isolate=False)[0]
+    assert rows and rows[0]["logit_difference"] > 1e-2
+
+
+def test_block_4_rows_also_run_4_steps_per_block_and_the_ar_baseline_has_the_same_mlp_weights():
+    cases = bench_generate.gpu_cases(8, [1], [16, 4], "cpu", "float32", bench_generate.CPU_MODELS["tiny"])
+    steps = {case["name"].split(", ", 1)[1]: case["num_steps"] for case in cases
+             if case["model"] == "small-bs4" and case["cache"] == "static"}
+    assert steps == {"first_hitting": 4, "4 tokens/call": 1, "4 steps/block": 4}
+    assert not any(case["name"].endswith("4 steps/block") for case in cases if case["model"] == "small-bs16")
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    shape = bench_generate.GPU_MODEL
+    with torch.device("meta"):
+        llama = LlamaForCausalLM(LlamaConfig(**bench_generate.llama_shape(shape)))
+        bd3lm = bench_generate.build_bd3lm(shape, 16, 1040, "meta", torch.bfloat16)
+    assert (sum(p.numel() for p in llama.model.layers[0].mlp.parameters())
+            == sum(p.numel() for p in bd3lm.model.layers[0].mlp.parameters() if p.dim() == 2))
+
+
+def test_hbm_floor_reads_the_streamed_weights_and_the_cache_at_the_devices_bandwidth():
+    shape = bench_generate.GPU_MODEL
+    weights = 169_627_218 - 50258 * 768  # the paper model's parameters, without the embedding table
+    assert bench_generate.streamed_bytes_per_call(shape, 1, 1040) == 2 * (weights + 2 * 12 * 1040 * 768)
+    rows = [dict(batch=1, kind="cached", new_tokens=1024, block_size=16)]
+    h100 = bench_generate.hbm_floor_lines(rows, shape, "NVIDIA H100 80GB HBM3")
+    h200 = bench_generate.hbm_floor_lines(rows, shape, "NVIDIA H200")
+    assert len(h100) == 1 and "3.35 TB/s" in h100[0] and "4.80 TB/s" in h200[0]
+    assert "not the H100 SXM" in h200[-1]
+
+
 def test_experiments_patch_the_model_into_the_same_function():
     from conftest import random_model
-    from experiments import apply_experiment, logit_difference
+    from experiments import apply_experiment, logit_difference, reference_logits
 
-    reference = random_model(vocab_size=101)  # rows padded to 128
+    reference = reference_logits(random_model(vocab_size=101))  # rows padded to 128
     patched = apply_experiment(random_model(vocab_size=101), "aligned-logits")
     assert patched.lm_head.weight.shape == (128, 32) and logit_difference(patched, reference) < 1e-6
     for cuda_only in ("mlp-epilogue", "sdpa-efficient"):
@@ -63,9 +111,9 @@ def test_experiments_patch_the_model_into_the_same_function():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_mlp_epilogue_experiment_computes_the_model_on_cuda():
     from conftest import random_model
-    from experiments import apply_experiment, logit_difference
+    from experiments import apply_experiment, logit_difference, reference_logits
 
-    reference = random_model(std=0.1).cuda()
+    reference = reference_logits(random_model(std=0.1).cuda())
     patched = apply_experiment(random_model(std=0.1).cuda(), "mlp-epilogue")
     assert logit_difference(patched, reference) < 1e-4  # fp32: only the GELU's rounding differs
 
@@ -111,7 +159,7 @@ def test_a_failing_case_is_reported_and_the_others_still_written(tmp_path, monke
         bench_generate.main(["--smoke", "--new-tokens", "8", "--batch", "1", "--block", "4",
                              "--results", str(results)])
     except SystemExit as stop:
-        assert "2 case(s) failed" in str(stop)
+        assert "3 case(s) failed" in str(stop)
     else:
         raise AssertionError("a failed case must make the run fail")
     text = results.read_text()
