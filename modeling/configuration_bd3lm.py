@@ -158,8 +158,12 @@ class BD3LMConfig(PretrainedConfig):
         output = super().to_dict()
         # One model class serves both auto classes: keep the masked-LM entry in step with the causal-LM one that
         # `register_for_auto_class` writes, as the original checkpoints are loaded with AutoModelForMaskedLM; and
-        # name the backbone for AutoModel, which `register_auto_classes()` also maps in-process.
+        # name the backbone for AutoModel, which `register_auto_classes()` also maps in-process. A saved backbone
+        # (AutoModel only) names the full model too, so that it loads with a fresh head as transformers' base models do.
         auto_map = output.get("auto_map")
+        if auto_map and "AutoModel" in auto_map and "AutoModelForCausalLM" not in auto_map:
+            modeling_module = auto_map["AutoModel"].rsplit(".", 1)[0]
+            auto_map["AutoModelForCausalLM"] = f"{modeling_module}.BD3LMForBlockDiffusion"
         if auto_map and "AutoModelForCausalLM" in auto_map:
             auto_map.setdefault("AutoModelForMaskedLM", auto_map["AutoModelForCausalLM"])
             modeling_module = auto_map["AutoModelForCausalLM"].rsplit(".", 1)[0]

@@ -45,6 +45,14 @@ UNSUPPORTED = {
     "token_healing": (False,), "top_h": (), "length_penalty": (1.0,), "diversity_penalty": (0.0,),
     "early_stopping": (False,),
 }
+# Arguments of transformers' `generate()` that are not generation settings, with the values that leave them off
+# (None, or those listed): generic callers (Seq2SeqTrainer's synced_gpus, wrappers forwarding every argument) pass
+# them so; anything else raises.
+GENERATE_ARGUMENTS_OFF = {
+    "past_key_values": (), "synced_gpus": (False,), "assistant_model": (), "assistant_tokenizer": (),
+    "prefix_allowed_tokens_fn": (), "negative_prompt_ids": (), "negative_prompt_attention_mask": (),
+    "custom_generate": (), "use_model_defaults": (True,),
+}
 
 
 class BD3LMGenerationConfig(GenerationConfig):
@@ -318,6 +326,8 @@ class BD3LMGenerationMixin(GenerationMixin):
         """
         # 1. configuration and inputs
         config, unused = self.resolve_generation_config(generation_config, kwargs)
+        unused = {name: value for name, value in unused.items()
+                  if not (name in GENERATE_ARGUMENTS_OFF and (value is None or value in GENERATE_ARGUMENTS_OFF[name]))}
         if "past_key_values" in unused:
             raise ValueError("generate() starts from a prompt and builds its own cache: continuing from "
                              "past_key_values is not supported; pass the whole text so far as the prompt.")

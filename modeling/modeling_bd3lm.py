@@ -307,17 +307,24 @@ class BD3LMModel(BD3LMPreTrainedModel):
         per_layer = tuple(layer.adaln_modulation(conditioning)[:, None] for layer in self.layers)
         return per_layer + (self.norm_modulation(conditioning)[:, None],)
 
+    @can_return_tuple
     def forward(self, input_ids, attention_mask=None, position_ids=None, x0_ids=None, timesteps=None,
-                past_key_values: Cache | None = None, store_kv=False, output_hidden_states=False, modulations=None,
+                past_key_values: Cache | None = None, store_kv=False, output_hidden_states=None, modulations=None,
                 block_size: int | None = None, **kwargs):
         """With `x0_ids` (the 2L training pass) returns the hidden states of the x_t half only. `modulations`: the
         output of `adaln_modulations` for these timesteps, when the caller already has it. `block_size`: the width
         of the mask's blocks (default `config.block_size`); generation passes its own, which may differ, so that
-        cached and recomputed keys see the same blocks."""
+        cached and recomputed keys see the same blocks. `output_hidden_states` defaults to the config's and
+        `return_dict=False` gives a tuple, as in transformers' backbones."""
+        refuse_unsupported_inputs(kwargs)
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
         batch, seq_len = input_ids.shape
         block_size = block_size or self.config.block_size
-        if past_key_values is not None and self.gradient_checkpointing and self.training:
+        if (past_key_values is not None and self.gradient_checkpointing and self.training
+                and torch.is_grad_enabled()):
             # the backward pass would run each layer again and write its keys/values into the cache a second time
+            # (without gradients, e.g. generate() during training, nothing runs twice)
             raise ValueError("a KV cache cannot be combined with gradient checkpointing in training mode: call "
                              "model.eval() to generate, or pass no past_key_values.")
         if isinstance(past_key_values, BD3LMStaticCache):
@@ -418,6 +425,13 @@ class BD3LMForBlockDiffusion(BD3LMPreTrainedModel, BD3LMGenerationMixin):
         self.loss_function = block_diffusion_nelbo  # transformers' loss hook (its setter); not a parameter
         self.post_init()
 
+    def adjust_generation_fn(self, *args, **kwargs):
+        """transformers loads a folder's generation_config.json as a plain `GenerationConfig`; make it ours, which
+        checks the block diffusion fields (on construction and on save) and fills their defaults."""
+        super().adjust_generation_fn(*args, **kwargs)
+        if not isinstance(self.generation_config, BD3LMGenerationConfig):
+            self.generation_config = BD3LMGenerationConfig.from_dict(self.generation_config.to_dict())
+
     def get_output_embeddings(self):
         return self.lm_head
 
@@ -466,10 +480,7 @@ class BD3LMForBlockDiffusion(BD3LMPreTrainedModel, BD3LMGenerationMixin):
         the columns [k bs, (k+1) bs): left padding must therefore be a multiple of block_size (right padding, as
         `DataCollatorForBlockDiffusion` pads, always is).
         """
-        for name in ("inputs_embeds", "output_attentions"):  # transformers inputs this model does not implement
-            if kwargs.get(name) is not None and kwargs.get(name) is not False:
-                raise ValueError(f"{name} is not supported by BD3-LM (pass input_ids; attention weights are not "
-                                 "returned).")
+        refuse_unsupported_inputs(kwargs)
         self.check_input_ids(input_ids)
         _check_position_ids(position_ids, input_ids)
         if labels is not None and kwargs.get("block_size") not in (None, self.config.block_size):
@@ -506,7 +517,7 @@ class BD3LMForBlockDiffusion(BD3LMPreTrainedModel, BD3LMGenerationMixin):
 
         outputs = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids, x0_ids=x0_ids,
                              timesteps=timesteps, past_key_values=past_key_values, store_kv=store_kv,
-                             output_hidden_states=bool(output_hidden_states), **kwargs)
+                             output_hidden_states=bool(output_hidden_states), return_dict=True, **kwargs)
         hidden_states = outputs.last_hidden_state
         if isinstance(logits_to_keep, torch.Tensor) or logits_to_keep:
             if labels is not None and noise_levels is not None:
@@ -537,7 +548,7 @@ class BD3LMForBlockDiffusion(BD3LMPreTrainedModel, BD3LMGenerationMixin):
         to compute them."""
         outputs = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids,
                              past_key_values=past_key_values, store_kv=store_kv, timesteps=timesteps,
-                             modulations=modulations, block_size=block_size)
+                             modulations=modulations, block_size=block_size, return_dict=True)
         return self.lm_head(outputs.last_hidden_state[:, -block_size:])
 
     def check_input_ids(self, input_ids):
@@ -612,6 +623,14 @@ def _resized_vocab_size(current: int, new_num_tokens: int | None, pad_to_multipl
     if pad_to_multiple_of:
         size = math.ceil(size / pad_to_multiple_of) * pad_to_multiple_of
     return size
+
+
+def refuse_unsupported_inputs(kwargs: dict) -> None:
+    """transformers inputs this model does not implement: a ValueError when set (None / False = unset)."""
+    for name in ("inputs_embeds", "output_attentions"):
+        if kwargs.get(name) is not None and kwargs.get(name) is not False:
+            raise ValueError(f"{name} is not supported by BD3-LM (pass input_ids; attention weights are not "
+                             "returned).")
 
 
 def _check_position_ids(position_ids, input_ids) -> None:

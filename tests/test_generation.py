@@ -285,6 +285,34 @@ def test_generation_config_round_trip_and_kwargs_override(gen_model, tmp_path):
     assert overridden.sequences.shape[1] == 6
 
 
+def test_transformers_generate_arguments_left_off_are_accepted(gen_model):
+    """Generic callers (Seq2SeqTrainer's synced_gpus, wrappers forwarding every argument of GenerationMixin.generate)
+    pass those arguments with the values that leave them off; set, they are refused."""
+    prompt = torch.randint(0, MASK, (1, 4))
+    expected = gen_model.generate(prompt, max_new_tokens=6)
+    off = dict(synced_gpus=False, past_key_values=None, assistant_model=None, prefix_allowed_tokens_fn=None,
+               negative_prompt_ids=None, negative_prompt_attention_mask=None, custom_generate=None,
+               use_model_defaults=True)
+    assert torch.equal(gen_model.generate(prompt, max_new_tokens=6, **off), expected)
+    for name, value in (("synced_gpus", True), ("prefix_allowed_tokens_fn", lambda batch, ids: [1]),
+                        ("use_model_defaults", False), ("negative_prompt_ids", prompt)):
+        with pytest.raises(ValueError, match=name):
+            gen_model.generate(prompt, max_new_tokens=6, **{name: value})
+
+
+def test_a_loaded_generation_config_is_checked_as_ours(gen_model, tmp_path):
+    """transformers loads generation_config.json as a plain GenerationConfig; the model makes it a
+    BD3LMGenerationConfig, so a bad block-diffusion setting is refused on save, not at the next generate()."""
+    from bd3lm_hf import BD3LMForBlockDiffusion
+
+    gen_model.save_pretrained(tmp_path / "saved")
+    loaded = BD3LMForBlockDiffusion.from_pretrained(tmp_path / "saved")
+    assert type(loaded.generation_config) is BD3LMGenerationConfig
+    loaded.generation_config.sampler = "bogus"
+    with pytest.raises(ValueError, match="unknown sampler 'bogus'"):
+        loaded.save_pretrained(tmp_path / "again")
+
+
 def test_a_generation_config_overrides_the_models_only_where_set(gen_model):
     """transformers' precedence: kwargs > the fields a passed config sets > the model's generation_config."""
     from transformers import GenerationConfig

@@ -50,8 +50,7 @@ def test_saved_folder_loads_in_a_fresh_process_without_the_package(tmp_path):
                         "AutoModelForCausalLM": "modeling_bd3lm.BD3LMForBlockDiffusion",
                         "AutoModelForMaskedLM": "modeling_bd3lm.BD3LMForBlockDiffusion"}
     model.model.save_pretrained(tmp_path / "backbone")  # the base model alone, as AutoModel gives it
-    assert json.loads((tmp_path / "backbone" / "config.json").read_text())["auto_map"]["AutoModel"] == \
-        "modeling_bd3lm.BD3LMModel"
+    assert json.loads((tmp_path / "backbone" / "config.json").read_text())["auto_map"] == auto_map
     assert (tmp_path / "backbone" / "modeling_bd3lm.py").is_file()
     ids = torch.randint(0, 49, (2, 16))
     torch.save(ids, tmp_path / "ids.pt")
@@ -77,6 +76,11 @@ def test_saved_folder_loads_in_a_fresh_process_without_the_package(tmp_path):
         for folder in ({str(tmp_path / 'repo')!r}, {str(tmp_path / 'backbone')!r}):
             backbone = AutoModel.from_pretrained(folder, trust_remote_code=True)
             assert type(backbone).__name__ == "BD3LMModel", type(backbone).__name__
+        # a saved backbone takes a fresh head, as transformers' base models do; its generation config is checked
+        with_head = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'backbone')!r}, trust_remote_code=True)
+        assert torch.equal(with_head.model.embed_tokens.weight, backbone.embed_tokens.weight)
+        loaded = AutoModelForCausalLM.from_pretrained({str(tmp_path / 'repo')!r}, trust_remote_code=True)
+        assert type(loaded.generation_config).__name__ == "BD3LMGenerationConfig"
         print("OK")
     """)
     env = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PATH": "/usr/bin:/bin",

@@ -302,6 +302,43 @@ def test_gradient_checkpointing_refuses_a_cache_in_training(model):
         BD3LMCache().evict(-4)
 
 
+def test_generate_during_checkpointed_training_gives_the_eval_tokens(model):
+    """A sampling callback calls generate() while the model trains with gradient checkpointing: without gradients
+    nothing runs twice, so the cache is allowed (as transformers' models generate then). No dropout here."""
+    prompt = torch.randint(0, 40, (2, 5), generator=torch.Generator().manual_seed(0))
+    expected = {cache: model.generate(prompt, max_new_tokens=7, cache_implementation=cache)
+                for cache in (None, "static")}
+    model.gradient_checkpointing_enable()
+    model.train()
+    for cache, tokens in expected.items():
+        assert torch.equal(model.generate(prompt, max_new_tokens=7, cache_implementation=cache), tokens)
+
+
+@torch.no_grad()
+def test_the_backbone_follows_transformers_output_conventions(model):
+    """BD3LMModel (what AutoModel loads): return_dict=False gives a tuple, output_hidden_states defaults to the
+    config's, output_attentions is refused; the full model still reads its backbone's output when the config asks
+    for tuples."""
+    x0, _ = noisy_batch()
+    backbone = model.model
+    output = backbone(x0)
+    as_tuple = backbone(x0, return_dict=False)
+    assert isinstance(as_tuple, tuple) and torch.equal(as_tuple[0], output.last_hidden_state)
+    model.config.output_hidden_states = True
+    assert len(backbone(x0).hidden_states) == model.config.num_hidden_layers + 1
+    model.config.output_hidden_states = False
+    with pytest.raises(ValueError, match="output_attentions is not supported"):
+        backbone(x0, output_attentions=True)
+    model.config.return_dict = False
+    try:
+        logits = model(input_ids=x0)[0]
+        assert isinstance(backbone(x0), tuple) and torch.equal(logits, model(input_ids=x0, return_dict=True).logits)
+        prompt = x0[:1, :6]
+        assert model.generate(prompt, max_new_tokens=4).shape == (1, 10)
+    finally:
+        model.config.return_dict = True
+
+
 def test_plain_dynamic_cache_is_refused(model):
     from transformers import DynamicCache
 
