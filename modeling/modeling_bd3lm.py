@@ -483,30 +483,11 @@ class BD3LMForBlockDiffusion(BD3LMPreTrainedModel, BD3LMGenerationMixin):
         refuse_unsupported_inputs(kwargs)
         self.check_input_ids(input_ids)
         _check_position_ids(position_ids, input_ids)
-        if labels is not None and kwargs.get("block_size") not in (None, self.config.block_size):
-            raise ValueError(f"block_size={kwargs['block_size']} applies to inference calls: the training pass "
-                             f"(labels) uses config.block_size={self.config.block_size}, as its loss does.")
+        self.check_training_inputs(labels, noise_levels, kwargs.get("block_size"))
         _check_store_kv(store_kv)
-        if self.training and noise_levels is not None and labels is None:
-            # Trainer pops the labels before the forward when `compute_loss_func` or `label_smoothing_factor` is set:
-            # without x_0 there is no 2L pass, and its loss would train on x_t predictions instead of the NELBO.
-            raise ValueError("noise_levels without labels in training: the 2L training pass needs labels (x_0). "
-                             "Trainer removes them when compute_loss_func or label_smoothing_factor is set; "
-                             "block diffusion trains its own NELBO (the model's loss): unset both.")
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
-        if past_key_values is None and use_cache:
-            past_key_values = BD3LMCache()
-        if past_key_values is not None and not isinstance(past_key_values, (BD3LMCache, BD3LMStaticCache)):
-            raise ValueError(f"past_key_values must be a BD3LMCache or BD3LMStaticCache (they can read without "
-                             f"committing), got {type(past_key_values).__name__}.")
-        if store_kv and past_key_values is None:
-            raise ValueError("store_kv=True needs a cache: pass past_key_values or use_cache=True.")
-        if isinstance(past_key_values, BD3LMStaticCache):
-            free = past_key_values.capacity - past_key_values.get_seq_length()
-            if input_ids.shape[1] > free:
-                raise ValueError(f"{input_ids.shape[1]} tokens do not fit the static cache: {free} of its "
-                                 f"{past_key_values.capacity} positions are free (reset() it, or use BD3LMCache).")
+        past_key_values = cache_for_call(past_key_values, use_cache, store_kv, input_ids.shape[1])
         x0_ids = None
         if labels is not None:
             if past_key_values is not None:
@@ -536,6 +517,17 @@ class BD3LMForBlockDiffusion(BD3LMPreTrainedModel, BD3LMGenerationMixin):
             loss = self.nelbo(logits, input_ids, x0_ids, labels, noise_levels, attention_mask, num_items_in_batch)
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values,
                                       hidden_states=outputs.hidden_states)
+
+    def check_training_inputs(self, labels, noise_levels, block_size: int | None) -> None:
+        if labels is not None and block_size not in (None, self.config.block_size):
+            raise ValueError(f"block_size={block_size} applies to inference calls: the training pass (labels) uses "
+                             f"config.block_size={self.config.block_size}, as its loss does.")
+        if self.training and noise_levels is not None and labels is None:
+            # Trainer pops the labels before the forward when `compute_loss_func` or `label_smoothing_factor` is set:
+            # without x_0 there is no 2L pass, and its loss would train on x_t predictions instead of the NELBO.
+            raise ValueError("noise_levels without labels in training: the 2L training pass needs labels (x_0). "
+                             "Trainer removes them when compute_loss_func or label_smoothing_factor is set; "
+                             "block diffusion trains its own NELBO (the model's loss): unset both.")
 
     def denoise_forward(self, input_ids, attention_mask, past_key_values, store_kv, block_size: int,
                         position_ids=None, timesteps=None, modulations=None):
@@ -623,6 +615,24 @@ def _resized_vocab_size(current: int, new_num_tokens: int | None, pad_to_multipl
     if pad_to_multiple_of:
         size = math.ceil(size / pad_to_multiple_of) * pad_to_multiple_of
     return size
+
+
+def cache_for_call(past_key_values, use_cache, store_kv, num_tokens: int):
+    """The cache a forward call reads (a new `BD3LMCache` for `use_cache=True` without one), checked: a kind that
+    can read without committing, present when `store_kv` asks to commit, with room for the call's tokens."""
+    if past_key_values is None and use_cache:
+        past_key_values = BD3LMCache()
+    if past_key_values is not None and not isinstance(past_key_values, (BD3LMCache, BD3LMStaticCache)):
+        raise ValueError(f"past_key_values must be a BD3LMCache or BD3LMStaticCache (they can read without "
+                         f"committing), got {type(past_key_values).__name__}.")
+    if store_kv and past_key_values is None:
+        raise ValueError("store_kv=True needs a cache: pass past_key_values or use_cache=True.")
+    if isinstance(past_key_values, BD3LMStaticCache):
+        free = past_key_values.capacity - past_key_values.get_seq_length()
+        if num_tokens > free:
+            raise ValueError(f"{num_tokens} tokens do not fit the static cache: {free} of its "
+                             f"{past_key_values.capacity} positions are free (reset() it, or use BD3LMCache).")
+    return past_key_values
 
 
 def refuse_unsupported_inputs(kwargs: dict) -> None:
