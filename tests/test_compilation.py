@@ -1,6 +1,8 @@
 """Compiled decoder layers for training (issue: GPU fast path): same loss and gradients as eager, same parameter
 names; checked on CPU (the Trainer wiring: tests/test_training.py) (the GPU speed is in benchmarks/bench_train.py)."""
 
+import copy
+
 import pytest
 import torch
 from conftest import random_model
@@ -41,6 +43,22 @@ def test_compiled_layers_give_the_eager_loss_and_gradients(backend):
         torch.testing.assert_close(loss, expected_loss, atol=1e-5, rtol=1e-5)
         for name, grad in expected.items():
             torch.testing.assert_close(grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_compiled_layers_train_on_batches_of_many_widths():
+    """SFT batches are padded to their longest row: more widths than the recompile limit (8), which a fullgraph
+    compilation with static shapes turns into an error at the 9th. The layers and the loss compile dynamic sizes
+    once a second width comes, and give the eager loss."""
+    eager = random_model(seed=3, std=0.1, max_position_embeddings=64).train()
+    compiled = compile_decoder_layers(copy.deepcopy(eager), backend="eager")
+    generator = torch.Generator().manual_seed(0)
+    for width in range(4, 64 + 1, 4):  # 16 widths
+        x0 = torch.randint(0, 49, (2, width), generator=generator)
+        xt = torch.where(torch.rand(2, width, generator=generator) < 0.5, 49, x0)
+        batch = dict(input_ids=xt, labels=x0, noise_levels=torch.full((2, width // 4), 0.5))
+        loss = compiled(**batch).loss
+        loss.backward()
+        torch.testing.assert_close(loss, eager(**batch).loss)
 
 
 def test_decoder_layers_are_found_under_peft():

@@ -27,12 +27,15 @@ def decoder_layers(model: nn.Module) -> list[nn.Module]:
 
 
 def compile_decoder_layers(model: nn.Module, **compile_kwargs) -> nn.Module:
-    """Compile every decoder layer in place, and the training loss (default: `fullgraph=True`, static shapes,
-    inductor); returns `model`. `compile_kwargs` go to `torch.compile` (backend, mode, options, ...).
+    """Compile every decoder layer in place, and the training loss (default: `fullgraph=True`, static shapes until
+    a second shape comes, then dynamic ones; inductor); returns `model`. `compile_kwargs` go to `torch.compile` (backend, mode, options, ...).
 
     The loss is the model's `loss_function` (transformers' hook): compiled, the fp32 upcast, the SUBS mask, the
     log-softmax and its gradient fuse into a few kernels instead of materialising (B, L, V) fp32 copies."""
-    settings = {"fullgraph": True, "dynamic": False, **compile_kwargs}
+    # dynamic=None: the first shape compiles static; a second one recompiles with dynamic sizes, so that SFT batches
+    # (padded to their longest row) or a last partial batch never reach the recompile limit, which a fullgraph
+    # compilation turns into an error
+    settings = {"fullgraph": True, "dynamic": None, **compile_kwargs}
     layers = decoder_layers(model)
     for layer in layers:
         layer.compile(**settings)
