@@ -63,8 +63,10 @@ class BD3LMStaticLayer(StaticLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         positions = self.cumulative_length + torch.arange(key_states.shape[-2], device=key_states.device)
-        self.keys.index_copy_(2, positions, key_states)
-        self.values.index_copy_(2, positions, value_states)
+        # under autocast the new keys/values come in the autocast dtype (keys in fp32 after the fp32 rotary, values
+        # in bf16), while the buffers hold the weights' dtype
+        self.keys.index_copy_(2, positions, key_states.to(self.keys.dtype))
+        self.values.index_copy_(2, positions, value_states.to(self.values.dtype))
         store = (cache_kwargs or {}).get("store_kv", True)
         if store is not False:
             self.cumulative_length.add_(key_states.shape[-2] if store is True else store)

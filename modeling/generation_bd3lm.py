@@ -487,8 +487,9 @@ class BD3LMGenerationMixin(GenerationMixin):
 
     def compiles_steps(self, cache, config, device, logits_processor=None) -> bool:
         """transformers' rule for compiling a decoding step: a static cache, on CUDA/XPU (elsewhere only when
-        `compile_config._compile_all_devices` is set, as in transformers' own tests), unless `disable_compile`; and
-        here no custom logits processors (arbitrary Python, run eagerly)."""
+        `compile_config._compile_all_devices` is set, as in transformers' own tests), unless `disable_compile`, an
+        offloaded model or a quantizer that cannot compile; and here no custom logits processors (arbitrary Python,
+        run eagerly)."""
         if not isinstance(cache, BD3LMStaticCache) or config.disable_compile:
             return False
         compile_config = config.compile_config
@@ -496,6 +497,13 @@ class BD3LMGenerationMixin(GenerationMixin):
             if compile_config is not None:
                 logger.warning_once(f"compile_config is set but the model is on {device.type}: the denoising "
                                     "step runs eagerly (compiling there needs compile_config._compile_all_devices).")
+            return False
+        offloaded = {"cpu", "disk"} & set((getattr(self, "hf_device_map", None) or {}).values())
+        quantizer = getattr(self, "hf_quantizer", None)
+        if offloaded or (quantizer is not None and not getattr(quantizer, "is_compileable", False)):
+            # as transformers' own rule: accelerate's offload hooks (and most quantized kernels) cannot be traced
+            logger.warning_once("the model is offloaded (device_map with cpu/disk) or quantized without compile "
+                                "support: the denoising step runs eagerly.")
             return False
         if logits_processor:
             logger.warning_once("logits processors (custom ones, or from repetition_penalty, no_repeat_ngram_size, "

@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 from conftest import random_model
-from transformers import (AutoModelForCausalLM, AutoTokenizer, LogitsProcessorList, NoBadWordsLogitsProcessor,
+from transformers import (AutoModelForCausalLM, AutoTokenizer, CompileConfig, LogitsProcessorList, NoBadWordsLogitsProcessor,
                           NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor, SequenceBiasLogitsProcessor,
                           StoppingCriteria, StoppingCriteriaList, SuppressTokensLogitsProcessor, pipeline)
 from transformers.generation.stopping_criteria import EosTokenCriteria
@@ -705,6 +705,24 @@ def test_generate_with_the_model_offloaded_to_disk(gen_model, tmp_path):
     ids, mask = prompts()
     settings = dict(attention_mask=mask, max_new_tokens=8, do_sample=False)
     assert torch.equal(offloaded.generate(ids, **settings), gen_model.generate(ids, **settings))
+    # the static step is not compiled for an offloaded model (accelerate's hooks cannot be traced), as transformers
+    # decides for its own models; here a compile config that would compile it on any device
+    compile_config = CompileConfig(fullgraph=True, dynamic=False, backend="eager", mode=None)
+    compile_config._compile_all_devices = True
+    static = offloaded.generate(ids, cache_implementation="static", compile_config=compile_config, **settings)
+    assert torch.equal(static, gen_model.generate(ids, **settings))
+
+
+def test_static_cache_generation_under_autocast_gives_the_dynamic_caches_tokens(gen_model):
+    """fp32 weights under bf16 autocast: new values come in bf16 and keys in fp32 (the rotary runs in fp32), and
+    the static cache stores both in its own dtype, as the dynamic cache's concatenation promotes them."""
+    ids, mask = prompts()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        tokens = {cache: gen_model.generate(ids, attention_mask=mask, max_new_tokens=9, cache_implementation=cache)
+                  for cache in (None, "static")}
+    new = slice(ids.shape[1], None)  # bf16 paths round differently (README), so near-ties may flip a token
+    agreement = (tokens["static"][:, new] == tokens[None][:, new]).float().mean()
+    assert tokens["static"].shape == tokens[None].shape and agreement >= 0.8
 
 
 def test_generate_refuses_a_mask_token_outside_the_vocabulary():
