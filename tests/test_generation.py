@@ -725,6 +725,17 @@ def test_static_cache_generation_under_autocast_gives_the_dynamic_caches_tokens(
     assert tokens["static"].shape == tokens[None].shape and agreement >= 0.8
 
 
+def test_generate_refuses_flash_attention_up_front(gen_model):
+    """Generation's calls are masked (the first call of a block commits the previous one block-causally; static
+    calls mask the keys past the cursor): flash attention would fail at the second block, so it is refused first."""
+    gen_model.config._attn_implementation = "flash_attention_2"  # as loaded with flash-attn installed
+    try:
+        with pytest.raises(ValueError, match="flash_attention_2 cannot"):
+            gen_model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=4)
+    finally:
+        gen_model.config._attn_implementation = "sdpa"
+
+
 def test_generate_refuses_a_mask_token_outside_the_vocabulary():
     model = random_model()
     model.config.mask_token_id = model.config.vocab_size  # a config edited into an invalid state
