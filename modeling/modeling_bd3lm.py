@@ -284,7 +284,8 @@ class BD3LMModel(BD3LMPreTrainedModel):
                 raise ValueError(f"flex_attention on CUDA needs head_dim >= 16 (its kernels' minimum), got head_dim="
                                  f"{self.config.head_dim} (hidden_size / num_attention_heads). Use fewer heads or "
                                  "attn_implementation='sdpa'.")
-            if training_length is not None and bool(keys[2].all()):  # 2L pass without padding: one shared mask
+            # 2L pass without padding: one shared mask (a host read, so not while compiling the whole forward)
+            if training_length is not None and not torch.compiler.is_compiling() and bool(keys[2].all()):
                 return flex_training_mask(training_length, block_size, str(keys[0].device))
             return flex_block_diffusion_mask(queries, keys, query_offset)
         mask = dense_block_diffusion_mask(queries, keys, query_offset)

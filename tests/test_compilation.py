@@ -93,3 +93,14 @@ def test_the_whole_forward_compiles_in_one_graph():
     torch.testing.assert_close(compiled(input_ids=batch["input_ids"]).logits,
                                model(input_ids=batch["input_ids"]).logits, rtol=0, atol=0)
     torch.testing.assert_close(compiled(**batch).loss, model(**batch).loss, rtol=0, atol=0)
+
+
+@torch.no_grad()
+def test_the_whole_forward_compiles_in_one_graph_with_flex_attention():
+    """The 2L pass picks its shared flex mask after a host read (no padding?); while compiling it builds the
+    per-batch mask instead, which gives the same loss."""
+    model = random_model(seed=3, std=0.1, max_position_embeddings=16, num_attention_heads=2)
+    model.set_attn_implementation("flex_attention")
+    compiled = torch.compile(model, backend="eager", fullgraph=True)
+    batch = {k: v for k, v in training_batch(0).items() if k != "attention_mask"}
+    torch.testing.assert_close(compiled(**batch).loss, model(**batch).loss, rtol=1e-5, atol=1e-6)
