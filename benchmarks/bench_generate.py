@@ -41,7 +41,9 @@ CPU_MODELS = {
 GPU_MODEL = dict(hidden_size=768, num_hidden_layers=12, num_attention_heads=12, cond_dim=128, vocab_size=50258)
 ORIGINAL_H100 = {"first_hitting": 59.6, "4 tokens/call": 218.0}  # DESIGN.md §5: bd3lms, batch 1, block 16
 # Peak HBM bandwidth by device name (the first match; the original's figures are from an H100 SXM).
-HBM_BYTES_PER_S = (("H200", 4.8e12), ("H100 PCIe", 2.0e12), ("H100", 3.35e12))
+HBM_BYTES_PER_S = (("GH200", 4.0e12), ("H200", 4.8e12), ("H100 PCIe", 2.0e12), ("H100 NVL", 3.9e12),
+                   ("H100", 3.35e12))
+ORIGINAL_DEVICE = "NVIDIA H100 80GB HBM3"  # the H100 SXM of the original's figures
 
 
 def build_bd3lm(model_shape, block_size, context, device, dtype, attention="sdpa"):
@@ -109,7 +111,10 @@ def build_bd3lm_case(case, device, dtype):
 
     model = build()
     if case.get("experiment"):
-        # the reference's logits before patching: an experiment may switch a process-wide backend
+        # the reference's logits before patching: an experiment may switch a process-wide backend (an earlier
+        # model's sdpa-efficient run switched cuDNN attention off: the shipped model's kernels come back first)
+        if torch.cuda.is_available():
+            torch.backends.cuda.enable_cudnn_sdp(True)
         reference = reference_logits(build())
         model.experiment_difference = logit_difference(apply_experiment(model, case["experiment"]), reference)
     return model
@@ -279,7 +284,7 @@ def hbm_floor_lines(rows, shape, device_name: str) -> list[str]:
         floor = 1000 * streamed_bytes_per_call(shape, batch, context) / rate
         lines.append(f"HBM floor per call at batch {batch}, context {context} (bf16 weights without the embedding "
                      f"table + the static cache's keys/values, at {name}'s {rate / 1e12:.2f} TB/s): {floor:.3f} ms")
-    if "H100" not in device_name or "PCIe" in device_name:
+    if device_name != ORIGINAL_DEVICE:
         lines.append(f"this device ({device_name}) is not the H100 SXM of the original's figures: the ratios to "
                      "them compare other hardware")
     return lines

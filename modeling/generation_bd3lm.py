@@ -51,7 +51,7 @@ UNSUPPORTED = {
 GENERATE_ARGUMENTS_OFF = {
     "past_key_values": (), "synced_gpus": (False,), "assistant_model": (), "assistant_tokenizer": (),
     "prefix_allowed_tokens_fn": (), "negative_prompt_ids": (), "negative_prompt_attention_mask": (),
-    "custom_generate": (), "use_model_defaults": (True,),
+    "custom_generate": (), "use_model_defaults": (True,), "tokenizer": (),
 }
 
 
@@ -333,11 +333,12 @@ class BD3LMGenerationMixin(GenerationMixin):
                              "past_key_values is not supported; pass the whole text so far as the prompt.")
         if unused:
             raise ValueError(f"generate() got arguments it does not use: {sorted(unused)}.")
-        if self.config._attn_implementation == "flash_attention_2":
+        if self.config._attn_implementation.startswith("flash_attention"):
             # each block's first call also commits the previous block (block-causal), and static-cache calls mask
             # the keys past the cursor: flash attention has no mask for either
-            raise ValueError("generate() needs masked attention calls, which flash_attention_2 cannot make: switch "
-                             "with model.set_attn_implementation('sdpa') (or 'flex_attention') before generating.")
+            raise ValueError(f"generate() needs masked attention calls, which {self.config._attn_implementation} "
+                             "cannot make: switch with model.set_attn_implementation('sdpa') (or 'flex_attention') "
+                             "before generating.")
         if self.training and self.config.hidden_dropout > 0:
             logger.warning_once("generate() runs with the model in training mode: dropout is active, so even greedy "
                                 "output is random. Call model.eval() first.")

@@ -276,16 +276,18 @@ class BD3LMModel(BD3LMPreTrainedModel):
         return F.silu(self.timestep_embedder(timesteps))
 
     def attention_mask_for(self, queries, keys, query_offset: int, block_size: int,
-                           training_length: int | None = None):
-        """The block-diffusion mask in the form the configured attention backend takes."""
+                           training_length: int | None = None, unpadded: bool = False):
+        """The block-diffusion mask in the form the configured attention backend takes. `unpadded`: the call has
+        no attention_mask, so every key is valid (known without reading the batch)."""
         implementation = self.config._attn_implementation
         if implementation == "flex_attention":
             if keys[0].device.type == "cuda" and self.config.head_dim < 16:
                 raise ValueError(f"flex_attention on CUDA needs head_dim >= 16 (its kernels' minimum), got head_dim="
                                  f"{self.config.head_dim} (hidden_size / num_attention_heads). Use fewer heads or "
                                  "attn_implementation='sdpa'.")
-            # 2L pass without padding: one shared mask (a host read, so not while compiling the whole forward)
-            if training_length is not None and not torch.compiler.is_compiling() and bool(keys[2].all()):
+            # 2L pass without padding: one shared mask (checking the padding is a host read: not while compiling)
+            if training_length is not None and (unpadded or (not torch.compiler.is_compiling()
+                                                             and bool(keys[2].all()))):
                 return flex_training_mask(training_length, block_size, str(keys[0].device))
             return flex_block_diffusion_mask(queries, keys, query_offset)
         mask = dense_block_diffusion_mask(queries, keys, query_offset)
@@ -356,7 +358,7 @@ class BD3LMModel(BD3LMPreTrainedModel):
             query_offset = 0
 
         mask = self.attention_mask_for(queries, keys, query_offset, block_size,
-                                       seq_len if x0_ids is not None else None)
+                                       seq_len if x0_ids is not None else None, unpadded=attention_mask is None)
         position_embeddings = self.rotary_emb(position_ids, hidden_states.dtype)
         if modulations is None:
             modulations = self.adaln_modulations(timesteps, batch, input_ids.device, hidden_states.dtype)
@@ -541,7 +543,8 @@ class BD3LMForBlockDiffusion(BD3LMPreTrainedModel, BD3LMGenerationMixin):
         to compute them."""
         outputs = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids,
                              past_key_values=past_key_values, store_kv=store_kv, timesteps=timesteps,
-                             modulations=modulations, block_size=block_size, return_dict=True)
+                             modulations=modulations, block_size=block_size, return_dict=True,
+                             output_hidden_states=False)
         return self.lm_head(outputs.last_hidden_state[:, -block_size:])
 
     def check_input_ids(self, input_ids):

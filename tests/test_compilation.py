@@ -97,10 +97,12 @@ def test_the_whole_forward_compiles_in_one_graph():
 
 @torch.no_grad()
 def test_the_whole_forward_compiles_in_one_graph_with_flex_attention():
-    """The 2L pass picks its shared flex mask after a host read (no padding?); while compiling it builds the
-    per-batch mask instead, which gives the same loss."""
+    """The 2L pass picks its shared flex mask after a host read (no padding?); while compiling it takes it only
+    when there is no attention_mask at all, else it builds the per-batch mask; both give the eager loss."""
     model = random_model(seed=3, std=0.1, max_position_embeddings=16, num_attention_heads=2)
     model.set_attn_implementation("flex_attention")
     compiled = torch.compile(model, backend="eager", fullgraph=True)
-    batch = {k: v for k, v in training_batch(0).items() if k != "attention_mask"}
+    batch = training_batch(0)  # with an attention_mask: the per-batch mask while compiling
+    torch.testing.assert_close(compiled(**batch).loss, model(**batch).loss, rtol=1e-5, atol=1e-6)
+    batch = {k: v for k, v in batch.items() if k != "attention_mask"}  # none: the shared mask, no host read
     torch.testing.assert_close(compiled(**batch).loss, model(**batch).loss, rtol=1e-5, atol=1e-6)

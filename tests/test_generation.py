@@ -291,7 +291,7 @@ def test_transformers_generate_arguments_left_off_are_accepted(gen_model):
     prompt = torch.randint(0, MASK, (1, 4))
     expected = gen_model.generate(prompt, max_new_tokens=6)
     off = dict(synced_gpus=False, past_key_values=None, assistant_model=None, prefix_allowed_tokens_fn=None,
-               negative_prompt_ids=None, negative_prompt_attention_mask=None, custom_generate=None,
+               tokenizer=None, negative_prompt_ids=None, negative_prompt_attention_mask=None, custom_generate=None,
                use_model_defaults=True)
     assert torch.equal(gen_model.generate(prompt, max_new_tokens=6, **off), expected)
     for name, value in (("synced_gpus", True), ("prefix_allowed_tokens_fn", lambda batch, ids: [1]),
@@ -723,6 +723,21 @@ def test_static_cache_generation_under_autocast_gives_the_dynamic_caches_tokens(
     new = slice(ids.shape[1], None)  # bf16 paths round differently (README), so near-ties may flip a token
     agreement = (tokens["static"][:, new] == tokens[None][:, new]).float().mean()
     assert tokens["static"].shape == tokens[None].shape and agreement >= 0.8
+
+
+def test_generation_calls_never_collect_hidden_states(gen_model):
+    """config.output_hidden_states=True is for forward calls: the denoising calls would build and drop every
+    layer's output, also inside the compiled static step."""
+    seen = []
+    hook = gen_model.model.register_forward_hook(lambda module, args, output: seen.append(output.hidden_states))
+    gen_model.config.output_hidden_states = True
+    try:
+        for cache in (None, "static"):
+            gen_model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=6, cache_implementation=cache)
+    finally:
+        gen_model.config.output_hidden_states = False
+        hook.remove()
+    assert seen and all(hidden_states is None for hidden_states in seen)
 
 
 def test_generate_refuses_flash_attention_up_front(gen_model):
