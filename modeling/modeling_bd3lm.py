@@ -434,6 +434,10 @@ class BD3LMForBlockDiffusion(BD3LMPreTrainedModel, BD3LMGenerationMixin):
         super().adjust_generation_fn(*args, **kwargs)
         if not isinstance(self.generation_config, BD3LMGenerationConfig):
             self.generation_config = BD3LMGenerationConfig.from_dict(self.generation_config.to_dict())
+        # `from_pretrained(..., output_hidden_states=True)` is meant for forward calls, but transformers copies such
+        # model flags into the generation config, where block diffusion refuses them: keep them out of generation
+        for name in ("output_hidden_states", "output_attentions"):
+            setattr(self.generation_config, name, None)
 
     def get_output_embeddings(self):
         return self.lm_head

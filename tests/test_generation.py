@@ -311,6 +311,10 @@ def test_a_loaded_generation_config_is_checked_as_ours(gen_model, tmp_path):
     loaded.generation_config.sampler = "bogus"
     with pytest.raises(ValueError, match="unknown sampler 'bogus'"):
         loaded.save_pretrained(tmp_path / "again")
+    # a forward flag given at load time: transformers copies it into the generation config, where it is refused
+    with_flag = BD3LMForBlockDiffusion.from_pretrained(tmp_path / "saved", output_hidden_states=True)
+    assert with_flag(input_ids=torch.tensor([[1, 2, 3]])).hidden_states is not None
+    assert with_flag.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=4).shape == (1, 7)
 
 
 def test_a_generation_config_overrides_the_models_only_where_set(gen_model):
