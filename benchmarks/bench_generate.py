@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from compile_settings import add_compile_arguments, compile_kwargs, generation_compile_config
-from experiments import EXPERIMENTS, apply_experiment, logit_difference, reference_logits
+from experiments import EXPERIMENTS, apply_experiment, logit_difference, reference_logits, restore_process_backends
 from reporting import measure_all, publish
 
 RESULTS = Path(__file__).parent / "RESULTS.md"
@@ -111,10 +111,9 @@ def build_bd3lm_case(case, device, dtype):
 
     model = build()
     if case.get("experiment"):
-        # the reference's logits before patching: an experiment may switch a process-wide backend (an earlier
-        # model's sdpa-efficient run switched cuDNN attention off: the shipped model's kernels come back first)
-        if torch.cuda.is_available():
-            torch.backends.cuda.enable_cudnn_sdp(True)
+        # the reference's logits with the shipped model's kernels, before patching (an experiment may switch a
+        # process-wide backend, and an earlier model's experiment may have switched one already)
+        restore_process_backends()
         reference = reference_logits(build())
         model.experiment_difference = logit_difference(apply_experiment(model, case["experiment"]), reference)
     return model
@@ -264,7 +263,8 @@ def table(rows) -> str:
 
 def hbm_bandwidth(device_name: str) -> tuple[str, float]:
     """(name, bytes/s) of the device's peak HBM bandwidth; an H100 SXM's where the name is not known (CPU runs)."""
-    return next(((name, rate) for name, rate in HBM_BYTES_PER_S if name in device_name), ("H100", 3.35e12))
+    return next(((name, rate) for name, rate in HBM_BYTES_PER_S if name in device_name),
+                ("H100", dict(HBM_BYTES_PER_S)["H100"]))
 
 
 def streamed_bytes_per_call(shape, batch: int, context: int) -> int:
@@ -377,7 +377,7 @@ def main(argv=None):
                             for name, shape in {c["model"]: c["shape"] for c in selected}.items())
     title = "GPU" if args.gpu else ("smoke, CPU" if args.smoke else "CPU")
     text = (f"\n## bench_generate ({title}) — {run_stamp()}\n\nMachine: {machine(selected[0]['device'])}. "
-            f"Command: `bench_generate.py {' '.join(argv if argv is not None else sys.argv[1:])}`. "
+            f"Command: `{' '.join(['bench_generate.py', *(argv if argv is not None else sys.argv[1:])])}`. "
             f"Models: {models_text}. Random weights, {decoding_text(selected)}, prompt = 1 token. Compiled rows: "
             f"{compile_settings}."
             f"\n\n{table(rows)}\n\n"

@@ -61,6 +61,13 @@ def use_efficient_attention(model):
     torch.backends.cuda.enable_cudnn_sdp(False)
 
 
+def restore_process_backends() -> None:
+    """Undo the process-wide switches of the experiments (sdpa-efficient's), so that the shipped model runs its own
+    kernels again."""
+    if torch.cuda.is_available():
+        torch.backends.cuda.enable_cudnn_sdp(True)
+
+
 EXPERIMENTS = {"mlp-epilogue": use_mlp_epilogue, "aligned-logits": use_aligned_logits,
                "sdpa-efficient": use_efficient_attention}
 

@@ -319,8 +319,7 @@ def convert_to_ours(src: str | os.PathLike, dst: str | os.PathLike, original_con
     `overwrite` empties it (never when it holds `src`)."""
     check_output_folder(dst, overwrite, (src,), ConversionError)
     model = load_original(src, original_config)
-    for name, value in ORIGINAL_SAMPLING.items():
-        setattr(model.generation_config, name, value)
+    model.generation_config.update(**ORIGINAL_SAMPLING)
     if tokenizer is not None:
         raise_if_tokenizer_mismatch(tokenizer, model, ConversionError)
         model.config.bos_token_id = model.config.eos_token_id = tokenizer.eos_token_id
