@@ -301,5 +301,13 @@ def test_cards_name_the_folders_generation_defaults(exported):
     assert paper_defaults in str(paper_card("bd3lm-owt-block_size4"))
     model = random_model(block_size=4)
     model.generation_config.update(sampler="ddpm", num_steps=2, do_sample=True, temperature=0.7)
-    assert '`sampler="ddpm", num_steps=2, do_sample=True, temperature=0.7`' in str(
+    assert '`sampler="ddpm", num_steps=2, do_sample=True, temperature=0.7`.' in str(
         converted_card(model, "my-run", "me/my-run"))
+    # the fields that change the tokens or their number are named too; what is left unset is said
+    model.generation_config = type(model.generation_config)(
+        block_size=2, confidence_threshold=0.8, min_p=0.1, do_sample=True, entropy_stop=True, max_new_tokens=64)
+    assert ('`block_size=2, confidence_threshold=0.8, do_sample=True, min_p=0.1, entropy_stop=True, max_new_tokens=64` '
+            '(otherwise the `ddpm` sampler with `num_steps = block_size`)') in str(
+        converted_card(model, "my-run", "me/my-run"))
+    model.generation_config = type(model.generation_config)(sampler="first_hitting")
+    assert '`sampler="first_hitting"` (otherwise greedy)' in str(converted_card(model, "my-run", "me/my-run"))

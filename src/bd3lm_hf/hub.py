@@ -46,8 +46,11 @@ PAPER_CHECKPOINTS = {
 # How the original code sampled the paper's generative-perplexity texts (its scripts/gen_ppl: first hitting, nucleus
 # p 0.9, no top-k): the generation config a converted checkpoint gets, so that `generate()` samples as the paper did.
 ORIGINAL_SAMPLING = {"sampler": "first_hitting", "do_sample": True, "top_k": 0, "top_p": 0.9}
-# The settings a card names as the folder's `generate()` defaults, when its generation config sets them.
-SAMPLING_FIELDS = ("sampler", "num_steps", "do_sample", "temperature", "top_k", "top_p")
+# The settings a card names as the folder's `generate()` defaults when its generation config sets them: whatever
+# changes the tokens or their number.
+SAMPLING_FIELDS = ("sampler", "block_size", "num_steps", "confidence_threshold", "do_sample", "temperature", "top_k",
+                   "top_p", "min_p", "typical_p", "epsilon_cutoff", "eta_cutoff", "repetition_penalty",
+                   "no_repeat_ngram_size", "entropy_stop", "max_new_tokens", "min_new_tokens")
 
 
 class HubError(ValueError):
@@ -92,10 +95,16 @@ def sampling_settings(generation_config) -> dict:
 
 def sampling_defaults(settings: dict | None) -> str:
     """The card's words for what `generate()` does without arguments."""
+    settings = settings or {}
+    unset = []
+    if "sampler" not in settings:
+        unset.append("the `ddpm` sampler" + ("" if "num_steps" in settings else " with `num_steps = block_size`"))
+    if "do_sample" not in settings:
+        unset.append("greedy")
     if not settings:
-        return "none is set, so it uses the `ddpm` sampler with `num_steps = block_size`, greedy"
+        return "none is set, so it uses " + ", ".join(unset)
     written = (f'{name}="{value}"' if isinstance(value, str) else f"{name}={value}" for name, value in settings.items())
-    return "`" + ", ".join(written) + "`"
+    return "`" + ", ".join(written) + "`" + (f" (otherwise {', '.join(unset)})" if unset else "")
 
 
 def _metrics_table(metrics: dict | None) -> str:
