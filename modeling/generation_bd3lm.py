@@ -382,7 +382,8 @@ class BD3LMGenerationMixin(GenerationMixin):
             stopping_criteria.append(MaxTimeCriteria(config.max_time))
         stops_from = first_stop_column(first_new_min, eos_ids, config, stopping_criteria)
         cache = self.make_cache(config, batch, canvas.device) if use_cache else None
-        state = self.loop_state(config, cache, canvas.device, pad_id, eos_ids, warpers, logits_processor, generator)
+        state = self.loop_state(config, cache, canvas.device, batch, pad_id, eos_ids, warpers, logits_processor,
+                                generator)
         state.update(first_block=prefix, prompt_tail=prompt_tail)  # the processors' context in the first block
         if streamer is not None:
             streamer.put(input_ids.cpu())
@@ -416,26 +417,28 @@ class BD3LMGenerationMixin(GenerationMixin):
         history = tuple(state["history"]) if state["history"] is not None else None
         return BD3LMGenerateOutput(sequences=sequences, nfe=state["nfe"], past_key_values=cache, history=history)
 
-    def loop_state(self, config, cache, device, pad_id, eos_ids, warpers, logits_processor, generator) -> dict:
+    def loop_state(self, config, cache, device, batch_size, pad_id, eos_ids, warpers, logits_processor,
+                   generator) -> dict:
         """What the denoising loop carries: counters (nfe, committed, window_start), the step's constants
         (`StepConstants`), the ddpm schedule, the generator, the step function and whether it compiles."""
         rule = StepRule(self.config.mask_token_id, config.sampler, bool(config.do_sample),
                         float(config.confidence_threshold))
         constants = StepConstants(rule, eos_ids, warpers, logits_processor or None,
-                                  self.constant_modulations(cache, device))
+                                  self.constant_modulations(cache, device, batch_size))
         schedule = ddpm_schedule(config.num_steps, device) if config.sampler == "ddpm" else None
         compiles = self.compiles_steps(cache, config, device, logits_processor)
         return {"nfe": 0, "committed": 0, "window_start": 0, "history": [] if config.output_history else None,
                 "pad_id": pad_id, "constants": constants, "generator": generator, "ddpm_schedule": schedule,
                 "step": self.step_function(cache, config, compiles), "compiles": compiles}
 
-    def constant_modulations(self, cache, device):
+    def constant_modulations(self, cache, device, batch_size: int):
         """The adaLN modulations of a model without time conditioning (sigma = 0: constants of the weights),
         computed once per generation instead of at every call; None for time-conditioned models (theirs follow the
-        sampler's sigma). A static cache holds them at fixed addresses, as CUDA graphs need their inputs."""
+        sampler's sigma). One broadcast row, or one per row when hooks route rows (PEFT's `adapter_names=`). A static
+        cache holds them at fixed addresses, as CUDA graphs need their inputs."""
         if self.config.time_conditioning:
             return None
-        modulations = self.model.adaln_modulations(None, 1, device, self.model.embed_tokens.weight.dtype)
+        modulations = self.model.adaln_modulations(None, batch_size, device, self.model.embed_tokens.weight.dtype)
         return cache.hold_constants(modulations) if isinstance(cache, BD3LMStaticCache) else modulations
 
     def build_canvas(self, input_ids, attention_mask, block_size: int, max_new_tokens: int, pad_id: int,

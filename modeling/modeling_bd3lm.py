@@ -267,9 +267,10 @@ class BD3LMModel(BD3LMPreTrainedModel):
 
     def conditioning(self, timesteps: torch.Tensor | None, batch_size: int, device) -> torch.Tensor:
         """c = SiLU(sigma_map(sigma)) (B, C). Without time conditioning sigma is 0 and c a constant of the weights:
-        computed for one row (1, C) and broadcast, so that it is the same computation whatever the batch."""
+        computed for one row (1, C) and broadcast, so that it is the same computation whatever the batch; one row per
+        batch row when hooks route rows separately (`conditioning_routes_rows`)."""
         if timesteps is None or not self.config.time_conditioning:
-            timesteps = torch.zeros(1, device=device)
+            timesteps = torch.zeros(batch_size if self.conditioning_routes_rows() else 1, device=device)
         elif timesteps.shape != (batch_size,):
             raise ValueError(f"timesteps must have shape ({batch_size},) (one sigma per row), got "
                              f"{tuple(timesteps.shape)}.")
@@ -299,6 +300,15 @@ class BD3LMModel(BD3LMPreTrainedModel):
                     "'flex_attention' for the block-causal and 2L training masks.")
             return None
         return mask
+
+    def conditioning_routes_rows(self) -> bool:
+        """Whether forward pre-hooks sit on the conditioning's layers (the timestep MLP, the adaLN projections):
+        PEFT's mixed-adapter batches (`adapter_names=`) route each row through its own adapter that way, so a
+        broadcast row would serve every row with one adapter (PEFT refuses the mismatch)."""
+        if torch.compiler.is_compiling():  # hooks are fixed while a graph runs; a compiled forward gets no new ones
+            return False
+        modules = (self.timestep_embedder, self.norm_modulation, *(layer.adaln_modulation for layer in self.layers))
+        return any(inner._forward_pre_hooks for module in modules for inner in module.modules())
 
     def adaln_modulations(self, timesteps: torch.Tensor | None, batch_size: int, device, dtype):
         """The adaLN modulation of every layer, (B or 1, 1, 6H), then of the final norm, (B or 1, 1, 2H).

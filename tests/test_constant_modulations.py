@@ -65,7 +65,7 @@ def test_hoisted_modulations_give_the_tokens_of_per_call_ones(gen_model, cache, 
     settings = dict(attention_mask=mask, max_new_tokens=21, do_sample=do_sample, cache_implementation=cache)
     torch.manual_seed(3)
     hoisted = gen_model.generate(ids, **settings)
-    monkeypatch.setattr(type(gen_model), "constant_modulations", lambda self, cache, device: None)
+    monkeypatch.setattr(type(gen_model), "constant_modulations", lambda self, cache, device, batch_size: None)
     torch.manual_seed(3)
     assert torch.equal(gen_model.generate(ids, **settings), hoisted)
 
@@ -85,7 +85,7 @@ def test_static_cache_holds_them_in_place_and_follows_new_weights(gen_model, mon
     with torch.compiler.set_stance("fail_on_recompile"):
         second = model.generate(ids, **settings)
     assert [tensor.data_ptr() for tensor in second.past_key_values.constants] == addresses
-    monkeypatch.setattr(type(model), "constant_modulations", lambda self, cache, device: None)
+    monkeypatch.setattr(type(model), "constant_modulations", lambda self, cache, device, batch_size: None)
     per_call = model.generate(ids, attention_mask=mask, max_new_tokens=21, cache_implementation="static",
                               disable_compile=True)
     assert torch.equal(second.sequences, per_call) and not torch.equal(second.sequences, first.sequences)

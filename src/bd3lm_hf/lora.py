@@ -18,15 +18,18 @@ def register_peft_defaults() -> None:
 
 def lora_config(r: int = 8, lora_alpha: int = 16, lora_dropout: float = 0.0, target_modules=None, **kwargs):
     """A `peft.LoraConfig` for BD3-LM with the default target modules and task_type "CAUSAL_LM" (a `task_type`
-    in `kwargs` wins)."""
+    in `kwargs` wins). `target_modules` as PEFT takes it: names, "all-linear" or a regex."""
     from peft import LoraConfig
 
     # Without a task type PEFT records the base model's module (bd3lm_hf.modeling...) in the adapter's auto_mapping:
     # AutoPeftModelForCausalLM then refuses it (not in its import allowlist) and a machine without bd3lm_hf could
     # not import it. With CAUSAL_LM it rebuilds the base with AutoModelForCausalLM, from the folder's own code.
     kwargs.setdefault("task_type", "CAUSAL_LM")
-    return LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout,
-                      target_modules=list(target_modules or DEFAULT_LORA_TARGET_MODULES), **kwargs)
+    if target_modules is None:
+        target_modules = list(DEFAULT_LORA_TARGET_MODULES)
+    elif not isinstance(target_modules, str):  # a str is PEFT's: "all-linear", or a regex over module names
+        target_modules = list(target_modules)
+    return LoraConfig(r=r, lora_alpha=lora_alpha, lora_dropout=lora_dropout, target_modules=target_modules, **kwargs)
 
 
 def add_lora(model, config=None):
