@@ -6,8 +6,10 @@ import sys
 import textwrap
 
 import pytest
+import torch
 from conftest import random_model
 from huggingface_hub import ModelCard
+from transformers import AutoModelForCausalLM
 
 from bd3lm_hf.cli import main as cli
 from bd3lm_hf.hub import PAPER_CHECKPOINTS, HubError, card_for_repo, export_for_hub, paper_card, push_to_hub
@@ -311,3 +313,68 @@ def test_cards_name_the_folders_generation_defaults(exported):
         converted_card(model, "my-run", "me/my-run"))
     model.generation_config = type(model.generation_config)(sampler="first_hitting")
     assert '`sampler="first_hitting"` (otherwise greedy)' in str(converted_card(model, "my-run", "me/my-run"))
+
+
+def test_eval_runs_in_the_dtype_asked(exported, tmp_path, capsys):
+    from bd3lm_hf.data import shakespeare_files
+
+    held_out = tmp_path / "held_out.txt"
+    held_out.write_text(shakespeare_files()[5].read_text()[:8_000])
+    nelbo = {}
+    for dtype in ("float32", "bfloat16"):
+        assert cli(["eval", str(exported), "--data", str(held_out), "--max-sequences", "4", "--device", "cpu",
+                    "--dtype", dtype]) == 0
+        nelbo[dtype] = float(capsys.readouterr().out.split("NELBO ")[1].split()[0])
+    assert nelbo["float32"] != nelbo["bfloat16"] and abs(nelbo["float32"] - nelbo["bfloat16"]) < 0.1
+
+
+@pytest.fixture
+def adapter_folder(tmp_path):
+    """What `bd3lm-hf train --lora true` saves: adapters (naming their base folder) and the tokenizer."""
+    from test_lora import perturbed_lora
+
+    model = random_model(seed=3, std=0.05, vocab_size=50258, max_position_embeddings=64, eos_token_id=50256,
+                         bos_token_id=50256, pad_token_id=50256)
+    model.save_pretrained(tmp_path / "base")
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base", trust_remote_code=True)
+    peft_model = perturbed_lora(base)
+    peft_model.save_pretrained(tmp_path / "adapter")
+    gpt2_tokenizer_with_mask().save_pretrained(tmp_path / "adapter")
+    return tmp_path / "adapter", peft_model
+
+
+def test_export_merges_an_adapter_folder(adapter_folder, tmp_path, capsys):
+    folder, peft_model = adapter_folder
+    assert cli(["export", str(folder), str(tmp_path / "hub")]) == 0
+    assert {"config.json", "model.safetensors", "README.md"} <= {p.name for p in (tmp_path / "hub").iterdir()}
+    assert not (tmp_path / "hub" / "adapter_config.json").exists()
+    exported_model = AutoModelForCausalLM.from_pretrained(tmp_path / "hub", trust_remote_code=True).eval()
+    ids = torch.randint(0, 50257, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = peft_model(input_ids=ids).logits
+        with peft_model.disable_adapter():
+            assert not torch.allclose(peft_model(input_ids=ids).logits, expected, atol=1e-3)
+        torch.testing.assert_close(exported_model(input_ids=ids).logits, expected, rtol=0, atol=1e-5)
+    # the adapter folder is an input: never an output, even with --overwrite
+    assert cli(["export", str(folder), str(folder.parent), "--overwrite", "--tokenizer", str(folder)]) == 2
+    assert "is or contains the input" in capsys.readouterr().err
+
+
+def test_export_of_an_adapter_folder_whose_base_is_gone_is_a_one_line_error(adapter_folder, tmp_path, capsys):
+    import shutil
+
+    folder, _ = adapter_folder
+    shutil.rmtree(folder.parent / "base")
+    assert cli(["export", str(folder), str(tmp_path / "hub")]) == 2
+    err = capsys.readouterr().err
+    assert "cannot load the base model of the adapters" in err and "Traceback" not in err
+
+
+def test_export_refuses_a_model_that_carries_adapters(tmp_path):
+    from bd3lm_hf.lora import lora_config
+
+    model = random_model(vocab_size=50258, max_position_embeddings=64)
+    model.add_adapter(lora_config(r=2))
+    with pytest.raises(HubError, match="carries PEFT adapters"):
+        export_for_hub(model, gpt2_tokenizer_with_mask(), tmp_path / "hub")
+    assert not (tmp_path / "hub").exists()

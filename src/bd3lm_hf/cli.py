@@ -45,9 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser("eval", help="NELBO perplexity of a saved model on held-out text files")
     evaluate.add_argument("model", help="model folder or Hub id (loaded with trust_remote_code=True)")
     evaluate.add_argument("--data", nargs="+", required=True, help=".txt/.md/.json/.jsonl files")
-    evaluate.add_argument("--batch-size", type=positive_int, default=32)
-    evaluate.add_argument("--max-sequences", type=positive_int, default=None)
-    evaluate.add_argument("--seed", type=int, default=0)
+    evaluate.add_argument("--batch-size", type=positive_int, default=32, help="sequences per forward (default 32)")
+    evaluate.add_argument("--max-sequences", type=positive_int, default=None,
+                          help="score only the first N sequences (default: all)")
+    evaluate.add_argument("--seed", type=int, default=0, help="seed of the noise (times and masks) drawn per batch")
+    evaluate.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, ...")
+    evaluate.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"],
+                          help="weights' dtype (default float32; auto: bfloat16 on a GPU)")
     evaluate.add_argument("--wrap-framed", action="store_true",
                           help="lay the text out as the original bd3lms wrap mode (every sequence BOS + L-2 "
                                "tokens + EOS, its BOS not scored)")
@@ -79,14 +83,15 @@ def build_parser() -> argparse.ArgumentParser:
                           help="auto: bfloat16 on a GPU, float32 on CPU")
 
     export = commands.add_parser("export", help="write a Hub folder (weights, code, tokenizer, model card)")
-    export.add_argument("model", help="a saved model folder")
+    export.add_argument("model", help="a saved model folder, or the adapter folder of a `train --lora true` run "
+                                      "(merged into its base model)")
     export.add_argument("out_dir")
     export.add_argument("--repo-id", default=None, help="the repo id the card's snippets use")
     export.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the model folder)")
     export.add_argument("--metrics", default=None, help="JSON file of evaluation metrics for the card")
-    export.add_argument("--dataset", nargs="*", default=None)
-    export.add_argument("--license", default="apache-2.0")
-    export.add_argument("--overwrite", action="store_true")
+    export.add_argument("--dataset", nargs="*", default=None, help="datasets the card's metadata names")
+    export.add_argument("--license", default="apache-2.0", help="the card's license (default: apache-2.0)")
+    export.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
 
     push = commands.add_parser("push", help="upload an exported folder to the Hub")
     push.add_argument("folder")
@@ -200,7 +205,7 @@ def resolve_device(device: str) -> str:
 def run_eval(args) -> None:
     from .evaluation import nelbo_perplexity
 
-    model, tokenizer = load_for_inference(args.model)
+    model, tokenizer = load_for_inference(args.model, args.device, args.dtype)
     result = nelbo_perplexity(model, tokenizer, args.data, args.batch_size, args.max_sequences, args.seed,
                               framed=args.wrap_framed, ignore_first_token=args.ignore_first_token)
     print(f"NELBO {result['nelbo']:.4f} nats/token, perplexity <= {result['perplexity']:.2f} "
@@ -240,7 +245,8 @@ def run_export(args) -> None:
     model, tokenizer = load_for_export(args.model, args.tokenizer)
     metrics = read_json_object(args.metrics, "--metrics") if args.metrics else None
     out = export_for_hub(model, tokenizer, args.out_dir, repo_id=args.repo_id, metrics=metrics,
-                         datasets=args.dataset, license=args.license, overwrite=args.overwrite)
+                         datasets=args.dataset, license=args.license, overwrite=args.overwrite,
+                         sources=(args.model,))
     print(f"exported {out}")
 
 

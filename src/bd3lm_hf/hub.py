@@ -116,15 +116,16 @@ def _metrics_table(metrics: dict | None) -> str:
 
 def export_for_hub(model, tokenizer, out_dir, repo_id: str | None = None, metrics: dict | None = None,
                    datasets=None, license: str = "apache-2.0", summary: str | None = None,
-                   overwrite: bool = False) -> Path:
+                   overwrite: bool = False, sources=()) -> Path:
     """Write a Hub-ready folder: config.json (with auto_map), the modeling code, model.safetensors,
-    generation_config.json, tokenizer files and a README.md model card. Refuses an existing folder unless
-    `overwrite`, and a tokenizer that does not fit the model."""
+    generation_config.json, tokenizer files and a README.md model card. Refuses a non-empty folder unless
+    `overwrite`, a tokenizer that does not fit the model, and an output folder that is or holds an input (the
+    model's and tokenizer's folders, and `sources`: other folders the model came from)."""
     out_dir = Path(out_dir)
     _check_exportable(model, tokenizer)
     _check_metrics(metrics)
     check_output_folder(out_dir, overwrite, (getattr(model, "name_or_path", None),
-                                             getattr(tokenizer, "name_or_path", None)), HubError)
+                                             getattr(tokenizer, "name_or_path", None), *sources), HubError)
     summary = summary or f"A BD3-LM with block size {model.config.block_size}, trained with `bd3lm_hf`."
     card = render_card(model.config, repo_id or out_dir.resolve().name, sum(p.numel() for p in model.parameters()),
                        summary, metrics=metrics, datasets=datasets, license=license,
@@ -146,6 +147,11 @@ def _check_exportable(model, tokenizer) -> None:
     if not isinstance(model, BD3LMForBlockDiffusion) and type(model).__name__ != "BD3LMForBlockDiffusion":
         raise HubError(f"export_for_hub takes a BD3LMForBlockDiffusion, got {type(model).__name__} (merge LoRA "
                        "adapters with merge_and_unload() first).")
+    if getattr(model, "_hf_peft_config_loaded", False):  # transformers' load_adapter / add_adapter
+        raise HubError("the model carries PEFT adapters (load_adapter / add_adapter): save_pretrained would write "
+                       "the adapters only, without the model. Merge them first: load the adapter folder with "
+                       "peft's AutoPeftModelForCausalLM and call merge_and_unload(), or run `bd3lm-hf export "
+                       "ADAPTER_FOLDER OUT`, which merges.")
     raise_if_tokenizer_mismatch(tokenizer, model, HubError)  # the card's own snippet would fail with it
 
 
@@ -181,15 +187,33 @@ def finish_tokenizer_config(path: Path, model_max_length: int) -> None:
 
 
 def load_for_export(model_folder, tokenizer_folder=None):
-    """The model and tokenizer of a saved folder (`tokenizer_folder` when the tokenizer lives elsewhere)."""
+    """The model and tokenizer of a saved folder (`tokenizer_folder` when the tokenizer lives elsewhere). An adapter
+    folder (what `bd3lm-hf train --lora true` saves) is loaded onto its base model and merged: the export holds
+    the whole model."""
     from transformers import AutoModelForCausalLM
 
     model_folder = Path(model_folder)
-    if not (model_folder / "config.json").is_file():
-        raise HubError(f"{model_folder} is not a saved model folder (no config.json): export takes the folder "
-                       "save_pretrained (or `bd3lm-hf train`) wrote.")
-    model = AutoModelForCausalLM.from_pretrained(model_folder, trust_remote_code=True)
+    if (model_folder / "config.json").is_file():
+        model = AutoModelForCausalLM.from_pretrained(model_folder, trust_remote_code=True)
+    elif (model_folder / "adapter_config.json").is_file():
+        model = merged_adapter_model(model_folder)
+    else:
+        raise HubError(f"{model_folder} is not a saved model folder (no config.json, no adapter_config.json): "
+                       "export takes the folder save_pretrained (or `bd3lm-hf train`) wrote.")
     return model, load_tokenizer(tokenizer_folder or model_folder, "pass --tokenizer FOLDER")
+
+
+def merged_adapter_model(adapter_folder: Path):
+    """The base model named by the adapter folder, with the adapters merged into its weights."""
+    from peft import AutoPeftModelForCausalLM
+
+    logger.info("%s holds adapters: loading their base model and merging them", adapter_folder)
+    try:
+        peft_model = AutoPeftModelForCausalLM.from_pretrained(adapter_folder, trust_remote_code=True)
+    except (OSError, ValueError) as error:  # the base (base_model_name_or_path) moved, or is not on this machine
+        raise HubError(f"cannot load the base model of the adapters in {adapter_folder} (its adapter_config.json "
+                       f"names base_model_name_or_path): {str(error).splitlines()[0]}") from None
+    return peft_model.merge_and_unload()
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
