@@ -34,7 +34,8 @@ class BD3LMConfig(PretrainedConfig):
         cond_dim (`int`, defaults to 128): width of the time-conditioning vector feeding adaLN.
         max_position_embeddings (`int`, defaults to 1024): the training context L; `block_size` must divide it.
         block_size (`int`, defaults to 16): tokens per diffusion block L'.
-        mask_token_id (`int`, defaults to 50257): id of the absorbing [MASK] token.
+        mask_token_id (`int`, optional): id of the absorbing [MASK] token; defaults to the last id, `vocab_size - 1`
+            (50257 for GPT-2 + [MASK], as the OWT checkpoints).
         time_conditioning (`bool`, defaults to False): feed sigma(t) to adaLN (MDLM); BD3-LM feeds 0.
         hidden_dropout (`float`, defaults to 0.1): dropout on the attention and MLP residual branches.
         rope_theta (`float`, defaults to 10000.0): rotary base.

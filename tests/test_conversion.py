@@ -24,6 +24,24 @@ def test_round_trip_is_bit_identical(fixtures, tmp_path, case):
         assert back.get(field) == pytest.approx(original[field]), field  # approx: the clip range went via fp32
 
 
+def test_round_trip_keeps_the_flags_of_a_single_block_checkpoint_saved_as_bd3lm(fixtures, tmp_path):
+    """One block over the context (block_size = model_length) saved with the BD3-LM flags (var_min: the weights hold
+    the clip buffers; cross_attn true): the shape implies neither, so the conversion records them and writes them
+    back: the same weights byte for byte and the same flags."""
+    shutil.copytree(fixtures / "bd3lm_public", tmp_path / "source")
+    config = json.loads((tmp_path / "source" / "config.json").read_text())
+    config["block_size"] = config["model_length"]
+    (tmp_path / "source" / "config.json").write_text(json.dumps(config))
+    assert cli(["convert", str(tmp_path / "source"), str(tmp_path / "ours")]) == 0
+    assert cli(["convert", str(tmp_path / "ours"), str(tmp_path / "original"), "--to-original"]) == 0
+    weights = (tmp_path / "source" / "model.safetensors").read_bytes()
+    assert (tmp_path / "original" / "model.safetensors").read_bytes() == weights
+    back = json.loads((tmp_path / "original" / "config.json").read_text())
+    assert (back["var_min"], back["cross_attn"], back["block_size"]) == (True, True, config["model_length"])
+    model = BD3LMForBlockDiffusion.from_pretrained(tmp_path / "ours")
+    assert model.config.block_size == model.config.max_position_embeddings  # one block, as the shape says
+
+
 def test_clip_range_from_weights_wins_over_config_json(fixtures):
     model = load_original(fixtures / "bd3lm_public")
     buffers = load_file(fixtures / "bd3lm_public" / "model.safetensors")

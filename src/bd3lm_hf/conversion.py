@@ -97,12 +97,40 @@ def config_from_original(original: dict, clip_range: tuple[float, float] | None 
         fields.setdefault("sampling_eps_max", 1.0)
     if clip_range is not None:  # the grid-searched values saved with the weights win over config.json
         fields["sampling_eps_min"], fields["sampling_eps_max"] = clip_range
+    config = BD3LMConfig(**{**fields, **implied_mask_id(fields)})
+    # The original's var_min (its weights hold the clip buffers) and cross_attn, where they differ from what the
+    # shape implies (e.g. an MDLM-shaped checkpoint saved with BD3-LM flags): kept, so that the conversion back
+    # writes the same files.
+    found = {"var_min": clip_range is not None, "cross_attn": original.get("cross_attn", not is_single_block(config))}
+    deviations = {name: value for name, value in found.items() if value != implied_flags(config)[name]}
+    if deviations:
+        config.original_flags = deviations
+    return config
+
+
+def implied_mask_id(fields: dict) -> dict:
+    """The mask id an original config implies when it records none."""
     if "mask_token_id" not in fields and fields.get("vocab_size") == BERT_VOCAB_SIZE:
         # The original records no mask id: OWT models append [MASK] last (our default), LM1B models use
         # bert-base-uncased, whose own [MASK] is 103.
-        fields["mask_token_id"] = BERT_MASK_ID
         logger.info("vocab_size %d (bert-base-uncased, LM1B): mask_token_id = %d", BERT_VOCAB_SIZE, BERT_MASK_ID)
-    return BD3LMConfig(**fields)
+        return {"mask_token_id": BERT_MASK_ID}
+    return {}
+
+
+def is_single_block(config: BD3LMConfig) -> bool:
+    """MDLM-shaped: one block over the whole context (the original's cross_attn=False)."""
+    return config.block_size == config.max_position_embeddings
+
+
+def implied_flags(config: BD3LMConfig) -> dict:
+    """The original's var_min and cross_attn for our shape: both on for a BD3-LM, off for one block (MDLM)."""
+    return {"var_min": not is_single_block(config), "cross_attn": not is_single_block(config)}
+
+
+def original_flags(config: BD3LMConfig) -> dict:
+    """var_min and cross_attn to write: the shape's, unless the converted checkpoint had others (`original_flags`)."""
+    return {**implied_flags(config), **(getattr(config, "original_flags", None) or {})}
 
 
 def config_to_original(config: BD3LMConfig, dtype: str = "float32") -> dict:
@@ -110,10 +138,9 @@ def config_to_original(config: BD3LMConfig, dtype: str = "float32") -> dict:
     _check_expressible_in_original(config)
     inverse = {v: k for k, v in ORIGINAL_FIELD_NAMES.items()}
     original = {inverse[name]: getattr(config, name) for name in inverse}
-    is_mdlm = config.block_size == config.max_position_embeddings
     original.update(
         model_type="bd3lm", block_size=config.block_size, vocab_size=config.vocab_size, cond_dim=config.cond_dim,
-        time_conditioning=config.time_conditioning, cross_attn=not is_mdlm, var_min=not is_mdlm,
+        time_conditioning=config.time_conditioning, **original_flags(config),
         sampling_eps_min=config.sampling_eps_min, sampling_eps_max=config.sampling_eps_max,
         attn_backend="sdpa", adaln=True, causal=False, architectures=["BD3LM"],
         auto_map={"AutoConfig": "configuration_bd3lm.BD3LMConfig", "AutoModelForMaskedLM": "modeling_bd3lm.BD3LM"},
@@ -194,7 +221,7 @@ def convert_to_original_state_dict(state_dict: dict[str, torch.Tensor], config: 
     """Our state dict -> the original keys, with the rotary buffer and (for BD3-LM) the clip-range buffers."""
     original = {ours_to_original_key(k): v for k, v in state_dict.items()}
     original[ROTARY_KEY] = 1.0 / (config.rope_theta ** (torch.arange(0, config.head_dim, 2).float() / config.head_dim))
-    if config.block_size != config.max_position_embeddings:
+    if original_flags(config)["var_min"]:
         original["sampling_eps_min"] = torch.tensor(config.sampling_eps_min, dtype=torch.float32)
         original["sampling_eps_max"] = torch.tensor(config.sampling_eps_max, dtype=torch.float32)
     return original

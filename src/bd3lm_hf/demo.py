@@ -31,7 +31,8 @@ class DemoArguments:
 
 
 def training_defaults() -> list[str]:
-    """The demo's training settings (DESIGN.md §5's tiny model); flags given on the command line override them."""
+    """The demo's training settings (the project's tiny model, H 128, 2 layers, 4 heads, BPE vocabulary 1024, L 64,
+    block 4: ~1 minute of training on 2 CPU cores); flags given on the command line override them."""
     defaults = ["--output_dir", "demo_out/run", "--max_steps", "800", "--per_device_train_batch_size", "16",
                 "--per_device_eval_batch_size", "64", "--learning_rate", "2e-3", "--warmup_steps", "50",
                 "--logging_steps", "100", "--eval_strategy", "no", "--save_strategy", "no", "--report_to", "none",

@@ -257,8 +257,10 @@ def paper_card(name: str, repo_id: str | None = None) -> ModelCard:
                   "whatever EOS they held: `generate(..., max_new_tokens=1024, eos_token_id=[])` starting from "
                   "`<|endoftext|>` gives texts of that kind.")
     clip_range = None  # MDLM's weights hold none: it trains over the full range, which the conversion writes
-    if not name.startswith("mdlm"):
+    if config.block_size < config.max_position_embeddings:
         clip_range = "the grid-searched range stored with the weights (kept by the conversion)"
+    elif not name.startswith("mdlm"):  # the pretrain: its release's files say which range, the card cannot
+        clip_range = "the range of the released files, from the weights where they hold one (kept by the conversion)"
     return render_card(config, repo_id, parameters, summary, results=PAPER_RESULTS,
                        provenance=provenance, datasets=["Skylion007/openwebtext"], license="apache-2.0",
                        example_prompt="The capital of France is", clip_range=clip_range,

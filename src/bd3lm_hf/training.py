@@ -40,18 +40,20 @@ class BD3LMTrainingConfig:
     eval_split: float = field(default=0.05, metadata={"help": "fraction of training sequences held out when no "
                                                               "eval_data is given (shakespeare: whole plays)"})
     shakespeare_plays: int = field(default=12, metadata={"help": "plays to train on; the next 2 are held out"})
-    text_column: str = "text"
+    text_column: str = field(default="text", metadata={"help": "column of .json/.jsonl data holding the text "
+                                                               "(default: text)"})
     wrap_framed: bool = field(default=False, metadata={"help": "wrap data laid out as the original: every "
                                                                "sequence BOS + L-2 tokens + EOS, its BOS never "
                                                                "noised nor scored"})
     sft: bool = field(default=False, metadata={"help": "prompt/response finetuning instead of wrap pretraining"})
-    prompt_column: str = "prompt"
-    response_column: str = "response"
+    prompt_column: str = field(default="prompt", metadata={"help": "SFT prompt column (default: prompt)"})
+    response_column: str = field(default="response", metadata={"help": "SFT response column (default: response)"})
     messages_column: str | None = field(default=None, metadata={"help": "chat messages column (uses the template)"})
     tokenizer: str | None = field(default=None, metadata={"help": "'bpe' (trained on the data), 'gpt2' (GPT-2 BPE "
                                                                    "+ [MASK]) or a tokenizer folder; default: the "
                                                                    "init_from folder's, else 'bpe'"})
-    bpe_vocab_size: int = 1024
+    bpe_vocab_size: int = field(default=1024, metadata={"help": "vocabulary of the BPE trained on the data, [MASK] "
+                                                                "included (default 1024)"})
     init_from: str | None = field(default=None, metadata={"help": "pretrained BD3-LM folder to finetune"})
     max_position_embeddings: int | None = field(default=None, metadata={"help": "sequence length L (default: the "
                                                                                 "init_from model's, else 64)"})
@@ -69,16 +71,20 @@ class BD3LMTrainingConfig:
                                                                   "GPU), on, off"})
     eps_min: float = field(default=1e-3, metadata={"help": "training clip range: lowest t"})
     eps_max: float = field(default=1.0, metadata={"help": "training clip range: highest t"})
-    resample: bool = False
+    resample: bool = field(default=False, metadata={"help": "redraw the masks of blocks whose masked fraction falls "
+                                                            "outside the clip range (the original's resample)"})
     ignore_first_token: bool = field(default=False, metadata={"help": "never noise a sequence's first token and leave "
                                                                       "it out of evaluation scores (the original's "
                                                                       "ignore_bos, on in its BD3-LM runs)"})
     ema_decay: float = field(default=0.9999, metadata={"help": "0 disables the EMA"})
-    clip_search: bool = False
-    clip_search_batches: int = 100
-    lora: bool = False
-    lora_r: int = 8
-    lora_alpha: int = 16
+    clip_search: bool = field(default=False, metadata={"help": "at each evaluation, pick the clip range with the "
+                                                               "lowest loss variance (36 candidates; needs an "
+                                                               "eval_strategy)"})
+    clip_search_batches: int = field(default=100, metadata={"help": "eval batches per candidate range (default 100)"})
+    lora: bool = field(default=False, metadata={"help": "train LoRA adapters only (needs init_from); the run saves "
+                                                        "the adapters, `bd3lm-hf export` merges them"})
+    lora_r: int = field(default=8, metadata={"help": "LoRA rank (default 8)"})
+    lora_alpha: int = field(default=16, metadata={"help": "LoRA alpha (default 16)"})
 
     def __post_init__(self):
         """Shape fields left unset take the `init_from` model's (context, block size) or a new model's defaults;
