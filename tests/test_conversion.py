@@ -158,13 +158,15 @@ def test_lightning_checkpoint_with_pickled_objects_is_refused(tmp_path):
         load_original(tmp_path / "bad.ckpt")
 
 
-def test_cli_reports_errors_without_traceback(fixtures, tmp_path, caplog):
+def test_cli_reports_errors_without_traceback(fixtures, tmp_path, capsys):
     shutil.copytree(fixtures / "bd3lm_public", tmp_path / "src")
     state = load_file(tmp_path / "src" / "model.safetensors")
     del state["backbone.output_layer.linear.bias"]
     save_file(state, tmp_path / "src" / "model.safetensors")
     assert cli(["convert", str(tmp_path / "src"), str(tmp_path / "dst")]) == 2
     assert not (tmp_path / "dst").exists()
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and "backbone.output_layer.linear.bias" in err, err
 
 
 def test_block_size_contradicting_the_checkpoint_config_is_an_error(fixtures, tmp_path):

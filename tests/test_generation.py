@@ -624,6 +624,36 @@ def test_generation_past_the_context_slides_the_cache():
         assert torch.equal(single[0, alone.shape[1]:], long.sequences[row, ids.shape[1]:])
 
 
+def test_past_the_context_every_call_sees_one_context_at_absolute_positions():
+    """The sliding window call by call: each call attends to exactly min(end, context) tokens (cached + its own,
+    `end` the end of its block) and feeds rotary the absolute positions of its tokens, which keep counting past the
+    context (relative distances stay exact)."""
+    context, block = 32, 4
+    model = random_model(seed=1, std=0.12, max_position_embeddings=context)
+    calls = []
+
+    def record_cache(module, args, kwargs):
+        cache = kwargs["past_key_values"]
+        calls.append({"cached": cache.get_seq_length() if cache is not None else 0, "width": args[0].shape[1]})
+
+    def record_positions(module, args):
+        calls[-1]["positions"] = args[0][0].tolist()
+
+    hooks = [model.model.register_forward_pre_hook(record_cache, with_kwargs=True),
+             model.model.rotary_emb.register_forward_pre_hook(record_positions)]
+    try:
+        out = model.generate(torch.tensor([[5, 6, 7, 8, 9, 10]]), max_new_tokens=60, do_sample=False)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    for call in calls:
+        positions, end = call["positions"], call["positions"][-1] + 1
+        assert positions == list(range(end - call["width"], end)) and end % block == 0
+        assert call["cached"] + call["width"] == min(end, context), call
+    # the canvas: prompt 6 = one block + 2 tokens, then 60 new ones: 17 blocks, positions up to 67
+    assert out.shape[1] == 66 and max(call["positions"][-1] for call in calls) + 1 == 68
+
+
 @pytest.fixture(scope="module")
 def mdlm_model():
     """A time-conditioned, single-block model (the MDLM flavour): sigma(t) reaches adaLN."""
@@ -722,11 +752,19 @@ def test_static_cache_generation_under_autocast_gives_the_dynamic_caches_tokens(
     the static cache stores both in its own dtype, as the dynamic cache's concatenation promotes them."""
     ids, mask = prompts()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        tokens = {cache: gen_model.generate(ids, attention_mask=mask, max_new_tokens=9, cache_implementation=cache)
-                  for cache in (None, "static")}
+        outputs = {cache: gen_model.generate(ids, attention_mask=mask, max_new_tokens=9, cache_implementation=cache,
+                                             return_dict_in_generate=True) for cache in (None, "static")}
+    tokens = {cache: output.sequences for cache, output in outputs.items()}
     new = slice(ids.shape[1], None)  # bf16 paths round differently (README), so near-ties may flip a token
     agreement = (tokens["static"][:, new] == tokens[None][:, new]).float().mean()
     assert tokens["static"].shape == tokens[None].shape and agreement >= 0.8
+    # what is stored is exact: the first layer's keys/values of the prompt's whole blocks (committed by the first
+    # call, whose tokens are the same in both paths and whose first layer does not attend yet) are equal
+    dynamic, static = (outputs[cache].past_key_values.layers[0] for cache in (None, "static"))
+    prompt_blocks = 8  # prompts of 7, 4 and 10 tokens in blocks of 4: two whole blocks before the first to denoise
+    assert static.keys.dtype == torch.float32
+    for stored, reference in ((static.keys, dynamic.keys), (static.values, dynamic.values)):
+        assert torch.equal(stored[:, :, :prompt_blocks], reference[:, :, :prompt_blocks].to(stored.dtype))
 
 
 def test_generation_calls_never_collect_hidden_states(gen_model):
@@ -764,15 +802,17 @@ def test_generate_refuses_a_mask_token_outside_the_vocabulary():
 
 def test_an_empty_eos_list_means_fixed_length_generation():
     """eos_token_id=[] turns EOS off (the paper's fixed-length samples), even when the model has one."""
-    model = random_model(seed=1, std=0.12, max_position_embeddings=128, eos_token_id=7, pad_token_id=0)
-    prompt = torch.randint(0, MASK, (1, 5))
-    free = model.generate(prompt, max_new_tokens=40, do_sample=True, generator=torch.Generator().manual_seed(0),
-                          eos_token_id=[])
-    assert free.shape == (1, 45)
-    stopping = model.generate(prompt, max_new_tokens=40, do_sample=True, generator=torch.Generator().manual_seed(0))
-    if (free[0, 5:] == 7).any():  # the same draws: EOS on, the row stops and pads after its first 7
-        first = int((free[0, 5:] == 7).nonzero()[0])
-        assert (stopping[0, 5 + first + 1:] == 0).all()
+    model = random_model(seed=1, std=0.12, max_position_embeddings=128, pad_token_id=0)
+    prompt = torch.randint(1, MASK, (1, 5), generator=torch.Generator().manual_seed(0))
+    settings = dict(max_new_tokens=40, do_sample=True)
+    free = model.generate(prompt, generator=torch.Generator().manual_seed(0), **settings)
+    eos = next(int(token) for token in free[0, 8:] if token != 0)  # a token the row makes early on
+    model.generation_config.eos_token_id = eos
+    stopping = model.generate(prompt, generator=torch.Generator().manual_seed(0), **settings)
+    first = int((free[0, 5:] == eos).nonzero()[0])  # the same draws: EOS on, the row stops after its first `eos`
+    assert (stopping[0, 5 + first + 1:] == 0).all() and not torch.equal(stopping, free)
+    fixed = model.generate(prompt, generator=torch.Generator().manual_seed(0), eos_token_id=[], **settings)
+    assert torch.equal(fixed, free)  # the model's EOS is off: all 40 tokens, as without one
 
 
 def test_an_explicit_none_for_a_switch_means_its_default(gen_model):
@@ -780,4 +820,5 @@ def test_an_explicit_none_for_a_switch_means_its_default(gen_model):
     expected = gen_model.generate(prompt, max_new_tokens=8, return_dict_in_generate=True)
     out = gen_model.generate(prompt, max_new_tokens=8, num_return_sequences=None, use_cache=None,
                              return_dict_in_generate=True)
-    assert torch.equal(out.sequences, expected.sequences) and out.nfe == expected.nfe  # cached: the same calls
+    assert torch.equal(out.sequences, expected.sequences) and out.nfe == expected.nfe
+    assert out.past_key_values is not None and out.past_key_values.get_seq_length() > 0  # cached, the default

@@ -289,6 +289,21 @@ def test_position_ids_do_not_move_the_blocks_of_the_2l_pass(model):
     torch.testing.assert_close(moved, base, atol=1e-4, rtol=0)
 
 
+@torch.no_grad()
+def test_2l_pass_with_position_ids_equals_per_block_computation(model):
+    """Uneven position_ids (a gap mid-sequence, as packed or edited text may have): block k of the 2L pass == the
+    inference forward on [clean blocks < k ; noisy block k] with the same positions; they change the logits."""
+    x0, xt = noisy_batch()
+    bs = model.config.block_size
+    positions = torch.arange(32)[None].expand(3, 32) + torch.where(torch.arange(32) >= 13, 40, 0)
+    logits_2l = model(input_ids=xt, labels=x0, position_ids=positions).logits
+    assert (logits_2l - model(input_ids=xt, labels=x0).logits).abs().max() > 1e-2
+    for k in range(x0.shape[1] // bs):
+        window = torch.cat([x0[:, : k * bs], xt[:, k * bs : (k + 1) * bs]], dim=1)
+        per_block = model(input_ids=window, position_ids=positions[:, : (k + 1) * bs]).logits[:, -bs:]
+        torch.testing.assert_close(logits_2l[:, k * bs : (k + 1) * bs], per_block, atol=2e-5, rtol=0)
+
+
 def test_gradient_checkpointing_refuses_a_cache_in_training(model):
     from bd3lm_hf import BD3LMCache
 
