@@ -21,11 +21,16 @@ EXPECTED_FILES = ["README.md", "cache_bd3lm.py", "config.json", "configuration_b
                   "modeling_bd3lm.py", "sampling_bd3lm.py", "tokenizer.json", "tokenizer_config.json"]
 
 
+def gpt2_vocabulary_model():
+    """A tiny model over GPT-2's vocabulary + [MASK], with its special tokens: it fits gpt2_tokenizer_with_mask()."""
+    return random_model(seed=3, std=0.05, vocab_size=50258, max_position_embeddings=64, eos_token_id=50256,
+                        bos_token_id=50256, pad_token_id=50256)
+
+
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
     folder = tmp_path_factory.mktemp("hub") / "tiny-bd3lm"
-    model = random_model(seed=3, std=0.05, vocab_size=50258, max_position_embeddings=64, eos_token_id=50256,
-                         bos_token_id=50256, pad_token_id=50256)
+    model = gpt2_vocabulary_model()
     export_for_hub(model, gpt2_tokenizer_with_mask(), folder, repo_id="someone/tiny-bd3lm",
                    metrics={"eval_nelbo": 5.2, "eval_perplexity": 181.27}, datasets=["shakespeare"])
     return folder
@@ -333,8 +338,7 @@ def adapter_folder(tmp_path):
     """What `bd3lm-hf train --lora true` saves: adapters (naming their base folder) and the tokenizer."""
     from test_lora import perturbed_lora
 
-    model = random_model(seed=3, std=0.05, vocab_size=50258, max_position_embeddings=64, eos_token_id=50256,
-                         bos_token_id=50256, pad_token_id=50256)
+    model = gpt2_vocabulary_model()
     model.save_pretrained(tmp_path / "base")
     base = AutoModelForCausalLM.from_pretrained(tmp_path / "base", trust_remote_code=True)
     peft_model = perturbed_lora(base)

@@ -101,8 +101,9 @@ def config_from_original(original: dict, clip_range: tuple[float, float] | None 
     # The original's var_min (its weights hold the clip buffers) and cross_attn, where they differ from what the
     # shape implies (e.g. an MDLM-shaped checkpoint saved with BD3-LM flags): kept, so that the conversion back
     # writes the same files.
-    found = {"var_min": clip_range is not None, "cross_attn": original.get("cross_attn", not is_single_block(config))}
-    deviations = {name: value for name, value in found.items() if value != implied_flags(config)[name]}
+    implied = implied_flags(config)
+    found = {"var_min": clip_range is not None, "cross_attn": original.get("cross_attn", implied["cross_attn"])}
+    deviations = {name: value for name, value in found.items() if value != implied[name]}
     if deviations:
         config.original_flags = deviations
     return config
@@ -118,14 +119,10 @@ def implied_mask_id(fields: dict) -> dict:
     return {}
 
 
-def is_single_block(config: BD3LMConfig) -> bool:
-    """MDLM-shaped: one block over the whole context (the original's cross_attn=False)."""
-    return config.block_size == config.max_position_embeddings
-
-
 def implied_flags(config: BD3LMConfig) -> dict:
     """The original's var_min and cross_attn for our shape: both on for a BD3-LM, off for one block (MDLM)."""
-    return {"var_min": not is_single_block(config), "cross_attn": not is_single_block(config)}
+    several_blocks = config.num_blocks > 1
+    return {"var_min": several_blocks, "cross_attn": several_blocks}
 
 
 def original_flags(config: BD3LMConfig) -> dict:

@@ -257,7 +257,7 @@ def paper_card(name: str, repo_id: str | None = None) -> ModelCard:
                   "whatever EOS they held: `generate(..., max_new_tokens=1024, eos_token_id=[])` starting from "
                   "`<|endoftext|>` gives texts of that kind.")
     clip_range = None  # MDLM's weights hold none: it trains over the full range, which the conversion writes
-    if config.block_size < config.max_position_embeddings:
+    if config.num_blocks > 1:
         clip_range = "the grid-searched range stored with the weights (kept by the conversion)"
     elif not name.startswith("mdlm"):  # the pretrain: its release's files say which range, the card cannot
         clip_range = "the range of the released files, from the weights where they hold one (kept by the conversion)"
