@@ -111,9 +111,8 @@ class BD3LMStaticCache(StaticCache):
 
     def noise_buffers(self, batch_size: int, block_size: int, vocab_size: int, device):
         """Held buffers for one step's random draws, (B, bs, V) and (B, bs), filled in place by `torch.rand(out=)`."""
-        dtype = torch.get_default_dtype()  # what torch.rand draws
-        self.noise = (self.held_buffer("noise_tokens", (batch_size, block_size, vocab_size), dtype, device),
-                      self.held_buffer("noise_positions", (batch_size, block_size), dtype, device))
+        self.noise = (self.held_buffer("noise_tokens", (batch_size, block_size, vocab_size), torch.float32, device),
+                      self.held_buffer("noise_positions", (batch_size, block_size), torch.float32, device))
         return self.noise
 
     def committed_length(self) -> torch.Tensor:

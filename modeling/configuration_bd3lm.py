@@ -2,6 +2,8 @@
 
 from transformers import PretrainedConfig
 
+from .diffusion_bd3lm import check_clip_range
+
 # Field names of the original bd3lms `config.json` (model_type "bd3lm" and "mdlm") -> our HF-style names.
 ORIGINAL_FIELD_NAMES = {
     "hidden_dim": "hidden_size",
@@ -129,10 +131,7 @@ class BD3LMConfig(PretrainedConfig):
                 f"allowed: the divisors of {self.max_position_embeddings}.")
         if not 0 <= self.mask_token_id < self.vocab_size:
             raise ValueError(f"mask_token_id={self.mask_token_id} must be in [0, vocab_size={self.vocab_size}).")
-        if not 0.0 <= self.sampling_eps_min < self.sampling_eps_max <= 1.0:
-            raise ValueError(
-                f"need 0 <= sampling_eps_min < sampling_eps_max <= 1, got "
-                f"[{self.sampling_eps_min}, {self.sampling_eps_max}].")
+        check_clip_range(self.sampling_eps_min, self.sampling_eps_max, ("sampling_eps_min", "sampling_eps_max"))
         if not 0.0 <= self.hidden_dropout < 1.0:
             raise ValueError(f"hidden_dropout must be in [0, 1), got {self.hidden_dropout}.")
         if getattr(self, "tie_word_embeddings", False):
@@ -179,8 +178,8 @@ def _take_original_fields(kwargs: dict) -> dict:
             kwargs.pop(name, None)
     renamed = {new: kwargs.pop(old) for old, new in ORIGINAL_FIELD_NAMES.items() if old in kwargs}
     for name, allowed in ORIGINAL_FIELDS_CHECKED.items():
-        if name in kwargs and kwargs.pop(name) != allowed:
-            raise ValueError(f"original field {name}={not allowed} is not supported; only {name}={allowed} is.")
+        if name in kwargs and (value := kwargs.pop(name)) != allowed:
+            raise ValueError(f"original field {name}={value!r} is not supported; only {name}={allowed} is.")
     if "cross_attn" in kwargs:
         renamed["cross_attn"] = kwargs["cross_attn"]
     for name in ORIGINAL_FIELDS_DROPPED:

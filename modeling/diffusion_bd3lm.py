@@ -9,6 +9,12 @@ import torch
 import torch.nn.functional as F
 
 
+def check_clip_range(low: float, high: float, names: tuple[str, str] = ("eps_min", "eps_max")) -> None:
+    """A clip range of noise levels must be a non-empty interval inside [0, 1]."""
+    if not 0.0 <= low < high <= 1.0:
+        raise ValueError(f"need 0 <= {names[0]} < {names[1]} <= 1, got [{low}, {high}].")
+
+
 def sample_block_noise_levels(batch_size: int, num_blocks: int, eps_min: float = 1e-3, eps_max: float = 1.0,
                               generator: torch.Generator | None = None, device=None) -> torch.Tensor:
     """Low-discrepancy per-block noise levels t (batch_size, num_blocks) inside the clip range [eps_min, eps_max].
@@ -16,11 +22,11 @@ def sample_block_noise_levels(batch_size: int, num_blocks: int, eps_min: float =
     u ~ U(0,1) on the (B, nb) grid is shrunk into the k-th of B*nb equal strata, so that the batch covers [0, 1)
     evenly (the original's "antithetic" sampling), then rescaled into the clip range.
     """
-    if not 0.0 <= eps_min < eps_max <= 1.0:
-        raise ValueError(f"need 0 <= eps_min < eps_max <= 1, got [{eps_min}, {eps_max}].")
+    check_clip_range(eps_min, eps_max)
     cells = batch_size * num_blocks
-    u = torch.rand((batch_size, num_blocks), generator=generator, device=device)
-    offsets = torch.arange(cells, device=device).view(batch_size, num_blocks) / cells
+    # fp32 whatever torch's default dtype: in bf16 the strata collapse (~850 distinct t in 8192 draws)
+    u = torch.rand((batch_size, num_blocks), dtype=torch.float32, generator=generator, device=device)
+    offsets = torch.arange(cells, dtype=torch.float32, device=device).view(batch_size, num_blocks) / cells
     t = (u / cells + offsets) % 1
     return t * (eps_max - eps_min) + eps_min
 
@@ -44,7 +50,7 @@ def q_xt(input_ids: torch.Tensor, noise_levels: torch.Tensor, block_size: int, m
         raise ValueError(f"keep must be a bool tensor of the shape of input_ids {tuple(input_ids.shape)}, got "
                          f"{keep.dtype} {tuple(keep.shape)}.")
     t = per_token_noise_levels(noise_levels, block_size, input_ids.shape[-1])
-    move = torch.rand(input_ids.shape, generator=generator, device=input_ids.device) <= t
+    move = torch.rand(input_ids.shape, dtype=torch.float32, generator=generator, device=input_ids.device) <= t
     if keep is not None:
         move = move & ~keep
     return torch.where(move, mask_token_id, input_ids)

@@ -16,6 +16,7 @@ from transformers.utils import ModelOutput, logging
 
 from .cache_bd3lm import BD3LMCache, BD3LMStaticCache
 from .diffusion_bd3lm import sigma_from_noise_level
+from .masking_bd3lm import real_token_positions
 from .sampling_bd3lm import (SAMPLERS, StepRule, block_noise_level, config_processors, ddpm_schedule, draw_step_noise,
                              low_entropy_rows, process_logits, sample_step, sampling_warpers)
 
@@ -657,7 +658,7 @@ class BD3LMGenerationMixin(GenerationMixin):
         CUDA graph reads them in place, so that a replay copies nothing in (the block's mask, fixed positions and
         EOS ban once per block; the tokens and the ddpm schedule once per step)."""
         width = end - start
-        # columns past the canvas are masked (the cursor rule masks them too)
+        # columns past the canvas are marked valid here: the cursor rule masks every key past the block's end
         mask = cache.step_input("attention_mask", F.pad(valid, (0, cache.capacity - valid.shape[1]), value=True))
         fixed, banned_eos = cache.step_input("fixed", fixed), cache.step_input("banned_eos", banned_eos)
         context = processor_context(canvas, valid, start, end, state)  # fixed for the block
@@ -708,7 +709,7 @@ class BD3LMGenerationMixin(GenerationMixin):
         committed = state["committed"]
         positions = None
         if window_start:  # absolute positions; the window alone would restart them at 0
-            positions = (valid[:, :end].long().cumsum(-1) - 1).clamp(min=0)[:, committed:end]
+            positions = real_token_positions(valid[:, :end])[:, committed:end]
         logits = self.denoise_forward(canvas[:, committed:end], valid[:, window_start:end], cache,
                                       start - committed or False, end - start, positions, timesteps,
                                       state["constants"].modulations)
@@ -780,8 +781,7 @@ def start_block(canvas, valid, prompt_tail, done, start: int, block_size: int, p
 def infer_attention_mask(input_ids, pad_token_id, eos_token_id):
     """transformers' rule for a missing attention_mask: padding where the pad id occurs, unless it is also an EOS id
     (then it cannot be told from text: all ones, with a warning for a batch)."""
-    eos_ids = [] if eos_token_id is None else [eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id)
-    distinct_pad = pad_token_id is not None and pad_token_id not in eos_ids
+    distinct_pad = pad_token_id is not None and pad_token_id not in id_list(eos_token_id)
     if distinct_pad and bool((input_ids == pad_token_id).any()):
         return (input_ids != pad_token_id).long()
     if input_ids.shape[0] > 1 and not distinct_pad:  # a distinct pad id that does not occur: nothing is padded
@@ -837,14 +837,15 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def id_list(ids) -> list[int]:
+    """A config's token id setting (None, an int or a list of ints) as a list."""
+    return [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+
+
 def _as_id_tensor(ids, device):
-    if ids is None or (not isinstance(ids, int) and len(ids) == 0):  # [] = no EOS: fixed-length generation
-        return None
-    return torch.tensor([ids] if isinstance(ids, int) else list(ids), device=device)
+    ids = id_list(ids)  # [] = no EOS: fixed-length generation
+    return torch.tensor(ids, device=device) if ids else None
 
 
 def _first_id(*candidates, default):
-    for ids in candidates:
-        if ids is not None and (isinstance(ids, int) or len(ids)):
-            return ids if isinstance(ids, int) else list(ids)[0]
-    return default
+    return next((ids[0] for ids in map(id_list, candidates) if ids), default)

@@ -17,6 +17,11 @@ import functools
 import torch
 
 
+def real_token_positions(valid: torch.Tensor) -> torch.Tensor:
+    """(B, N) positions counted over real tokens only, so that left padding does not shift blocks (padding gets 0)."""
+    return (valid.long().cumsum(-1) - 1).clamp(min=0)
+
+
 def token_descriptors(position_ids: torch.Tensor, block_size: int, valid: torch.Tensor, clean: bool = True):
     """Descriptors of tokens at `position_ids` (B, N): (block, clean, valid)."""
     block = torch.div(position_ids, block_size, rounding_mode="floor")

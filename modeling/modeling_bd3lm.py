@@ -5,7 +5,7 @@ Three forward modes, chosen by the arguments:
   * `model(input_ids=x_t, labels=x_0, noise_levels=t)`: the vectorized 2L training pass over [x_t ; x_0]; logits of
     the noisy half and, given the per-block t, the NELBO loss.
   * `model(input_ids=block, past_key_values=cache, use_cache=True, store_kv=...)`: one block against a KV cache of
-    committed blocks; the block is committed only when `store_kv=True`.
+    committed blocks; `store_kv=True` commits the block, an int n its first n tokens, False nothing.
 """
 
 import copy
@@ -30,7 +30,7 @@ from .configuration_bd3lm import BD3LMConfig
 from .diffusion_bd3lm import block_diffusion_nelbo, sigma_from_noise_level
 from .generation_bd3lm import BD3LMGenerationConfig, BD3LMGenerationMixin
 from .masking_bd3lm import (concat_descriptors, dense_block_diffusion_mask, flex_block_diffusion_mask,
-                            flex_training_mask, token_descriptors)
+                            flex_training_mask, real_token_positions, token_descriptors)
 
 logger = logging.get_logger(__name__)
 
@@ -75,6 +75,12 @@ class BD3LMTimestepEmbedder(nn.Module):
         return self.linear_2(F.silu(self.linear_1(features)))
 
 
+def rotary_inv_freq(head_dim: int, base: float) -> torch.Tensor:
+    """(head_dim/2,) fp32 rotary frequencies, the original's formula: computing it in fp64 differs by 1 ulp for some
+    entries, and the converted checkpoints carry this exact buffer."""
+    return 1.0 / (base ** (torch.arange(0, head_dim, 2).float() / head_dim))
+
+
 class BD3LMRotaryEmbedding(nn.Module):
     """GPT-NeoX rotary over the full head dim; cos/sin for arbitrary (B, T) positions."""
 
@@ -85,8 +91,7 @@ class BD3LMRotaryEmbedding(nn.Module):
         self.register_buffer("inv_freq", self.compute_inv_freq(), persistent=False)
 
     def compute_inv_freq(self) -> torch.Tensor:
-        # fp32 formula of the original: computing it in fp64 differs by 1 ulp for some entries.
-        return 1.0 / (self.base ** (torch.arange(0, self.head_dim, 2).float() / self.head_dim))
+        return rotary_inv_freq(self.head_dim, self.base)
 
     def _apply(self, fn, recurse=True):
         # `model.to(torch.bfloat16)` / `.half()` cast every floating buffer: a bf16 inv_freq puts cos/sin 0.4 off at
@@ -270,7 +275,8 @@ class BD3LMModel(BD3LMPreTrainedModel):
         computed for one row (1, C) and broadcast, so that it is the same computation whatever the batch; one row per
         batch row when hooks route rows separately (`conditioning_routes_rows`)."""
         if timesteps is None or not self.config.time_conditioning:
-            timesteps = torch.zeros(batch_size if self.conditioning_routes_rows() else 1, device=device)
+            timesteps = torch.zeros(batch_size if self.conditioning_routes_rows() else 1, dtype=torch.float32,
+                                    device=device)
         elif timesteps.shape != (batch_size,):
             raise ValueError(f"timesteps must have shape ({batch_size},) (one sigma per row), got "
                              f"{tuple(timesteps.shape)}.")
@@ -347,7 +353,7 @@ class BD3LMModel(BD3LMPreTrainedModel):
         elif x0_ids is None:
             past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
             kv_valid = _key_validity(attention_mask, batch, past_length + seq_len, input_ids.device)
-            positions = _positions_from_validity(kv_valid)
+            positions = real_token_positions(kv_valid)
             if position_ids is None:
                 position_ids = positions[:, past_length:]
             hidden_states = self.embed_tokens(input_ids)
@@ -357,7 +363,7 @@ class BD3LMModel(BD3LMPreTrainedModel):
         else:
             # 2L pass: both halves share positions 0..L-1 and the padding of attention_mask.
             kv_valid = _key_validity(attention_mask, batch, seq_len, input_ids.device)
-            positions = _positions_from_validity(kv_valid)  # blocks follow real tokens, as in the other modes
+            positions = real_token_positions(kv_valid)  # blocks follow real tokens, as in the other modes
             if position_ids is None:
                 position_ids = positions
             hidden_states = self.embed_tokens(torch.cat([input_ids, x0_ids], dim=1))
@@ -397,7 +403,7 @@ class BD3LMModel(BD3LMPreTrainedModel):
         start = cache.committed_length().to(device)
         kv_valid = _key_validity(attention_mask, batch, cache.capacity, device, "static cache capacity")
         kv_valid = kv_valid & (torch.arange(cache.capacity, device=device) < start + seq_len)
-        positions = _positions_from_validity(kv_valid)
+        positions = real_token_positions(kv_valid)
         query_index = start + torch.arange(seq_len, device=device)
         keys = token_descriptors(positions, block_size, kv_valid)
         queries = tuple(t[:, query_index] for t in keys)
@@ -416,11 +422,6 @@ def _key_validity(attention_mask, batch: int, kv_length: int, device,
             f"attention_mask must have shape (batch, {length_name}) = ({batch}, {kv_length}), "
             f"got {tuple(attention_mask.shape)}.")
     return attention_mask.bool()
-
-
-def _positions_from_validity(valid: torch.Tensor) -> torch.Tensor:
-    """Positions counted over real tokens only, so that left padding does not shift blocks (padding gets 0)."""
-    return (valid.long().cumsum(-1) - 1).clamp(min=0)
 
 
 class BD3LMForBlockDiffusion(BD3LMPreTrainedModel, BD3LMGenerationMixin):
@@ -481,7 +482,8 @@ class BD3LMForBlockDiffusion(BD3LMPreTrainedModel, BD3LMGenerationMixin):
         noise_levels (`FloatTensor` (B, L / block_size), optional): the per-block t that made x_t; needed for `loss`.
         timesteps (`FloatTensor` (B,), optional): sigma for time-conditioned (MDLM) models; derived from
             noise_levels when training. Ignored when `config.time_conditioning` is False.
-        past_key_values (`BD3LMCache`, optional) / use_cache: attend to committed blocks. store_kv: `True` commits
+        past_key_values (`BD3LMCache` or `BD3LMStaticCache`, optional) / use_cache: attend to committed blocks
+            (the static cache: fixed shapes for compiled calls, see `static_cache_layout`). store_kv: `True` commits
             this call's keys/values, an int n commits its first n tokens (a finished block sent along with the first
             denoising step of the next one), `False` commits nothing.
         output_hidden_states (`bool`, optional; default `config.output_hidden_states`): also return the embeddings
@@ -511,6 +513,8 @@ class BD3LMForBlockDiffusion(BD3LMPreTrainedModel, BD3LMGenerationMixin):
                 raise ValueError("labels (the 2L training pass) cannot be combined with a KV cache.")
             x0_ids = self.clean_targets(input_ids, labels, attention_mask)
             if timesteps is None and noise_levels is not None and self.config.time_conditioning:
+                # the first block's t, as the original's _forward_pass_diffusion (sigma of p[:, 0]): MDLM has one
+                # block; a time-conditioned model with several blocks is conditioned on its first block's noise
                 timesteps = sigma_from_noise_level(noise_levels[:, 0])
 
         outputs = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids, x0_ids=x0_ids,

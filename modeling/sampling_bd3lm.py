@@ -15,6 +15,8 @@ from transformers.generation import (EpsilonLogitsWarper, EtaLogitsWarper, InfNa
                                      SequenceBiasLogitsProcessor, SuppressTokensLogitsProcessor,
                                      TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper, TypicalLogitsWarper)
 
+from .diffusion_bd3lm import subs_logits
+
 SAMPLERS = ("ddpm", "first_hitting", "confidence")
 ENTROPY_WINDOW, ENTROPY_THRESHOLD = 256, 4.0  # the paper's stop rule: unigram entropy of the last 256 tokens < 4 nats
 
@@ -22,8 +24,7 @@ ENTROPY_WINDOW, ENTROPY_THRESHOLD = 256, 4.0  # the paper's stop rule: unigram e
 def process_logits(logits, mask_token_id: int, banned_eos, eos_ids, logits_processor, warpers, context):
     """(B, bs, V) raw logits -> scores: SUBS (never [MASK]), EOS ban, processors, then the sampling warpers
     (temperature, top-k, top-p) when sampling."""
-    scores = logits.to(torch.float32, copy=True)  # the caller's logits stay as they are
-    scores[..., mask_token_id] = float("-inf")
+    scores = subs_logits(logits, mask_token_id)
     if eos_ids is not None:
         scores[..., eos_ids] = scores[..., eos_ids].masked_fill(banned_eos[..., None], float("-inf"))
     batch, size, vocab = scores.shape
@@ -54,8 +55,11 @@ def draw_step_noise(rule: StepRule, batch: int, block_size: int, vocab_size: int
     if not rule.do_sample:
         return None, None
     tokens_out, positions_out = out if out is not None else (None, None)
-    tokens = torch.rand(batch, block_size, vocab_size, device=device, generator=generator, out=tokens_out)
-    positions = (torch.rand(batch, block_size, device=device, generator=generator, out=positions_out)
+    # fp32 whatever torch's default dtype: bf16 draws have ~2k distinct values, which biases the Gumbel-max tokens
+    tokens = torch.rand(batch, block_size, vocab_size, dtype=torch.float32, device=device, generator=generator,
+                        out=tokens_out)
+    positions = (torch.rand(batch, block_size, dtype=torch.float32, device=device, generator=generator,
+                            out=positions_out)
                  if rule.sampler != "confidence" else None)
     return tokens, positions
 

@@ -57,6 +57,8 @@ def test_save_and_reload(tmp_path):
         (dict(hidden_dropout=1.5), "hidden_dropout"),
         (dict(causal=True), "causal=True is not supported"),
         (dict(adaln=False), "adaln=False is not supported"),
+        (dict(adaln="yes"), "original field adaln='yes' is not supported; only adaln=True is"),  # the value given
+        (dict(causal=1), "original field causal=1 is not supported"),
         (dict(tie_word_embeddings=True), "tie_word_embeddings=True is not supported"),
     ],
 )

@@ -6,9 +6,8 @@ import logging
 import pytest
 from datasets import Dataset
 
-from bd3lm_hf.data import (load_text_dataset, sft_tokenize, shakespeare_files, train_bpe_tokenizer,
-                           wrap_tokenize)
-from bd3lm_hf.tokenization import gpt2_tokenizer_with_mask
+from bd3lm_hf.data import load_text_dataset, sft_tokenize, shakespeare_files, wrap_tokenize
+from bd3lm_hf.tokenization import gpt2_tokenizer_with_mask, train_bpe_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -21,6 +21,28 @@ def test_noise_levels_are_deterministic_under_a_generator():
     assert torch.equal(a, b)
 
 
+@pytest.fixture
+def bfloat16_default_dtype():
+    """torch's default dtype set to bf16 (as some users do to load big models), restored afterwards."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    yield
+    torch.set_default_dtype(previous)
+
+
+def test_training_noise_is_drawn_in_fp32_whatever_the_default_dtype(request):
+    def draws():
+        generator = torch.Generator().manual_seed(0)
+        t = sample_block_noise_levels(32, 64, 1e-3, 1.0, generator=generator)
+        return t, q_xt(torch.randint(0, 9, (32, 256), generator=generator), t, 4, 9, generator=generator)
+
+    expected_t, expected_xt = draws()
+    request.getfixturevalue("bfloat16_default_dtype")
+    t, xt = draws()
+    assert t.dtype == torch.float32 and torch.equal(t, expected_t) and torch.equal(xt, expected_xt)
+    assert t.unique().numel() == t.numel()  # bf16 draws leave ~850 distinct levels of 2048: the strata collapse
+
+
 def test_noise_levels_bad_range():
     with pytest.raises(ValueError, match="eps_min < eps_max"):
         sample_block_noise_levels(2, 2, 0.9, 0.1)

@@ -2,7 +2,7 @@
 
 from conftest import random_model
 
-from bd3lm_hf.data import train_bpe_tokenizer
+from bd3lm_hf.tokenization import train_bpe_tokenizer
 from bd3lm_hf.evaluation import nelbo_perplexity
 
 

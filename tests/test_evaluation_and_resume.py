@@ -204,6 +204,22 @@ def test_arguments_that_change_the_objective_or_the_noise_are_refused(tmp_path, 
         make_trainer(tmp_path, small_data, max_steps=1, **fields).train()
 
 
+def test_dataloader_workers_are_refused_for_evaluation_too(tmp_path, small_data):
+    """In a worker the collator's batch index and mode are a copy: evaluate() gave other numbers at every call."""
+    from torch.utils.data import DataLoader
+
+    from bd3lm_hf import DataCollatorForBlockDiffusion
+
+    with pytest.raises(ValueError, match="dataloader_num_workers=1: the block-diffusion collator"):
+        make_trainer(tmp_path, small_data, dataloader_num_workers=1)  # at construction: evaluate() may come first
+    rows = [{"input_ids": list(range(8))}] * 4
+    collator = DataCollatorForBlockDiffusion(9, 4, seed=0)
+    with pytest.raises(ValueError, match=r"seed=0\) keys its noise by batch index in the main process"):
+        list(DataLoader(rows, batch_size=2, num_workers=1, collate_fn=collator))
+    unseeded = DataCollatorForBlockDiffusion(9, 4)  # the workers' own random noise, as asked
+    assert len(list(DataLoader(rows, batch_size=2, num_workers=1, collate_fn=unseeded))) == 2
+
+
 def test_train_saves_the_training_dtype_whatever_the_eval_dtype(tmp_path, small_data):
     train_set, eval_set, tokenizer = small_data
     args = arguments(tmp_path, max_steps=1, bf16_full_eval=True)

@@ -135,7 +135,7 @@ def test_paper_cards_are_committed_and_current(name):
     assert "169,627,218" in card.text and f"bd3lm-hf convert {name}" in card.text and "20.73" in card.text
 
 
-def test_demo_steps_run_shortened(tmp_path, capsys):
+def test_demo_steps_run_shortened(tmp_path):
     from bd3lm_hf.data import shakespeare_files
     from bd3lm_hf.demo import main as demo
 
@@ -147,7 +147,7 @@ def test_demo_steps_run_shortened(tmp_path, capsys):
                    "--output_dir", str(tmp_path / "run"), "--export_dir", str(tmp_path / "export"),
                    "--eval_sequences", "8", "--max_new_tokens", "8", "--prompts", "ROMEO.\n",
                    "--wrap_framed", "true", "--ignore_first_token", "true"])
-    out = capsys.readouterr().out
+    out = result["evaluation"] + result["samples"]
     assert "NELBO" in out and "perplexity <=" in out and "model calls (NFE)" in out and "tokens/s" in out
     assert "(248 tokens, 8 sequences)" in out  # the fresh process evaluates in the trained layout: 31 scored each
     assert (tmp_path / "export" / "README.md").is_file() and result["summary"]["steps"] == 10

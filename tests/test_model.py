@@ -35,8 +35,9 @@ def test_2l_pass_equals_per_block_computation(model):
     for k in range(x0.shape[1] // bs):
         window = torch.cat([x0[:, : k * bs], xt[:, k * bs : (k + 1) * bs]], dim=1)
         per_block = model(input_ids=window).logits[:, -bs:]
-        # logits have std ~9.5 here: 2e-5 is fp32 reduction-order noise between the two sequence lengths
-        torch.testing.assert_close(logits_2l[:, k * bs : (k + 1) * bs], per_block, atol=2e-5, rtol=0)
+        # logits have std ~9.5 here: fp32 reduction-order noise between the two sequence lengths (the BLAS kernel
+        # follows the shape and the CPU: up to 2.2e-5 seen, 3.6e-6 relative); a wrong mask changes them by ~1
+        torch.testing.assert_close(logits_2l[:, k * bs : (k + 1) * bs], per_block, atol=2e-5, rtol=1e-5)
 
 
 @torch.no_grad()
@@ -270,7 +271,8 @@ def test_logits_to_keep_and_output_hidden_states_follow_transformers(model):
     with torch.no_grad():
         full = model(input_ids=x0).logits
         picked = model(input_ids=x0, logits_to_keep=torch.tensor([0, 5])).logits
-        assert torch.equal(picked, full[:, [0, 5]])
+        # the output layer over 2 rows instead of all: another BLAS kernel on some CPUs, so fp32 rounding may differ
+        torch.testing.assert_close(picked, full[:, [0, 5]], atol=1e-5, rtol=1e-6)
         model.config.output_hidden_states = True
         try:
             assert len(model(input_ids=x0).hidden_states) == model.config.num_hidden_layers + 1

@@ -37,6 +37,26 @@ def test_static_cache_generates_the_tokens_of_the_dynamic_cache(gen_model, sampl
     assert outputs["static"].nfe >= outputs[None].nfe  # static: one call per step, no reuse
 
 
+@pytest.mark.parametrize("implementation", [None, "static"])
+def test_sampling_draws_fp32_noise_whatever_the_default_dtype(gen_model, implementation):
+    """The Gumbel-max and reveal draws are fp32 under torch.set_default_dtype(torch.bfloat16): bf16 uniforms take
+    ~2k values, which biases the sampled tokens."""
+    ids, mask = prompts()
+
+    def sample():
+        return gen_model.generate(ids, attention_mask=mask, max_new_tokens=13, sampler="ddpm", do_sample=True,
+                                  cache_implementation=implementation, generator=torch.Generator().manual_seed(3))
+
+    expected = sample()
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        got = sample()
+    finally:
+        torch.set_default_dtype(previous)
+    assert torch.equal(got, expected)
+
+
 def test_static_cache_buffers_keep_their_shape_and_cursor_follows_store_kv(gen_model):
     cache = BD3LMStaticCache(gen_model.config, max_cache_len=16)
     assert isinstance(cache, StaticCache) and len(cache.layers) == gen_model.config.num_hidden_layers

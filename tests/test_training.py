@@ -12,7 +12,8 @@ import torch
 from transformers import AutoModelForCausalLM, TrainingArguments
 
 from bd3lm_hf.callbacks import ClipSearchCallback, candidate_intervals
-from bd3lm_hf.data import load_text_dataset, shakespeare_files, train_bpe_tokenizer, wrap_tokenize
+from bd3lm_hf.data import load_text_dataset, shakespeare_files, wrap_tokenize
+from bd3lm_hf.tokenization import train_bpe_tokenizer
 from bd3lm_hf.compilation import decoder_layers, should_compile_layers
 from bd3lm_hf.ema import EMACallback
 from bd3lm_hf.training import BD3LMTrainingConfig, build_model, build_trainer
@@ -393,6 +394,20 @@ def test_clip_search_pools_the_losses_of_all_processes(tmp_path):
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert json.loads((tmp_path / "result.json").read_text()) == {"best": [0.2, 0.8]}
+
+
+def test_callbacks_under_two_processes_evaluate_alike_before_training_and_save_only_model(tmp_path):
+    """evaluate() before train() used one noise stream on every process (the streams were set at train()), so it
+    disagreed with the same evaluation after; save_only_model=True crashed on the process that does not save."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+               "29567", str(SCRIPTS / "callbacks_processes.py"), str(tmp_path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    outcome = json.loads((tmp_path / "result.json").read_text())
+    assert outcome["world_size"] == 2 and outcome["before"] == outcome["after"]
+    assert outcome["saved"] == ["checkpoint-1/collator_state.json", "checkpoint-2/collator_state.json"]
 
 
 def test_clip_search_runs_once_per_evaluation_on_the_first_split():

@@ -41,6 +41,11 @@ class BlockDiffusionCallback(TrainerCallback):
         self.resume_from = resume_from
         self.eval_splits = list(eval_splits) if eval_splits is not None else None
 
+    def on_init_end(self, args, state, control, **kwargs):
+        # evaluate() / predict() may come before (or without) train(): the same checks and per-process noise stream
+        refuse_unsupported_arguments(args)
+        self.collator.stream = args.process_index
+
     def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
         refuse_unsupported_arguments(args)
         self.in_training = True
@@ -80,8 +85,12 @@ class BlockDiffusionCallback(TrainerCallback):
         self.collator.training = False
 
     def on_save(self, args, state, control, **kwargs):
+        if not args.should_save:  # one writer; the folder may not exist yet on the other processes
+            return
+        folder = checkpoint_folder(args, state)
+        folder.mkdir(parents=True, exist_ok=True)
         changes = [[start, list(bounds)] for start, bounds in self.collator.range_changes]
-        (checkpoint_folder(args, state) / COLLATOR_STATE).write_text(json.dumps({"range_changes": changes}))
+        (folder / COLLATOR_STATE).write_text(json.dumps({"range_changes": changes}))
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
         # Back to training noise before the next training batch is fetched (the data loader fetches one batch

@@ -37,6 +37,9 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--with-gpt2-tokenizer", action="store_true",
                          help="also save the GPT-2 BPE + [MASK] tokenizer (the OWT checkpoints' vocabulary) and a "
                               "model card: the folder is then ready for `bd3lm-hf push`")
+    convert.add_argument("--no-ema", action="store_true",
+                         help="from a .ckpt, convert the raw trained weights instead of its EMA weights (the ones "
+                              "the original code evaluates and samples with)")
     convert.add_argument("--overwrite", action="store_true", help="empty an existing output folder first")
 
     for name in DATACLASS_COMMANDS:
@@ -130,6 +133,9 @@ def run_convert(args) -> None:
     from .conversion import convert_to_original, convert_to_ours
 
     if args.to_original:
+        if args.no_ema:
+            raise ValueError("--no-ema chooses the weights of a .ckpt; --to-original writes the one set of weights "
+                             "a folder in this package's format holds.")
         convert_to_original(args.src, args.dst, code_from=args.code_from, overwrite=args.overwrite)
         return
     if args.code_from is not None:
@@ -146,7 +152,8 @@ def run_convert(args) -> None:
         from .tokenization import gpt2_tokenizer_with_mask
 
         tokenizer = gpt2_tokenizer_with_mask()
-    convert_to_ours(args.src, args.dst, original_config or None, tokenizer, overwrite=args.overwrite)
+    convert_to_ours(args.src, args.dst, original_config or None, tokenizer, overwrite=args.overwrite,
+                    use_ema=not args.no_ema)
 
 
 def run_train(argv: list[str]) -> None:
@@ -162,7 +169,8 @@ def run_train(argv: list[str]) -> None:
 def run_demo(argv: list[str]) -> None:
     from .demo import main as demo
 
-    demo(argv)
+    result = demo(argv)
+    print(result["evaluation"] + result["samples"], end="")
 
 
 def load_for_inference(name: str, device: str = "cpu", dtype: str = "float32"):

@@ -6,7 +6,7 @@ import operator
 
 import torch
 
-from .modeling.diffusion_bd3lm import q_xt, sample_block_noise_levels
+from .modeling.diffusion_bd3lm import check_clip_range, q_xt, sample_block_noise_levels
 
 EVAL_RANGE = (1e-3, 1.0)  # the paper reports the NELBO with t over [1e-3, 1], whatever the training clip range
 MAX_RESAMPLES = 100
@@ -29,9 +29,9 @@ class DataCollatorForBlockDiffusion:
     then a function of the batch index, not of a running RNG stream, so a resumed run draws exactly the noise of
     an uninterrupted one (`BlockDiffusionCallback` sets the batch index on resume and `stream` to the process
     index) and every evaluation sees the same noise. With an explicit `generator` it is used as one stream; with
-    neither, torch's global RNG. In DataLoader worker processes torch's per-worker RNG is used: each worker holds a
-    copy of the collator, which the batch index and range changes of the main process never reach
-    (`BlockDiffusionCallback` therefore refuses `dataloader_num_workers > 0`).
+    neither, torch's global RNG. A seeded collator refuses to run in a DataLoader worker process: each worker holds a
+    copy, which the batch index and range changes of the main process never reach (`BlockDiffusionCallback` refuses
+    `dataloader_num_workers > 0` when the Trainer is built); unseeded, workers use torch's per-worker RNG.
 
     Setting `train_range` (the clip search does, between steps) takes effect from the next training batch not yet
     drawn: the data loader has already drawn one batch ahead with the old range. `range_changes` keeps the batch
@@ -46,8 +46,7 @@ class DataCollatorForBlockDiffusion:
                              f"{mask_token_id!r}.")
         if block_size < 1:
             raise ValueError(f"block_size must be >= 1, got {block_size}.")
-        if not 0.0 <= eps_min < eps_max <= 1.0:
-            raise ValueError(f"need 0 <= eps_min < eps_max <= 1, got [{eps_min}, {eps_max}].")
+        check_clip_range(eps_min, eps_max)
         self.mask_token_id = mask_token_id
         self.block_size = block_size
         self.range_changes: list[tuple[int, tuple[float, float]]] = [(0, (float(eps_min), float(eps_max)))]
@@ -68,8 +67,7 @@ class DataCollatorForBlockDiffusion:
     @train_range.setter
     def train_range(self, value) -> None:
         low, high = (float(bound) for bound in value)
-        if not 0.0 <= low < high <= 1.0:
-            raise ValueError(f"a training clip range needs 0 <= low < high <= 1, got [{low}, {high}].")
+        check_clip_range(low, high, ("low", "high"))
         if (low, high) == self.train_range:
             return
         start = self.batch_index["train"]
@@ -100,8 +98,13 @@ class DataCollatorForBlockDiffusion:
         mode = "train" if self.training else "eval"
         index = self.batch_index[mode]
         self.batch_index[mode] += 1
-        if torch.utils.data.get_worker_info() is not None:
-            return None
+        if torch.utils.data.get_worker_info() is not None and self.seed is not None:
+            # a worker collates with its own copy: the batch indices (and the clip ranges and evaluation mode set in
+            # the main process) would diverge from the main process's, so the noise would be neither the keyed one
+            # nor reproducible
+            raise ValueError(f"DataCollatorForBlockDiffusion(seed={self.seed}) keys its noise by batch index in the "
+                             "main process: use it with DataLoader(num_workers=0) (Trainer: "
+                             "dataloader_num_workers=0), or seed=None for the workers' own random noise.")
         if self.generator is not None or self.seed is None:
             return self.generator
         key = (self.seed * 1_000_003 + self.stream) * 1_000_033 + 2 * index + (mode == "eval")

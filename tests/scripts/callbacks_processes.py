@@ -1,0 +1,47 @@
+"""The block-diffusion callbacks under 2 processes (gloo, CPU): evaluate() before train() sees the noise it sees
+after (each process its own stream from the start), and checkpoints with save_only_model=True are written (the
+collator state once, by the process that saves). Usage: accelerate launch --num_processes 2 ... OUT"""
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from datasets import Dataset
+from transformers import Trainer, TrainingArguments, set_seed
+
+from bd3lm_hf import BD3LMConfig, BD3LMForBlockDiffusion, DataCollatorForBlockDiffusion
+from bd3lm_hf.callbacks import BlockDiffusionCallback
+
+MASK, BLOCK, LENGTH = 63, 4, 16
+
+
+def main(out: str) -> None:
+    args = TrainingArguments(out, max_steps=2, per_device_train_batch_size=2, per_device_eval_batch_size=2,
+                             learning_rate=0.0, save_strategy="steps", save_steps=1, save_only_model=True,
+                             logging_steps=1, report_to="none", seed=0, disable_tqdm=True, use_cpu=True,
+                             remove_unused_columns=False)
+    set_seed(0)
+    config = BD3LMConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, cond_dim=16,
+                         max_position_embeddings=LENGTH, block_size=BLOCK)
+    model = BD3LMForBlockDiffusion(config)
+    with torch.no_grad():  # random weights: the loss depends on the noise
+        for parameter in model.parameters():
+            parameter.normal_(0.0, 0.3)
+    g = torch.Generator().manual_seed(0)
+    data = Dataset.from_list([{"input_ids": torch.randint(0, MASK, (LENGTH,), generator=g).tolist()}
+                              for _ in range(8)])
+    collator = DataCollatorForBlockDiffusion(MASK, BLOCK, seed=0)
+    trainer = Trainer(model=model, args=args, train_dataset=data, eval_dataset=data, data_collator=collator,
+                      callbacks=[BlockDiffusionCallback(collator)])
+    before = trainer.evaluate()["eval_loss"]
+    trainer.train()
+    after = trainer.evaluate()["eval_loss"]  # learning rate 0: the same weights
+    if trainer.is_world_process_zero():
+        saved = sorted(str(p.relative_to(out)) for p in Path(out).glob("checkpoint-*/collator_state.json"))
+        (Path(out) / "result.json").write_text(json.dumps({"before": before, "after": after, "saved": saved,
+                                                           "world_size": args.world_size}))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
