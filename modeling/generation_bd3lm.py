@@ -5,6 +5,7 @@ The hot loop is made of small pure functions (one model call here, one sampler s
 """
 
 import contextlib
+import functools
 import math
 from dataclasses import dataclass
 
@@ -54,6 +55,55 @@ GENERATE_ARGUMENTS_OFF = {
     "prefix_allowed_tokens_fn": (), "negative_prompt_ids": (), "negative_prompt_attention_mask": (),
     "custom_generate": (), "use_model_defaults": (True,), "tokenizer": (),
 }
+
+
+def fsdp_modules(model) -> list:
+    """The modules of `model` that FSDP2 (`fully_shard`) shards."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a torch build without distributed support
+        return []
+    return [module for module in model.modules() if isinstance(module, FSDPModule)]
+
+
+def gathers_fsdp_weights(generate):
+    """generate() on an FSDP2-sharded model: the full weights are all-gathered once, on entry (every rank must call
+    generate(), as for any FSDP forward), and kept until the end. The model is used outside its root forward (the
+    adaLN modulations, the output layer), which FSDP's hooks would not unshard, and with no resharding after each
+    call the ranks make no collective call while generating, so they may stop at different lengths."""
+
+    @functools.wraps(generate)
+    def wrapper(self, *args, **kwargs):
+        modules = fsdp_modules(self)
+        if not modules:
+            return generate(self, *args, **kwargs)
+        # FSDP takes the first module to run forward as its root: the outermost one must be, as in training
+        modules[0]._get_fsdp_state()._lazy_init()
+        settings = [_reshard_setting(module) for module in modules]
+        try:
+            for module in modules:
+                module.set_reshard_after_forward(False, recurse=False)
+                module.unshard()
+            return generate(self, *args, **kwargs)
+        finally:
+            for module, setting in zip(modules, settings):
+                _restore_reshard_setting(module, setting)
+                module.reshard()
+
+    return wrapper
+
+
+def _reshard_setting(module):
+    # FSDP2 has a setter for reshard_after_forward but no getter: what it sets, read to be put back as it was
+    state = module._get_fsdp_state()
+    return state._auto_reshard_after_forward, [group.post_forward_mesh_info for group in state._fsdp_param_groups]
+
+
+def _restore_reshard_setting(module, setting) -> None:
+    state = module._get_fsdp_state()
+    state._auto_reshard_after_forward, mesh_infos = setting
+    for group, mesh_info in zip(state._fsdp_param_groups, mesh_infos):
+        group.post_forward_mesh_info = mesh_info
 
 
 class BD3LMGenerationConfig(GenerationConfig):
@@ -273,6 +323,7 @@ class BD3LMGenerationMixin(GenerationMixin):
         return config, unused
 
     @torch.no_grad()
+    @gathers_fsdp_weights
     def generate(self, inputs=None, generation_config=None, logits_processor=None, stopping_criteria=None,
                  streamer=None, generator=None, *, input_ids=None, attention_mask=None, **kwargs):
         r"""
@@ -329,6 +380,8 @@ class BD3LMGenerationMixin(GenerationMixin):
         config, unused = self.resolve_generation_config(generation_config, kwargs)
         unused = {name: value for name, value in unused.items()
                   if not (name in GENERATE_ARGUMENTS_OFF and (value is None or value in GENERATE_ARGUMENTS_OFF[name]))}
+        if unused.get("synced_gpus") is True and fsdp_modules(self):
+            del unused["synced_gpus"]  # the full weights are gathered: the ranks make no collective call to keep in step
         if "past_key_values" in unused:
             raise ValueError("generate() starts from a prompt and builds its own cache: continuing from "
                              "past_key_values is not supported; pass the whole text so far as the prompt.")

@@ -213,8 +213,12 @@ class BD3LMDecoderLayer(GradientCheckpointingLayer):
         self.dropout = nn.Dropout(config.hidden_dropout)
 
     def forward(self, hidden_states, modulation, position_embeddings, attention_mask, past_key_values=None,
-                store_kv=False, **kwargs):
-        """`modulation` (B or 1, 1, 6H): this layer's `adaln_modulation` of the conditioning (`adaln_modulations`)."""
+                store_kv=False, conditioning=None, **kwargs):
+        """`modulation` (B or 1, 1, 6H): this layer's `adaln_modulation` of the conditioning when the caller has it
+        (generation computes them once, `adaln_modulations`); else None, and the layer projects `conditioning`
+        (B or 1, C) itself: inside its own forward, where FSDP has gathered its weights."""
+        if modulation is None:
+            modulation = self.adaln_modulation(conditioning)[:, None]
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation.chunk(6, dim=-1)
 
         normed = modulate(self.input_layernorm(hidden_states), shift_msa, scale_msa)
@@ -376,8 +380,10 @@ class BD3LMModel(BD3LMPreTrainedModel):
         mask = self.attention_mask_for(queries, keys, query_offset, block_size,
                                        seq_len if x0_ids is not None else None, unpadded=attention_mask is None)
         position_embeddings = self.rotary_emb(position_ids, hidden_states.dtype)
-        if modulations is None:
-            modulations = self.adaln_modulations(timesteps, batch, input_ids.device, hidden_states.dtype)
+        conditioning = None
+        if modulations is None:  # each layer projects the conditioning in its own forward
+            conditioning = self.conditioning(timesteps, batch, input_ids.device).to(hidden_states.dtype)
+            modulations = (None,) * len(self.layers) + (self.norm_modulation(conditioning)[:, None],)
         elif len(modulations) != len(self.layers) + 1:
             raise ValueError(f"modulations must hold {len(self.layers) + 1} tensors (one per layer, then the final "
                              f"norm's), as `adaln_modulations` returns; got {len(modulations)}.")
@@ -385,7 +391,7 @@ class BD3LMModel(BD3LMPreTrainedModel):
         all_hidden_states = (hidden_states[:, :seq_len],) if output_hidden_states else None
         for layer, modulation in zip(self.layers, modulations):
             hidden_states = layer(hidden_states, modulation, position_embeddings, mask, past_key_values, store_kv,
-                                  **kwargs)
+                                  conditioning, **kwargs)
             if output_hidden_states:
                 all_hidden_states += (hidden_states[:, :seq_len],)
 

@@ -349,6 +349,21 @@ def test_ema_checkpoints_of_fsdp2_sharded_parameters(tmp_path):
                                                                   "full_shapes": True}
 
 
+def test_fsdp2_per_layer_sharding_trains_and_generates_as_the_unsharded_model(tmp_path):
+    """Sharded per decoder layer (docs/accelerate/fsdp.yaml): the forward computed every layer's adaLN modulation
+    outside the layer's forward, where FSDP had not gathered its weights (crash); generate() likewise, and it may
+    now stop at different lengths on different ranks."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29569",
+               str(SCRIPTS / "fsdp_forward_and_generate.py"), str(tmp_path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    for rank in range(2):
+        outcome = json.loads((tmp_path / f"result_{rank}.json").read_text())
+        assert outcome["tokens_equal"] == {"dynamic": True, "static": True} and outcome["sharded_after_generate"]
+        assert outcome["loss_difference"] < 1e-6 and outcome["gradient_difference"] < 1e-6 and outcome["loss"] > 1
+
+
 def test_finetuning_keeps_the_base_models_shape_unless_told(tmp_path, small_data, monkeypatch):
     """Unset, the context and block size are the init_from model's (they were the CLI defaults 64 and 4, which
     re-targeted a block-16 checkpoint); a new model's shape cannot be given with init_from."""
