@@ -378,24 +378,8 @@ class BD3LMGenerationMixin(GenerationMixin):
         """
         # 1. configuration and inputs
         config, unused = self.resolve_generation_config(generation_config, kwargs)
-        unused = {name: value for name, value in unused.items()
-                  if not (name in GENERATE_ARGUMENTS_OFF and (value is None or value in GENERATE_ARGUMENTS_OFF[name]))}
-        if unused.get("synced_gpus") is True and fsdp_modules(self):
-            del unused["synced_gpus"]  # the full weights are gathered: the ranks make no collective call to keep in step
-        if "past_key_values" in unused:
-            raise ValueError("generate() starts from a prompt and builds its own cache: continuing from "
-                             "past_key_values is not supported; pass the whole text so far as the prompt.")
-        if unused:
-            raise ValueError(f"generate() got arguments it does not use: {sorted(unused)}.")
-        if self.config._attn_implementation.startswith("flash_attention"):
-            # each block's first call also commits the previous block (block-causal), and static-cache calls mask
-            # the keys past the cursor: flash attention has no mask for either
-            raise ValueError(f"generate() needs masked attention calls, which {self.config._attn_implementation} "
-                             "cannot make: switch with model.set_attn_implementation('sdpa') (or 'flex_attention') "
-                             "before generating.")
-        if self.training and self.config.hidden_dropout > 0:
-            logger.warning_once("generate() runs with the model in training mode: dropout is active, so even greedy "
-                                "output is random. Call model.eval() first.")
+        self.refuse_unused_arguments(unused)
+        self.check_ready_to_generate()
         if inputs is not None and input_ids is not None:
             raise ValueError("pass the prompts once: as `inputs` (the first argument) or as `input_ids`.")
         input_ids, attention_mask = self.prepare_prompts(input_ids if inputs is None else inputs, attention_mask,
@@ -410,12 +394,7 @@ class BD3LMGenerationMixin(GenerationMixin):
         batch, prompt_width = input_ids.shape
         if streamer is not None and batch != 1:
             raise ValueError("streamers support batch size 1 only (as in transformers).")
-        max_new_tokens = _max_new_tokens(config, prompt_width)
-        if config.min_length:  # transformers' min_length counts the prompt
-            config.min_new_tokens = max(config.min_new_tokens or 0, config.min_length - prompt_width)
-        if (config.min_new_tokens or 0) > max_new_tokens:
-            logger.warning(f"min_new_tokens={config.min_new_tokens} is more than the {max_new_tokens} new tokens "
-                           "allowed: generation stops at the maximum length.")
+        max_new_tokens = _length_limits(config, prompt_width)
         mask_id, bs = self.config.mask_token_id, config.block_size
         eos_ids = _as_id_tensor(config.eos_token_id, input_ids.device)
         pad_id = _first_id(config.pad_token_id, config.eos_token_id, default=mask_id)
@@ -431,9 +410,7 @@ class BD3LMGenerationMixin(GenerationMixin):
         done = torch.zeros(batch, dtype=torch.bool, device=canvas.device)
         warpers = sampling_warpers(config) if config.do_sample else None
         logits_processor = LogitsProcessorList([*config_processors(config, canvas.device), *(logits_processor or [])])
-        stopping_criteria = StoppingCriteriaList(stopping_criteria or [])
-        if config.max_time is not None:
-            stopping_criteria.append(MaxTimeCriteria(config.max_time))
+        stopping_criteria = _stopping_criteria(config, stopping_criteria)
         stops_from = first_stop_column(first_new_min, eos_ids, config, stopping_criteria)
         cache = self.make_cache(config, batch, canvas.device) if use_cache else None
         state = self.loop_state(config, cache, canvas.device, batch, pad_id, eos_ids, warpers, logits_processor,
@@ -470,6 +447,30 @@ class BD3LMGenerationMixin(GenerationMixin):
             return sequences
         history = tuple(state["history"]) if state["history"] is not None else None
         return BD3LMGenerateOutput(sequences=sequences, nfe=state["nfe"], past_key_values=cache, history=history)
+
+    def refuse_unused_arguments(self, unused: dict) -> None:
+        """transformers' generate() arguments this loop has no use for are refused, unless neutral (None, or what
+        `GENERATE_ARGUMENTS_OFF` lists)."""
+        unused = {name: value for name, value in unused.items()
+                  if not (name in GENERATE_ARGUMENTS_OFF and (value is None or value in GENERATE_ARGUMENTS_OFF[name]))}
+        if unused.get("synced_gpus") is True and fsdp_modules(self):
+            del unused["synced_gpus"]  # the full weights are gathered: the ranks make no collective call to keep in step
+        if "past_key_values" in unused:
+            raise ValueError("generate() starts from a prompt and builds its own cache: continuing from "
+                             "past_key_values is not supported; pass the whole text so far as the prompt.")
+        if unused:
+            raise ValueError(f"generate() got arguments it does not use: {sorted(unused)}.")
+
+    def check_ready_to_generate(self) -> None:
+        if self.config._attn_implementation.startswith("flash_attention"):
+            # each block's first call also commits the previous block (block-causal), and static-cache calls mask
+            # the keys past the cursor: flash attention has no mask for either
+            raise ValueError(f"generate() needs masked attention calls, which {self.config._attn_implementation} "
+                             "cannot make: switch with model.set_attn_implementation('sdpa') (or 'flex_attention') "
+                             "before generating.")
+        if self.training and self.config.hidden_dropout > 0:
+            logger.warning_once("generate() runs with the model in training mode: dropout is active, so even greedy "
+                                "output is random. Call model.eval() first.")
 
     def loop_state(self, config, cache, device, batch_size, pad_id, eos_ids, warpers, logits_processor,
                    generator) -> dict:
@@ -856,6 +857,26 @@ def _check_generator(generator, device) -> None:
     if generator is not None and (not isinstance(generator, torch.Generator) or generator.device.type != device.type):
         raise ValueError(f"generator must be a torch.Generator on the prompts' device ({device.type}), got "
                          f"{generator!r}.")
+
+
+def _stopping_criteria(config, extra) -> StoppingCriteriaList:
+    """The caller's criteria, plus transformers' MaxTimeCriteria for `max_time`."""
+    criteria = StoppingCriteriaList(extra or [])
+    if config.max_time is not None:
+        criteria.append(MaxTimeCriteria(config.max_time))
+    return criteria
+
+
+def _length_limits(config, prompt_width: int) -> int:
+    """The number of new tokens allowed; `config.min_new_tokens` absorbs transformers' `min_length` (which counts
+    the prompt)."""
+    max_new_tokens = _max_new_tokens(config, prompt_width)
+    if config.min_length:
+        config.min_new_tokens = max(config.min_new_tokens or 0, config.min_length - prompt_width)
+    if (config.min_new_tokens or 0) > max_new_tokens:
+        logger.warning(f"min_new_tokens={config.min_new_tokens} is more than the {max_new_tokens} new tokens "
+                       "allowed: generation stops at the maximum length.")
+    return max_new_tokens
 
 
 def _max_new_tokens(config, prompt_width: int) -> int:
