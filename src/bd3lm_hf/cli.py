@@ -19,7 +19,23 @@ SAMPLING_FALLBACKS = {"top_p": 0.9, "temperature": 1.0, "top_k": 0}  # applied o
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bd3lm-hf", description="Block Diffusion LMs on the Hugging Face stack.")
     commands = parser.add_subparsers(dest="command", required=True)
+    add_convert_command(commands)
+    for name in DATACLASS_COMMANDS:  # their flags come from dataclasses (HfArgumentParser)
+        commands.add_parser(name, add_help=False, help=f"`bd3lm-hf {name} --help` lists its flags")
+    add_eval_command(commands)
+    add_generate_command(commands)
+    add_export_command(commands)
+    add_push_command(commands)
+    return parser
 
+
+def add_loading_arguments(command, default_dtype: str, dtype_help: str) -> None:
+    command.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, ...")
+    command.add_argument("--dtype", default=default_dtype, choices=["auto", "float32", "bfloat16", "float16"],
+                         help=dtype_help)
+
+
+def add_convert_command(commands) -> None:
     convert = commands.add_parser("convert", help="convert an original bd3lms checkpoint to this format, or back")
     convert.add_argument("src", help="original Hub folder (config.json + model.safetensors) or Lightning .ckpt; "
                                      "with --to-original, a folder in this package's format")
@@ -42,9 +58,8 @@ def build_parser() -> argparse.ArgumentParser:
                               "the original code evaluates and samples with)")
     convert.add_argument("--overwrite", action="store_true", help="empty an existing output folder first")
 
-    for name in DATACLASS_COMMANDS:
-        commands.add_parser(name, add_help=False, help=f"`bd3lm-hf {name} --help` lists its flags")
 
+def add_eval_command(commands) -> None:
     evaluate = commands.add_parser("eval", help="NELBO perplexity of a saved model on held-out text files")
     evaluate.add_argument("model", help="model folder or Hub id (loaded with trust_remote_code=True)")
     evaluate.add_argument("--data", nargs="+", required=True, help=".txt/.md/.json/.jsonl files")
@@ -52,15 +67,17 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--max-sequences", type=positive_int, default=None,
                           help="score only the first N sequences (default: all)")
     evaluate.add_argument("--seed", type=int, default=0, help="seed of the noise (times and masks) drawn per batch")
-    evaluate.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, ...")
-    evaluate.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"],
-                          help="weights' dtype (default float32; auto: bfloat16 on a GPU)")
+    add_loading_arguments(evaluate, "float32", "weights' dtype (default float32; auto: bfloat16 on a GPU)")
     evaluate.add_argument("--wrap-framed", action="store_true",
                           help="lay the text out as the original bd3lms wrap mode (every sequence BOS + L-2 "
                                "tokens + EOS, its BOS not scored)")
     evaluate.add_argument("--ignore-first-token", action="store_true",
                           help="leave each sequence's first token out (neither noised nor scored), as the "
                                "original's ignore_bos; with it, the paper's OpenWebText protocol")
+
+
+def add_generate_command(commands) -> None:
+    from .modeling.sampling_bd3lm import SAMPLERS
 
     generate = commands.add_parser(
         "generate", help="sample through pipeline('text-generation')",
@@ -69,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("model", help="model folder or Hub id (loaded with trust_remote_code=True)")
     generate.add_argument("--prompt", nargs="+", default=["ROMEO.\n"])
     generate.add_argument("--max-new-tokens", type=int, help="default: the model's, else 64")
-    generate.add_argument("--sampler", choices=["ddpm", "first_hitting", "confidence"],
+    generate.add_argument("--sampler", choices=SAMPLERS,
                           help="default: the model's, else ddpm")
     generate.add_argument("--num-steps", type=int, help="ddpm steps per block (default: the model's, else its "
                                                         "block size)")
@@ -81,10 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--cache-implementation", choices=["dynamic", "static"],
                           help="static: preallocated cache, the denoising step compiled on a GPU (default: the "
                                "model's, else dynamic)")
-    generate.add_argument("--device", default="auto", help="auto (cuda if available, else cpu), cpu, cuda, ...")
-    generate.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                          help="auto: bfloat16 on a GPU, float32 on CPU")
+    add_loading_arguments(generate, "auto", "auto: bfloat16 on a GPU, float32 on CPU")
 
+
+def add_export_command(commands) -> None:
     export = commands.add_parser("export", help="write a Hub folder (weights, code, tokenizer, model card)")
     export.add_argument("model", help="a saved model folder, or the adapter folder of a `train --lora true` run "
                                       "(merged into its base model)")
@@ -96,12 +113,13 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--license", default="apache-2.0", help="the card's license (default: apache-2.0)")
     export.add_argument("--overwrite", action="store_true", help="replace a non-empty output folder")
 
+
+def add_push_command(commands) -> None:
     push = commands.add_parser("push", help="upload an exported folder to the Hub")
     push.add_argument("folder")
     push.add_argument("repo_id")
     push.add_argument("--private", action="store_true")
     push.add_argument("--dry-run", action="store_true", help="list the files and the card; no network")
-    return parser
 
 
 def positive_int(text: str) -> int:

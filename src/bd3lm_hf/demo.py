@@ -17,6 +17,7 @@ from transformers import HfArgumentParser, TrainingArguments
 from transformers.utils import logging
 
 from .hub import export_for_hub
+from .modeling.sampling_bd3lm import SAMPLERS
 from .training import BD3LMTrainingConfig, shakespeare_split, train
 
 logger = logging.get_logger(__name__)
@@ -27,7 +28,7 @@ class DemoArguments:
     export_dir: str = field(default="demo_out/bd3lm-shakespeare", metadata={"help": "the exported Hub folder"})
     prompts: list[str] = field(default_factory=lambda: ["ROMEO.\n", "To be, or not to be", "KING HENRY.\n"])
     max_new_tokens: int = 48
-    sampler: str = field(default="ddpm", metadata={"help": "ddpm | first_hitting | confidence"})
+    sampler: str = field(default="ddpm", metadata={"help": " | ".join(SAMPLERS)})
     num_steps: int | None = field(default=None, metadata={"help": "ddpm steps per block (default: block size)"})
     eval_sequences: int = field(default=256, metadata={"help": "held-out sequences for the fresh-process NELBO"})
 
