@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from bd3lm_hf.hub import PAPER_CHECKPOINTS, paper_card
+from bd3lm_hf.model_card import PAPER_CHECKPOINTS, paper_card
 
 if __name__ == "__main__":
     for name in PAPER_CHECKPOINTS:

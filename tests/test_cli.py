@@ -57,7 +57,7 @@ def test_train_with_flash_attention_but_no_flash_attn_is_a_one_line_error(tmp_pa
                                          ("./model", True), ("/abs/model", True), ("~/model", True),
                                          ("runs/a/model", True), ("..", True)])
 def test_names_that_cannot_be_hub_ids_are_taken_as_local_folders(name, local):
-    from bd3lm_hf.hub import looks_like_a_local_path
+    from bd3lm_hf.loading import looks_like_a_local_path
 
     assert looks_like_a_local_path(name) is local
 

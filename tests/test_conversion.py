@@ -63,7 +63,7 @@ def test_converted_folder_loads_with_same_logits(fixtures, tmp_path):
 
 def test_a_converted_checkpoint_samples_as_the_papers_runs_by_default(fixtures, tmp_path):
     from bd3lm_hf.conversion import convert_to_ours
-    from bd3lm_hf.hub import ORIGINAL_SAMPLING
+    from bd3lm_hf.model_card import ORIGINAL_SAMPLING
 
     convert_to_ours(fixtures / "bd3lm_public", tmp_path / "ours")
     converted = BD3LMForBlockDiffusion.from_pretrained(tmp_path / "ours").eval()

@@ -12,7 +12,8 @@ from huggingface_hub import ModelCard
 from transformers import AutoModelForCausalLM
 
 from bd3lm_hf.cli import main as cli
-from bd3lm_hf.hub import PAPER_CHECKPOINTS, HubError, card_for_repo, export_for_hub, paper_card, push_to_hub
+from bd3lm_hf.hub import HubError, export_for_hub, push_to_hub
+from bd3lm_hf.model_card import PAPER_CHECKPOINTS, card_for_repo, paper_card
 from bd3lm_hf.tokenization import gpt2_tokenizer_with_mask
 from test_hub_folder import BLOCK_IMPORT
 
@@ -283,7 +284,7 @@ def test_converted_cards_are_the_papers_only_for_their_shape():
     import torch
 
     from bd3lm_hf import BD3LMConfig, BD3LMForBlockDiffusion
-    from bd3lm_hf.hub import converted_card
+    from bd3lm_hf.model_card import converted_card
 
     with torch.device("meta"):
         paper_shaped = BD3LMForBlockDiffusion(BD3LMConfig(block_size=16))
@@ -301,7 +302,7 @@ def test_converted_cards_are_the_papers_only_for_their_shape():
 
 
 def test_cards_name_the_folders_generation_defaults(exported):
-    from bd3lm_hf.hub import converted_card
+    from bd3lm_hf.model_card import converted_card
 
     assert "`generation_config.json` where not given: none is set" in (exported / "README.md").read_text()
     paper_defaults = '`sampler="first_hitting", do_sample=True, top_k=0, top_p=0.9`'

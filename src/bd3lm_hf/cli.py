@@ -196,7 +196,7 @@ def load_for_inference(name: str, device: str = "cpu", dtype: str = "float32"):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from .hub import load_tokenizer, local_folder_or_hub_id
+    from .loading import load_tokenizer, local_folder_or_hub_id
 
     name = local_folder_or_hub_id(name)
     device = resolve_device(device)
@@ -266,7 +266,8 @@ def run_generate(args) -> None:
 
 
 def run_export(args) -> None:
-    from .hub import export_for_hub, load_for_export
+    from .hub import export_for_hub
+    from .loading import load_for_export
 
     model, tokenizer = load_for_export(args.model, args.tokenizer)
     metrics = read_json_object(args.metrics, "--metrics") if args.metrics else None

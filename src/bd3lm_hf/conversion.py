@@ -16,11 +16,12 @@ from safetensors.torch import load_file, save_file
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, logging
 
 from .modeling import BD3LMConfig, BD3LMForBlockDiffusion
-from .hub import ORIGINAL_SAMPLING, converted_card, finish_tokenizer_config, longest_prompt
+from .hub import finish_tokenizer_config, longest_prompt
+from .model_card import ORIGINAL_SAMPLING, converted_card
 from .modeling.configuration_bd3lm import ORIGINAL_FIELD_NAMES
 from .modeling.modeling_bd3lm import rotary_inv_freq
 from .output_folder import check_output_folder, clear_output_folder
-from .tokenization import check_tokenizer_fits
+from .tokenization import raise_if_tokenizer_mismatch
 
 logger = logging.get_logger(__name__)
 
@@ -366,12 +367,6 @@ def convert_to_ours(src: str | os.PathLike, dst: str | os.PathLike, original_con
     return model
 
 
-def raise_if_tokenizer_mismatch(tokenizer, model, error_class) -> None:
-    """`error_class` (this module's or the Hub's) when `tokenizer` does not fit `model`."""
-    try:
-        check_tokenizer_fits(model, tokenizer)
-    except ValueError as error:
-        raise error_class(str(error)) from None
 
 
 def convert_to_original(src: str | os.PathLike, dst: str | os.PathLike,

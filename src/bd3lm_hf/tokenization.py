@@ -75,3 +75,11 @@ def check_tokenizer_fits(model, tokenizer) -> None:
     if tokenizer.mask_token_id != model.config.mask_token_id:
         raise ValueError(f"the tokenizer's mask token id {tokenizer.mask_token_id} is not the model's mask_token_id="
                          f"{model.config.mask_token_id}; use the tokenizer the model was trained with.")
+
+
+def raise_if_tokenizer_mismatch(tokenizer, model, error_class) -> None:
+    """`error_class` (the conversion's or the Hub's) when `tokenizer` does not fit `model`."""
+    try:
+        check_tokenizer_fits(model, tokenizer)
+    except ValueError as error:
+        raise error_class(str(error)) from None

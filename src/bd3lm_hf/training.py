@@ -21,7 +21,7 @@ from .collator import DataCollatorForBlockDiffusion
 from .compilation import compile_decoder_layers, should_compile_layers
 from .data import load_text_dataset, require_columns, sft_texts, sft_tokenize, shakespeare_files, wrap_tokenize
 from .ema import EMACallback
-from .hub import local_folder_or_hub_id
+from .loading import local_folder_or_hub_id
 from .modeling import BD3LMConfig, BD3LMForBlockDiffusion
 from .tokenization import check_tokenizer_fits, gpt2_tokenizer_with_mask, train_bpe_tokenizer
 

@@ -1,0 +1,79 @@
+"""Loading saved folders for export and the CLI: models (an adapter folder merged into its base), tokenizers, and
+local folders told from Hub ids, each with a one-line error."""
+
+import os
+from pathlib import Path
+
+from transformers.utils import logging
+
+from .hub import HubError
+
+logger = logging.get_logger(__name__)
+
+def load_for_export(model_folder, tokenizer_folder=None):
+    """The model and tokenizer of a saved folder (`tokenizer_folder` when the tokenizer lives elsewhere). An adapter
+    folder (what `bd3lm-hf train --lora true` saves) is loaded onto its base model and merged: the export holds
+    the whole model."""
+    from transformers import AutoModelForCausalLM
+
+    model_folder = Path(model_folder)
+    if (model_folder / "config.json").is_file():
+        model = AutoModelForCausalLM.from_pretrained(model_folder, trust_remote_code=True)
+    elif (model_folder / "adapter_config.json").is_file():
+        model = merged_adapter_model(model_folder)
+    else:
+        raise HubError(f"{model_folder} is not a saved model folder (no config.json, no adapter_config.json): "
+                       "export takes the folder save_pretrained (or `bd3lm-hf train`) wrote.")
+    return model, load_tokenizer(tokenizer_folder or model_folder, "pass --tokenizer FOLDER")
+
+
+def merged_adapter_model(adapter_folder: Path):
+    """The base model named by the adapter folder, with the adapters merged into its weights."""
+    from peft import AutoPeftModelForCausalLM
+
+    logger.info("%s holds adapters: loading their base model and merging them", adapter_folder)
+    try:
+        peft_model = AutoPeftModelForCausalLM.from_pretrained(adapter_folder, trust_remote_code=True)
+    except (OSError, ValueError) as error:  # the base (base_model_name_or_path) moved, or is not on this machine
+        raise HubError(f"cannot load the base model of the adapters in {adapter_folder} (its adapter_config.json "
+                       f"names base_model_name_or_path): {str(error).splitlines()[0]}") from None
+    return peft_model.merge_and_unload()
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")
+
+
+def load_tokenizer(name, remedy: str):
+    """AutoTokenizer of a folder or Hub id, with a one-line error: transformers answers a folder without tokenizer
+    files with a list of backends to install. `remedy` says what to do about a missing tokenizer."""
+    from transformers import AutoTokenizer
+
+    folder = Path(name)
+    if folder.is_dir() and not any((folder / file).is_file() for file in TOKENIZER_FILES):
+        raise HubError(f"{name} has no tokenizer files: {remedy}.")
+    try:
+        return AutoTokenizer.from_pretrained(name, trust_remote_code=True)
+    except (OSError, ValueError, TypeError) as error:  # a broken file: say which error, in one line
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise HubError(f"the tokenizer of {name} could not be loaded: {first_line}") from None
+
+
+def local_folder_or_hub_id(name: str) -> str:
+    """A local folder as its absolute path (~ expanded), else `name` as a Hub id. An existing folder wins, as in
+    from_pretrained; absolute, so that what records it (a LoRA adapter's base_model_name_or_path) loads from any
+    working directory. A missing folder is named here: from_pretrained would take it for a Hub id and answer
+    that repo ids must use alphanumeric chars."""
+    folder = Path(name).expanduser()
+    if folder.is_dir():
+        return str(folder.resolve())
+    if folder.exists():
+        raise ValueError(f"{name} is a file, not a model folder (a saved model is the folder save_pretrained wrote).")
+    if looks_like_a_local_path(name):
+        raise ValueError(f"model folder {name} does not exist (a Hub id is NAME or OWNER/NAME).")
+    return name
+
+
+def looks_like_a_local_path(name: str) -> bool:
+    """A Hub id is "name" or "owner/name": a relative or home path, a path separator other than /, or more than
+    one / can only mean a folder."""
+    return name.startswith((".", "/", "~")) or os.sep in name.replace("/", "") or name.count("/") > 1
