@@ -777,25 +777,36 @@ class BD3LMGenerationMixin(GenerationMixin):
         is_new = (index >= 0) & (index < max_new_tokens) & ~done[:, None]
         block = canvas[:, start:end]
         if eos_ids is not None:
-            eos = is_new & torch.isin(block, eos_ids)
-            after_eos = (eos.long().cumsum(-1) - eos.long()) > 0
-            block.masked_fill_(after_eos & is_new, pad_id)
-            is_new &= ~after_eos
-            done = done | eos.any(-1)
+            is_new, eos_rows = cut_after_eos(block, is_new, eos_ids, pad_id)
+            done = done | eos_rows
         if streamer is not None and bool(is_new.any()):
             streamer.put(block[is_new].cpu())
         done = done | (index[:, -1] >= max_new_tokens - 1)
         if len(stopping_criteria):
-            # every row's prompt and new tokens, right-aligned: the criteria read a row's latest token in the last
-            # column even when rows have produced different numbers of tokens (prompts of other lengths mod bs)
-            # (the last block may run past max_new_tokens: those tokens are never returned, nor shown)
-            real = valid[:, :end] & (torch.arange(end, device=canvas.device)[None] < (first_new + max_new_tokens)[:, None])
-            width = prompts.shape[1] + min(int(index[:, -1].max()) + 1, max_new_tokens)
-            sequences = left_padded(canvas[:, :end], real, pad_id, width)
-            done = done | stopping_criteria(sequences, None).to(done.device)
+            newest = min(int(index[:, -1].max()) + 1, max_new_tokens)  # new tokens of the most advanced row
+            done = done | criteria_stop(canvas[:, :end], valid[:, :end], first_new + max_new_tokens,
+                                        prompts.shape[1] + newest, stopping_criteria, pad_id).to(done.device)
         if config.entropy_stop:
             done = done | low_entropy_rows(canvas[:, :end], valid[:, :end])
         return done
+
+
+def cut_after_eos(block, is_new, eos_ids, pad_id: int):
+    """Pads (in place) the new tokens after each row's first EOS in `block` (B, bs); returns the new tokens that
+    remain (B, bs) and the rows that produced an EOS (B,)."""
+    eos = is_new & torch.isin(block, eos_ids)
+    after_eos = (eos.long().cumsum(-1) - eos.long()) > 0
+    block.masked_fill_(after_eos & is_new, pad_id)
+    return is_new & ~after_eos, eos.any(-1)
+
+
+def criteria_stop(canvas, valid, ends, width: int, stopping_criteria, pad_id: int):
+    """(B,) bool from the stopping criteria, given every row's prompt and new tokens (columns before `ends`, (B,))
+    right-aligned in `width` columns: the criteria read a row's latest token in the last column even when rows have
+    produced different numbers of tokens (prompts of other lengths mod bs). The last block may run past
+    max_new_tokens: those tokens are never returned, nor shown."""
+    real = valid & (torch.arange(canvas.shape[1], device=canvas.device)[None] < ends[:, None])
+    return stopping_criteria(left_padded(canvas, real, pad_id, width), None)
 
 
 def first_stop_column(first_new_min: int, eos_ids, config, stopping_criteria) -> float:
