@@ -13,6 +13,7 @@ no softmax row is empty (their outputs are never used).
 """
 
 import functools
+from typing import NamedTuple
 
 import torch
 
@@ -22,16 +23,28 @@ def real_token_positions(valid: torch.Tensor) -> torch.Tensor:
     return (valid.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def token_descriptors(position_ids: torch.Tensor, block_size: int, valid: torch.Tensor, clean: bool = True):
-    """Descriptors of tokens at `position_ids` (B, N): (block, clean, valid)."""
+class TokenDescriptors(NamedTuple):
+    """What the mask rule knows of each of N tokens: three (B, N) tensors (see the module docstring)."""
+
+    block: torch.Tensor
+    clean: torch.Tensor
+    valid: torch.Tensor
+
+    def columns(self, index) -> "TokenDescriptors":
+        """The descriptors of the tokens at `index` (a slice or index tensor over N)."""
+        return TokenDescriptors(*(t[:, index] for t in self))
+
+
+def token_descriptors(position_ids: torch.Tensor, block_size: int, valid: torch.Tensor,
+                      clean: bool = True) -> TokenDescriptors:
+    """Descriptors of tokens at `position_ids` (B, N)."""
     block = torch.div(position_ids, block_size, rounding_mode="floor")
-    clean = torch.full_like(valid, clean, dtype=torch.bool)
-    return block, clean, valid.bool()
+    return TokenDescriptors(block, torch.full_like(valid, clean, dtype=torch.bool), valid.bool())
 
 
-def concat_descriptors(*descriptors):
-    """Concatenate descriptor triples along the sequence."""
-    return tuple(torch.cat(parts, dim=1) for parts in zip(*descriptors))
+def concat_descriptors(*descriptors: TokenDescriptors) -> TokenDescriptors:
+    """Concatenate descriptors along the sequence."""
+    return TokenDescriptors(*(torch.cat(parts, dim=1) for parts in zip(*descriptors)))
 
 
 def may_attend(q_block, q_clean, q_valid, kv_block, kv_clean, kv_valid):
@@ -48,7 +61,7 @@ def dense_block_diffusion_mask(queries, keys, query_offset: int) -> torch.Tensor
     q_block, q_clean, q_valid = (t[:, :, None] for t in queries)
     kv_block, kv_clean, kv_valid = (t[:, None, :] for t in keys)
     mask = may_attend(q_block, q_clean, q_valid, kv_block, kv_clean, kv_valid)
-    num_queries, num_keys = queries[0].shape[1], keys[0].shape[1]
+    num_queries, num_keys = queries.block.shape[1], keys.block.shape[1]
     q_index = torch.arange(num_queries, device=mask.device)[:, None] + query_offset
     is_self = q_index == torch.arange(num_keys, device=mask.device)[None, :]
     mask = mask | (~q_valid & is_self)
@@ -93,5 +106,5 @@ def training_mask_2l(seq_len: int, block_size: int) -> torch.Tensor:
     valid = torch.ones(1, 2 * seq_len, dtype=torch.bool)
     block, _, valid = token_descriptors(positions, block_size, valid)
     clean = torch.arange(2 * seq_len)[None] >= seq_len
-    tokens = (block, clean, valid)
+    tokens = TokenDescriptors(block, clean, valid)
     return dense_block_diffusion_mask(tokens, tokens, 0)[0, 0]

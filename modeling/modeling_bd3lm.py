@@ -292,14 +292,14 @@ class BD3LMModel(BD3LMPreTrainedModel):
         no attention_mask, so every key is valid (known without reading the batch)."""
         implementation = self.config._attn_implementation
         if implementation == "flex_attention":
-            if keys[0].device.type == "cuda" and self.config.head_dim < 16:
+            if keys.block.device.type == "cuda" and self.config.head_dim < 16:
                 raise ValueError(f"flex_attention on CUDA needs head_dim >= 16 (its kernels' minimum), got head_dim="
                                  f"{self.config.head_dim} (hidden_size / num_attention_heads). Use fewer heads or "
                                  "attn_implementation='sdpa'.")
             # 2L pass without padding: one shared mask (checking the padding is a host read: not while compiling)
             if training_length is not None and (unpadded or (not torch.compiler.is_compiling()
-                                                             and bool(keys[2].all()))):
-                return flex_training_mask(training_length, block_size, str(keys[0].device))
+                                                             and bool(keys.valid.all()))):
+                return flex_training_mask(training_length, block_size, str(keys.block.device))
             return flex_block_diffusion_mask(queries, keys, query_offset)
         mask = dense_block_diffusion_mask(queries, keys, query_offset)
         if implementation.startswith("flash_attention"):
@@ -362,7 +362,7 @@ class BD3LMModel(BD3LMPreTrainedModel):
                 position_ids = positions[:, past_length:]
             hidden_states = self.embed_tokens(input_ids)
             keys = token_descriptors(positions, block_size, kv_valid)
-            queries = tuple(t[:, past_length:] for t in keys)
+            queries = keys.columns(slice(past_length, None))
             query_offset = past_length
         else:
             # 2L pass: both halves share positions 0..L-1 and the padding of attention_mask.
@@ -412,7 +412,7 @@ class BD3LMModel(BD3LMPreTrainedModel):
         positions = real_token_positions(kv_valid)
         query_index = start + torch.arange(seq_len, device=device)
         keys = token_descriptors(positions, block_size, kv_valid)
-        queries = tuple(t[:, query_index] for t in keys)
+        queries = keys.columns(query_index)
         if position_ids is None:
             position_ids = positions[:, query_index]
         return queries, keys, position_ids, start
