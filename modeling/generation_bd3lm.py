@@ -421,7 +421,7 @@ class BD3LMGenerationMixin(GenerationMixin):
 
         # 3. blocks, left to right
         fixed = start_block(canvas, valid, prompt_tail, done, prefix, bs, pad_id)
-        with step_graph_room(state["compiles"]):
+        with raised_recompile_limit(state["compiles"]):
             for start in range(prefix, canvas.shape[1], bs):
                 end = start + bs
                 # 3b. denoise
@@ -585,7 +585,7 @@ class BD3LMGenerationMixin(GenerationMixin):
         per shape and replayed); the first call, whose width depends on the prompt, runs eagerly so that no prompt
         length triggers a compilation. Each (batch, block size, sampler, decoding settings, dtype) compiles 2
         graphs, and torch keeps at most `torch._dynamo.config.recompile_limit` per function, raised to
-        `STEP_GRAPH_LIMIT` (32) during generation (`step_graph_room`): past it (fullgraph compilation then fails
+        `STEP_GRAPH_LIMIT` (32) during generation (`raised_recompile_limit`): past it (fullgraph compilation then fails
         before running anything) this generation's steps run eagerly, with a warning.
         """
         if not isinstance(cache, BD3LMStaticCache):
@@ -681,10 +681,10 @@ class BD3LMGenerationMixin(GenerationMixin):
         Every sampler runs its full number of steps (a step with nothing left to reveal draws its random numbers and
         changes nothing), so the random stream, hence the sampled tokens, do not depend on the cache."""
         num_steps = config.num_steps if config.sampler == "ddpm" else config.block_size
-        denoise = self.denoise_static if isinstance(cache, BD3LMStaticCache) else self.denoise_reusing
+        denoise = self.denoise_static if isinstance(cache, BD3LMStaticCache) else self.denoise_dynamic
         denoise(canvas, valid, start, end, fixed, banned_eos[:, start:end], cache, state, num_steps)
 
-    def denoise_reusing(self, canvas, valid, start, end, fixed, banned_eos, cache, state, num_steps: int):
+    def denoise_dynamic(self, canvas, valid, start, end, fixed, banned_eos, cache, state, num_steps: int):
         """Dynamic cache or none: a step that reveals nothing leaves the block unchanged, so the next step reuses its
         scores without a model call (knowing that is a host synchronization). The first step always calls: it
         commits the previous block. A time-conditioned model's scores depend on the step's time: never reused (as
@@ -819,7 +819,7 @@ def first_stop_column(first_new_min: int, eos_ids, config, stopping_criteria) ->
     return math.inf if eos_ids is None else first_new_min + (config.min_new_tokens or 0)
 
 
-def step_graph_room(compiling: bool):
+def raised_recompile_limit(compiling: bool):
     """While the steps compile, torch's recompile limit is at least `STEP_GRAPH_LIMIT` (the user's own setting applies
     everywhere else, and is kept if higher)."""
     if not compiling:

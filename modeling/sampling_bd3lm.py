@@ -108,6 +108,7 @@ def choose_tokens(scores, uniform=None):
         best, tokens = max_over_last_dim(scores)
         return tokens, (best - scores.logsumexp(-1)).exp()  # the top probability, without a softmax
     log_probs = scores.log_softmax(-1)
+    # clamped off 0 and 1, where the double log is infinite
     gumbel = -torch.log(-torch.log(uniform.clamp(min=1e-20, max=1 - 1e-7)))
     tokens = max_over_last_dim(log_probs + gumbel)[1]
     return tokens, log_probs.gather(-1, tokens[..., None])[..., 0].exp()
@@ -115,7 +116,7 @@ def choose_tokens(scores, uniform=None):
 
 def most_confident(confidence, masked, count):
     """(B, bs) bool: the `count` (B,) most confident masked positions per row, ties broken by position."""
-    scores = confidence.masked_fill(~masked, -1.0)
+    scores = confidence.masked_fill(~masked, -1.0)  # below any probability: unmasked positions rank last
     order = scores.sort(dim=-1, descending=True, stable=True).indices
     positions = torch.arange(order.shape[-1], device=order.device).expand_as(order)
     ranks = torch.empty_like(order).scatter_(-1, order, positions)  # rank of each position by confidence

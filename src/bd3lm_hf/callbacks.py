@@ -173,7 +173,7 @@ def add_perplexity(metrics, state) -> None:
     prefix = metric_prefix(metrics)
     if prefix is None or f"{prefix}_loss" not in metrics:
         return
-    perplexity = math.exp(min(metrics[f"{prefix}_loss"], 50.0))
+    perplexity = math.exp(min(metrics[f"{prefix}_loss"], 50.0))  # a diverged loss: a huge number, not inf
     metrics[f"{prefix}_perplexity"] = perplexity
     if state.log_history and f"{prefix}_loss" in state.log_history[-1]:
         state.log_history[-1][f"{prefix}_perplexity"] = perplexity

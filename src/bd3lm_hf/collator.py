@@ -127,7 +127,8 @@ class DataCollatorForBlockDiffusion:
         return {"input_ids": x_t, "labels": labels, "noise_levels": t, "attention_mask": attention_mask}
 
     def pad(self, features):
-        """(x0, attention_mask, keep): right-padded to a common block multiple; keep = prompt or padding."""
+        """(x0, attention_mask, unscored): right-padded to a common block multiple; unscored = prompt or padding
+        (never noised, never scored)."""
         if not features:
             raise ValueError("empty batch.")
         missing = [index for index, feature in enumerate(features) if "input_ids" not in feature]
@@ -145,14 +146,14 @@ class DataCollatorForBlockDiffusion:
                                  f"block_size={self.block_size}: pass pad_token_id.")
         x0 = torch.full((len(sequences), width), self.pad_token_id if self.pad_token_id is not None else 0)
         attention_mask = torch.zeros_like(x0)
-        keep = torch.ones_like(x0, dtype=torch.bool)
+        unscored = torch.ones_like(x0, dtype=torch.bool)
         for row, (sequence, feature) in enumerate(zip(sequences, features)):
             x0[row, : len(sequence)] = sequence
             attention_mask[row, : len(sequence)] = 1
-            keep[row, int(feature.get("prompt_length", 0)): len(sequence)] = False
+            unscored[row, int(feature.get("prompt_length", 0)): len(sequence)] = False
         if bool((x0[attention_mask.bool()] == self.mask_token_id).any()):
             raise ValueError(f"clean input_ids contain the mask token id {self.mask_token_id}.")
-        return x0, attention_mask, keep
+        return x0, attention_mask, unscored
 
     def resample_blocks(self, x0, x_t, t, keep, noise_range, generator=None):
         """Redraw the masks of blocks whose masked fraction is outside `noise_range` (bounded retries)."""

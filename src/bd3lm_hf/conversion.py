@@ -58,6 +58,10 @@ LAYER_KEY_MAP = {
     "adaLN_modulation.bias": "adaln_modulation.bias",
 }
 _LAYER_PATTERN = re.compile(r"blocks\.(\d+)\.(.+)")
+# The same tables, read the other way
+_ORIGINAL_GLOBAL_KEYS = {ours: original for original, ours in GLOBAL_KEY_MAP.items()}
+_ORIGINAL_LAYER_KEYS = {ours: original for original, ours in LAYER_KEY_MAP.items()}
+_OUR_LAYER_PATTERN = re.compile(r"model\.layers\.(\d+)\.(.+)")
 
 
 class ConversionError(ValueError):
@@ -78,13 +82,11 @@ def original_to_ours_key(original_key: str) -> str:
 
 
 def ours_to_original_key(our_key: str) -> str:
-    inverse_global = {v: k for k, v in GLOBAL_KEY_MAP.items()}
-    if our_key in inverse_global:
-        return ORIGINAL_PREFIX + inverse_global[our_key]
-    match = re.fullmatch(r"model\.layers\.(\d+)\.(.+)", our_key)
-    inverse_layer = {v: k for k, v in LAYER_KEY_MAP.items()}
-    if match and match.group(2) in inverse_layer:
-        return f"{ORIGINAL_PREFIX}blocks.{match.group(1)}.{inverse_layer[match.group(2)]}"
+    if our_key in _ORIGINAL_GLOBAL_KEYS:
+        return ORIGINAL_PREFIX + _ORIGINAL_GLOBAL_KEYS[our_key]
+    match = _OUR_LAYER_PATTERN.fullmatch(our_key)
+    if match and match.group(2) in _ORIGINAL_LAYER_KEYS:
+        return f"{ORIGINAL_PREFIX}blocks.{match.group(1)}.{_ORIGINAL_LAYER_KEYS[match.group(2)]}"
     raise KeyError(our_key)
 
 

@@ -41,6 +41,8 @@ def main(out: str) -> None:
         saved = sorted(str(p.relative_to(out)) for p in Path(out).glob("checkpoint-*/collator_state.json"))
         (Path(out) / "result.json").write_text(json.dumps({"before": before, "after": after, "saved": saved,
                                                            "world_size": args.world_size}))
+    torch.distributed.barrier()  # every rank done with the group before it goes
+    torch.distributed.destroy_process_group()  # gloo's threads left to interpreter exit may abort it (SIGABRT)
 
 
 if __name__ == "__main__":

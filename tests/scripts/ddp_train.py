@@ -58,6 +58,9 @@ def main(out: str, per_device: int, accumulation: int) -> None:
         Path(out).mkdir(parents=True, exist_ok=True)
         (Path(out) / "result.json").write_text(json.dumps({"losses": losses, "checksum": checksum,
                                                            "world_size": args.world_size}))
+    if torch.distributed.is_initialized():  # gloo's threads left to interpreter exit may abort it (SIGABRT)
+        torch.distributed.barrier()  # every rank done with the group before it goes
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
