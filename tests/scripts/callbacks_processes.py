@@ -12,6 +12,7 @@ from transformers import Trainer, TrainingArguments, set_seed
 
 from bd3lm_hf import BD3LMConfig, BD3LMForBlockDiffusion, DataCollatorForBlockDiffusion
 from bd3lm_hf.callbacks import BlockDiffusionCallback
+from process_exit import exit_processes
 
 MASK, BLOCK, LENGTH = 63, 4, 16
 
@@ -41,8 +42,7 @@ def main(out: str) -> None:
         saved = sorted(str(p.relative_to(out)) for p in Path(out).glob("checkpoint-*/collator_state.json"))
         (Path(out) / "result.json").write_text(json.dumps({"before": before, "after": after, "saved": saved,
                                                            "world_size": args.world_size}))
-    torch.distributed.barrier()  # every rank done with the group before it goes
-    torch.distributed.destroy_process_group()  # gloo's threads left to interpreter exit may abort it (SIGABRT)
+    exit_processes()
 
 
 if __name__ == "__main__":

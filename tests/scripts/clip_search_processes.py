@@ -11,6 +11,7 @@ import torch.distributed as dist
 import bd3lm_hf.callbacks as callbacks
 from bd3lm_hf import DataCollatorForBlockDiffusion
 from bd3lm_hf.callbacks import ClipSearchCallback
+from process_exit import exit_processes
 
 SAME, SPREAD = (1e-3, 1.0), (0.2, 0.8)
 
@@ -32,7 +33,7 @@ def main(out: str):
     best = search.search(torch.nn.Linear(1, 1), [collator([{"input_ids": list(range(8))}])])
     if dist.get_rank() == 0:
         (Path(out) / "result.json").write_text(json.dumps({"best": list(best)}))
-    dist.destroy_process_group()
+    exit_processes()
 
 
 if __name__ == "__main__":

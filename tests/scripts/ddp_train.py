@@ -15,6 +15,7 @@ from transformers import Trainer, TrainingArguments, set_seed
 
 from bd3lm_hf import BD3LMConfig, BD3LMForBlockDiffusion
 from bd3lm_hf.collator import DataCollatorForBlockDiffusion
+from process_exit import exit_processes
 
 MASK, BLOCK, LENGTH, EXAMPLES = 63, 4, 16, 48
 
@@ -58,9 +59,7 @@ def main(out: str, per_device: int, accumulation: int) -> None:
         Path(out).mkdir(parents=True, exist_ok=True)
         (Path(out) / "result.json").write_text(json.dumps({"losses": losses, "checksum": checksum,
                                                            "world_size": args.world_size}))
-    if torch.distributed.is_initialized():  # gloo's threads left to interpreter exit may abort it (SIGABRT)
-        torch.distributed.barrier()  # every rank done with the group before it goes
-        torch.distributed.destroy_process_group()
+    exit_processes()
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ from torch.distributed.fsdp import fully_shard
 
 from bd3lm_hf import BD3LMConfig, BD3LMForBlockDiffusion
 from bd3lm_hf.ema import EMA_FILE, EMACallback, full_tensor
+from process_exit import exit_processes
 
 
 def sharded_model():
@@ -55,7 +56,7 @@ def main(out: str):
         result = {"same": same, "sharded": sharded, "updates": resumed.num_updates,
                   "full_shapes": {name: list(t.shape) for name, t in saved.items()} == full_shapes}
         (Path(out) / "result.json").write_text(json.dumps(result))
-    dist.destroy_process_group()
+    exit_processes()
 
 
 if __name__ == "__main__":

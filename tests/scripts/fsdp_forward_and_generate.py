@@ -15,6 +15,7 @@ from torch.distributed.tensor import DTensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conftest import random_model  # noqa: E402
+from process_exit import exit_processes  # noqa: E402
 
 MASK = 49  # tiny_config: vocab 50, [MASK] last
 
@@ -63,7 +64,7 @@ def main(out: str) -> None:
               "gradient_difference": max(float((gradients[n] - expected_gradients[n]).abs().max()) for n in gradients),
               "loss": loss}
     (Path(out) / f"result_{rank}.json").write_text(json.dumps(result))
-    dist.destroy_process_group()
+    exit_processes()
 
 
 if __name__ == "__main__":
