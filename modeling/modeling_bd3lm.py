@@ -71,8 +71,14 @@ class BD3LMTimestepEmbedder(nn.Module):
         return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
     def forward(self, sigma: torch.Tensor) -> torch.Tensor:
-        features = self.sinusoidal_features(sigma).to(self.linear_1.weight.dtype)
-        return self.linear_2(F.silu(self.linear_1(features)))
+        return self.linear_2(F.silu(self.linear_1(self.sinusoidal_features(sigma).to(self.input_dtype()))))
+
+    def input_dtype(self) -> torch.dtype:
+        """The dtype of linear_1's weight; fp32 when that is no float tensor: a quantized layer (torch's dynamic
+        quantization has a `weight()` method, bitsandbytes' 4-bit weights are uint8) takes float inputs."""
+        weight = getattr(self.linear_1, "weight", None)
+        is_float = isinstance(weight, torch.Tensor) and weight.is_floating_point()
+        return weight.dtype if is_float else torch.float32
 
 
 def rotary_inv_freq(head_dim: int, base: float) -> torch.Tensor:

@@ -1,5 +1,7 @@
 """Model behaviour on random weights: 2L pass vs per-block, backends, cache, padding, checkpointing, init, errors."""
 
+import copy
+
 import pytest
 import torch
 from conftest import random_model, tiny_config
@@ -424,3 +426,20 @@ def test_resizing_the_vocabulary_above_the_mask_token_works(model):
     assert model.config.vocab_size == 64
     model.resize_token_embeddings(MASK + 1)  # the smallest vocabulary that keeps [MASK]
     assert model.generate(torch.tensor([[1, 2, 3]]), max_new_tokens=4, do_sample=False).shape == (1, 7)
+
+
+@pytest.mark.parametrize("time_conditioning", [False, True])
+def test_dynamic_quantization_runs_forward_and_generate(time_conditioning):
+    """torch's dynamic int8 quantization (a common CPU path) turns Linear.weight into a method: the timestep
+    embedder read its dtype and crashed."""
+    fp32 = random_model(time_conditioning=time_conditioning, std=0.1)
+    quantized = torch.ao.quantization.quantize_dynamic(copy.deepcopy(fp32), {torch.nn.Linear}, dtype=torch.qint8)
+    ids = torch.randint(0, MASK, (2, 16))
+    timesteps = torch.tensor([0.3, 2.0]) if time_conditioning else None
+    with torch.no_grad():
+        expected = fp32(input_ids=ids, timesteps=timesteps).logits
+        got = quantized(input_ids=ids, timesteps=timesteps).logits
+    torch.testing.assert_close(got, expected, atol=0.2, rtol=0)  # int8 weights: ~0.05 off here
+    sequences = quantized.generate(ids[:, :5], attention_mask=torch.ones(2, 5, dtype=torch.long), max_new_tokens=8,
+                                   do_sample=False)
+    assert sequences.shape == (2, 13) and bool((sequences != MASK).all())
