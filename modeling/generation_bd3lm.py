@@ -77,8 +77,16 @@ def gathers_fsdp_weights(generate):
         modules = fsdp_modules(self)
         if not modules:
             return generate(self, *args, **kwargs)
+        if modules[0] is not self:
+            # the FSDP root is a module around this one (a PeftModel that accelerate sharded), or none was sharded
+            # at the top: its weights are out of reach here, and a forward through a layer first would make that
+            # layer the root for good
+            raise ValueError("generate() on an FSDP2-sharded model needs that model to be the FSDP root "
+                             "(fully_shard(model) after its layers); here the root is an outer module (e.g. a "
+                             "PeftModel) or missing. Generate from a full copy of the weights instead, e.g. a model "
+                             "loaded from the saved checkpoint.")
         # FSDP takes the first module to run forward as its root: the outermost one must be, as in training
-        modules[0]._get_fsdp_state()._lazy_init()
+        self._get_fsdp_state()._lazy_init()
         settings = [_reshard_setting(module) for module in modules]
         try:
             for module in modules:
@@ -96,14 +104,26 @@ def gathers_fsdp_weights(generate):
 def _reshard_setting(module):
     # FSDP2 has a setter for reshard_after_forward but no getter: what it sets, read to be put back as it was
     state = module._get_fsdp_state()
-    return state._auto_reshard_after_forward, [group.post_forward_mesh_info for group in state._fsdp_param_groups]
+    auto = getattr(state, "_auto_reshard_after_forward", None)  # torch >= 2.12
+    return auto, [group.post_forward_mesh_info for group in _param_groups(state)]
 
 
 def _restore_reshard_setting(module, setting) -> None:
     state = module._get_fsdp_state()
-    state._auto_reshard_after_forward, mesh_infos = setting
-    for group, mesh_info in zip(state._fsdp_param_groups, mesh_infos):
+    auto, mesh_infos = setting
+    if auto is not None:
+        state._auto_reshard_after_forward = auto
+    for group, mesh_info in zip(_param_groups(state), mesh_infos):
         group.post_forward_mesh_info = mesh_info
+
+
+def _param_groups(state) -> list:
+    """A module's FSDP parameter groups: a list in recent torch, one group (or None) before."""
+    groups = getattr(state, "_fsdp_param_groups", None)
+    if groups is not None:
+        return list(groups)
+    group = getattr(state, "_fsdp_param_group", None)
+    return [] if group is None else [group]
 
 
 class BD3LMGenerationConfig(GenerationConfig):

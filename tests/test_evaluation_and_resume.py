@@ -201,7 +201,7 @@ def test_resume_is_exact_when_an_epoch_ends_inside_an_accumulation(tmp_path, sma
 ])
 def test_arguments_that_change_the_objective_or_the_noise_are_refused(tmp_path, small_data, fields, message):
     with pytest.raises(ValueError, match=message):
-        make_trainer(tmp_path, small_data, max_steps=1, **fields).train()
+        make_trainer(tmp_path, small_data, max_steps=1, **fields)  # refused when the Trainer is built
 
 
 def test_dataloader_workers_are_refused_for_evaluation_too(tmp_path, small_data):
@@ -214,8 +214,11 @@ def test_dataloader_workers_are_refused_for_evaluation_too(tmp_path, small_data)
         make_trainer(tmp_path, small_data, dataloader_num_workers=1)  # at construction: evaluate() may come first
     rows = [{"input_ids": list(range(8))}] * 4
     collator = DataCollatorForBlockDiffusion(9, 4, seed=0)
-    with pytest.raises(ValueError, match=r"seed=0\) keys its noise by batch index in the main process"):
+    with pytest.raises(ValueError, match=r"seed=0\) draws its noise in the main process"):
         list(DataLoader(rows, batch_size=2, num_workers=1, collate_fn=collator))
+    with_generator = DataCollatorForBlockDiffusion(9, 4, generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match=r"generator=...\) draws its noise in the main process"):  # copies repeat
+        list(DataLoader(rows, batch_size=2, num_workers=2, collate_fn=with_generator))
     unseeded = DataCollatorForBlockDiffusion(9, 4)  # the workers' own random noise, as asked
     assert len(list(DataLoader(rows, batch_size=2, num_workers=1, collate_fn=unseeded))) == 2
 

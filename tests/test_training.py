@@ -360,6 +360,7 @@ def test_fsdp2_per_layer_sharding_trains_and_generates_as_the_unsharded_model(tm
     for rank in range(2):
         outcome = json.loads((tmp_path / f"result_{rank}.json").read_text())
         assert outcome["tokens_equal"] == {"dynamic": True, "static": True} and outcome["sharded_after_generate"]
+        assert outcome["settings_restored"] and outcome["outer_root_refused"]
         assert outcome["loss_difference"] < 1e-6 and outcome["gradient_difference"] < 1e-6 and outcome["loss"] > 1
 
 

@@ -23,6 +23,9 @@ class BlockDiffusionCallback(TrainerCallback):
     `eval_perplexity` = exp(eval_loss) to the evaluation metrics; keeps the collator's noise in step with the data
     on resume (batch index, per-process stream, the clip ranges saved with every checkpoint).
 
+    Pass it to `Trainer(callbacks=[...])`: its checks and per-process noise stream are set when the Trainer is built
+    (`trainer.add_callback` comes too late for an evaluate() before train()).
+
     Every evaluation (by steps, by epoch, `eval_on_start`, or `trainer.evaluate()` / `predict()`) sees the same noise:
     the eval batches restart at index 0 and never use up training batch indices.
 

@@ -98,13 +98,16 @@ class DataCollatorForBlockDiffusion:
         mode = "train" if self.training else "eval"
         index = self.batch_index[mode]
         self.batch_index[mode] += 1
-        if torch.utils.data.get_worker_info() is not None and self.seed is not None:
-            # a worker collates with its own copy: the batch indices (and the clip ranges and evaluation mode set in
-            # the main process) would diverge from the main process's, so the noise would be neither the keyed one
-            # nor reproducible
-            raise ValueError(f"DataCollatorForBlockDiffusion(seed={self.seed}) keys its noise by batch index in the "
-                             "main process: use it with DataLoader(num_workers=0) (Trainer: "
-                             "dataloader_num_workers=0), or seed=None for the workers' own random noise.")
+        if torch.utils.data.get_worker_info() is not None:
+            if self.seed is not None or self.generator is not None:
+                # a worker collates with its own copy: the batch indices (and the clip ranges and evaluation mode set
+                # in the main process) diverge from the main process's, and every worker's copy of a generator
+                # draws the same numbers
+                source = f"seed={self.seed}" if self.seed is not None else "generator=..."
+                raise ValueError(f"DataCollatorForBlockDiffusion({source}) draws its noise in the main process: use "
+                                 "it with DataLoader(num_workers=0) (Trainer: dataloader_num_workers=0), or neither "
+                                 "seed nor generator for the workers' own random noise.")
+            return None  # torch's per-worker RNG
         if self.generator is not None or self.seed is None:
             return self.generator
         key = (self.seed * 1_000_003 + self.stream) * 1_000_033 + 2 * index + (mode == "eval")

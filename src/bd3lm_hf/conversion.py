@@ -369,8 +369,6 @@ def convert_to_ours(src: str | os.PathLike, dst: str | os.PathLike, original_con
     return model
 
 
-
-
 def convert_to_original(src: str | os.PathLike, dst: str | os.PathLike,
                         code_from: str | os.PathLike | None = None, overwrite: bool = False) -> None:
     """Our folder -> the original Hub format (config.json + model.safetensors with the original keys); strict.

@@ -10,6 +10,7 @@ from .hub import HubError
 
 logger = logging.get_logger(__name__)
 
+
 def load_for_export(model_folder, tokenizer_folder=None):
     """The model and tokenizer of a saved folder (`tokenizer_folder` when the tokenizer lives elsewhere). An adapter
     folder (what `bd3lm-hf train --lora true` saves) is loaded onto its base model and merged: the export holds

@@ -15,6 +15,8 @@ from torch.distributed.tensor import DTensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conftest import random_model  # noqa: E402
+
+from bd3lm_hf.modeling.generation_bd3lm import _reshard_setting, fsdp_modules  # noqa: E402
 from process_exit import exit_processes  # noqa: E402
 
 MASK = 49  # tiny_config: vocab 50, [MASK] last
@@ -37,6 +39,30 @@ def loss_and_gradients(model, batch):
     return float(loss), gradients
 
 
+class Wrapper(torch.nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, **inputs):
+        return self.inner(**inputs)
+
+
+def outer_root_refused(mesh, prompt) -> bool:
+    """A model inside the FSDP root (as accelerate shards a PeftModel): generate() says so instead of failing in
+    FSDP, and leaves the FSDP state usable (no layer made the root)."""
+    inner = random_model(std=0.1, max_position_embeddings=64)
+    wrapper = Wrapper(inner)
+    for layer in inner.model.layers:
+        fully_shard(layer, mesh=mesh)
+    fully_shard(wrapper, mesh=mesh)
+    try:
+        inner.generate(prompt, max_new_tokens=4)
+    except ValueError as error:
+        return "needs that model to be the FSDP root" in str(error)
+    return False
+
+
 def main(out: str) -> None:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
@@ -54,18 +80,22 @@ def main(out: str) -> None:
     for layer in model.model.layers:
         fully_shard(layer, mesh=mesh)
     fully_shard(model, mesh=mesh)
+    model._get_fsdp_state()._lazy_init()  # as the first forward (or generate) would: the settings training then has
+    reshard_settings = [_reshard_setting(module) for module in fsdp_modules(model)]
     tokens_equal = {cache: torch.equal(model.generate(prompt, cache_implementation=cache,
                                                       synced_gpus=cache == "dynamic", **settings),
                                        expected_tokens[cache]) for cache in expected_tokens}
     sharded_after_generate = all(isinstance(p, DTensor) for p in model.parameters())
+    settings_restored = reshard_settings == [_reshard_setting(module) for module in fsdp_modules(model)]
     loss, gradients = loss_and_gradients(model, batches[rank])
-    result = {"tokens_equal": tokens_equal, "sharded_after_generate": sharded_after_generate,
+    result = {"tokens_equal": tokens_equal, "outer_root_refused": outer_root_refused(mesh, prompt), "sharded_after_generate": sharded_after_generate,
+              "settings_restored": settings_restored,
               "loss_difference": abs(loss - reference[rank][0]),
               "gradient_difference": max(float((gradients[n] - expected_gradients[n]).abs().max()) for n in gradients),
               "loss": loss}
     (Path(out) / f"result_{rank}.json").write_text(json.dumps(result))
-    exit_processes()
 
 
 if __name__ == "__main__":
     main(sys.argv[1])
+    exit_processes()  # here only: a test may import and run main() in its own process
