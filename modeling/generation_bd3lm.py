@@ -474,7 +474,7 @@ class BD3LMGenerationMixin(GenerationMixin):
         unused = {name: value for name, value in unused.items()
                   if not (name in GENERATE_ARGUMENTS_OFF and (value is None or value in GENERATE_ARGUMENTS_OFF[name]))}
         if unused.get("synced_gpus") is True and fsdp_modules(self):
-            del unused["synced_gpus"]  # the full weights are gathered: the ranks make no collective call to keep in step
+            del unused["synced_gpus"]  # the weights are gathered: the ranks make no collective call to keep in step
         if "past_key_values" in unused:
             raise ValueError("generate() starts from a prompt and builds its own cache: continuing from "
                              "past_key_values is not supported; pass the whole text so far as the prompt.")

@@ -218,13 +218,17 @@ class BD3LMDecoderLayer(GradientCheckpointingLayer):
         self.adaln_modulation = zero_initialized(nn.Linear(config.cond_dim, 6 * config.hidden_size))
         self.dropout = nn.Dropout(config.hidden_dropout)
 
+    def modulation_of(self, conditioning: torch.Tensor) -> torch.Tensor:
+        """(B or 1, C) conditioning -> (B or 1, 1, 6H): shift, scale and gate of attention, then of the MLP."""
+        return self.adaln_modulation(conditioning)[:, None]
+
     def forward(self, hidden_states, modulation, position_embeddings, attention_mask, past_key_values=None,
                 store_kv=False, conditioning=None, **kwargs):
         """`modulation` (B or 1, 1, 6H): this layer's `adaln_modulation` of the conditioning when the caller has it
         (generation computes them once, `adaln_modulations`); else None, and the layer projects `conditioning`
         (B or 1, C) itself: inside its own forward, where FSDP has gathered its weights."""
         if modulation is None:
-            modulation = self.adaln_modulation(conditioning)[:, None]
+            modulation = self.modulation_of(conditioning)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = modulation.chunk(6, dim=-1)
 
         normed = modulate(self.input_layernorm(hidden_states), shift_msa, scale_msa)
@@ -333,8 +337,12 @@ class BD3LMModel(BD3LMPreTrainedModel):
         computes once per `generate` and passes back in (`modulations=`): a call at batch 1 is bound by kernel
         launches, and these are ~17 of them (the timestep MLP, one GEMV per layer and the final norm's)."""
         conditioning = self.conditioning(timesteps, batch_size, device).to(dtype)
-        per_layer = tuple(layer.adaln_modulation(conditioning)[:, None] for layer in self.layers)
-        return per_layer + (self.norm_modulation(conditioning)[:, None],)
+        per_layer = tuple(layer.modulation_of(conditioning) for layer in self.layers)
+        return per_layer + (self.final_modulation(conditioning),)
+
+    def final_modulation(self, conditioning: torch.Tensor) -> torch.Tensor:
+        """(B or 1, C) -> (B or 1, 1, 2H): shift and scale of the final norm."""
+        return self.norm_modulation(conditioning)[:, None]
 
     @can_return_tuple
     def forward(self, input_ids, attention_mask=None, position_ids=None, x0_ids=None, timesteps=None,
@@ -389,7 +397,7 @@ class BD3LMModel(BD3LMPreTrainedModel):
         conditioning = None
         if modulations is None:  # each layer projects the conditioning in its own forward
             conditioning = self.conditioning(timesteps, batch, input_ids.device).to(hidden_states.dtype)
-            modulations = (None,) * len(self.layers) + (self.norm_modulation(conditioning)[:, None],)
+            modulations = (None,) * len(self.layers) + (self.final_modulation(conditioning),)
         elif len(modulations) != len(self.layers) + 1:
             raise ValueError(f"modulations must hold {len(self.layers) + 1} tensors (one per layer, then the final "
                              f"norm's), as `adaln_modulations` returns; got {len(modulations)}.")

@@ -29,9 +29,10 @@ class DataCollatorForBlockDiffusion:
     then a function of the batch index, not of a running RNG stream, so a resumed run draws exactly the noise of
     an uninterrupted one (`BlockDiffusionCallback` sets the batch index on resume and `stream` to the process
     index) and every evaluation sees the same noise. With an explicit `generator` it is used as one stream; with
-    neither, torch's global RNG. A seeded collator refuses to run in a DataLoader worker process: each worker holds a
-    copy, which the batch index and range changes of the main process never reach (`BlockDiffusionCallback` refuses
-    `dataloader_num_workers > 0` when the Trainer is built); unseeded, workers use torch's per-worker RNG.
+    neither, torch's global RNG. With a seed or a generator it refuses to run in a DataLoader worker process: each
+    worker holds a copy, which the batch index and range changes of the main process never reach, and copies of a
+    generator repeat each other's numbers (`BlockDiffusionCallback` refuses `dataloader_num_workers > 0` when the
+    Trainer is built); with neither, workers use torch's per-worker RNG.
 
     Setting `train_range` (the clip search does, between steps) takes effect from the next training batch not yet
     drawn: the data loader has already drawn one batch ahead with the old range. `range_changes` keeps the batch
