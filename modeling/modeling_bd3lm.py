@@ -28,7 +28,8 @@ from transformers.utils.generic import can_return_tuple
 from .cache_bd3lm import BD3LMCache, BD3LMStaticCache
 from .configuration_bd3lm import BD3LMConfig
 from .diffusion_bd3lm import block_diffusion_nelbo, sigma_from_noise_level
-from .generation_bd3lm import BD3LMGenerationConfig, BD3LMGenerationMixin
+from .generation_bd3lm import BD3LMGenerationMixin
+from .generation_config_bd3lm import BD3LMGenerationConfig
 from .masking_bd3lm import (concat_descriptors, dense_block_diffusion_mask, flex_block_diffusion_mask,
                             flex_training_mask, real_token_positions, token_descriptors)
 

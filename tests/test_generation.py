@@ -13,7 +13,8 @@ from transformers.generation.stopping_criteria import EosTokenCriteria
 from transformers.generation.streamers import BaseStreamer
 
 from bd3lm_hf import BD3LMCache
-from bd3lm_hf.modeling.generation_bd3lm import BD3LMGenerationConfig, BD3LMGenerateOutput
+from bd3lm_hf.modeling.generation_bd3lm import BD3LMGenerateOutput
+from bd3lm_hf.modeling.generation_config_bd3lm import BD3LMGenerationConfig
 
 SAMPLERS = ["ddpm", "first_hitting", "confidence"]
 MASK = 49

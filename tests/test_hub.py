@@ -18,8 +18,9 @@ from bd3lm_hf.tokenization import gpt2_tokenizer_with_mask
 from test_hub_folder import BLOCK_IMPORT
 
 EXPECTED_FILES = ["README.md", "cache_bd3lm.py", "config.json", "configuration_bd3lm.py", "diffusion_bd3lm.py",
-                  "generation_bd3lm.py", "generation_config.json", "masking_bd3lm.py", "model.safetensors",
-                  "modeling_bd3lm.py", "sampling_bd3lm.py", "tokenizer.json", "tokenizer_config.json"]
+                  "fsdp_bd3lm.py", "generation_bd3lm.py", "generation_config.json", "generation_config_bd3lm.py",
+                  "masking_bd3lm.py", "model.safetensors", "modeling_bd3lm.py", "sampling_bd3lm.py", "tokenizer.json",
+                  "tokenizer_config.json"]
 
 
 def gpt2_vocabulary_model():

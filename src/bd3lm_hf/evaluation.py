@@ -11,7 +11,7 @@ from transformers.utils import logging
 
 from .collator import DataCollatorForBlockDiffusion
 from .data import load_text_dataset, wrap_tokenize
-from .modeling.generation_bd3lm import id_list
+from .modeling.generation_config_bd3lm import id_list
 
 logger = logging.get_logger(__name__)
 

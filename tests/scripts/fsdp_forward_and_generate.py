@@ -16,7 +16,7 @@ from torch.distributed.tensor import DTensor
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from conftest import random_model  # noqa: E402
 
-from bd3lm_hf.modeling.generation_bd3lm import _reshard_setting, fsdp_modules  # noqa: E402
+from bd3lm_hf.modeling.fsdp_bd3lm import _reshard_setting, fsdp_modules  # noqa: E402
 from process_exit import exit_processes  # noqa: E402
 
 MASK = 49  # tiny_config: vocab 50, [MASK] last
