@@ -90,6 +90,7 @@ class BD3LMStaticCache(StaticCache):
         self.constants: tuple[torch.Tensor, ...] = ()
         self.noise: tuple[torch.Tensor, torch.Tensor] | None = None
         self.buffers: dict[str, torch.Tensor] = {}  # `held_buffer`s by name
+        self.in_use = False  # claimed by a running generation (see generation's `make_cache`)
 
     def held_buffer(self, name: str, shape, dtype, device) -> torch.Tensor:
         """The fixed-address tensor `name`, allocated once per shape, dtype and device and reused in place by later

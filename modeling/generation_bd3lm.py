@@ -6,6 +6,7 @@ The hot loop is made of small pure functions (one model call here, one sampler s
 
 import contextlib
 import math
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -31,6 +32,8 @@ RECOMPILE_LIMIT_ERRORS = tuple(getattr(torch._dynamo.exc, name) for name in
 # Recompile limit while a generation's steps compile: each (batch, block size, sampler, decoding, dtype) setting adds
 # 2 graphs of the one step function, so torch's default of 8 would keep 4 settings compiled per process.
 STEP_GRAPH_LIMIT = 32
+# makes checking and claiming a model's static cache one step, when several threads generate with one model
+_HELD_CACHE_CLAIMS = threading.Lock()
 # Arguments of transformers' `generate()` that are not generation settings, with the values that leave them off
 # (None, or those listed): generic callers (Seq2SeqTrainer's synced_gpus, wrappers forwarding every argument) pass
 # them so; anything else raises.
@@ -256,29 +259,30 @@ class BD3LMGenerationMixin(GenerationMixin):
         logits_processor = LogitsProcessorList([*config_processors(config, canvas.device), *(logits_processor or [])])
         stopping_criteria = _stopping_criteria(config, stopping_criteria)
         stops_from = first_stop_column(first_new_min, eos_ids, config, stopping_criteria)
-        cache = self.make_cache(config, batch, canvas.device) if use_cache else None
-        state = self.loop_state(config, cache, canvas.device, batch, pad_id, eos_ids, warpers, logits_processor,
-                                generator)
-        state.update(first_block=prefix, prompt_tail=prompt_tail)  # the processors' context in the first block
-        if streamer is not None:
-            streamer.put(input_ids.cpu())
 
         # 3. blocks, left to right
-        fixed = start_block(canvas, valid, prompt_tail, done, prefix, bs, pad_id)
-        with raised_recompile_limit(state["compiles"]):
-            for start in range(prefix, canvas.shape[1], bs):
-                end = start + bs
-                # 3b. denoise
-                self.denoise_block(canvas, valid, start, end, fixed, banned_eos, cache, state, config)
-                # 3c. finish rows, stream
-                done = self.finish_block(canvas, valid, start, end, first_new, done, config, eos_ids, pad_id,
-                                         max_new_tokens, stopping_criteria, input_ids, streamer)
-                # 3a of the next block is queued before the host reads `done` (the one synchronization per block),
-                # so that the GPU has it while the host waits; if every row is done, it pads a block never returned.
-                if end < canvas.shape[1]:
-                    fixed = start_block(canvas, valid, prompt_tail, done, end, bs, pad_id)
-                if end > stops_from and bool(done.all()):
-                    break
+        with self.claimed_cache(config, batch, canvas.device, use_cache) as cache:
+            state = self.loop_state(config, cache, canvas.device, batch, pad_id, eos_ids, warpers, logits_processor,
+                                    generator)
+            state.update(first_block=prefix, prompt_tail=prompt_tail)  # the processors' context in the first block
+            if streamer is not None:
+                streamer.put(input_ids.cpu())
+            fixed = start_block(canvas, valid, prompt_tail, done, prefix, bs, pad_id)
+            with raised_recompile_limit(state["compiles"]):
+                for start in range(prefix, canvas.shape[1], bs):
+                    end = start + bs
+                    # 3b. denoise
+                    self.denoise_block(canvas, valid, start, end, fixed, banned_eos, cache, state, config)
+                    # 3c. finish rows, stream
+                    done = self.finish_block(canvas, valid, start, end, first_new, done, config, eos_ids, pad_id,
+                                             max_new_tokens, stopping_criteria, input_ids, streamer)
+                    # 3a of the next block is queued before the host reads `done` (the one synchronization per
+                    # block), so that the GPU has it while the host waits; if every row is done, it pads a block
+                    # never returned.
+                    if end < canvas.shape[1]:
+                        fixed = start_block(canvas, valid, prompt_tail, done, end, bs, pad_id)
+                    if end > stops_from and bool(done.all()):
+                        break
 
         # 4. output
         if streamer is not None:
@@ -371,8 +375,10 @@ class BD3LMGenerationMixin(GenerationMixin):
         """`cache_implementation`: None / "dynamic" (BD3LMCache) or "static" (preallocated, fixed shapes).
 
         The static cache holds the whole context (max_position_embeddings tokens), whatever the prompt and
-        max_new_tokens, and is kept on the model and reset in place by the next generation of the same batch size:
-        the compiled denoising step then replays without recompiling (transformers keeps its StaticCache likewise).
+        max_new_tokens. It is kept on the model (`release_static_cache` drops it) and reset in place by the next
+        generation of the same batch size, dtype and device: a compiled denoising step then replays its CUDA graphs
+        at the same addresses, without recompiling or re-recording. A generation that starts while another one uses
+        it (a second thread) gets a cache of its own, whose steps run uncompiled: never a shared one.
         """
         implementation = getattr(config, "cache_implementation", None)
         if implementation in (None, "dynamic"):
@@ -380,18 +386,44 @@ class BD3LMGenerationMixin(GenerationMixin):
         if implementation != "static":
             raise ValueError(f"cache_implementation={implementation!r} is not supported; allowed: None, 'dynamic', "
                              "'static'.")
-        cache = getattr(self, "_bd3lm_static_cache", None)
-        if (cache is not None and cache.capacity == self.config.max_position_embeddings
-                and len(cache.layers) == self.config.num_hidden_layers
-                and cache.fits(batch_size, self.dtype, device)):
-            cache.reset()
+        with _HELD_CACHE_CLAIMS:
+            cache = getattr(self, "_bd3lm_static_cache", None)
+            if cache is not None and cache.in_use:
+                logger.warning_once("another generation (e.g. in another thread) is using this model's static cache: "
+                                    "this one gets a static cache of its own, and its steps run uncompiled.")
+                return self.new_static_cache(batch_size, device)
+            if (cache is not None and cache.capacity == self.config.max_position_embeddings
+                    and len(cache.layers) == self.config.num_hidden_layers
+                    and cache.fits(batch_size, self.dtype, device)):
+                cache.reset()
+            else:
+                cache = self._bd3lm_static_cache = self.new_static_cache(batch_size, device)
+            cache.in_use = True  # until `claimed_cache` releases it
             return cache
+
+    def new_static_cache(self, batch_size: int, device) -> BD3LMStaticCache:
         cache = BD3LMStaticCache(self.config, max_cache_len=self.config.max_position_embeddings)
         # allocated before the first call, so that a compiled step never allocates
         cache.early_initialization(batch_size, self.config.num_attention_heads, self.config.head_dim, self.dtype,
                                    device)
-        self._bd3lm_static_cache = cache
         return cache
+
+    @contextlib.contextmanager
+    def claimed_cache(self, config, batch_size: int, device, use_cache: bool):
+        """The generation's cache (None without `use_cache`); the model's static cache is free again on exit."""
+        cache = self.make_cache(config, batch_size, device) if use_cache else None
+        try:
+            yield cache
+        finally:
+            if cache is not None and cache is getattr(self, "_bd3lm_static_cache", None):
+                cache.in_use = False
+
+    def release_static_cache(self) -> None:
+        """Drop the static cache kept on the model since a `cache_implementation="static"` generation (its keys,
+        values and step buffers: batch x context x layers), e.g. before moving the model or to free memory; the next
+        static generation allocates a new one. A generation running meanwhile keeps its own reference and finishes
+        normally. Compiled step graphs stay with torch (`torch._dynamo.reset()` frees them)."""
+        self.__dict__.pop("_bd3lm_static_cache", None)
 
     def compiles_steps(self, cache, config, device, logits_processor=None) -> bool:
         """transformers' rule for compiling a decoding step: a static cache, on CUDA/XPU (elsewhere only when
@@ -400,6 +432,8 @@ class BD3LMGenerationMixin(GenerationMixin):
         run eagerly)."""
         if not isinstance(cache, BD3LMStaticCache) or config.disable_compile:
             return False
+        if cache is not getattr(self, "_bd3lm_static_cache", None):
+            return False  # a concurrent generation's own cache (`make_cache`): the graphs belong to the model's
         compile_config = config.compile_config
         if not (device.type in ("cuda", "xpu") or getattr(compile_config, "_compile_all_devices", None)):
             if compile_config is not None:

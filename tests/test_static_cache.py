@@ -2,6 +2,7 @@
 no host synchronization inside a block."""
 
 import logging
+import threading
 
 import pytest
 import torch
@@ -10,6 +11,7 @@ from test_generation import SAMPLERS, prompts
 
 from transformers import StaticCache
 from transformers.generation import CompileConfig
+from transformers.generation.streamers import BaseStreamer
 
 from bd3lm_hf.modeling.cache_bd3lm import BD3LMStaticCache
 from bd3lm_hf.modeling.generation_bd3lm import BD3LMGenerationMixin
@@ -425,3 +427,56 @@ def test_block_sized_steps_read_their_inputs_at_fixed_addresses(gen_model, monke
     assert {name for name, _ in seen} == {"tokens", "mask", "fixed", "banned_eos", "schedule"}
     assert {key for key in seen if key[0] == "tokens"} == {("tokens", 4), ("tokens", 8)}
     assert all(len(addresses) == 1 for addresses in seen.values()), seen
+
+
+class PausingStreamer(BaseStreamer):
+    """Holds its generation after the first finished block until `resume` is set."""
+
+    def __init__(self):
+        self.puts, self.paused, self.resume = 0, threading.Event(), threading.Event()
+
+    def put(self, value):
+        self.puts += 1
+        if self.puts == 2:  # the prompt, then the first block
+            self.paused.set()
+            assert self.resume.wait(60)
+
+    def end(self):
+        pass
+
+
+def test_a_generation_in_another_thread_gets_its_own_static_cache(gen_model, caplog):
+    """A second thread generating while the first one holds the model's static cache (the serving pattern with a
+    streamer thread per request) must not reset and overwrite that cache: both get the tokens of a run alone."""
+    ids, mask = prompts()
+    first, second = ids[:1], ids[2:3]
+    settings = dict(max_new_tokens=24, sampler="first_hitting", cache_implementation="static")
+    expected_first, expected_second = gen_model.generate(first, **settings), gen_model.generate(second, **settings)
+    held = gen_model._bd3lm_static_cache
+    streamer, results = PausingStreamer(), {}
+    worker = threading.Thread(target=lambda: results.update(first=gen_model.generate(first, streamer=streamer,
+                                                                                       **settings)))
+    worker.start()
+    assert streamer.paused.wait(60)
+    try:
+        with caplog.at_level(logging.WARNING):
+            results["second"] = gen_model.generate(second, **settings)  # while the first one is paused mid-way
+    finally:
+        streamer.resume.set()
+        worker.join(60)
+    assert torch.equal(results["first"], expected_first) and torch.equal(results["second"], expected_second)
+    assert "another generation (e.g. in another thread) is using this model's static cache" in caplog.text
+    assert gen_model._bd3lm_static_cache is held and not held.in_use  # free again, and reused by the next one
+    assert gen_model.generate(second, return_dict_in_generate=True, **settings).past_key_values is held
+
+
+def test_release_static_cache_frees_it_and_the_next_generation_makes_a_new_one(gen_model):
+    ids, _ = prompts()
+    settings = dict(max_new_tokens=8, cache_implementation="static")
+    expected = gen_model.generate(ids[:1], **settings)
+    held = gen_model._bd3lm_static_cache
+    gen_model.release_static_cache()
+    assert not hasattr(gen_model, "_bd3lm_static_cache")
+    gen_model.release_static_cache()  # nothing held: no error
+    output = gen_model.generate(ids[:1], return_dict_in_generate=True, **settings)
+    assert torch.equal(output.sequences, expected) and output.past_key_values is not held
