@@ -134,6 +134,12 @@ class BD3LMConfig(PretrainedConfig):
         check_clip_range(self.sampling_eps_min, self.sampling_eps_max, ("sampling_eps_min", "sampling_eps_max"))
         if not 0.0 <= self.hidden_dropout < 1.0:
             raise ValueError(f"hidden_dropout must be in [0, 1), got {self.hidden_dropout}.")
+        for name in ("rope_theta", "layer_norm_eps"):  # zero or negative: NaN logits
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise ValueError(f"BD3LMConfig.{name} must be a positive number, got {value!r}.")
+        if not isinstance(self.time_conditioning, bool):  # a string such as "no" would switch it on
+            raise ValueError(f"BD3LMConfig.time_conditioning must be True or False, got {self.time_conditioning!r}.")
         if getattr(self, "tie_word_embeddings", False):
             raise ValueError("tie_word_embeddings=True is not supported: the BD3-LM output layer has its own weight "
                              "and bias (the original's); allowed: False.")

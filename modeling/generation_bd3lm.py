@@ -319,6 +319,12 @@ class BD3LMGenerationMixin(GenerationMixin):
         if self.training and self.config.hidden_dropout > 0:
             logger.warning_once("generate() runs with the model in training mode: dropout is active, so even greedy "
                                 "output is random. Call model.eval() first.")
+        compiled_forward = hasattr(self.forward, "_torchdynamo_orig_callable")  # torch.compile(model.forward)
+        if compiled_forward or getattr(self, "_compiled_call_impl", None) is not None:  # or model.compile()
+            logger.warning_once("generate() calls the backbone and the output layer directly, so the compiled "
+                                "forward (model.compile() / torch.compile(model.forward)) is not used by it. Its "
+                                "compiled path is cache_implementation='static' (compiled on CUDA; compile_config "
+                                "sets how).")
 
     def loop_state(self, config, cache, device, batch_size, pad_id, eos_ids, warpers, logits_processor,
                    generator) -> dict:
@@ -430,7 +436,12 @@ class BD3LMGenerationMixin(GenerationMixin):
         `compile_config._compile_all_devices` is set, as in transformers' own tests), unless `disable_compile`, an
         offloaded model or a quantizer that cannot compile; and here no custom logits processors (arbitrary Python,
         run eagerly)."""
-        if not isinstance(cache, BD3LMStaticCache) or config.disable_compile:
+        if config.disable_compile:
+            return False
+        if not isinstance(cache, BD3LMStaticCache):
+            if config.compile_config is not None:
+                logger.warning_once("compile_config is set, but only the static cache's denoising step compiles: "
+                                    "pass cache_implementation='static' as well (this generation runs eagerly).")
             return False
         if cache is not getattr(self, "_bd3lm_static_cache", None):
             return False  # a concurrent generation's own cache (`make_cache`): the graphs belong to the model's

@@ -108,9 +108,9 @@ class BD3LMGenerationConfig(GenerationConfig):
             raise ValueError(f"block_size={block_size} must divide the context max_position_embeddings="
                              f"{model_config.max_position_embeddings}.")
         if block_size != model_config.block_size:
-            logger.warning(f"generating with block_size={block_size}, but the model was trained with block_size="
-                           f"{model_config.block_size}: attention is block-causal at {block_size}; expect worse "
-                           "samples.")
+            logger.warning_once(f"generating with block_size={block_size}, but the model was trained with block_size="
+                                f"{model_config.block_size}: attention is block-causal at {block_size}; expect worse "
+                                "samples.")
         for name in ("max_new_tokens", "max_length", "min_new_tokens", "min_length"):
             value = getattr(self, name)
             if value is not None and (not is_int(value) or value < 0):

@@ -107,6 +107,8 @@ def test_resampling_keeps_every_block_inside_the_clip_range():
         (dict(pad_token_id=0), [], "empty batch"),
         (dict(eps_min=0.8, eps_max=0.2), None, "eps_min < eps_max"),
         (dict(block_size=0), None, "block_size"),
+        (dict(block_size=2.5), None, "block_size must be an int >= 1, got 2.5"),
+        (dict(eps_min=0.3, eps_max=0.45, resample=True), None, r"no masked fraction k/4 lies in it"),
         (dict(mask_token_id=None), None, "mask_token_id must be a token id"),
         (dict(pad_token_id=0), [{"text": "To be"}], r"features \[0\] have no input_ids \(columns: \['text'\]\)"),
     ],
@@ -134,3 +136,16 @@ def test_ignore_first_token_never_noises_it_and_scores_it_in_training_only():
     with collator.evaluating():
         evaluation = collator(feats)
     assert (evaluation["labels"][:, 0] == -100).all() and (evaluation["input_ids"][:, 0] != MASK).all()
+
+
+def test_resampling_refuses_a_new_range_it_could_never_meet_and_warns_when_it_gives_up(caplog):
+    """[0.3, 0.45] holds no fraction k/4: every batch redrew 100 times in vain, without a word. A block with one
+    noisable token (fractions 0 or 1) cannot meet [0.3, 0.7] either: it is kept, with a warning."""
+    collator = DataCollatorForBlockDiffusion(MASK, 4, eps_min=0.3, eps_max=0.7, resample=True, seed=0,
+                                             pad_token_id=0)
+    with pytest.raises(ValueError, match="no masked fraction k/4 lies in it"):
+        collator.train_range = (0.3, 0.45)
+    assert collator.train_range == (0.3, 0.7)
+    with caplog.at_level("WARNING"):
+        collator(features(lengths=(4, 4), prompts=(3, 3)))
+    assert "after 100 redraws some blocks still have a masked fraction outside [0.3, 0.7]" in caplog.text

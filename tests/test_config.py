@@ -60,6 +60,9 @@ def test_save_and_reload(tmp_path):
         (dict(adaln="yes"), "original field adaln='yes' is not supported; only adaln=True is"),  # the value given
         (dict(causal=1), "original field causal=1 is not supported"),
         (dict(tie_word_embeddings=True), "tie_word_embeddings=True is not supported"),
+        (dict(rope_theta=0), "rope_theta must be a positive number, got 0"),  # NaN logits before
+        (dict(layer_norm_eps=-1.0), r"layer_norm_eps must be a positive number, got -1.0"),
+        (dict(time_conditioning="no"), "time_conditioning must be True or False, got 'no'"),  # was switched on
     ],
 )
 def test_invalid_config_raises(fields, message):

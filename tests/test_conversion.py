@@ -441,3 +441,17 @@ def test_convert_into_the_current_folder_names_its_card_after_it(tmp_path, monke
     monkeypatch.chdir(tmp_path / "tiny-hf")
     assert cli(["convert", "../original", ".", "--with-gpt2-tokenizer"]) == 0
     assert 'from_pretrained("tiny-hf", trust_remote_code=True)' in (tmp_path / "tiny-hf" / "README.md").read_text()
+
+
+def test_a_checkpoint_of_another_model_or_ema_is_named_not_a_key_error(fixtures, tmp_path):
+    """A Lightning .ckpt of another model raised KeyError('backbone.vocab_embed.embedding') after warning that it had
+    no EMA; an `ema` entry of another layout raised KeyError('shadow_params')."""
+    torch.save({"state_dict": {"model.layer.weight": torch.zeros(2, 2)}}, tmp_path / "other.ckpt")
+    with pytest.raises(ConversionError, match=r"not a bd3lms Lightning checkpoint.*model\.layer\.weight"):
+        load_original(tmp_path / "other.ckpt", {"block_size": 4, "model_length": 32})
+    _lightning_checkpoint(fixtures, tmp_path / "last.ckpt")
+    checkpoint = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    checkpoint["ema"] = {"decay": 0.9999}
+    torch.save(checkpoint, tmp_path / "other_ema.ckpt")
+    with pytest.raises(ConversionError, match="holds no list 'shadow_params'.*--no-ema"):
+        load_original(tmp_path / "other_ema.ckpt", {"block_size": 4, "model_length": 32})

@@ -114,6 +114,21 @@ def test_sft_rows_whose_prompt_fills_max_length_are_dropped(gpt2):
         sft_tokenize(rows.select([0]), gpt2, block_size=4, max_length=16)
 
 
+def test_sft_rows_longer_than_max_length_are_cut_with_a_warning(gpt2, caplog):
+    rows = Dataset.from_list([{"prompt": "Say hi", "response": " Hi." * 30}, {"prompt": "Say hi", "response": " Hi."}])
+    with caplog.at_level("WARNING"):
+        encoded = sft_tokenize(rows, gpt2, block_size=4, max_length=16)
+    assert "1 of 2 SFT rows are longer than max_length=16: cut to it" in caplog.text
+    assert encoded.column_names == ["input_ids", "prompt_length"] and len(encoded[0]["input_ids"]) == 16
+
+
+def test_a_chat_that_is_not_a_list_of_messages_is_named():
+    tokenizer = gpt2_tokenizer_with_mask()
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    with pytest.raises(ValueError, match="an SFT chat must be a list of messages"):
+        sft_tokenize(Dataset.from_list([{"messages": ["Hi", "Yo"]}]), tokenizer, 4, 64, messages_column="messages")
+
+
 def test_wrap_mode_keeps_every_full_sequence_of_the_stream(gpt2):
     """The stream continues across the map's batches of 1000 documents: only its final partial sequence is dropped
     (before: up to seq_len - 1 tokens per batch, and 'fewer than seq_len tokens' for data holding several)."""

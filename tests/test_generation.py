@@ -823,3 +823,18 @@ def test_an_explicit_none_for_a_switch_means_its_default(gen_model):
                              return_dict_in_generate=True)
     assert torch.equal(out.sequences, expected.sequences) and out.nfe == expected.nfe
     assert out.past_key_values is not None and out.past_key_values.get_seq_length() > 0  # cached, the default
+
+
+def test_generate_says_when_a_compiled_forward_or_a_compile_config_goes_unused(gen_model, caplog):
+    """generate() calls the backbone directly: a user's model.compile() was silently unused; compile_config with the
+    dynamic cache compiled nothing, without transformers' warning."""
+    compiled = random_model(seed=1, std=0.12, max_position_embeddings=128)
+    compiled.compile(backend="eager")
+    ids, mask = prompts()
+    with caplog.at_level(logging.WARNING):
+        compiled.generate(ids, attention_mask=mask, max_new_tokens=4)
+    assert "the compiled forward (model.compile() / torch.compile(model.forward)) is not used" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        gen_model.generate(ids, attention_mask=mask, max_new_tokens=4, compile_config=CompileConfig(backend="eager"))
+    assert "compile_config is set, but only the static cache's denoising step compiles" in caplog.text

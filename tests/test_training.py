@@ -30,9 +30,9 @@ def arguments(out, **overrides):
 
 
 def shakespeare_sets(train_rows: int = 160, eval_rows: int = 32):
-    """(train, eval, tokenizer): sequences of 32 tokens of one play, BPE of 256 trained on it."""
+    """(train, eval, tokenizer): sequences of 32 tokens of one play, the byte-level BPE (258 ids) trained on it."""
     raw = load_text_dataset(shakespeare_files()[:1])
-    tokenizer = train_bpe_tokenizer(raw["text"], 256)
+    tokenizer = train_bpe_tokenizer(raw["text"], 258)  # the smallest: bytes, EOS, [MASK]
     data = wrap_tokenize(raw, tokenizer, 32, 4)
     return data.select(range(train_rows)), data.select(range(160, 160 + eval_rows)), tokenizer
 
@@ -458,3 +458,45 @@ def test_lora_runs_keep_what_their_adapters_carry(tmp_path, small_data, monkeypa
     trainer.save_model(tmp_path / "adapter")
     saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
     assert saved["base_model_name_or_path"] == str((tmp_path / "base").resolve())
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("ema_decay", -0.5, r"ema_decay must be in \[0, 1\)"), ("ema_decay", 1.0, r"ema_decay must be in \[0, 1\)"),
+    ("clip_search_batches", 0, "clip_search_batches must be >= 1"),
+    ("bpe_vocab_size", 0, "bpe_vocab_size must be >= 258"),
+])
+def test_training_settings_that_would_silently_do_nothing_are_refused(field, value, message):
+    """ema_decay < 0 turned the EMA off without a word, clip_search_batches=0 "found" the eval range from no data, and
+    a BPE below 258 tokens could not hold the bytes, EOS and [MASK]."""
+    with pytest.raises(ValueError, match=message):
+        small_config(**{field: value})
+    with pytest.raises(ValueError, match="vocab_size must be an int >= 258"):
+        train_bpe_tokenizer(["some text"], 100)
+    with pytest.raises(ValueError, match="num_batches must be a positive int"):
+        ClipSearchCallback(collator=None, num_batches=0)
+
+
+def test_clip_search_puts_the_model_back_in_training_mode_after_an_error(small_data):
+    from bd3lm_hf.collator import DataCollatorForBlockDiffusion
+
+    train_set, _, tokenizer = small_data
+    model = build_model(small_config(), tokenizer).train()
+    search = ClipSearchCallback(DataCollatorForBlockDiffusion(model.config.mask_token_id, 4), num_batches=2)
+
+    def broken_loader():
+        raise RuntimeError("a data error in the middle of the search")
+        yield
+
+    with pytest.raises(RuntimeError, match="data error"):
+        search.search(model, broken_loader())
+    assert model.training
+
+
+def test_a_model_compiled_before_the_trainer_is_refused_with_the_way_to_compile(tmp_path, small_data):
+    """Trainer reads no label names from torch.compile's wrapper (evaluation lost its eval_loss without a word) and
+    its checkpoints and EMA state carried `_orig_mod.` key prefixes; build_trainer crashed on bool(model)."""
+    train_set, eval_set, tokenizer = small_data
+    compiled = torch.compile(build_model(small_config(), tokenizer), backend="eager")
+    with pytest.raises(ValueError, match=r"compiled before Trainer got it.*TrainingArguments\(torch_compile=True\)"):
+        build_trainer(small_config(), arguments(tmp_path, max_steps=1), train_set, eval_set, tokenizer,
+                      model=compiled)

@@ -1,6 +1,7 @@
 """Trainer callbacks of block diffusion: the noise range around evaluations, NELBO perplexity, and the clip search
 of the noise schedule (the paper's variance minimisation, "var_min")."""
 
+import itertools
 import json
 import math
 from pathlib import Path
@@ -44,9 +45,10 @@ class BlockDiffusionCallback(TrainerCallback):
         self.resume_from = resume_from
         self.eval_splits = list(eval_splits) if eval_splits is not None else None
 
-    def on_init_end(self, args, state, control, **kwargs):
+    def on_init_end(self, args, state, control, model=None, **kwargs):
         # evaluate() / predict() may come before (or without) train(): the same checks and per-process noise stream
         refuse_unsupported_arguments(args)
+        refuse_precompiled_model(model)
         self.collator.stream = args.process_index
 
     def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
@@ -106,6 +108,15 @@ class BlockDiffusionCallback(TrainerCallback):
 
     def on_predict(self, args, state, control, metrics=None, **kwargs):
         self.collator.batch_index["eval"] = 0
+
+
+def refuse_precompiled_model(model) -> None:
+    """`Trainer(model=torch.compile(model))`: Trainer reads no label names from the compiled wrapper (evaluation
+    would report no eval_loss) and checkpoints carry `_orig_mod.` key prefixes."""
+    if hasattr(model, "_orig_mod"):
+        raise ValueError("the model was compiled before Trainer got it (torch.compile(model)): evaluation would lose "
+                         "its loss and checkpoints their key names. Pass the model itself, with "
+                         "TrainingArguments(torch_compile=True) to compile it.")
 
 
 def refuse_unsupported_arguments(args) -> None:
@@ -231,6 +242,9 @@ class ClipSearchCallback(TrainerCallback):
 
     def __init__(self, collator, num_batches: int = 100, intervals: list[tuple[float, float]] | None = None,
                  seed: int = 0, eval_splits=None):
+        if isinstance(num_batches, bool) or not isinstance(num_batches, int) or num_batches < 1:
+            raise ValueError(f"num_batches must be a positive int (validation batches per clip search), got "
+                             f"{num_batches!r}.")
         self.collator = collator
         self.eval_splits = list(eval_splits) if eval_splits is not None else None
         self.num_batches = num_batches
@@ -265,13 +279,23 @@ class ClipSearchCallback(TrainerCallback):
     def search(self, model, dataloader) -> tuple[float, float]:
         was_training = model.training
         model.eval()
+        try:
+            variances = self.summed_variances(model, dataloader)
+        finally:
+            model.train(was_training)
+        return min(self.intervals, key=lambda interval: (variances[interval], interval != EVAL_RANGE))
+
+    def summed_variances(self, model, dataloader) -> dict:
+        """{interval: the per-block NELBO variance summed over the first `num_batches` batches}: one 2L forward per
+        interval and batch (36 x 100 by default: minutes on a large model, hence the progress bar)."""
         variances = dict.fromkeys(self.intervals, 0.0)
         device = next(model.parameters()).device
         generator = torch.Generator().manual_seed(self.seed)  # every search draws the same noise
         resampling = self.collator.resample_blocks if self.collator.resample else None
-        for index, batch in enumerate(dataloader):
-            if index >= self.num_batches:
-                break
+        num_batches = min(self.num_batches, len(dataloader)) if hasattr(dataloader, "__len__") else self.num_batches
+        logger.info("clip search: %d candidate ranges on %d validation batches", len(self.intervals), num_batches)
+        progress = logging.tqdm(total=num_batches, desc="clip search", leave=False)
+        for batch in itertools.islice(dataloader, self.num_batches):
             labels, x_t = batch["labels"].to(device), batch["input_ids"].to(device)
             keep = labels == -100
             x0 = torch.where(keep, x_t, labels)
@@ -280,8 +304,9 @@ class ClipSearchCallback(TrainerCallback):
                 losses = per_block_losses(model, x0, attention_mask, keep, interval, self.collator.mask_token_id,
                                           self.collator.block_size, generator, resampling)
                 variances[interval] += pooled_variance(losses)
-        model.train(was_training)
-        return min(self.intervals, key=lambda interval: (variances[interval], interval != EVAL_RANGE))
+            progress.update()
+        progress.close()
+        return variances
 
 
 def pooled_variance(losses: torch.Tensor) -> float:

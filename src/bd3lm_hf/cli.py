@@ -1,6 +1,7 @@
 """The `bd3lm-hf` command line: convert | train | eval | generate | export | push | demo."""
 
 import argparse
+import contextlib
 import json
 import logging as std_logging
 import sys
@@ -322,18 +323,32 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     logging.set_verbosity_warning()
     logging.enable_default_handler()
-    package_logger = logging.get_logger("bd3lm_hf")
-    if not package_logger.handlers:
-        package_logger.addHandler(_stderr_handler())
-    package_logger.setLevel("INFO")
-    try:
-        COMMANDS[args.command](args)
-    # OSError: unreadable or missing files the commands did not anticipate; ImportError: an optional package a flag
-    # asks for (flash-attn for --attn_implementation flash_attention_2, ...) is not installed.
-    except (ValueError, OSError, ImportError) as error:
-        logging.get_logger("bd3lm_hf").error(str(error))
-        return 2
+    with package_messages_on_stderr() as package_logger:
+        try:
+            COMMANDS[args.command](args)
+        # OSError: unreadable or missing files the commands did not anticipate; ImportError: an optional package a
+        # flag asks for (flash-attn for --attn_implementation flash_attention_2, ...) is not installed.
+        except (ValueError, OSError, ImportError) as error:
+            package_logger.error(str(error))
+            return 2
     return 0
+
+
+@contextlib.contextmanager
+def package_messages_on_stderr():
+    """The package's info messages (results, progress notes) on stderr as "[bd3lm-hf] ...", through its own handler
+    only (not transformers' too); the logger is restored afterwards (main() may run inside another program)."""
+    package_logger = logging.get_logger("bd3lm_hf")
+    handler, level, propagate = _stderr_handler(), package_logger.level, package_logger.propagate
+    package_logger.addHandler(handler)
+    package_logger.setLevel("INFO")
+    package_logger.propagate = False
+    try:
+        yield package_logger
+    finally:
+        package_logger.removeHandler(handler)
+        package_logger.setLevel(level)
+        package_logger.propagate = propagate
 
 
 if __name__ == "__main__":

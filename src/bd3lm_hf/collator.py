@@ -5,8 +5,11 @@ import math
 import operator
 
 import torch
+from transformers.utils import logging
 
 from .modeling.diffusion_bd3lm import check_clip_range, q_xt, sample_block_noise_levels
+
+logger = logging.get_logger(__name__)
 
 EVAL_RANGE = (1e-3, 1.0)  # the paper reports the NELBO with t over [1e-3, 1], whatever the training clip range
 MAX_RESAMPLES = 100
@@ -45,13 +48,14 @@ class DataCollatorForBlockDiffusion:
         if not hasattr(mask_token_id, "__index__") or operator.index(mask_token_id) < 0:
             raise ValueError(f"mask_token_id must be a token id (int >= 0; the model's config.mask_token_id), got "
                              f"{mask_token_id!r}.")
-        if block_size < 1:
-            raise ValueError(f"block_size must be >= 1, got {block_size}.")
+        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+            raise ValueError(f"block_size must be an int >= 1, got {block_size!r}.")
         check_clip_range(eps_min, eps_max)
         self.mask_token_id = mask_token_id
         self.block_size = block_size
-        self.range_changes: list[tuple[int, tuple[float, float]]] = [(0, (float(eps_min), float(eps_max)))]
         self.resample = resample
+        self.check_reachable(eps_min, eps_max)
+        self.range_changes: list[tuple[int, tuple[float, float]]] = [(0, (float(eps_min), float(eps_max)))]
         self.ignore_first_token = ignore_first_token
         self.pad_token_id = pad_token_id
         self.seed = seed
@@ -69,6 +73,7 @@ class DataCollatorForBlockDiffusion:
     def train_range(self, value) -> None:
         low, high = (float(bound) for bound in value)
         check_clip_range(low, high, ("low", "high"))
+        self.check_reachable(low, high)
         if (low, high) == self.train_range:
             return
         start = self.batch_index["train"]
@@ -159,18 +164,40 @@ class DataCollatorForBlockDiffusion:
             raise ValueError(f"clean input_ids contain the mask token id {self.mask_token_id}.")
         return x0, attention_mask, unscored
 
+    def check_reachable(self, low: float, high: float) -> None:
+        """With `resample`, a full block's masked fraction is k / block_size: a range holding none of those could
+        never be met (every batch would redraw `MAX_RESAMPLES` times in vain)."""
+        lowest, highest = enforced_bounds((low, high))
+        fractions = [k / self.block_size for k in range(self.block_size + 1)]
+        if self.resample and not any(lowest <= fraction <= highest for fraction in fractions):
+            raise ValueError(f"resample=True with the clip range [{low}, {high}] and block_size={self.block_size}: no "
+                             f"masked fraction k/{self.block_size} lies in it, so no block could be resampled into "
+                             "it; widen the range (or turn resample off).")
+
     def resample_blocks(self, x0, x_t, t, keep, noise_range, generator=None):
         """Redraw the masks of blocks whose masked fraction is outside `noise_range` (bounded retries)."""
-        # as the original, a bound at the edge of [1e-3, 1] is not enforced (a block may stay unmasked)
-        low = noise_range[0] if noise_range[0] > EVAL_RANGE[0] else -math.inf
-        high = noise_range[1] if noise_range[1] < EVAL_RANGE[1] else math.inf
+        low, high = enforced_bounds(noise_range)
         blocks = (x0.shape[0], -1, self.block_size)
         noisable = (~keep).view(blocks).sum(-1)  # blocks made only of prompt/padding are never redrawn
-        for _ in range(MAX_RESAMPLES):
+        for attempt in range(MAX_RESAMPLES + 1):
             fraction = (x_t == self.mask_token_id).view(blocks).sum(-1) / noisable.clamp(min=1)
             outside = ((fraction < low) | (fraction > high)) & (noisable > 0)
             if not bool(outside.any()):
                 break
+            if attempt == MAX_RESAMPLES:
+                # blocks partly made of prompt/padding have fewer possible fractions, not always one in the range
+                logger.warning_once(f"resample: after {MAX_RESAMPLES} redraws some blocks still have a masked "
+                                    f"fraction outside [{noise_range[0]}, {noise_range[1]}] (blocks with few "
+                                    "noisable tokens); they are kept as drawn.")
+                break
             redrawn = q_xt(x0, t, self.block_size, self.mask_token_id, generator=generator, keep=keep)
             x_t = torch.where(outside.repeat_interleave(self.block_size, dim=-1), redrawn, x_t)
         return x_t
+
+
+def enforced_bounds(noise_range) -> tuple[float, float]:
+    """The bounds resampling enforces: as the original, one at the edge of [1e-3, 1] is not (a block may stay
+    unmasked)."""
+    low = noise_range[0] if noise_range[0] > EVAL_RANGE[0] else -math.inf
+    high = noise_range[1] if noise_range[1] < EVAL_RANGE[1] else math.inf
+    return low, high

@@ -26,6 +26,8 @@ from .tokenization import raise_if_tokenizer_mismatch
 logger = logging.get_logger(__name__)
 
 ORIGINAL_PREFIX = "backbone."
+# the weights `config_fields_from_weights` reads the shape from
+WEIGHT_KEYS_READ = ("backbone.vocab_embed.embedding", "backbone.sigma_map.mlp.0.weight")
 # Non-parameter state of the original: derived (rotary) or moved into our config (clip range).
 ROTARY_KEY = "backbone.rotary_emb.inv_freq"
 CLIP_KEYS = ("sampling_eps_min", "sampling_eps_max")
@@ -314,12 +316,20 @@ def read_lightning_checkpoint(path: Path, use_ema: bool = True) -> dict[str, tor
                               "the weights there.")
     state_dict = {k.replace("_orig_mod.", ""): v for k, v in checkpoint["state_dict"].items()}
     state_dict = {k: v for k, v in state_dict.items() if k.startswith(ORIGINAL_PREFIX) or k in CLIP_KEYS}
+    missing = [key for key in WEIGHT_KEYS_READ if key not in state_dict]
+    if missing:
+        found = sorted(checkpoint["state_dict"])[:5]
+        raise ConversionError(f"{path} is not a bd3lms Lightning checkpoint: its state_dict lacks {missing} (its "
+                              f"first keys: {found}).")
     for key in CLIP_KEYS:
         if key in checkpoint:
             state_dict[key] = torch.as_tensor(checkpoint[key]).float()
     if use_ema and "ema" in checkpoint:
         parameter_keys = [k for k in state_dict if k != ROTARY_KEY and k not in CLIP_KEYS]
-        shadow = checkpoint["ema"]["shadow_params"]
+        shadow = checkpoint["ema"].get("shadow_params") if isinstance(checkpoint["ema"], dict) else None
+        if not isinstance(shadow, (list, tuple)):
+            raise ConversionError(f"{path}: its 'ema' entry holds no list 'shadow_params' (the bd3lms EMA's "
+                                  "state); pass use_ema=False (CLI: --no-ema) to convert the raw weights.")
         if len(shadow) != len(parameter_keys):
             raise ConversionError(f"EMA has {len(shadow)} tensors but the backbone has {len(parameter_keys)} "
                                   "parameters; pass use_ema=False (CLI: --no-ema) to convert the raw weights.")

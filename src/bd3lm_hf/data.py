@@ -202,11 +202,18 @@ def sft_tokenize(dataset: Dataset, tokenizer, block_size: int, max_length: int, 
         else:
             prompt = tokenizer(row[prompt_column], add_special_tokens=False, verbose=False)["input_ids"]
             response = tokenizer(row[response_column], add_special_tokens=False, verbose=False)["input_ids"]
-        ids = (prompt + response + [eos])[:max_length]
+        ids = prompt + response + [eos]
+        cut = len(ids) > max_length
+        ids = ids[:max_length]
         ids += [eos] * (-len(ids) % block_size)
-        return {"input_ids": ids, "prompt_length": min(len(prompt), len(ids))}
+        return {"input_ids": ids, "prompt_length": min(len(prompt), len(ids)), "cut": cut}
 
     encoded = dataset.map(encode, remove_columns=dataset.column_names, desc="tokenize SFT")
+    cut = sum(encoded["cut"])
+    if cut:
+        logger.warning("%d of %d SFT rows are longer than max_length=%d: cut to it (their end and EOS are not "
+                       "trained on).", cut, len(encoded), max_length)
+    encoded = encoded.remove_columns("cut")
     kept = encoded.filter(lambda row: row["prompt_length"] < len(row["input_ids"]), desc="drop prompt-only rows")
     if len(kept) < len(encoded):
         logger.warning("%d of %d SFT rows dropped: their prompt fills max_length=%d, leaving no response token.",
@@ -217,8 +224,11 @@ def sft_tokenize(dataset: Dataset, tokenizer, block_size: int, max_length: int, 
 
 
 def _check_chat(messages) -> None:
-    if not messages or len(messages) < 2 or messages[-1].get("role") != "assistant":
-        roles = [message.get("role") for message in messages or []]
+    if not isinstance(messages, list) or not all(isinstance(message, dict) for message in messages):
+        raise ValueError(f"an SFT chat must be a list of messages, {{'role': ..., 'content': ...}} each; got "
+                         f"{messages!r:.200}.")
+    if len(messages) < 2 or messages[-1].get("role") != "assistant":
+        roles = [message.get("role") for message in messages]
         raise ValueError(f"an SFT chat must end with an assistant turn (the response) after at least one other "
                          f"message; got roles {roles}.")
 

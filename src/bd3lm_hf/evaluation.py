@@ -5,7 +5,6 @@ import numbers
 import time
 
 import torch
-from tqdm.auto import tqdm
 from transformers import pipeline
 from transformers.utils import logging
 
@@ -35,7 +34,8 @@ def nelbo_perplexity(model, tokenizer, files, batch_size: int = 32, max_sequence
     collator.training = False  # evaluation range [1e-3, 1]
     model.eval()
     total, count = 0.0, 0
-    for start in tqdm(range(0, len(sequences), batch_size), desc="NELBO", leave=False):
+    # transformers' tqdm: hidden by `transformers.utils.logging.disable_progress_bar()`
+    for start in logging.tqdm(range(0, len(sequences), batch_size), desc="NELBO", leave=False):
         batch = collator(sequences.select(range(start, min(start + batch_size, len(sequences)))).to_list())
         batch = {k: v.to(model.device) for k, v in batch.items()}
         scored = int((batch["labels"] != -100).sum())

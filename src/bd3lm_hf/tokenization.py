@@ -5,9 +5,11 @@ import json
 from importlib import resources
 
 from transformers import PreTrainedTokenizerFast
+from transformers.utils import logging
 
 EOS = "<|endoftext|>"
 MASK = "[MASK]"
+MIN_BPE_VOCAB_SIZE = 258  # a trained BPE holds the 256 bytes, <|endoftext|> and [MASK]
 
 
 def gpt2_bpe_files():
@@ -42,8 +44,12 @@ def train_bpe_tokenizer(texts, vocab_size: int = 1024, padding_side: str = "left
     """A small byte-level BPE trained on `texts`: <|endoftext|> first, [MASK] last (id vocab_size - 1)."""
     from tokenizers import models, pre_tokenizers, trainers
 
+    if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size < MIN_BPE_VOCAB_SIZE:
+        raise ValueError(f"vocab_size must be an int >= {MIN_BPE_VOCAB_SIZE} (the 256 bytes, <|endoftext|> and "
+                         f"[MASK]), got {vocab_size!r}.")
     backend = _byte_level(models.BPE())
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size - 1, special_tokens=[EOS], show_progress=False,
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size - 1, special_tokens=[EOS],
+                                  show_progress=logging.is_progress_bar_enabled(),
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     backend.train_from_iterator(texts, trainer=trainer)
     return _with_special_tokens(backend, padding_side)

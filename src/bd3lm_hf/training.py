@@ -23,7 +23,7 @@ from .data import load_text_dataset, require_columns, sft_texts, sft_tokenize, s
 from .ema import EMACallback
 from .loading import local_folder_or_hub_id
 from .modeling import BD3LMConfig, BD3LMForBlockDiffusion
-from .tokenization import check_tokenizer_fits, gpt2_tokenizer_with_mask, train_bpe_tokenizer
+from .tokenization import MIN_BPE_VOCAB_SIZE, check_tokenizer_fits, gpt2_tokenizer_with_mask, train_bpe_tokenizer
 
 logger = logging.get_logger(__name__)
 
@@ -88,6 +88,7 @@ class BD3LMTrainingConfig:
     def __post_init__(self):
         """Shape fields left unset take the `init_from` model's (context, block size) or a new model's defaults;
         the shape of a new model cannot be given together with `init_from` (the checkpoint fixes it)."""
+        self.check_ranges()
         if self.init_from:  # a local folder as its absolute path (a missing one named), else a Hub id
             self.init_from = local_folder_or_hub_id(self.init_from)
         given = [name for name in NEW_MODEL_SHAPE if getattr(self, name) is not None]
@@ -108,6 +109,16 @@ class BD3LMTrainingConfig:
             self.block_size = block_size
         if self.lora:
             self.refuse_what_an_adapter_cannot_carry(block_size)
+
+    def check_ranges(self) -> None:
+        """Values that would silently turn a feature off or do nothing are refused."""
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ValueError(f"ema_decay must be in [0, 1) (0 disables the EMA), got {self.ema_decay!r}.")
+        if self.clip_search_batches < 1:
+            raise ValueError(f"clip_search_batches must be >= 1, got {self.clip_search_batches!r}.")
+        if self.bpe_vocab_size < MIN_BPE_VOCAB_SIZE:
+            raise ValueError(f"bpe_vocab_size must be >= {MIN_BPE_VOCAB_SIZE} (the 256 bytes, <|endoftext|> and "
+                             f"[MASK]), got {self.bpe_vocab_size!r}.")
 
     def refuse_what_an_adapter_cannot_carry(self, base_block_size: int) -> None:
         """A LoRA run saves only the adapters: the base model's config comes back on reload, so a config change
@@ -239,7 +250,7 @@ def build_trainer(config: BD3LMTrainingConfig, args: TrainingArguments, train_se
         # gradient
         raise ValueError("lora=True finetunes a pretrained model: pass init_from (a BD3-LM folder) or model.")
     set_seed(args.seed)  # the model's init too must follow the seed (Trainer seeds only after it is built)
-    model = model or build_model(config, tokenizer)
+    model = model if model is not None else build_model(config, tokenizer)  # (a compiled model has no bool())
     if tokenizer is not None:
         check_tokenizer_fits(model, tokenizer)
     collator = DataCollatorForBlockDiffusion(
