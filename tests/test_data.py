@@ -4,7 +4,7 @@ import json
 import logging
 
 import pytest
-from datasets import Dataset
+from datasets import Dataset, IterableDataset
 
 from bd3lm_hf.data import load_text_dataset, sft_tokenize, shakespeare_files, wrap_tokenize
 from bd3lm_hf.tokenization import gpt2_tokenizer_with_mask, train_bpe_tokenizer
@@ -298,3 +298,30 @@ def test_wrap_mode_gives_the_same_sequences_with_long_documents_in_pieces(gpt2, 
     assert pieces.features == whole.features and pieces.to_dict() == whole.to_dict()
     tokens = sum(len(gpt2(text)["input_ids"]) + 1 for text in plays["text"])
     assert len(whole) == tokens // (62 if framed else 64)
+
+
+@pytest.mark.parametrize("framed", [False, True])
+def test_a_stream_is_wrapped_into_the_sequences_of_the_same_documents(gpt2, framed):
+    """`load_dataset(..., streaming=True)` gives an IterableDataset: wrap_tokenize failed on it (datasets' map has no
+    cache or desc there); a naive lazy map would carry the previous pass's leftover tokens into the next pass."""
+    documents = Dataset.from_dict({"text": [f"line {i} " * (1 + i % 7) for i in range(2500)]})
+    expected = wrap_tokenize(documents, gpt2, seq_len=64, block_size=4, framed=framed).to_list()
+    streams = {"shards": documents.to_iterable_dataset(num_shards=3),
+               "generator": IterableDataset.from_generator(lambda: iter(documents))}  # no declared columns
+    for name, stream in streams.items():
+        wrapped = wrap_tokenize(stream, gpt2, seq_len=64, block_size=4, framed=framed)
+        assert isinstance(wrapped, IterableDataset)
+        assert list(wrapped) == expected, name
+        assert list(wrapped) == expected, name  # a second pass (epoch) starts the stream anew
+
+
+def test_a_stream_of_sft_rows_gives_the_rows_of_the_same_data(gpt2, caplog):
+    rows = Dataset.from_list([{"prompt": "word " * 40, "response": " lost"},
+                              {"prompt": "Say hi", "response": " Hi." * 30}, {"prompt": "Q:", "response": " A."}])
+    expected = sft_tokenize(rows, gpt2, block_size=4, max_length=16).to_list()
+    with caplog.at_level("WARNING"):
+        streamed = list(sft_tokenize(rows.to_iterable_dataset(), gpt2, block_size=4, max_length=16))
+    assert streamed == expected and len(streamed) == 2
+    assert "are cut to it" in caplog.text and "are dropped (no response token left)" in caplog.text
+    with pytest.raises(ValueError, match=r"has no column \['prompt', 'response'\]; its columns are \['text'\]"):
+        sft_tokenize(Dataset.from_dict({"text": ["x"]}).to_iterable_dataset(), gpt2, block_size=4, max_length=16)

@@ -255,3 +255,26 @@ def test_clip_search_runs_at_evaluations_during_training_only(tmp_path, small_da
     with pytest.raises(ValueError, match="clip_search=True searches at evaluations during training"):
         build_trainer(config, arguments(tmp_path / "no-eval"), train_set=train_set, eval_set=eval_set,
                       tokenizer=tokenizer)
+
+
+@pytest.mark.parametrize("accumulation", [1, 2])
+def test_resume_on_a_streamed_train_set_is_exact(tmp_path, small_data, accumulation):
+    """A data loader over an iterable dataset (`streaming=True`, `to_iterable_dataset()`) has no sampler to skip in:
+    Trainer fetches the batches it skips, through the collator, whose batch index was already past them. Each resumed
+    batch then got the noise of another index (losses differed from the first resumed step)."""
+    train_set, eval_set, tokenizer = small_data
+    streamed = (train_set.to_iterable_dataset(num_shards=4), eval_set, tokenizer)
+
+    def run(out, resume=None):
+        trainer = make_trainer(out, streamed, max_steps=6, gradient_accumulation_steps=accumulation,
+                               save_strategy="steps", save_steps=3)
+        trainer.train(resume_from_checkpoint=resume)
+        return trainer
+
+    whole = run(tmp_path / "whole")
+    run(tmp_path / "cut")
+    resumed = run(tmp_path / "cut", resume=str(tmp_path / "cut" / "checkpoint-3"))
+    assert history(resumed, "loss") == history(whole, "loss")
+    assert resumed.data_collator.batch_index["train"] == whole.data_collator.batch_index["train"]
+    for a, b in zip(whole.model.parameters(), resumed.model.parameters()):
+        assert torch.equal(a, b)

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from accelerate.data_loader import DataLoaderDispatcher
 from transformers import TrainerCallback
 from transformers.utils import logging
 
@@ -56,7 +57,7 @@ class BlockDiffusionCallback(TrainerCallback):
         self.in_training = True
         self.collator.training = True
         self.collator.stream = args.process_index
-        self.collator.batch_index["train"] = consumed_batches(args, state, train_dataloader)
+        self.collator.batch_index["train"] = first_batch_index(args, state, train_dataloader)
         if state.global_step > 0:
             self.restore(checkpoint_folder(args, state, self.resume_from) / COLLATOR_STATE)
         if args.eval_on_start:
@@ -144,6 +145,22 @@ def refuse_unsupported_arguments(args) -> None:
                          "dataloader_num_workers=0.")
 
 
+def first_batch_index(args, state, train_dataloader=None) -> int:
+    """The collator's training batch index when `train()` starts or resumes at `state.global_step`.
+
+    The batches drawn before, less those Trainer draws again to skip them: a loader over an iterable dataset has no
+    sampler to skip in, so it fetches (and collates) the batches of the resumed epoch and drops them. Times the
+    processes whose batches this one collates: with accelerate's dispatching (its default for iterable data on
+    several processes) process 0 collates every process's batch."""
+    index = consumed_batches(args, state, train_dataloader)
+    dataset = getattr(train_dataloader, "dataset", None)
+    if state.global_step > 0 and not args.ignore_data_skip and isinstance(dataset, torch.utils.data.IterableDataset):
+        index -= steps_in_resumed_epoch(args, state, train_dataloader) * args.gradient_accumulation_steps
+    if isinstance(train_dataloader, DataLoaderDispatcher):
+        index *= args.world_size
+    return index
+
+
 def consumed_batches(args, state, train_dataloader=None) -> int:
     """Training batches drawn before `state.global_step`, as Trainer counts them when it resumes: an epoch of n
     batches makes ceil(n / gradient_accumulation_steps) optimizer steps (its last one may take fewer batches)."""
@@ -155,6 +172,16 @@ def consumed_batches(args, state, train_dataloader=None) -> int:
     steps_per_epoch = max(math.ceil(per_epoch / accumulation), 1)
     epochs, steps = divmod(state.global_step, steps_per_epoch)
     return epochs * per_epoch + steps * accumulation
+
+
+def steps_in_resumed_epoch(args, state, train_dataloader) -> int:
+    """Optimizer steps of the epoch Trainer resumes in, which it skips batch by batch (for a loader without a
+    length, Trainer's epoch is `max_steps` steps)."""
+    try:
+        steps_per_epoch = max(math.ceil(len(train_dataloader) / args.gradient_accumulation_steps), 1)
+    except TypeError:
+        steps_per_epoch = state.max_steps
+    return state.global_step % steps_per_epoch
 
 
 def metric_prefix(metrics) -> str | None:

@@ -6,7 +6,7 @@ from importlib import resources
 from pathlib import Path
 
 import numpy as np
-from datasets import Dataset, concatenate_datasets, load_dataset
+from datasets import Dataset, Features, IterableDataset, Sequence, Value, concatenate_datasets, load_dataset
 from transformers.utils import logging
 
 from .encoding import encode_documents
@@ -15,6 +15,7 @@ logger = logging.get_logger(__name__)
 
 TEXT_SUFFIXES = {".txt", ".md"}
 JSON_SUFFIXES = {".json", ".jsonl"}
+WRAP_BATCH = 1000  # documents tokenized per call in wrap mode
 
 
 def shakespeare_files(folio: bool = False) -> list[Path]:
@@ -120,10 +121,21 @@ def _check_text_column(parts, paths, text_column: str) -> None:
             raise ValueError(f"data file {path}: {nulls} rows have no {text_column!r} (null).")
 
 
-def require_columns(dataset: Dataset, *columns: str) -> None:
-    missing = [c for c in columns if c not in dataset.column_names]
+def require_columns(dataset, *columns: str) -> None:
+    names = column_names(dataset)
+    missing = [c for c in columns if c not in names]
     if missing:
-        raise ValueError(f"dataset has no column {missing}; its columns are {dataset.column_names}.")
+        raise ValueError(f"dataset has no column {missing}; its columns are {names}.")
+
+
+def column_names(dataset) -> list[str]:
+    """A dataset's columns; a stream (`IterableDataset`) that does not declare its features shows its first row."""
+    if dataset.column_names is not None:
+        return list(dataset.column_names)
+    first = next(iter(dataset), None)
+    if first is None:
+        raise ValueError("the dataset holds no rows.")
+    return list(first)
 
 
 def _check_lengths(seq_len: int, block_size: int, name: str = "seq_len") -> None:
@@ -133,8 +145,8 @@ def _check_lengths(seq_len: int, block_size: int, name: str = "seq_len") -> None
         raise ValueError(f"block_size={block_size} must divide {name}={seq_len}.")
 
 
-def wrap_tokenize(dataset: Dataset, tokenizer, seq_len: int, block_size: int, text_column: str = "text",
-                  framed: bool = False) -> Dataset:
+def wrap_tokenize(dataset: Dataset | IterableDataset, tokenizer, seq_len: int, block_size: int,
+                  text_column: str = "text", framed: bool = False) -> Dataset | IterableDataset:
     """Wrap mode (pretraining): documents tokenized and joined into one stream, cut into block-aligned sequences of
     `seq_len` tokens; a sequence may start inside a document, and only the stream's final incomplete sequence is
     dropped.
@@ -142,7 +154,10 @@ def wrap_tokenize(dataset: Dataset, tokenizer, seq_len: int, block_size: int, te
     Default: each document as BOS + text + EOS (EOS only when BOS is EOS, as for GPT-2), sequences cut straight
     from the stream. `framed=True` lays the data out as the original bd3lms wrap mode does: each document as
     text + EOS, and every sequence framed as BOS + seq_len - 2 stream tokens + EOS, its BOS never noised nor scored
-    (`prompt_length` = 1, as the original's first token)."""
+    (`prompt_length` = 1, as the original's first token).
+
+    A stream (`datasets.IterableDataset`, e.g. `load_dataset(..., streaming=True)`) gives a stream of the same
+    sequences, tokenized as they are read."""
     _check_lengths(seq_len, block_size)
     require_columns(dataset, text_column)
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
@@ -150,38 +165,71 @@ def wrap_tokenize(dataset: Dataset, tokenizer, seq_len: int, block_size: int, te
         raise ValueError("wrap mode needs a tokenizer with an eos_token to separate documents.")
     if framed and (bos is None or seq_len < 3):
         raise ValueError("framed wrap mode needs a tokenizer with a bos_token and seq_len >= 3.")
-    opens_documents = bos is not None and bos != eos and not framed
-    chunk = seq_len - 2 if framed else seq_len
-    opening, closing = np.array([bos] if opens_documents else [], np.int64), np.array([eos], np.int64)
+    cut = sequence_cutter(tokenizer, seq_len, framed)
+    if isinstance(dataset, IterableDataset):
+        return wrap_stream(dataset, text_column, cut, framed)
     carry = [np.empty(0, np.int64)]  # the tokens of the previous batches not yet in a sequence: the stream goes on
 
     def join_and_cut(batch):
-        documents = encode_documents(tokenizer, batch[text_column])
-        stream = np.concatenate([carry[0], *(part for ids in documents for part in (opening, ids, closing))])
-        usable = len(stream) - len(stream) % chunk
-        carry[0] = stream[usable:]
-        pieces = stream[:usable].reshape(-1, chunk)
-        if not framed:
-            return {"input_ids": pieces}
-        edge = np.ones((len(pieces), 1), np.int64)
-        return {"input_ids": np.concatenate([edge * bos, pieces, edge * eos], axis=1),
-                "prompt_length": [1] * len(pieces)}
+        sequences, carry[0] = cut(batch[text_column], carry[0])
+        return sequences
 
     # one process, batches in order (the carry needs both); no cache: a cached run would skip the carry's history
-    wrapped = dataset.map(join_and_cut, batched=True, batch_size=1000, remove_columns=dataset.column_names,
+    wrapped = dataset.map(join_and_cut, batched=True, batch_size=WRAP_BATCH, remove_columns=dataset.column_names,
                           load_from_cache_file=False, desc="tokenize + wrap")
     if len(wrapped) == 0:
         raise ValueError(f"the data hold fewer than seq_len={seq_len} tokens: no training sequence.")
     return wrapped
 
 
-def sft_tokenize(dataset: Dataset, tokenizer, block_size: int, max_length: int, prompt_column: str = "prompt",
-                 response_column: str = "response", messages_column: str | None = None) -> Dataset:
+def sequence_cutter(tokenizer, seq_len: int, framed: bool):
+    """`cut(texts, carry) -> (sequences, carry)`: documents appended to the tokens carried over from before, cut into
+    sequences (see `wrap_tokenize`); what is left is the next carry."""
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    opens_documents = bos is not None and bos != eos and not framed
+    chunk = seq_len - 2 if framed else seq_len
+    opening, closing = np.array([bos] if opens_documents else [], np.int64), np.array([eos], np.int64)
+
+    def cut(texts, carry):
+        documents = encode_documents(tokenizer, texts)
+        stream = np.concatenate([carry, *(part for ids in documents for part in (opening, ids, closing))])
+        usable = len(stream) - len(stream) % chunk
+        pieces = stream[:usable].reshape(-1, chunk)
+        if not framed:
+            return {"input_ids": pieces}, stream[usable:]
+        edge = np.ones((len(pieces), 1), np.int64)
+        return ({"input_ids": np.concatenate([edge * bos, pieces, edge * eos], axis=1),
+                 "prompt_length": [1] * len(pieces)}, stream[usable:])
+
+    return cut
+
+
+def wrap_stream(dataset: IterableDataset, text_column: str, cut, framed: bool) -> IterableDataset:
+    """Wrap mode over a stream: the sequences `wrap_tokenize` makes of the same documents, produced as the
+    documents are read (each pass over the result starts the stream anew)."""
+
+    def sequences():
+        carry = np.empty(0, np.int64)
+        for batch in dataset.iter(batch_size=WRAP_BATCH):
+            rows, carry = cut(batch[text_column], carry)
+            for index in range(len(rows["input_ids"])):
+                yield {name: values[index] for name, values in rows.items()}
+
+    features = {"input_ids": Sequence(Value("int64"))}
+    if framed:
+        features["prompt_length"] = Value("int64")
+    return IterableDataset.from_generator(sequences, features=Features(features))
+
+
+def sft_tokenize(dataset: Dataset | IterableDataset, tokenizer, block_size: int, max_length: int,
+                 prompt_column: str = "prompt", response_column: str = "response",
+                 messages_column: str | None = None) -> Dataset | IterableDataset:
     """SFT mode: `input_ids` = prompt + response + EOS padding to a block multiple, and `prompt_length` (those
     tokens are never noised and carry no loss). With `messages_column`, the chat template renders the prompt from
     all messages but the last, which must be an assistant turn (the response) after at least one other message.
     Rows longer than max_length are cut;
-    rows whose prompt alone fills max_length (nothing left to learn) are dropped with a warning."""
+    rows whose prompt alone fills max_length (nothing left to learn) are dropped with a warning. A stream
+    (`datasets.IterableDataset`) gives a stream of the same rows."""
     _check_lengths(max_length, block_size, "max_length")
     eos = tokenizer.eos_token_id
     if eos is None:
@@ -208,6 +256,8 @@ def sft_tokenize(dataset: Dataset, tokenizer, block_size: int, max_length: int, 
         ids += [eos] * (-len(ids) % block_size)
         return {"input_ids": ids, "prompt_length": min(len(prompt), len(ids)), "cut": cut}
 
+    if isinstance(dataset, IterableDataset):
+        return sft_stream(dataset, encode, max_length)
     encoded = dataset.map(encode, remove_columns=dataset.column_names, desc="tokenize SFT")
     cut = sum(encoded["cut"])
     if cut:
@@ -221,6 +271,24 @@ def sft_tokenize(dataset: Dataset, tokenizer, block_size: int, max_length: int, 
     if len(kept) == 0:
         raise ValueError(f"every SFT prompt fills max_length={max_length}: no response token to train on.")
     return kept
+
+
+def sft_stream(dataset: IterableDataset, encode, max_length: int) -> IterableDataset:
+    """`sft_tokenize` over a stream: rows encoded as they are read; the first cut and the first dropped row are
+    reported (a stream cannot be counted up front)."""
+
+    def encode_and_report(row):
+        encoded = encode(row)
+        if encoded.pop("cut"):
+            logger.warning_once(f"SFT rows longer than max_length={max_length} are cut to it (their end and EOS are "
+                                "not trained on).")
+        if encoded["prompt_length"] >= len(encoded["input_ids"]):
+            logger.warning_once(f"SFT rows whose prompt fills max_length={max_length} are dropped (no response "
+                                "token left).")
+        return encoded
+
+    encoded = dataset.map(encode_and_report, remove_columns=column_names(dataset))
+    return encoded.filter(lambda row: row["prompt_length"] < len(row["input_ids"]))
 
 
 def _check_chat(messages) -> None:
