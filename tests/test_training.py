@@ -500,3 +500,23 @@ def test_a_model_compiled_before_the_trainer_is_refused_with_the_way_to_compile(
     with pytest.raises(ValueError, match=r"compiled before Trainer got it.*TrainingArguments\(torch_compile=True\)"):
         build_trainer(small_config(), arguments(tmp_path, max_steps=1), train_set, eval_set, tokenizer,
                       model=compiled)
+
+
+def test_resume_on_streamed_data_under_two_processes_is_exact(tmp_path):
+    """With iterable data accelerate dispatches batches from process 0 (which collates every process's batches) by
+    default, and Trainer skips the batches of a resumed run by fetching them: a resumed run must still get the
+    uninterrupted run's noise, so its losses and weights (with and without dispatching); with ignore_data_skip the
+    data restart, and the noise goes on from where the uninterrupted run's was."""
+    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
+               "29571", str(SCRIPTS / "stream_resume_processes.py"), str(tmp_path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    outcome = json.loads((tmp_path / "result.json").read_text())
+    for name, runs in outcome.items():
+        whole, resumed = runs["whole"], runs["resumed"]
+        assert resumed["batch_index"] == whole["batch_index"], name
+        if "ignore_data_skip=False" in name:
+            assert resumed["losses"] == whole["losses"] and len(whole["losses"]) == 6, name  # 1-3 from the checkpoint
+            assert resumed["checksum"] == whole["checksum"], name
