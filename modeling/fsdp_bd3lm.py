@@ -36,7 +36,7 @@ def gathers_fsdp_weights(generate):
         settings = [_reshard_setting(module) for module in modules]
         try:
             for module in modules:
-                module.set_reshard_after_forward(False, recurse=False)
+                _keep_unsharded_after_forward(module)
                 module.unshard()
             return generate(self, *args, **kwargs)
         finally:
@@ -45,6 +45,14 @@ def gathers_fsdp_weights(generate):
                 module.reshard()
 
     return wrapper
+
+
+def _keep_unsharded_after_forward(module) -> None:
+    if hasattr(module, "set_reshard_after_forward"):  # torch >= 2.7
+        module.set_reshard_after_forward(False, recurse=False)
+        return
+    for group in _param_groups(module._get_fsdp_state()):  # what that setter sets
+        group.post_forward_mesh_info = None
 
 
 def _reshard_setting(module):

@@ -492,7 +492,7 @@ class BD3LMGenerationMixin(GenerationMixin):
                 except RECOMPILE_LIMIT_ERRORS:
                     use_compiled[0] = False
                     logger.warning_once(
-                        f"the compiled denoising step reached its limit of {_recompile_limit()} graphs (2 per "
+                        f"the compiled denoising step reached its limit of {current_recompile_limit()} graphs (2 per "
                         "batch size, block size, sampler, decoding settings and dtype; "
                         "torch._dynamo.config.recompile_limit, at least STEP_GRAPH_LIMIT during generation): this "
                         "generation runs eagerly. Raise the limit, or call torch._dynamo.reset() to drop the "
@@ -715,10 +715,11 @@ def raised_recompile_limit(compiling: bool):
         return contextlib.nullcontext()
     config = torch._dynamo.config
     name = "recompile_limit" if hasattr(config, "recompile_limit") else "cache_size_limit"
-    return config.patch(**{name: max(_recompile_limit(), STEP_GRAPH_LIMIT)})
+    return config.patch(**{name: max(current_recompile_limit(), STEP_GRAPH_LIMIT)})
 
 
-def _recompile_limit():
+def current_recompile_limit() -> int:
+    """torch's recompile limit per function (`recompile_limit`; `cache_size_limit` before torch 2.7)."""
     config = torch._dynamo.config
     return getattr(config, "recompile_limit", None) or getattr(config, "cache_size_limit", None)
 

@@ -6,6 +6,7 @@ The random draws are inputs (`draw_step_noise`), so a step is a function of its 
 cached or not, it gives the same tokens.
 """
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -150,22 +151,31 @@ def sample_step(scores, block, fixed, noise, reveal_probability, rule: StepRule)
 
 def sampling_warpers(config) -> LogitsProcessorList:
     """transformers' warpers of the sampling settings, in its order: temperature, top-k, top-p, min-p, typical,
-    epsilon and eta cutoffs (position by position, no context: they run inside the compiled step)."""
+    epsilon and eta cutoffs (position by position, no context: they run inside the compiled step). Read-only: the
+    same list serves every generation with these settings."""
+    return _warpers_of(config.temperature, config.top_k, config.top_p, config.min_p, config.typical_p,
+                       config.epsilon_cutoff, config.eta_cutoff)
+
+
+@functools.lru_cache(maxsize=64)
+def _warpers_of(temperature, top_k, top_p, min_p, typical_p, epsilon_cutoff, eta_cutoff) -> LogitsProcessorList:
+    # One list per setting, kept: a compiled step's guards may hold the warper objects themselves (torch 2.6 does,
+    # by identity), so new ones at every generation would recompile it every time.
     warpers = LogitsProcessorList()
-    if config.temperature is not None and config.temperature != 1.0:
-        warpers.append(TemperatureLogitsWarper(config.temperature))
-    if config.top_k is not None and config.top_k != 0:
-        warpers.append(TopKLogitsWarper(config.top_k))
-    if config.top_p is not None and config.top_p < 1.0:
-        warpers.append(TopPLogitsWarper(config.top_p))
-    if config.min_p is not None:
-        warpers.append(MinPLogitsWarper(config.min_p))
-    if config.typical_p is not None and config.typical_p < 1.0:
-        warpers.append(TypicalLogitsWarper(config.typical_p))
-    if config.epsilon_cutoff:
-        warpers.append(EpsilonLogitsWarper(config.epsilon_cutoff))
-    if config.eta_cutoff:
-        warpers.append(EtaLogitsWarper(config.eta_cutoff))
+    if temperature is not None and temperature != 1.0:
+        warpers.append(TemperatureLogitsWarper(temperature))
+    if top_k is not None and top_k != 0:
+        warpers.append(TopKLogitsWarper(top_k))
+    if top_p is not None and top_p < 1.0:
+        warpers.append(TopPLogitsWarper(top_p))
+    if min_p is not None:
+        warpers.append(MinPLogitsWarper(min_p))
+    if typical_p is not None and typical_p < 1.0:
+        warpers.append(TypicalLogitsWarper(typical_p))
+    if epsilon_cutoff:
+        warpers.append(EpsilonLogitsWarper(epsilon_cutoff))
+    if eta_cutoff:
+        warpers.append(EtaLogitsWarper(eta_cutoff))
     return warpers
 
 

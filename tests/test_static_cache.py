@@ -14,6 +14,7 @@ from transformers.generation import CompileConfig
 from transformers.generation.streamers import BaseStreamer
 
 from bd3lm_hf.modeling.cache_bd3lm import BD3LMStaticCache
+from bd3lm_hf.modeling import generation_bd3lm
 from bd3lm_hf.modeling.generation_bd3lm import BD3LMGenerationMixin
 
 pytestmark = pytest.mark.usefixtures("fresh_dynamo")
@@ -302,19 +303,17 @@ def test_generation_makes_room_for_the_graphs_of_many_settings(gen_model, caplog
     graphs = []
     generate_each_setting_compiled_and_eager(gen_model, counting_compile_config(graphs))
     assert len(graphs) == 12 and "limit" not in caplog.text
-    assert torch._dynamo.config.recompile_limit == 8
+    assert generation_bd3lm.current_recompile_limit() == 8  # torch's recompile_limit (cache_size_limit before 2.7)
 
 
 def test_past_the_recompile_limit_generation_runs_eagerly_with_a_warning(gen_model, caplog, monkeypatch):
     """With room for 8 graphs only (2 per (sampler, decoding) here), the 5th setting would be graphs 9 and 10, where
     a fullgraph compilation raises. That generation runs eagerly instead, with the eager tokens."""
-    from bd3lm_hf.modeling import generation_bd3lm
-
     monkeypatch.setattr(generation_bd3lm, "STEP_GRAPH_LIMIT", 8)
     logging.Logger.warning_once.cache_clear()
     graphs = []
     generate_each_setting_compiled_and_eager(gen_model, counting_compile_config(graphs))
-    assert len(graphs) == torch._dynamo.config.recompile_limit == 8
+    assert len(graphs) == generation_bd3lm.current_recompile_limit() == 8
     assert "reached its limit of 8 graphs" in caplog.text
 
 
