@@ -29,6 +29,8 @@ logger = logging.get_logger(__name__)
 # what a fullgraph compilation raises past the recompile limit (the name changed across torch versions)
 RECOMPILE_LIMIT_ERRORS = tuple(getattr(torch._dynamo.exc, name) for name in
                                ("FailOnRecompileLimitHit", "FailOnCacheLimitHit") if hasattr(torch._dynamo.exc, name))
+# what compiling the step raises where this torch cannot trace or build it (checked before anything ran)
+COMPILE_ERRORS = (torch._dynamo.exc.Unsupported, torch._dynamo.exc.BackendCompilerFailed)
 # Recompile limit while a generation's steps compile: each (batch, block size, sampler, decoding, dtype) setting adds
 # 2 graphs of the one step function, so torch's default of 8 would keep 4 settings compiled per process.
 STEP_GRAPH_LIMIT = 32
@@ -479,7 +481,7 @@ class BD3LMGenerationMixin(GenerationMixin):
         """
         if not isinstance(cache, BD3LMStaticCache):
             return None
-        if not compiles:
+        if not compiles or getattr(self, "_bd3lm_uncompilable", None) == self.compile_key(config.compile_config):
             return self.denoise_step
         compiled = self.compiled_denoise_step(config.compile_config)
         block_widths = (config.block_size, 2 * config.block_size)
@@ -497,18 +499,34 @@ class BD3LMGenerationMixin(GenerationMixin):
                         "torch._dynamo.config.recompile_limit, at least STEP_GRAPH_LIMIT during generation): this "
                         "generation runs eagerly. Raise the limit, or call torch._dynamo.reset() to drop the "
                         "graphs of settings no longer used.")
+                except COMPILE_ERRORS as error:
+                    use_compiled[0] = False
+                    self.give_up_compiling(config.compile_config, error)
             return self.denoise_step(tokens, *args)
 
         return step
 
+    def give_up_compiling(self, compile_config, error) -> None:
+        """The step cannot be compiled with these settings in this torch (e.g. flex_attention's mask built inside a
+        graph needs a recent torch): generations with them run eagerly from now on, and the user is told why."""
+        self._bd3lm_uncompilable = self._bd3lm_compiled[0]
+        error = getattr(error, "inner_exception", None) or error  # a backend's own error, inside dynamo's
+        cause = (str(error).strip().splitlines() or [""])[0]
+        logger.warning_once(f"the denoising step cannot be compiled here (torch {torch.__version__}, attention "
+                            f"{self.config._attn_implementation}): {type(error).__name__}: {cause}. Generation runs "
+                            "eagerly (the same tokens, slower); pass disable_compile=True to skip the attempt.")
+
     def compiled_denoise_step(self, compile_config=None):
         """`torch.compile(self.denoise_step)`, built once per compile settings and kept on the model (keyed by the
         model's id too: a deep copy of the model must not call the original's bound step)."""
-        compile_config = compile_config or CompileConfig(fullgraph=True, dynamic=False)
-        key = (id(self), compile_config.to_dict())
+        key = self.compile_key(compile_config)
         if getattr(self, "_bd3lm_compiled", (None,))[0] != key:
             self._bd3lm_compiled = (key, torch.compile(self.denoise_step, **key[1]))
         return self._bd3lm_compiled[1]
+
+    def compile_key(self, compile_config=None) -> tuple:
+        """(the model's id, the compile settings): what a compiled step is kept under."""
+        return id(self), (compile_config or CompileConfig(fullgraph=True, dynamic=False)).to_dict()
 
     def denoise_step(self, tokens, attention_mask, cache, store_kv, fixed, banned_eos, noise, schedule,
                      constants: StepConstants, context=None):

@@ -479,3 +479,29 @@ def test_release_static_cache_frees_it_and_the_next_generation_makes_a_new_one(g
     gen_model.release_static_cache()  # nothing held: no error
     output = gen_model.generate(ids[:1], return_dict_in_generate=True, **settings)
     assert torch.equal(output.sequences, expected) and output.past_key_values is not held
+
+
+def test_a_step_this_torch_cannot_compile_runs_eagerly_with_the_reason(caplog):
+    """torch < 2.8 cannot trace flex_attention's mask built inside the step (`inspect.signature` of a nested
+    function): generate() crashed. A compilation that fails (before anything ran) now leaves this model's
+    generations with those settings eager, with a warning naming the error, and is not attempted again."""
+    model = random_model(seed=1, std=0.12, max_position_embeddings=128)
+    attempts = []
+
+    def failing_backend(graph_module, example_inputs):
+        attempts.append(graph_module)
+        raise RuntimeError("no kernel for this graph here")
+
+    config = CompileConfig(fullgraph=True, dynamic=False, backend=failing_backend, mode=None)
+    config._compile_all_devices = True
+    ids, mask = prompts()
+    expected = model.generate(ids, attention_mask=mask, max_new_tokens=13, cache_implementation="static",
+                              disable_compile=True)
+    logging.Logger.warning_once.cache_clear()
+    with caplog.at_level(logging.WARNING):
+        for _ in range(2):
+            got = model.generate(ids, attention_mask=mask, max_new_tokens=13, cache_implementation="static",
+                                 compile_config=config)
+            assert torch.equal(got, expected)
+    assert len(attempts) == 1
+    assert "the denoising step cannot be compiled here" in caplog.text and "no kernel for this graph" in caplog.text
