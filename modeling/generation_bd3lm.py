@@ -28,7 +28,8 @@ logger = logging.get_logger(__name__)
 
 # what a fullgraph compilation raises past the recompile limit (the name changed across torch versions)
 RECOMPILE_LIMIT_ERRORS = tuple(getattr(torch._dynamo.exc, name) for name in
-                               ("FailOnRecompileLimitHit", "FailOnCacheLimitHit") if hasattr(torch._dynamo.exc, name))
+                               ("FailOnRecompileLimitHit", "FailOnCacheLimitHit", "RecompileLimitExceeded")
+                               if hasattr(torch._dynamo.exc, name))  # the last: torch 2.6 under fullgraph
 # what compiling the step raises where this torch cannot trace or build it (checked before anything ran)
 COMPILE_ERRORS = (torch._dynamo.exc.Unsupported, torch._dynamo.exc.BackendCompilerFailed)
 # Recompile limit while a generation's steps compile: each (batch, block size, sampler, decoding, dtype) setting adds
