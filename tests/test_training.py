@@ -22,6 +22,22 @@ SCRIPTS = Path(__file__).parent / "scripts"
 sys.path.insert(0, str(SCRIPTS))
 
 
+# 2 CPU processes over gloo: accelerate's launcher (what `accelerate launch` users run) or torchrun
+LAUNCHERS = {
+    "accelerate": ["accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
+                   "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port"],
+    "torchrun": ["torch.distributed.run", "--nproc_per_node", "2", "--master_port"],
+}
+
+
+def launch_two_processes(script: str, port: int, *script_arguments: str, launcher: str = "accelerate") -> None:
+    """Run tests/scripts/`script` in 2 CPU processes; its checks are in the files it writes."""
+    command = [sys.executable, "-m", *LAUNCHERS[launcher], str(port), str(SCRIPTS / script), *script_arguments]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+
 def arguments(out, **overrides):
     fields = dict(per_device_train_batch_size=4, learning_rate=1e-3, logging_steps=1, report_to="none", seed=0,
                   disable_tqdm=True, save_strategy="no", use_cpu=True)
@@ -86,12 +102,7 @@ def test_two_processes_match_one_process(tmp_path):
     import ddp_train
 
     ddp_train.main(str(tmp_path / "single"), 8, 1)
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-               "29561", str(SCRIPTS / "ddp_train.py"), str(tmp_path / "ddp"), "4", "1"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    launch_two_processes("ddp_train.py", 29561, str(tmp_path / "ddp"), "4", "1")
     single, ddp = (json.loads((tmp_path / name / "result.json").read_text()) for name in ("single", "ddp"))
     assert ddp["world_size"] == 2
     assert single["losses"] == pytest.approx(ddp["losses"], abs=1e-5)
@@ -339,11 +350,7 @@ def test_training_with_compiled_layers_matches_eager(tmp_path, small_data, monke
 def test_ema_checkpoints_of_fsdp2_sharded_parameters(tmp_path):
     """FSDP2 (fully_shard, 2 processes, gloo): the EMA file holds the full weights, written by one process, and
     resumes sharded as the parameters are (before: the DTensor shadow could not be saved)."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29563",
-               str(SCRIPTS / "fsdp_ema.py"), str(tmp_path)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    launch_two_processes("fsdp_ema.py", 29563, str(tmp_path), launcher="torchrun")
     assert json.loads((tmp_path / "result.json").read_text()) == {"same": True, "sharded": True, "updates": 1,
                                                                   "full_shapes": True}
 
@@ -352,11 +359,7 @@ def test_fsdp2_per_layer_sharding_trains_and_generates_as_the_unsharded_model(tm
     """Sharded per decoder layer (docs/accelerate/fsdp.yaml): the forward computed every layer's adaLN modulation
     outside the layer's forward, where FSDP had not gathered its weights (crash); generate() likewise, and it may
     now stop at different lengths on different ranks."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29569",
-               str(SCRIPTS / "fsdp_forward_and_generate.py"), str(tmp_path)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    launch_two_processes("fsdp_forward_and_generate.py", 29569, str(tmp_path), launcher="torchrun")
     for rank in range(2):
         outcome = json.loads((tmp_path / f"result_{rank}.json").read_text())
         assert outcome["tokens_equal"] == {"dynamic": True, "static": True} and outcome["sharded_after_generate"]
@@ -403,23 +406,14 @@ def test_clip_search_noises_as_training_does_resampling_included(monkeypatch):
 
 
 def test_clip_search_pools_the_losses_of_all_processes(tmp_path):
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29565",
-               str(SCRIPTS / "clip_search_processes.py"), str(tmp_path)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    launch_two_processes("clip_search_processes.py", 29565, str(tmp_path), launcher="torchrun")
     assert json.loads((tmp_path / "result.json").read_text()) == {"best": [0.2, 0.8]}
 
 
 def test_callbacks_under_two_processes_evaluate_alike_before_training_and_save_only_model(tmp_path):
     """evaluate() before train() used one noise stream on every process (the streams were set at train()), so it
     disagreed with the same evaluation after; save_only_model=True crashed on the process that does not save."""
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-               "29567", str(SCRIPTS / "callbacks_processes.py"), str(tmp_path)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    launch_two_processes("callbacks_processes.py", 29567, str(tmp_path))
     outcome = json.loads((tmp_path / "result.json").read_text())
     assert outcome["world_size"] == 2 and outcome["before"] == outcome["after"]
     assert outcome["saved"] == ["checkpoint-1/collator_state.json", "checkpoint-2/collator_state.json"]
@@ -507,12 +501,7 @@ def test_resume_on_streamed_data_under_two_processes_is_exact(tmp_path):
     default, and Trainer skips the batches of a resumed run by fetching them: a resumed run must still get the
     uninterrupted run's noise, so its losses and weights (with and without dispatching); with ignore_data_skip the
     data restart, and the noise goes on from where the uninterrupted run's was."""
-    command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-               "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
-               "29571", str(SCRIPTS / "stream_resume_processes.py"), str(tmp_path)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    launch_two_processes("stream_resume_processes.py", 29571, str(tmp_path))
     outcome = json.loads((tmp_path / "result.json").read_text())
     for name, runs in outcome.items():
         whole, resumed = runs["whole"], runs["resumed"]

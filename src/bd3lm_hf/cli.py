@@ -336,19 +336,20 @@ def main(argv: list[str] | None = None) -> int:
 
 @contextlib.contextmanager
 def package_messages_on_stderr():
-    """The package's info messages (results, progress notes) on stderr as "[bd3lm-hf] ...", through its own handler
-    only (not transformers' too); the logger is restored afterwards (main() may run inside another program)."""
+    """The package's info messages (results, progress notes) on stderr as "[bd3lm-hf] ...": through its own handler,
+    and hung under the root logger instead of transformers' for the command (transformers' handler would print
+    them a second time); the logger is restored afterwards (main() may run inside another program)."""
     package_logger = logging.get_logger("bd3lm_hf")
-    handler, level, propagate = _stderr_handler(), package_logger.level, package_logger.propagate
+    handler, level, parent = _stderr_handler(), package_logger.level, package_logger.parent
     package_logger.addHandler(handler)
     package_logger.setLevel("INFO")
-    package_logger.propagate = False
+    package_logger.parent = std_logging.getLogger()
     try:
         yield package_logger
     finally:
         package_logger.removeHandler(handler)
         package_logger.setLevel(level)
-        package_logger.propagate = propagate
+        package_logger.parent = parent
 
 
 if __name__ == "__main__":
