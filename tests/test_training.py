@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from datasets import IterableDataset
 from transformers import AutoModelForCausalLM, TrainingArguments
 
 from bd3lm_hf.callbacks import ClipSearchCallback, candidate_intervals
@@ -509,3 +510,28 @@ def test_resume_on_streamed_data_under_two_processes_is_exact(tmp_path):
         if "ignore_data_skip=False" in name:
             assert resumed["losses"] == whole["losses"] and len(whole["losses"]) == 6, name  # 1-3 from the checkpoint
             assert resumed["checksum"] == whole["checksum"], name
+
+
+def test_cli_trains_on_a_streamed_corpus(tmp_path):
+    """`--streaming true` reads the data as a stream (tokenized as training reads it): the corpus need not fit in
+    memory. What a stream cannot give is refused up front: its length, a BPE trained on it, a held-out split."""
+    from bd3lm_hf.cli import main
+
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("\n".join(json.dumps({"text": f"Line {i}: to be, or not to be. " * 3}) for i in range(200)))
+    shape = ["--hidden_size", "32", "--num_hidden_layers", "1", "--cond_dim", "16", "--max_position_embeddings", "32",
+             "--per_device_train_batch_size", "4", "--save_strategy", "no", "--use_cpu", "true"]
+    streaming = ["--data", str(corpus), "--streaming", "true", "--tokenizer", "gpt2"]
+    assert main(["train", "--output_dir", str(tmp_path / "out"), *streaming, "--max_steps", "2",
+                 "--eval_data", str(corpus), "--eval_strategy", "steps", "--eval_steps", "2", *shape]) == 0
+    metrics = json.loads((tmp_path / "out" / "eval_results.json").read_text())
+    assert metrics["eval_loss"] > 0
+    config = small_config(data=[str(corpus)], streaming=True, tokenizer="gpt2")
+    with pytest.raises(ValueError, match="a stream has no length, so set max_steps"):
+        build_trainer(config, arguments(tmp_path, num_train_epochs=1))
+    with pytest.raises(ValueError, match="cannot train a BPE on the data before training"):
+        build_trainer(small_config(data=[str(corpus)], streaming=True), arguments(tmp_path, max_steps=2))
+    with pytest.raises(ValueError, match="holds no sequences out of the stream for evaluation"):
+        build_trainer(config, arguments(tmp_path, max_steps=2, eval_strategy="steps", eval_steps=1))
+    trainer = build_trainer(config, arguments(tmp_path, max_steps=2))
+    assert isinstance(trainer.train_dataset, IterableDataset) and trainer.eval_dataset is None

@@ -54,6 +54,23 @@ def load_text_dataset(paths, text_column: str = "text") -> Dataset:
     return concatenate_datasets(parts) if len(parts) > 1 else parts[0]
 
 
+def stream_text_dataset(paths, text_column: str = "text") -> IterableDataset:
+    """The files `load_text_dataset` reads, as a stream (`datasets` streaming): rows are read as they are used, so
+    a corpus larger than memory can train. Text files are one document each, as there; the checks that need a
+    whole pass (empty files, null text) are left to the reading."""
+    paths = data_files(paths)
+    kinds = {path.suffix.lower() in TEXT_SUFFIXES for path in paths}
+    unknown = [str(path) for path in paths if path.suffix.lower() not in TEXT_SUFFIXES | JSON_SUFFIXES]
+    if unknown or len(kinds) > 1:
+        raise ValueError(f"streaming reads files of one kind: all {sorted(TEXT_SUFFIXES)} or all "
+                         f"{sorted(JSON_SUFFIXES)}; got {[str(path) for path in paths]}.")
+    files = [str(path) for path in paths]
+    if kinds == {True}:
+        stream = load_dataset("text", data_files=files, sample_by="document", streaming=True, split="train")
+        return stream if text_column == "text" else stream.rename_column("text", text_column)
+    return load_dataset("json", data_files=files, streaming=True, split="train")
+
+
 def data_files(paths) -> list[Path]:
     """The files to read: each path as given, a folder expanded to its data files; a file given twice is read once."""
     paths = [Path(p) for p in ([paths] if isinstance(paths, (str, os.PathLike)) else paths)]

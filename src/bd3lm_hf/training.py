@@ -19,7 +19,8 @@ from transformers.utils import logging
 from .callbacks import BlockDiffusionCallback, ClipSearchCallback
 from .collator import DataCollatorForBlockDiffusion
 from .compilation import compile_decoder_layers, should_compile_layers
-from .data import load_text_dataset, require_columns, sft_texts, sft_tokenize, shakespeare_files, wrap_tokenize
+from .data import (load_text_dataset, require_columns, sft_texts, sft_tokenize, shakespeare_files,
+                   stream_text_dataset, wrap_tokenize)
 from .ema import EMACallback
 from .loading import local_folder_or_hub_id
 from .modeling import BD3LMConfig, BD3LMForBlockDiffusion
@@ -39,6 +40,10 @@ class BD3LMTrainingConfig:
     eval_split: float = field(default=0.05, metadata={"help": "fraction of training sequences held out when no "
                                                               "eval_data is given (shakespeare: whole plays)"})
     shakespeare_plays: int = field(default=12, metadata={"help": "plays to train on; the next 2 are held out"})
+    streaming: bool = field(default=False, metadata={"help": "read the training data as a stream, tokenized as "
+                                                             "training goes (nothing held in memory); needs "
+                                                             "--max_steps, a tokenizer (--tokenizer or "
+                                                             "--init_from) and --eval_data or no evaluation"})
     text_column: str = field(default="text", metadata={"help": "column of .json/.jsonl data holding the text "
                                                                "(default: text)"})
     wrap_framed: bool = field(default=False, metadata={"help": "wrap data laid out as the original: every "
@@ -178,13 +183,29 @@ def shakespeare_split(plays_count: int) -> tuple[list, list]:
 
 
 def load_datasets(config: BD3LMTrainingConfig):
-    """(train, eval) raw datasets."""
+    """(train, eval) raw datasets; with `streaming`, the training data as a stream (the eval data stay in memory)."""
+    train_files, eval_files = config.data, config.eval_data
     if config.data == ["shakespeare"]:
         train_files, held_out = shakespeare_split(config.shakespeare_plays)
         eval_files = config.eval_data or held_out
-        return load_text_dataset(train_files, config.text_column), load_text_dataset(eval_files, config.text_column)
-    train = load_text_dataset(config.data, config.text_column)
-    return train, load_text_dataset(config.eval_data, config.text_column) if config.eval_data else None
+    read = stream_text_dataset if config.streaming else load_text_dataset
+    train = read(train_files, config.text_column)
+    return train, load_text_dataset(eval_files, config.text_column) if eval_files else None
+
+
+def check_streaming(config: BD3LMTrainingConfig, args: TrainingArguments, tokenizer) -> None:
+    """What a stream cannot give: its length (so the steps), a BPE trained on it before training, a held-out split."""
+    if not config.streaming:
+        return
+    if args.max_steps <= 0:
+        raise ValueError("streaming=True: a stream has no length, so set max_steps (the number of optimizer steps).")
+    if tokenizer is None and (config.tokenizer or config.init_from or "bpe") == "bpe":
+        raise ValueError("streaming=True cannot train a BPE on the data before training: pass tokenizer='gpt2', a "
+                         "tokenizer folder, or init_from (its tokenizer).")
+    has_eval_data = config.eval_data or config.data == ["shakespeare"]
+    if not has_eval_data and args.eval_strategy != "no":
+        raise ValueError("streaming=True holds no sequences out of the stream for evaluation: pass eval_data, or set "
+                         "eval_strategy='no'.")
 
 
 def tokenize(config: BD3LMTrainingConfig, dataset, tokenizer):
@@ -238,12 +259,13 @@ def build_trainer(config: BD3LMTrainingConfig, args: TrainingArguments, train_se
     """Everything but the loop: data (unless given), tokenizer, model, collator, callbacks, Trainer."""
     compile_layers = should_compile_layers(config.compile_layers)
     if train_set is None:
+        check_streaming(config, args, tokenizer)
         raw_train, raw_eval = load_datasets(config)
         if tokenizer is None:
             tokenizer = build_tokenizer(config, training_texts(config, raw_train))
         train_set = tokenize(config, raw_train, tokenizer)
         eval_set = tokenize(config, raw_eval, tokenizer) if raw_eval is not None else None
-        if eval_set is None:
+        if eval_set is None and not config.streaming:
             train_set, eval_set = split_off_eval(train_set, config.eval_split)
     if config.lora and not (config.init_from or model is not None):
         # a fresh model's output layer and adaLN gates start at zero and stay frozen: the adapters would get no
