@@ -387,7 +387,7 @@ class BD3LMGenerationMixin(GenerationMixin):
         max_new_tokens. It is kept on the model (`release_static_cache` drops it) and reset in place by the next
         generation of the same batch size, dtype and device: a compiled denoising step then replays its CUDA graphs
         at the same addresses, without recompiling or re-recording. A generation that starts while another one uses
-        it (a second thread) gets a cache of its own, whose steps run uncompiled: never a shared one.
+        it (a second thread) runs with a dynamic cache (the same tokens, uncompiled): never a shared one.
         """
         implementation = getattr(config, "cache_implementation", None)
         if implementation in (None, "dynamic"):
@@ -398,9 +398,10 @@ class BD3LMGenerationMixin(GenerationMixin):
         with _HELD_CACHE_CLAIMS:
             cache = getattr(self, "_bd3lm_static_cache", None)
             if cache is not None and cache.in_use:
+                # the same tokens (cached == static, tested), without a whole context of keys/values per thread
                 logger.warning_once("another generation (e.g. in another thread) is using this model's static cache: "
-                                    "this one gets a static cache of its own, and its steps run uncompiled.")
-                return self.new_static_cache(batch_size, device)
+                                    "this one (and any other meanwhile) uses a dynamic cache, uncompiled.")
+                return BD3LMCache()
             if (cache is not None and cache.capacity == self.config.max_position_embeddings
                     and len(cache.layers) == self.config.num_hidden_layers
                     and cache.fits(batch_size, self.dtype, device)):
@@ -431,8 +432,10 @@ class BD3LMGenerationMixin(GenerationMixin):
         """Drop the static cache kept on the model since a `cache_implementation="static"` generation (its keys,
         values and step buffers: batch x context x layers), e.g. before moving the model or to free memory; the next
         static generation allocates a new one. A generation running meanwhile keeps its own reference and finishes
-        normally. Compiled step graphs stay with torch (`torch._dynamo.reset()` frees them)."""
+        normally. Compiled step graphs stay with torch (`torch._dynamo.reset()` frees them); settings whose step
+        could not be compiled are tried again."""
         self.__dict__.pop("_bd3lm_static_cache", None)
+        self.__dict__.pop("_bd3lm_uncompilable", None)
 
     def compiles_steps(self, cache, config, device, logits_processor=None) -> bool:
         """transformers' rule for compiling a decoding step: a static cache, on CUDA/XPU (elsewhere only when
@@ -446,8 +449,6 @@ class BD3LMGenerationMixin(GenerationMixin):
                 logger.warning_once("compile_config is set, but only the static cache's denoising step compiles: "
                                     "pass cache_implementation='static' as well (this generation runs eagerly).")
             return False
-        if cache is not getattr(self, "_bd3lm_static_cache", None):
-            return False  # a concurrent generation's own cache (`make_cache`): the graphs belong to the model's
         compile_config = config.compile_config
         if not (device.type in ("cuda", "xpu") or getattr(compile_config, "_compile_all_devices", None)):
             if compile_config is not None:
@@ -482,7 +483,7 @@ class BD3LMGenerationMixin(GenerationMixin):
         """
         if not isinstance(cache, BD3LMStaticCache):
             return None
-        if not compiles or getattr(self, "_bd3lm_uncompilable", None) == self.compile_key(config.compile_config):
+        if not compiles or self.uncompilable_key(config, cache) in getattr(self, "_bd3lm_uncompilable", ()):
             return self.denoise_step
         compiled = self.compiled_denoise_step(config.compile_config)
         block_widths = (config.block_size, 2 * config.block_size)
@@ -502,19 +503,27 @@ class BD3LMGenerationMixin(GenerationMixin):
                         "graphs of settings no longer used.")
                 except COMPILE_ERRORS as error:
                     use_compiled[0] = False
-                    self.give_up_compiling(config.compile_config, error)
+                    self.give_up_compiling(self.uncompilable_key(config, cache), error)
             return self.denoise_step(tokens, *args)
 
         return step
 
-    def give_up_compiling(self, compile_config, error) -> None:
+    def uncompilable_key(self, config, cache) -> tuple:
+        """What a failed compilation depends on: the compile settings, the attention backend, dtype and device."""
+        return (str(self.compile_key(config.compile_config)), self.config._attn_implementation, str(self.dtype),
+                cache.layers[0].keys.device.type)
+
+    def give_up_compiling(self, key: tuple, error) -> None:
         """The step cannot be compiled with these settings in this torch (e.g. flex_attention's mask built inside a
-        graph needs a recent torch): generations with them run eagerly from now on, and the user is told why."""
-        self._bd3lm_uncompilable = self._bd3lm_compiled[0]
-        error = getattr(error, "inner_exception", None) or error  # a backend's own error, inside dynamo's
-        cause = (str(error).strip().splitlines() or [""])[0]
+        graph needs a recent torch): generations with them run eagerly from now on (until `release_static_cache`),
+        and the user is told why. Out of memory while compiling is raised, not taken for that."""
+        inner = getattr(error, "inner_exception", None) or error  # a backend's own error, inside dynamo's
+        if isinstance(inner, torch.OutOfMemoryError):
+            raise error
+        self._bd3lm_uncompilable = getattr(self, "_bd3lm_uncompilable", set()) | {key}
+        cause = (str(inner).strip().splitlines() or [""])[0]
         logger.warning_once(f"the denoising step cannot be compiled here (torch {torch.__version__}, attention "
-                            f"{self.config._attn_implementation}): {type(error).__name__}: {cause}. Generation runs "
+                            f"{self.config._attn_implementation}): {type(inner).__name__}: {cause}. Generation runs "
                             "eagerly (the same tokens, slower); pass disable_compile=True to skip the attempt.")
 
     def compiled_denoise_step(self, compile_config=None):

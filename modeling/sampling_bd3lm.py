@@ -153,14 +153,23 @@ def sampling_warpers(config) -> LogitsProcessorList:
     """transformers' warpers of the sampling settings, in its order: temperature, top-k, top-p, min-p, typical,
     epsilon and eta cutoffs (position by position, no context: they run inside the compiled step). Read-only: the
     same list serves every generation with these settings."""
-    return _warpers_of(config.temperature, config.top_k, config.top_p, config.min_p, config.typical_p,
-                       config.epsilon_cutoff, config.eta_cutoff)
+    settings = (config.temperature, config.top_k, config.top_p, config.min_p, config.typical_p, config.epsilon_cutoff,
+                config.eta_cutoff)
+    try:
+        hash(settings)
+    except TypeError:  # a value the warpers will refuse themselves: no list to keep
+        return _build_warpers(*settings)
+    return _kept_warpers(*settings)
 
 
+# One list per setting, kept: a compiled step's guards may hold the warper objects themselves (torch 2.6 does, by
+# identity), so new ones at every generation would recompile it every time.
 @functools.lru_cache(maxsize=64)
-def _warpers_of(temperature, top_k, top_p, min_p, typical_p, epsilon_cutoff, eta_cutoff) -> LogitsProcessorList:
-    # One list per setting, kept: a compiled step's guards may hold the warper objects themselves (torch 2.6 does,
-    # by identity), so new ones at every generation would recompile it every time.
+def _kept_warpers(*settings) -> LogitsProcessorList:
+    return _build_warpers(*settings)
+
+
+def _build_warpers(temperature, top_k, top_p, min_p, typical_p, epsilon_cutoff, eta_cutoff) -> LogitsProcessorList:
     warpers = LogitsProcessorList()
     if temperature is not None and temperature != 1.0:
         warpers.append(TemperatureLogitsWarper(temperature))

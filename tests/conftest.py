@@ -52,3 +52,13 @@ def fresh_dynamo():
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
+
+
+@pytest.fixture(autouse=True)
+def fresh_warning_once():
+    """`logger.warning_once` remembers its messages per process: a test reading one must not depend on whether an
+    earlier test already emitted it."""
+    import logging
+
+    logging.Logger.warning_once.cache_clear()
+    yield

@@ -465,6 +465,7 @@ def test_a_generation_in_another_thread_gets_its_own_static_cache(gen_model, cap
         worker.join(60)
     assert torch.equal(results["first"], expected_first) and torch.equal(results["second"], expected_second)
     assert "another generation (e.g. in another thread) is using this model's static cache" in caplog.text
+    assert "uses a dynamic cache, uncompiled" in caplog.text
     assert gen_model._bd3lm_static_cache is held and not held.in_use  # free again, and reused by the next one
     assert gen_model.generate(second, return_dict_in_generate=True, **settings).past_key_values is held
 
@@ -505,3 +506,10 @@ def test_a_step_this_torch_cannot_compile_runs_eagerly_with_the_reason(caplog):
             assert torch.equal(got, expected)
     assert len(attempts) == 1
     assert "the denoising step cannot be compiled here" in caplog.text and "no kernel for this graph" in caplog.text
+    model.set_attn_implementation("eager")  # another attention backend is another setting: tried
+    model.generate(ids, attention_mask=mask, max_new_tokens=13, cache_implementation="static", compile_config=config)
+    assert len(attempts) == 2
+    model.release_static_cache()  # forgets the settings that failed too
+    model.set_attn_implementation("sdpa")
+    model.generate(ids, attention_mask=mask, max_new_tokens=13, cache_implementation="static", compile_config=config)
+    assert len(attempts) == 3

@@ -465,10 +465,26 @@ def test_training_settings_that_would_silently_do_nothing_are_refused(field, val
     a BPE below 258 tokens could not hold the bytes, EOS and [MASK]."""
     with pytest.raises(ValueError, match=message):
         small_config(**{field: value})
+
+
+def test_a_bpe_too_small_for_the_bytes_and_an_empty_clip_search_are_refused():
     with pytest.raises(ValueError, match="vocab_size must be an int >= 258"):
-        train_bpe_tokenizer(["some text"], 100)
+        train_bpe_tokenizer(["some text"], 100)  # it returned 258 tokens, not the 100 asked for
     with pytest.raises(ValueError, match="num_batches must be a positive int"):
         ClipSearchCallback(collator=None, num_batches=0)
+
+
+def test_clip_search_leaves_out_the_ranges_resampling_cannot_meet():
+    """With resample=True the collator refuses a range holding no masked fraction k/block_size: a search that picked
+    one raised after the whole search, in the middle of training. Such candidates are left out at train begin."""
+    from bd3lm_hf import DataCollatorForBlockDiffusion
+
+    collator = DataCollatorForBlockDiffusion(9, 1, resample=True)  # block 1: fractions 0 and 1 only
+    search = ClipSearchCallback(collator, intervals=[(0.2, 0.8), (1e-3, 1.0), (0.5, 1.0)])
+    search.on_train_begin(None, None, None)
+    assert search.intervals == [(1e-3, 1.0), (0.5, 1.0)]
+    with pytest.raises(ValueError, match="no candidate range holds a masked fraction k/1"):
+        ClipSearchCallback(collator, intervals=[(0.2, 0.8)]).on_train_begin(None, None, None)
 
 
 def test_clip_search_puts_the_model_back_in_training_mode_after_an_error(small_data):

@@ -151,12 +151,12 @@ def first_batch_index(args, state, train_dataloader=None) -> int:
     The batches drawn before, less those Trainer draws again to skip them: a loader over an iterable dataset has no
     sampler to skip in, so it fetches (and collates) the batches of the resumed epoch and drops them. Times the
     processes whose batches this one collates: with accelerate's dispatching (its default for iterable data on
-    several processes) process 0 collates every process's batch."""
+    several processes) process 0 collates one batch per process, unless `split_batches` (one batch, split)."""
     index = consumed_batches(args, state, train_dataloader)
     dataset = getattr(train_dataloader, "dataset", None)
     if state.global_step > 0 and not args.ignore_data_skip and isinstance(dataset, torch.utils.data.IterableDataset):
-        index -= steps_in_resumed_epoch(args, state, train_dataloader) * args.gradient_accumulation_steps
-    if isinstance(train_dataloader, DataLoaderDispatcher):
+        index -= state.global_step % steps_per_epoch(args, state, train_dataloader) * args.gradient_accumulation_steps
+    if isinstance(train_dataloader, DataLoaderDispatcher) and not train_dataloader.split_batches:
         index *= args.world_size
     return index
 
@@ -164,24 +164,26 @@ def first_batch_index(args, state, train_dataloader=None) -> int:
 def consumed_batches(args, state, train_dataloader=None) -> int:
     """Training batches drawn before `state.global_step`, as Trainer counts them when it resumes: an epoch of n
     batches makes ceil(n / gradient_accumulation_steps) optimizer steps (its last one may take fewer batches)."""
-    accumulation = args.gradient_accumulation_steps
-    try:
-        per_epoch = len(train_dataloader)
-    except TypeError:  # no data loader, or no length (an iterable dataset): every step takes a full accumulation
-        return state.global_step * accumulation
-    steps_per_epoch = max(math.ceil(per_epoch / accumulation), 1)
-    epochs, steps = divmod(state.global_step, steps_per_epoch)
-    return epochs * per_epoch + steps * accumulation
+    if not has_length(train_dataloader):  # no data loader, or no length: every step takes a full accumulation
+        return state.global_step * args.gradient_accumulation_steps
+    epochs, steps = divmod(state.global_step, steps_per_epoch(args, state, train_dataloader))
+    return epochs * len(train_dataloader) + steps * args.gradient_accumulation_steps
 
 
-def steps_in_resumed_epoch(args, state, train_dataloader) -> int:
-    """Optimizer steps of the epoch Trainer resumes in, which it skips batch by batch (for a loader without a
-    length, Trainer's epoch is `max_steps` steps)."""
+def steps_per_epoch(args, state, train_dataloader) -> int:
+    """Trainer's optimizer steps per epoch: ceil(batches / gradient_accumulation_steps); `max_steps` for a loader
+    without a length."""
+    if not has_length(train_dataloader):
+        return state.max_steps
+    return max(math.ceil(len(train_dataloader) / args.gradient_accumulation_steps), 1)
+
+
+def has_length(loader) -> bool:
     try:
-        steps_per_epoch = max(math.ceil(len(train_dataloader) / args.gradient_accumulation_steps), 1)
+        len(loader)
     except TypeError:
-        steps_per_epoch = state.max_steps
-    return state.global_step % steps_per_epoch
+        return False
+    return True
 
 
 def metric_prefix(metrics) -> str | None:
@@ -281,6 +283,15 @@ class ClipSearchCallback(TrainerCallback):
 
     def on_train_begin(self, args, state, control, **kwargs):
         self.in_training = True
+        # with resample, the collator refuses a range no block can meet: leave those out now, not after a search
+        reachable = [interval for interval in self.intervals if self.collator.reaches(*interval)]
+        if not reachable:
+            raise ValueError(f"clip search: with resample=True and block_size={self.collator.block_size} no "
+                             f"candidate range holds a masked fraction k/{self.collator.block_size}: {self.intervals}.")
+        if len(reachable) < len(self.intervals):
+            logger.info("clip search: %d of %d candidate ranges hold no masked fraction k/%d (resample): left out",
+                        len(self.intervals) - len(reachable), len(self.intervals), self.collator.block_size)
+        self.intervals = reachable
 
     def on_train_end(self, args, state, control, **kwargs):
         self.in_training = False
@@ -321,18 +332,17 @@ class ClipSearchCallback(TrainerCallback):
         resampling = self.collator.resample_blocks if self.collator.resample else None
         num_batches = min(self.num_batches, len(dataloader)) if hasattr(dataloader, "__len__") else self.num_batches
         logger.info("clip search: %d candidate ranges on %d validation batches", len(self.intervals), num_batches)
-        progress = logging.tqdm(total=num_batches, desc="clip search", leave=False)
-        for batch in itertools.islice(dataloader, self.num_batches):
-            labels, x_t = batch["labels"].to(device), batch["input_ids"].to(device)
-            keep = labels == -100
-            x0 = torch.where(keep, x_t, labels)
-            attention_mask = batch["attention_mask"].to(device)
-            for interval in self.intervals:
-                losses = per_block_losses(model, x0, attention_mask, keep, interval, self.collator.mask_token_id,
-                                          self.collator.block_size, generator, resampling)
-                variances[interval] += pooled_variance(losses)
-            progress.update()
-        progress.close()
+        with logging.tqdm(total=num_batches, desc="clip search", leave=False) as progress:
+            for batch in itertools.islice(dataloader, self.num_batches):
+                labels, x_t = batch["labels"].to(device), batch["input_ids"].to(device)
+                keep = labels == -100
+                x0 = torch.where(keep, x_t, labels)
+                attention_mask = batch["attention_mask"].to(device)
+                for interval in self.intervals:
+                    losses = per_block_losses(model, x0, attention_mask, keep, interval, self.collator.mask_token_id,
+                                              self.collator.block_size, generator, resampling)
+                    variances[interval] += pooled_variance(losses)
+                progress.update()
         return variances
 
 

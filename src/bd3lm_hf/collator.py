@@ -164,12 +164,16 @@ class DataCollatorForBlockDiffusion:
             raise ValueError(f"clean input_ids contain the mask token id {self.mask_token_id}.")
         return x0, attention_mask, unscored
 
-    def check_reachable(self, low: float, high: float) -> None:
-        """With `resample`, a full block's masked fraction is k / block_size: a range holding none of those could
-        never be met (every batch would redraw `MAX_RESAMPLES` times in vain)."""
+    def reaches(self, low: float, high: float) -> bool:
+        """Whether resampling can meet the range [low, high]: with `resample`, a full block's masked fraction is
+        k / block_size, and a range holding none of those could never be met (every batch would redraw
+        `MAX_RESAMPLES` times in vain)."""
         lowest, highest = enforced_bounds((low, high))
         fractions = [k / self.block_size for k in range(self.block_size + 1)]
-        if self.resample and not any(lowest <= fraction <= highest for fraction in fractions):
+        return not self.resample or any(lowest <= fraction <= highest for fraction in fractions)
+
+    def check_reachable(self, low: float, high: float) -> None:
+        if not self.reaches(low, high):
             raise ValueError(f"resample=True with the clip range [{low}, {high}] and block_size={self.block_size}: no "
                              f"masked fraction k/{self.block_size} lies in it, so no block could be resampled into "
                              "it; widen the range (or turn resample off).")

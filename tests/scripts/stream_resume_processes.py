@@ -1,7 +1,8 @@
 """Resume under 2 processes (gloo, CPU) on streamed (iterable) training data, with accelerate's dispatching (its
-default for iterable data: process 0 collates every process's batches) and without it: the resumed run's losses and
-weights equal the uninterrupted run's. With `ignore_data_skip` the data restart, but the collator's batch index
-(the noise) goes on where the uninterrupted run's is. Usage: accelerate launch --num_processes 2 ... OUT"""
+default for iterable data: process 0 collates every process's batches, or one batch it splits: `split_batches`)
+and without it: the resumed run's losses and weights equal the uninterrupted run's. With `ignore_data_skip` the
+data restart, but the collator's batch index (the noise) goes on where the uninterrupted run's is.
+Usage: accelerate launch --num_processes 2 ... OUT"""
 
 import json
 import sys
@@ -18,12 +19,13 @@ from process_exit import exit_processes
 MASK, BLOCK, LENGTH, ROWS = 63, 4, 16, 64
 
 
-def run(out: Path, dispatch: bool, ignore_data_skip: bool, resume: str | None = None) -> dict:
+def run(out: Path, dispatch: bool, split: bool, ignore_data_skip: bool, resume: str | None = None) -> dict:
     """6 steps (a checkpoint at 3) on a stream of fixed rows: losses, parameter checksum, the last batch index."""
     args = TrainingArguments(str(out), max_steps=6, per_device_train_batch_size=2, learning_rate=5e-3,
                              save_strategy="steps", save_steps=3, logging_steps=1, report_to="none", seed=0,
                              disable_tqdm=True, use_cpu=True, remove_unused_columns=False,
-                             ignore_data_skip=ignore_data_skip, accelerator_config={"dispatch_batches": dispatch})
+                             ignore_data_skip=ignore_data_skip,
+                             accelerator_config={"dispatch_batches": dispatch, "split_batches": split})
     set_seed(0)
     config = BD3LMConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, cond_dim=16,
                          max_position_embeddings=LENGTH, block_size=BLOCK, hidden_dropout=0.0)
@@ -46,12 +48,13 @@ def run(out: Path, dispatch: bool, ignore_data_skip: bool, resume: str | None = 
 
 def main(out: str) -> None:
     results = {}
-    for dispatch, ignore_data_skip in ((True, False), (False, False), (True, True)):
-        name = f"dispatch_batches={dispatch}, ignore_data_skip={ignore_data_skip}"
+    for dispatch, split, ignore_data_skip in ((True, False, False), (False, False, False), (True, False, True),
+                                             (True, True, False), (True, True, True)):
+        name = f"dispatch_batches={dispatch}, split_batches={split}, ignore_data_skip={ignore_data_skip}"
         folder = Path(out) / name.replace(", ", "_")
-        whole = run(folder / "whole", dispatch, ignore_data_skip)
-        run(folder / "cut", dispatch, ignore_data_skip)
-        resumed = run(folder / "cut", dispatch, ignore_data_skip, resume=str(folder / "cut" / "checkpoint-3"))
+        whole = run(folder / "whole", dispatch, split, ignore_data_skip)
+        run(folder / "cut", dispatch, split, ignore_data_skip)
+        resumed = run(folder / "cut", dispatch, split, ignore_data_skip, resume=str(folder / "cut" / "checkpoint-3"))
         results[name] = {"whole": whole, "resumed": resumed}
     if torch.distributed.get_rank() == 0:
         (Path(out) / "result.json").write_text(json.dumps(results))
