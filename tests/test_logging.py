@@ -39,3 +39,21 @@ def test_the_nelbo_progress_bar_follows_disable_progress_bar(tmp_path, capsys):
     assert "NELBO" not in capsys.readouterr().err
     nelbo_perplexity(model, tokenizer, [held_out], batch_size=4)
     assert "NELBO" in capsys.readouterr().err
+
+
+def test_messages_reach_a_root_handler_through_transformers_propagation():
+    """As transformers' own messages: a root handler (logging.basicConfig) gets them once propagation is on."""
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = hf_logging.get_logger("bd3lm_hf.data")
+    logging.getLogger().addHandler(handler)
+    try:
+        hf_logging.disable_propagation()
+        logger.warning("kept inside transformers' handler")
+        hf_logging.enable_propagation()
+        logger.warning("passed on to the root handler")
+    finally:
+        logging.getLogger().removeHandler(handler)
+        hf_logging.enable_propagation()  # as conftest sets it
+    assert [record.getMessage() for record in records] == ["passed on to the root handler"]

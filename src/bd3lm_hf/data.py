@@ -138,11 +138,13 @@ def _check_text_column(parts, paths, text_column: str) -> None:
             raise ValueError(f"data file {path}: {nulls} rows have no {text_column!r} (null).")
 
 
-def require_columns(dataset, *columns: str) -> None:
+def require_columns(dataset, *columns: str) -> list[str]:
+    """The dataset's columns, which must include `columns`."""
     names = column_names(dataset)
     missing = [c for c in columns if c not in names]
     if missing:
         raise ValueError(f"dataset has no column {missing}; its columns are {names}.")
+    return names
 
 
 def column_names(dataset) -> list[str]:
@@ -223,7 +225,8 @@ def sequence_cutter(tokenizer, seq_len: int, framed: bool):
 
 def wrap_stream(dataset: IterableDataset, text_column: str, cut, framed: bool) -> IterableDataset:
     """Wrap mode over a stream: the sequences `wrap_tokenize` makes of the same documents, produced as the
-    documents are read (each pass over the result starts the stream anew)."""
+    documents are read (each pass over the result starts the stream anew). To shuffle, shuffle the result
+    (`.shuffle(buffer_size=...)`): Trainer's `set_epoch` then reaches the shuffle, which it would not inside."""
 
     def sequences():
         carry = np.empty(0, np.int64)
@@ -251,7 +254,7 @@ def sft_tokenize(dataset: Dataset | IterableDataset, tokenizer, block_size: int,
     eos = tokenizer.eos_token_id
     if eos is None:
         raise ValueError("SFT needs a tokenizer with an eos_token (responses are padded with it).")
-    require_columns(dataset, *([messages_column] if messages_column else [prompt_column, response_column]))
+    columns = require_columns(dataset, *([messages_column] if messages_column else [prompt_column, response_column]))
     if messages_column and not getattr(tokenizer, "chat_template", None):
         raise ValueError(f"messages_column={messages_column!r} renders chats with the tokenizer's chat template, and "
                          "this tokenizer has none (the built-in BPE and GPT-2 tokenizers have none): give a "
@@ -274,7 +277,7 @@ def sft_tokenize(dataset: Dataset | IterableDataset, tokenizer, block_size: int,
         return {"input_ids": ids, "prompt_length": min(len(prompt), len(ids)), "cut": cut}
 
     if isinstance(dataset, IterableDataset):
-        return sft_stream(dataset, encode, max_length)
+        return sft_stream(dataset, columns, encode, max_length)
     encoded = dataset.map(encode, remove_columns=dataset.column_names, desc="tokenize SFT")
     cut = sum(encoded["cut"])
     if cut:
@@ -290,7 +293,7 @@ def sft_tokenize(dataset: Dataset | IterableDataset, tokenizer, block_size: int,
     return kept
 
 
-def sft_stream(dataset: IterableDataset, encode, max_length: int) -> IterableDataset:
+def sft_stream(dataset: IterableDataset, columns: list[str], encode, max_length: int) -> IterableDataset:
     """`sft_tokenize` over a stream: rows encoded as they are read; the first cut and the first dropped row are
     reported (a stream cannot be counted up front)."""
 
@@ -304,7 +307,7 @@ def sft_stream(dataset: IterableDataset, encode, max_length: int) -> IterableDat
                                 "token left).")
         return encoded
 
-    encoded = dataset.map(encode_and_report, remove_columns=column_names(dataset))
+    encoded = dataset.map(encode_and_report, remove_columns=columns)
     return encoded.filter(lambda row: row["prompt_length"] < len(row["input_ids"]))
 
 
