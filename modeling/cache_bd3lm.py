@@ -92,6 +92,11 @@ class BD3LMStaticCache(StaticCache):
         self.buffers: dict[str, torch.Tensor] = {}  # `held_buffer`s by name
         self.in_use = False  # claimed by a running generation (see generation's `make_cache`)
 
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["in_use"] = False  # a copy (copy.deepcopy(model) during a generation) is not claimed by that generation
+        return state
+
     def held_buffer(self, name: str, shape, dtype, device) -> torch.Tensor:
         """The fixed-address tensor `name`, allocated once per shape, dtype and device and reused in place by later
         steps and generations: a compiled step reads it where it is instead of copying it in at every replay."""

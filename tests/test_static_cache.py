@@ -470,6 +470,17 @@ def test_a_generation_in_another_thread_gets_its_own_static_cache(gen_model, cap
     assert gen_model.generate(second, return_dict_in_generate=True, **settings).past_key_values is held
 
 
+def test_a_copy_of_a_model_made_during_a_generation_has_its_static_cache_free():
+    import copy
+
+    model = random_model(seed=1, std=0.12, max_position_embeddings=128)
+    ids, _ = prompts()
+    model.generate(ids[:1], max_new_tokens=8, cache_implementation="static")
+    model._bd3lm_static_cache.in_use = True  # as while a generation runs in another thread
+    twin = copy.deepcopy(model)
+    assert not twin._bd3lm_static_cache.in_use and model._bd3lm_static_cache.in_use
+
+
 def test_release_static_cache_frees_it_and_the_next_generation_makes_a_new_one(gen_model):
     ids, _ = prompts()
     settings = dict(max_new_tokens=8, cache_implementation="static")
