@@ -502,7 +502,8 @@ class BD3LMForBlockDiffusion(BD3LMPreTrainedModel, BD3LMGenerationMixin):
             x_0 = where(labels == -100, input_ids, labels); -100 marks positions that are neither noised nor scored.
         noise_levels (`FloatTensor` (B, L / block_size), optional): the per-block t that made x_t; needed for `loss`.
         timesteps (`FloatTensor` (B,), optional): sigma for time-conditioned (MDLM) models; derived from
-            noise_levels when training. Ignored when `config.time_conditioning` is False.
+            noise_levels when training; without either, sigma = 0 (with a warning). Ignored when
+            `config.time_conditioning` is False.
         past_key_values (`BD3LMCache` or `BD3LMStaticCache`, optional) / use_cache: attend to committed blocks
             (the static cache: fixed shapes for compiled calls, see `static_cache_layout`). store_kv: `True` commits
             this call's keys/values, an int n commits its first n tokens (a finished block sent along with the first
@@ -537,6 +538,9 @@ class BD3LMForBlockDiffusion(BD3LMPreTrainedModel, BD3LMGenerationMixin):
                 # the first block's t, as the original's _forward_pass_diffusion (sigma of p[:, 0]): MDLM has one
                 # block; a time-conditioned model with several blocks is conditioned on its first block's noise
                 timesteps = sigma_from_noise_level(noise_levels[:, 0])
+        if timesteps is None and self.config.time_conditioning and not torch.compiler.is_compiling():
+            logger.warning_once("a time-conditioned model called without timesteps (or noise_levels with labels) is "
+                                "conditioned on sigma = 0, the clean-data level: pass timesteps=sigma(t) per row.")
 
         outputs = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids, x0_ids=x0_ids,
                              timesteps=timesteps, past_key_values=past_key_values, store_kv=store_kv,

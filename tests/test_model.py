@@ -443,3 +443,17 @@ def test_dynamic_quantization_runs_forward_and_generate(time_conditioning):
     sequences = quantized.generate(ids[:, :5], attention_mask=torch.ones(2, 5, dtype=torch.long), max_new_tokens=8,
                                    do_sample=False)
     assert sequences.shape == (2, 13) and bool((sequences != MASK).all())
+
+
+def test_a_time_conditioned_forward_without_timesteps_says_it_uses_sigma_zero(caplog):
+    """MDLM-style models need sigma(t) per row; a forward without it silently used the clean-data level."""
+    model = random_model(seed=5, std=0.12, time_conditioning=True, block_size=16, max_position_embeddings=16)
+    ids = torch.randint(0, 49, (2, 16))
+    with caplog.at_level("WARNING"):
+        model(input_ids=ids, timesteps=torch.full((2,), 0.5))
+        model.generate(ids[:, :4], max_new_tokens=12, use_cache=False)  # generation passes sigma(t) itself
+        model.generate(ids[:, :4], max_new_tokens=12)
+    assert "conditioned on sigma = 0" not in caplog.text
+    with caplog.at_level("WARNING"):
+        model(input_ids=ids)
+    assert "a time-conditioned model called without timesteps" in caplog.text
