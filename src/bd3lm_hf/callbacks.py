@@ -10,6 +10,7 @@ import numpy as np
 import torch
 from accelerate.data_loader import DataLoaderDispatcher
 from transformers import TrainerCallback
+from transformers.trainer_utils import has_length  # what Trainer itself asks of a data loader
 from transformers.utils import logging
 
 from .collator import EVAL_RANGE
@@ -176,14 +177,6 @@ def steps_per_epoch(args, state, train_dataloader) -> int:
     if not has_length(train_dataloader):
         return state.max_steps
     return max(math.ceil(len(train_dataloader) / args.gradient_accumulation_steps), 1)
-
-
-def has_length(loader) -> bool:
-    try:
-        len(loader)
-    except TypeError:
-        return False
-    return True
 
 
 def metric_prefix(metrics) -> str | None:

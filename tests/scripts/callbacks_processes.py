@@ -6,15 +6,12 @@ import json
 import sys
 from pathlib import Path
 
-import torch
-from datasets import Dataset
 from transformers import Trainer, TrainingArguments, set_seed
 
-from bd3lm_hf import BD3LMConfig, BD3LMForBlockDiffusion, DataCollatorForBlockDiffusion
+from bd3lm_hf import DataCollatorForBlockDiffusion
 from bd3lm_hf.callbacks import BlockDiffusionCallback
 from process_exit import exit_processes
-
-MASK, BLOCK, LENGTH = 63, 4, 16
+from tiny_training import BLOCK, MASK, random_rows, random_tiny_model
 
 
 def main(out: str) -> None:
@@ -23,15 +20,8 @@ def main(out: str) -> None:
                              logging_steps=1, report_to="none", seed=0, disable_tqdm=True, use_cpu=True,
                              remove_unused_columns=False)
     set_seed(0)
-    config = BD3LMConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, cond_dim=16,
-                         max_position_embeddings=LENGTH, block_size=BLOCK)
-    model = BD3LMForBlockDiffusion(config)
-    with torch.no_grad():  # random weights: the loss depends on the noise
-        for parameter in model.parameters():
-            parameter.normal_(0.0, 0.3)
-    g = torch.Generator().manual_seed(0)
-    data = Dataset.from_list([{"input_ids": torch.randint(0, MASK, (LENGTH,), generator=g).tolist()}
-                              for _ in range(8)])
+    model = random_tiny_model(std=0.3)  # random weights: the loss depends on the noise
+    data = random_rows(8)
     collator = DataCollatorForBlockDiffusion(MASK, BLOCK, seed=0)
     trainer = Trainer(model=model, args=args, train_dataset=data, eval_dataset=data, data_collator=collator,
                       callbacks=[BlockDiffusionCallback(collator)])

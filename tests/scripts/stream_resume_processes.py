@@ -9,14 +9,14 @@ import sys
 from pathlib import Path
 
 import torch
-from datasets import Dataset
 from transformers import Trainer, TrainingArguments, set_seed
 
-from bd3lm_hf import BD3LMConfig, BD3LMForBlockDiffusion, DataCollatorForBlockDiffusion
+from bd3lm_hf import DataCollatorForBlockDiffusion
 from bd3lm_hf.callbacks import BlockDiffusionCallback
 from process_exit import exit_processes
+from tiny_training import BLOCK, MASK, random_rows, random_tiny_model
 
-MASK, BLOCK, LENGTH, ROWS = 63, 4, 16, 64
+ROWS = 64
 
 
 def run(out: Path, dispatch: bool, split: bool, ignore_data_skip: bool, resume: str | None = None) -> dict:
@@ -27,15 +27,8 @@ def run(out: Path, dispatch: bool, split: bool, ignore_data_skip: bool, resume: 
                              ignore_data_skip=ignore_data_skip,
                              accelerator_config={"dispatch_batches": dispatch, "split_batches": split})
     set_seed(0)
-    config = BD3LMConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4, cond_dim=16,
-                         max_position_embeddings=LENGTH, block_size=BLOCK, hidden_dropout=0.0)
-    model = BD3LMForBlockDiffusion(config)
-    with torch.no_grad():  # random weights: the loss depends on the noise
-        for parameter in model.parameters():
-            parameter.normal_(0.0, 0.1)
-    g = torch.Generator().manual_seed(0)
-    rows = Dataset.from_list([{"input_ids": torch.randint(0, MASK, (LENGTH,), generator=g).tolist()}
-                              for _ in range(ROWS)])
+    model = random_tiny_model(std=0.1, hidden_dropout=0.0)  # random weights: the loss depends on the noise
+    rows = random_rows(ROWS)
     collator = DataCollatorForBlockDiffusion(MASK, BLOCK, seed=0)
     trainer = Trainer(model=model, args=args, train_dataset=rows.to_iterable_dataset(num_shards=2),
                       data_collator=collator,
