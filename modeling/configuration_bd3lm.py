@@ -14,6 +14,11 @@ ORIGINAL_FIELD_NAMES = {
 }
 # Original fields with no counterpart here: how the research code chose kernels, or flags whose only legal
 # value is implied by our architecture. They are accepted on load and checked, never stored.
+ORIGINAL_SPELLING = {ours: original for original, ours in ORIGINAL_FIELD_NAMES.items()}
+# Defaults of the fields that have an original spelling: their parameters default to None, so that a field given
+# under both spellings can be told from one given once.
+FIELD_DEFAULTS = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
+                  "max_position_embeddings": 1024, "hidden_dropout": 0.1, "block_size": 16}
 ORIGINAL_FIELDS_CHECKED = {"adaln": True, "causal": False}
 ORIGINAL_FIELDS_DROPPED = ("attn_backend", "var_min", "cross_attn")
 # Standard transformers fields that an original config sets for the original code only: its diffusion code indexes
@@ -46,7 +51,8 @@ class BD3LMConfig(PretrainedConfig):
         initializer_range (`float`, defaults to 0.02): std of the normal init of the non-zero-init weights.
 
     The original bd3lms field names (`hidden_dim`, `n_blocks`, `n_heads`, `model_length`, `dropout`, `cross_attn`,
-    `attn_backend`, `var_min`, `adaln`, `causal`) are accepted, so an original `config.json` loads as is.
+    `attn_backend`, `var_min`, `adaln`, `causal`) are accepted, so an original `config.json` loads as is; a field
+    given under both spellings must have one value.
     """
 
     model_type = "bd3lm"
@@ -56,15 +62,15 @@ class BD3LMConfig(PretrainedConfig):
     def __init__(
         self,
         vocab_size=50258,
-        hidden_size=768,
-        num_hidden_layers=12,
-        num_attention_heads=12,
+        hidden_size=None,
+        num_hidden_layers=None,
+        num_attention_heads=None,
         cond_dim=128,
-        max_position_embeddings=1024,
-        block_size=16,
+        max_position_embeddings=None,
+        block_size=None,
         mask_token_id=None,
         time_conditioning=False,
-        hidden_dropout=0.1,
+        hidden_dropout=None,
         rope_theta=10000.0,
         sampling_eps_min=1e-3,
         sampling_eps_max=1.0,
@@ -75,14 +81,14 @@ class BD3LMConfig(PretrainedConfig):
         pad_token_id=None,
         **kwargs,
     ):
-        renamed = _take_original_fields(kwargs)
-        hidden_size = renamed.get("hidden_size", hidden_size)
-        num_hidden_layers = renamed.get("num_hidden_layers", num_hidden_layers)
-        num_attention_heads = renamed.get("num_attention_heads", num_attention_heads)
-        max_position_embeddings = renamed.get("max_position_embeddings", max_position_embeddings)
-        hidden_dropout = renamed.get("hidden_dropout", hidden_dropout)
-        if renamed.get("cross_attn") is False:  # original MDLM flavour: one block over the whole context
-            block_size = max_position_embeddings
+        given = {"hidden_size": hidden_size, "num_hidden_layers": num_hidden_layers,
+                 "num_attention_heads": num_attention_heads, "max_position_embeddings": max_position_embeddings,
+                 "hidden_dropout": hidden_dropout, "block_size": block_size}  # None: not given
+        fields = _merge_original_fields(given, _take_original_fields(kwargs))
+        hidden_size, num_hidden_layers, num_attention_heads = (
+            fields["hidden_size"], fields["num_hidden_layers"], fields["num_attention_heads"])
+        max_position_embeddings, hidden_dropout, block_size = (
+            fields["max_position_embeddings"], fields["hidden_dropout"], fields["block_size"])
 
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
@@ -191,6 +197,26 @@ def _take_original_fields(kwargs: dict) -> dict:
     for name in ORIGINAL_FIELDS_DROPPED:
         kwargs.pop(name, None)
     return renamed
+
+
+def _merge_original_fields(given: dict, renamed: dict) -> dict:
+    """Our fields as given (None: not given), filled from their original spelling or else the default.
+
+    A field given under both spellings must agree: `BD3LMConfig(hidden_size=512, hidden_dim=768)` is refused rather
+    than one of the two being dropped.
+    """
+    fields = {}
+    for name, value in given.items():
+        original = renamed.get(name)
+        if value is not None and original is not None and value != original:
+            raise ValueError(f"{name}={value!r} and its original spelling {ORIGINAL_SPELLING[name]}={original!r} "
+                             f"disagree; give one of the two.")
+        fields[name] = next(v for v in (value, original, FIELD_DEFAULTS[name]) if v is not None)
+    if renamed.get("cross_attn") is False:
+        # The original model attends over the whole context when cross_attn is off (MDLM) and ignores its
+        # block_size field, which its configs leave at any value.
+        fields["block_size"] = fields["max_position_embeddings"]
+    return fields
 
 
 def is_original_format(fields: dict) -> bool:

@@ -37,6 +37,17 @@ def test_original_mdlm_flavour_is_one_block(fixtures):
     assert config.block_size == config.max_position_embeddings == 32 and config.time_conditioning
 
 
+def test_a_field_given_under_both_spellings_must_agree():
+    agreed = BD3LMConfig(hidden_size=64, hidden_dim=64, num_attention_heads=4, n_heads=4, model_length=32)
+    assert (agreed.hidden_size, agreed.num_attention_heads, agreed.max_position_embeddings) == (64, 4, 32)
+    with pytest.raises(ValueError, match="hidden_size=512 and its original spelling hidden_dim=768 disagree"):
+        BD3LMConfig(hidden_size=512, hidden_dim=768)
+    with pytest.raises(ValueError, match="hidden_dropout=0.1 and its original spelling dropout=0.0 disagree"):
+        BD3LMConfig(hidden_dropout=0.1, dropout=0.0)  # the explicit default disagrees as well
+    # An MDLM-flavoured original config (cross_attn off) attends over the whole context whatever its block_size.
+    assert BD3LMConfig(cross_attn=False, model_length=32, block_size=4).block_size == 32
+
+
 def test_save_and_reload(tmp_path):
     config = BD3LMConfig(vocab_size=100, hidden_size=32, num_attention_heads=4, max_position_embeddings=64,
                          block_size=8, mask_token_id=3, eos_token_id=5)
