@@ -12,14 +12,15 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from transformers import GenerationMixin
-from transformers.generation import CompileConfig, LogitsProcessorList, MaxTimeCriteria, StoppingCriteriaList
+from transformers.generation import (CompileConfig, LogitsProcessorList, MaxTimeCriteria, StoppingCriteriaList,
+                                      StopStringCriteria)
 from transformers.utils import ModelOutput, logging
 
 from .cache_bd3lm import BD3LMCache, BD3LMStaticCache
 from .diffusion_bd3lm import sigma_from_noise_level
 from .fsdp_bd3lm import fsdp_modules, gathers_fsdp_weights
 from .generation_config_bd3lm import (BD3LM_DEFAULTS, DEFAULT_MAX_NEW_TOKENS, SWITCH_DEFAULTS, WARPER_DEFAULTS,
-                                      BD3LMGenerationConfig, id_list)
+                                      BD3LMGenerationConfig, id_list, stop_string_list)
 from .masking_bd3lm import real_token_positions
 from .sampling_bd3lm import (StepRule, block_noise_level, config_processors, ddpm_schedule, draw_step_noise,
                              low_entropy_rows, process_logits, sample_step, sampling_warpers)
@@ -43,7 +44,7 @@ _HELD_CACHE_CLAIMS = threading.Lock()
 GENERATE_ARGUMENTS_OFF = {
     "past_key_values": (), "synced_gpus": (False,), "assistant_model": (), "assistant_tokenizer": (),
     "prefix_allowed_tokens_fn": (), "negative_prompt_ids": (), "negative_prompt_attention_mask": (),
-    "custom_generate": (), "use_model_defaults": (True,), "tokenizer": (),
+    "custom_generate": (), "use_model_defaults": (True,),
 }
 
 
@@ -175,7 +176,7 @@ class BD3LMGenerationMixin(GenerationMixin):
     @torch.no_grad()
     @gathers_fsdp_weights
     def generate(self, inputs=None, generation_config=None, logits_processor=None, stopping_criteria=None,
-                 streamer=None, generator=None, *, input_ids=None, attention_mask=None, **kwargs):
+                 streamer=None, generator=None, *, input_ids=None, attention_mask=None, tokenizer=None, **kwargs):
         r"""
         Generate text block by block; inside a block, tokens are revealed by masked diffusion.
 
@@ -199,8 +200,9 @@ class BD3LMGenerationMixin(GenerationMixin):
               position), so greedy output depends neither on the random state nor on the other rows.
               With `cache_implementation="static"` each step is one `denoise_step` (model call + sampler step,
               compiled on a GPU): one call per step, nothing read back from the device inside the block.
-           c. Finish the block: stop rows at EOS (after `min_new_tokens`), at `max_new_tokens`, on a stopping
-              criterion or the entropy rule; stream the new tokens.
+           c. Finish the block: stop rows at EOS (after `min_new_tokens`) or a stop string, padding what follows
+              it in the block; at `max_new_tokens`, on a stopping criterion or the entropy rule; stream the new
+              tokens.
            Past the training context, the oldest blocks leave the cache (a sliding window of
            max_position_embeddings tokens, as the original code), so the length is unbounded.
         4. Return the prompts followed by the new tokens (padded after EOS), or a `BD3LMGenerateOutput`.
@@ -217,6 +219,8 @@ class BD3LMGenerationMixin(GenerationMixin):
                 no single next-token distribution; True stops a row; `max_time` adds transformers'
                 MaxTimeCriteria).
             streamer (`BaseStreamer`, optional): receives the prompt, then each finished block (batch size 1).
+            tokenizer (optional): the model's tokenizer, needed by `stop_strings` (as in transformers): a row stops
+                at the first new token that completes one of them, which is kept, and is padded after it.
             generator (`torch.Generator`, optional): the source of every random draw when sampling (on the
                 prompts' device); by default torch's global generator (`set_seed`).
             attention_mask (`LongTensor` (B, L), optional): 1 for real tokens; padding is read from here only.
@@ -260,7 +264,7 @@ class BD3LMGenerationMixin(GenerationMixin):
         done = torch.zeros(batch, dtype=torch.bool, device=canvas.device)
         warpers = sampling_warpers(config) if config.do_sample else None
         logits_processor = LogitsProcessorList([*config_processors(config, canvas.device), *(logits_processor or [])])
-        stopping_criteria = _stopping_criteria(config, stopping_criteria)
+        stopping_criteria = _stopping_criteria(config, stopping_criteria, tokenizer)
         stops_from = first_stop_column(first_new_min, eos_ids, config, stopping_criteria)
 
         # 3. blocks, left to right
@@ -694,8 +698,14 @@ class BD3LMGenerationMixin(GenerationMixin):
         is_new = (index >= 0) & (index < max_new_tokens) & ~done[:, None]
         block = canvas[:, start:end]
         if eos_ids is not None:
-            is_new, eos_rows = cut_after_eos(block, is_new, eos_ids, pad_id)
+            is_new, eos_rows = cut_after_first(block, is_new & torch.isin(block, eos_ids), is_new, pad_id)
             done = done | eos_rows
+        stop_strings = [c for c in stopping_criteria if isinstance(c, StopStringCriteria)]
+        stopping_criteria = StoppingCriteriaList([c for c in stopping_criteria if c not in stop_strings])
+        if stop_strings:
+            ends_string = stop_string_ends(canvas, valid, start, end, first_new + max_new_tokens, stop_strings, pad_id)
+            is_new, string_rows = cut_after_first(block, is_new & ends_string, is_new, pad_id)
+            done = done | string_rows
         if streamer is not None and bool(is_new.any()):
             streamer.put(block[is_new].cpu())
         done = done | (index[:, -1] >= max_new_tokens - 1)
@@ -708,13 +718,26 @@ class BD3LMGenerationMixin(GenerationMixin):
         return done
 
 
-def cut_after_eos(block, is_new, eos_ids, pad_id: int):
-    """Pads (in place) the new tokens after each row's first EOS in `block` (B, bs); returns the new tokens that
-    remain (B, bs) and the rows that produced an EOS (B,)."""
-    eos = is_new & torch.isin(block, eos_ids)
-    after_eos = (eos.long().cumsum(-1) - eos.long()) > 0
-    block.masked_fill_(after_eos & is_new, pad_id)
-    return is_new & ~after_eos, eos.any(-1)
+def cut_after_first(block, stops, is_new, pad_id: int):
+    """Pads (in place) the new tokens after each row's first stop (an EOS, the end of a stop string) in `block`
+    (B, bs); returns the new tokens that remain (B, bs) and the rows that stopped (B,)."""
+    after_stop = (stops.long().cumsum(-1) - stops.long()) > 0
+    block.masked_fill_(after_stop & is_new, pad_id)
+    return is_new & ~after_stop, stops.any(-1)
+
+
+def stop_string_ends(canvas, valid, start: int, end: int, ends, stop_strings, pad_id: int):
+    """(B, bs) bool: whether a stop string ends at each column of the block canvas[:, start:end]. transformers'
+    StopStringCriteria reads the end of a sequence, so it is asked once per column, with each row's real tokens up
+    to that column (prompt included, as transformers checks prompt + new tokens after every token)."""
+    columns = torch.arange(end, device=canvas.device)[None]
+    real = valid[:, :end] & (columns < ends[:, None])
+    ends_string = []
+    for column in range(start, end):
+        upto = column + 1
+        prefix = left_padded(canvas[:, :upto], real[:, :upto], pad_id, upto)
+        ends_string.append(torch.stack([criterion(prefix, None) for criterion in stop_strings]).any(0))
+    return torch.stack(ends_string, dim=1).to(canvas.device)
 
 
 def criteria_stop(canvas, valid, ends, width: int, stopping_criteria, pad_id: int):
@@ -788,11 +811,17 @@ def _check_generator(generator, device) -> None:
                          f"{generator!r}.")
 
 
-def _stopping_criteria(config, extra) -> StoppingCriteriaList:
-    """The caller's criteria, plus transformers' MaxTimeCriteria for `max_time`."""
+def _stopping_criteria(config, extra, tokenizer) -> StoppingCriteriaList:
+    """The caller's criteria, plus transformers' MaxTimeCriteria for `max_time` and StopStringCriteria for
+    `stop_strings` (which `finish_block` asks at every column of a block, not only at its end)."""
     criteria = StoppingCriteriaList(extra or [])
     if config.max_time is not None:
         criteria.append(MaxTimeCriteria(config.max_time))
+    if config.stop_strings is not None:
+        if tokenizer is None:
+            raise ValueError("stop_strings need the model's tokenizer to find them: pass generate(..., "
+                             "tokenizer=tokenizer), as transformers asks (pipeline('text-generation') passes it).")
+        criteria.append(StopStringCriteria(tokenizer, stop_string_list(config.stop_strings)))
     return criteria
 
 

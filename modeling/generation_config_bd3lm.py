@@ -19,7 +19,7 @@ DEFAULT_MAX_NEW_TOKENS = 20  # transformers' default when neither max_new_tokens
 UNSUPPORTED = {
     "num_beams": (1,), "num_beam_groups": (1,), "assistant_model": (),
     "prompt_lookup_num_tokens": (), "penalty_alpha": (), "output_scores": (False,), "output_logits": (False,),
-    "output_attentions": (False,), "output_hidden_states": (False,), "guidance_scale": (1.0,), "stop_strings": (),
+    "output_attentions": (False,), "output_hidden_states": (False,), "guidance_scale": (1.0,),
     "forced_bos_token_id": (), "forced_eos_token_id": (), "force_words_ids": (), "constraints": (),
     "exponential_decay_length_penalty": (), "encoder_repetition_penalty": (1.0,),
     "encoder_no_repeat_ngram_size": (0,), "watermarking_config": (), "begin_suppress_tokens": (), "dola_layers": (),
@@ -34,10 +34,10 @@ class BD3LMGenerationConfig(GenerationConfig):
     `min_new_tokens` / `min_length`, `do_sample`, the sampling warpers (`temperature`, `top_k`, `top_p`, `min_p`,
     `typical_p`, `epsilon_cutoff`, `eta_cutoff`), the processors (`repetition_penalty`, `no_repeat_ngram_size`,
     `bad_words_ids`, `sequence_bias`, `suppress_tokens`, `remove_invalid_values`; each sees the sequence before the
-    block being denoised), `max_time`, `eos_token_id`, `pad_token_id`, `num_return_sequences`, `use_cache`,
-    `return_dict_in_generate`. The other standard
+    block being denoised), `max_time`, `stop_strings` (with `generate(..., tokenizer=)`), `eos_token_id`,
+    `pad_token_id`, `num_return_sequences`, `use_cache`, `return_dict_in_generate`. The other standard
     settings (beam search, assisted decoding, `output_scores`/`_logits`/`_attentions`, guidance, forced or
-    constrained tokens, `stop_strings`, ...) raise a ValueError when set (`UNSUPPORTED`).
+    constrained tokens, ...) raise a ValueError when set (`UNSUPPORTED`).
 
     Args:
         block_size (`int`, optional): tokens per block; defaults to the model's (`config.block_size`).
@@ -89,6 +89,10 @@ class BD3LMGenerationConfig(GenerationConfig):
             value = getattr(self, name, None)
             if value is not None and not isinstance(value, bool):
                 raise ValueError(f"{name} must be True or False, got {value!r}.")
+        stop_strings = getattr(self, "stop_strings", None)
+        if stop_strings is not None and not stop_string_list(stop_strings):
+            raise ValueError(f"stop_strings must be a non-empty string or a non-empty list of them, got "
+                             f"{stop_strings!r} (an empty string would stop every row at once).")
 
     def validate_for(self, model_config) -> None:
         """Raise a ValueError for settings block diffusion cannot honour for this model; warn where it can proceed."""
@@ -125,6 +129,14 @@ def is_int(value) -> bool:
 
 def is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def stop_string_list(stop_strings) -> list[str]:
+    """`stop_strings` (a string or a list of them) as a list; empty if any of them is not a non-empty string."""
+    strings = [stop_strings] if isinstance(stop_strings, str) else stop_strings
+    if not isinstance(strings, (list, tuple)) or not all(isinstance(s, str) and s for s in strings):
+        return []
+    return list(strings)
 
 
 def id_list(ids) -> list[int]:

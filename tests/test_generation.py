@@ -9,7 +9,7 @@ from conftest import random_model
 from transformers import (AutoModelForCausalLM, AutoTokenizer, CompileConfig, LogitsProcessorList, NoBadWordsLogitsProcessor,
                           NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor, SequenceBiasLogitsProcessor,
                           StoppingCriteria, StoppingCriteriaList, SuppressTokensLogitsProcessor, pipeline)
-from transformers.generation.stopping_criteria import EosTokenCriteria
+from transformers.generation.stopping_criteria import EosTokenCriteria, StopStringCriteria
 from transformers.generation.streamers import BaseStreamer
 
 from bd3lm_hf import BD3LMCache
@@ -393,7 +393,9 @@ def test_empty_prompt_starts_from_bos(gen_model):
         (dict(output_scores=True, return_dict_in_generate=True), "output_scores=True is not supported"),
         (dict(output_logits=True), "output_logits=True is not supported"),
         (dict(guidance_scale=2.0), r"guidance_scale=2.0 is not supported .*allowed: None or 1.0"),
-        (dict(stop_strings=["thou"]), "stop_strings"),
+        (dict(stop_strings=["thou"]), "stop_strings need the model's tokenizer"),
+        (dict(stop_strings=""), "stop_strings must be a non-empty string"),
+        (dict(stop_strings=["thou", 3]), "stop_strings must be a non-empty string"),
         (dict(forced_eos_token_id=2), "forced_eos_token_id"),
         (dict(length_penalty=2.0), "length_penalty"),
         (dict(diversity_penalty=0.5), "diversity_penalty"),
@@ -463,6 +465,41 @@ def test_pipeline_on_an_exported_folder(exported, caplog):
     direct = model.generate(**tokenizer("To be, or not to be", return_tensors="pt"), max_new_tokens=8,
                             do_sample=False)
     assert full[0]["generated_text"] == tokenizer.decode(direct[0], skip_special_tokens=True)
+
+
+def first_stop_string_cut(prompt, new_tokens, criterion, pad_id):
+    """The reference: transformers' token-by-token rule. Keep new tokens up to the first one after which the
+    sequence (prompt included) ends with a stop string; pad the rest."""
+    for i in range(new_tokens.shape[0]):
+        if criterion(torch.cat([prompt, new_tokens[: i + 1]])[None], None)[0]:
+            return torch.cat([new_tokens[: i + 1], torch.full((new_tokens.shape[0] - i - 1,), pad_id)])
+    return new_tokens
+
+
+def test_stop_strings_cut_each_row_where_transformers_would(exported):
+    """A row stops at the first new token that completes a stop string, also in the middle of a block (the
+    criterion reads the end of a sequence: it is asked at every column), and is padded after it; other rows go on
+    unchanged."""
+    model = random_model(seed=2, std=0.2, vocab_size=50258, max_position_embeddings=64, pad_token_id=50256)
+    tokenizer = AutoTokenizer.from_pretrained(exported)
+    texts = ["To be, or not to be", "Friends, Romans, countrymen, lend me your ears", "Now is the winter"]
+    batch = tokenizer(texts, return_tensors="pt", padding=True)
+    free = model.generate(**batch, max_new_tokens=24, do_sample=False, eos_token_id=[])
+    width = batch.input_ids.shape[1]
+    stops = [tokenizer.decode(free[0, width + 5: width + 7]), tokenizer.decode(free[2, width + 10: width + 11])]
+    out = model.generate(**batch, max_new_tokens=24, do_sample=False, eos_token_id=[], stop_strings=stops,
+                         tokenizer=tokenizer)
+    criterion = StopStringCriteria(tokenizer, stops)
+    for row in range(len(texts)):
+        prompt = batch.input_ids[row, batch.attention_mask[row].bool()]
+        expected = first_stop_string_cut(prompt, free[row, width:], criterion, tokenizer.pad_token_id)
+        assert torch.equal(out[row, width:], expected)
+    assert not torch.equal(out[0], free[0]) and not torch.equal(out[2], free[2])
+    assert (out[0, width + 7:] == tokenizer.pad_token_id).all()  # cut inside a block (prompt 7 tokens, blocks of 4)
+    generator = pipeline("text-generation", model=model, tokenizer=tokenizer)
+    text = generator(texts[0], max_new_tokens=24, do_sample=False, eos_token_id=[], stop_sequence=stops[0],
+                     return_full_text=False)[0]["generated_text"]
+    assert text.endswith(stops[0]) and text.count(stops[0]) == 1
 
 
 def test_pipeline_accepts_a_model_built_in_process():
