@@ -106,18 +106,33 @@ class BD3LMConfig(PretrainedConfig):
         self.sampling_eps_max = float(sampling_eps_max)
         self.layer_norm_eps = layer_norm_eps
         self.initializer_range = initializer_range
+        derived = {name: kwargs.pop(name) for name in ("head_dim", "num_blocks") if name in kwargs}
         kwargs.setdefault("tie_word_embeddings", False)
         super().__init__(bos_token_id=bos_token_id, eos_token_id=eos_token_id, pad_token_id=pad_token_id, **kwargs)
         self.validate_bd3lm()
+        self.check_derived_fields(derived)
 
     @property
-    def head_dim(self) -> int:
-        return self.hidden_size // self.num_attention_heads
+    def head_dim(self) -> int | None:
+        """hidden_size / num_attention_heads (None while num_attention_heads is not positive: transformers' own
+        validation reads it before `validate_bd3lm` names the field)."""
+        heads = self.num_attention_heads
+        return self.hidden_size // heads if isinstance(heads, int) and heads > 0 else None
 
     @property
     def num_blocks(self) -> int:
         """Number of diffusion blocks in the training context."""
         return self.max_position_embeddings // self.block_size
+
+    def check_derived_fields(self, given: dict) -> None:
+        """`head_dim` and `num_blocks` follow from other fields: accepted (and dropped) when they agree, as configs
+        written by other tools may list them, refused when they do not."""
+        rules = {"head_dim": (self.head_dim, "hidden_size / num_attention_heads"),
+                 "num_blocks": (self.num_blocks, "max_position_embeddings / block_size")}
+        for name, value in given.items():
+            if value != rules[name][0]:
+                raise ValueError(f"{name}={value!r}: {name} is {rules[name][1]} here ({rules[name][0]} with these "
+                                 "fields); it cannot be set on its own.")
 
     def validate_bd3lm(self):
         """Raise a ValueError naming the first inconsistent field and what is allowed."""

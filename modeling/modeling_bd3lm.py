@@ -101,12 +101,15 @@ class BD3LMRotaryEmbedding(nn.Module):
         return rotary_inv_freq(self.head_dim, self.base)
 
     def _apply(self, fn, recurse=True):
-        # `model.to(torch.bfloat16)` / `.half()` cast every floating buffer: a bf16 inv_freq puts cos/sin 0.4 off at
-        # position ~1000 (head_dim 64), while from_pretrained(dtype=bf16) keeps it fp32, as the original computes
-        # rotary. Recomputed (not cast back: the cast lost bits) in fp32 on the buffer's device, meta included.
+        # Recomputed after every move or cast, in fp32 on the buffer's device (meta included), never kept:
+        # `model.to(torch.bfloat16)` / `.half()` cast every floating buffer (a bf16 inv_freq puts cos/sin 0.4 off at
+        # position ~1000, head_dim 64; from_pretrained(dtype=bf16) keeps it fp32, as the original computes rotary),
+        # and `to_empty()` (a model built on meta, then load_state_dict) leaves this unsaved buffer uninitialized.
+        # Computed on the CPU as at construction, so that a GPU's pow cannot change an ulp.
         super()._apply(fn, recurse)
-        if self.inv_freq.dtype != torch.float32:
-            self.inv_freq = self.compute_inv_freq().to(self.inv_freq.device)
+        device = self.inv_freq.device
+        with torch.device("meta" if device.type == "meta" else "cpu"):
+            self.inv_freq = self.compute_inv_freq().to(device)
         return self
 
     @torch.no_grad()
@@ -354,7 +357,7 @@ class BD3LMModel(BD3LMPreTrainedModel):
         of the mask's blocks (default `config.block_size`); generation passes its own, which may differ, so that
         cached and recomputed keys see the same blocks. `output_hidden_states` defaults to the config's and
         `return_dict=False` gives a tuple, as in transformers' backbones."""
-        refuse_unsupported_inputs(kwargs)
+        refuse_unsupported_inputs(kwargs, self.config)
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
         batch, seq_len = input_ids.shape
@@ -521,7 +524,7 @@ class BD3LMForBlockDiffusion(BD3LMPreTrainedModel, BD3LMGenerationMixin):
         the columns [k bs, (k+1) bs): left padding must therefore be a multiple of block_size (right padding, as
         `DataCollatorForBlockDiffusion` pads, always is).
         """
-        refuse_unsupported_inputs(kwargs)
+        refuse_unsupported_inputs(kwargs, self.config)
         self.check_input_ids(input_ids)
         _check_position_ids(position_ids, input_ids)
         self.check_training_inputs(labels, noise_levels, kwargs.get("block_size"))
@@ -587,7 +590,7 @@ class BD3LMForBlockDiffusion(BD3LMPreTrainedModel, BD3LMGenerationMixin):
         outputs = self.model(input_ids, attention_mask=attention_mask, position_ids=position_ids,
                              past_key_values=past_key_values, store_kv=store_kv, timesteps=timesteps,
                              modulations=modulations, block_size=block_size, return_dict=True,
-                             output_hidden_states=False)
+                             output_hidden_states=False, output_attentions=False)  # whatever the config says
         return self.lm_head(outputs.last_hidden_state[:, -block_size:])
 
     def check_input_ids(self, input_ids):
@@ -682,12 +685,16 @@ def cache_for_call(past_key_values, use_cache, store_kv, num_tokens: int):
     return past_key_values
 
 
-def refuse_unsupported_inputs(kwargs: dict) -> None:
-    """transformers inputs this model does not implement: a ValueError when set (None / False = unset)."""
+def refuse_unsupported_inputs(kwargs: dict, config) -> None:
+    """transformers inputs this model does not implement: a ValueError when set (None / False = unset), also
+    `output_attentions` when it comes from the config (`from_pretrained(..., output_attentions=True)`)."""
     for name in ("inputs_embeds", "output_attentions"):
         if kwargs.get(name) is not None and kwargs.get(name) is not False:
             raise ValueError(f"{name} is not supported by BD3-LM (pass input_ids; attention weights are not "
                              "returned).")
+    if kwargs.get("output_attentions") is None and getattr(config, "output_attentions", False):
+        raise ValueError("config.output_attentions=True is not supported by BD3-LM (attention weights are not "
+                         "returned): set model.config.output_attentions = False.")
 
 
 def _check_position_ids(position_ids, input_ids) -> None:

@@ -46,6 +46,7 @@ def test_a_field_given_under_both_spellings_must_agree():
         BD3LMConfig(hidden_dropout=0.1, dropout=0.0)  # the explicit default disagrees as well
     # An MDLM-flavoured original config (cross_attn off) attends over the whole context whatever its block_size.
     assert BD3LMConfig(cross_attn=False, model_length=32, block_size=4).block_size == 32
+    assert BD3LMConfig(head_dim=64, num_blocks=64).to_dict() == BD3LMConfig().to_dict()  # derived, when they agree
 
 
 def test_save_and_reload(tmp_path):
@@ -64,6 +65,9 @@ def test_save_and_reload(tmp_path):
         (dict(mask_token_id=50258), r"mask_token_id=50258 must be in \[0, vocab_size=50258\)"),
         (dict(sampling_eps_min=0.5, sampling_eps_max=0.4), "sampling_eps_min < sampling_eps_max"),
         (dict(hidden_size=0), "hidden_size must be a positive int"),
+        (dict(num_attention_heads=0), "num_attention_heads must be a positive int"),  # was a ZeroDivisionError
+        (dict(head_dim=8), "head_dim=8: head_dim is hidden_size / num_attention_heads here"),  # an AttributeError
+        (dict(num_blocks=3), "num_blocks=3: num_blocks is max_position_embeddings / block_size"),
         (dict(hidden_size=36, num_attention_heads=4), "must be even"),
         (dict(hidden_dropout=1.5), "hidden_dropout"),
         (dict(causal=True), "causal=True is not supported"),

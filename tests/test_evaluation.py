@@ -1,9 +1,16 @@
-"""Evaluation helpers on a tiny model: NELBO perplexity."""
+"""Evaluation helpers on tiny models: NELBO perplexity; generative perplexity and entropy of samples."""
 
+import math
+from collections import Counter
+
+import pytest
+import torch
 from conftest import random_model
+from transformers import GPT2Config, GPT2LMHeadModel
 
-from bd3lm_hf.tokenization import train_bpe_tokenizer
-from bd3lm_hf.evaluation import nelbo_perplexity
+from bd3lm_hf.data import shakespeare_files
+from bd3lm_hf.evaluation import generative_perplexity, nelbo_perplexity
+from bd3lm_hf.tokenization import gpt2_tokenizer_with_mask, train_bpe_tokenizer
 
 
 def test_nelbo_perplexity_does_not_depend_on_the_config_return_dict(tmp_path):
@@ -35,3 +42,68 @@ def test_ignoring_the_first_token_leaves_it_unscored(tmp_path):
     model = random_model(std=0.05, vocab_size=len(tokenizer))
     result = nelbo_perplexity(model, tokenizer, [held_out], batch_size=4, ignore_first_token=True)
     assert result["tokens"] == result["sequences"] * 31
+
+
+@pytest.fixture(scope="module")
+def scorer():
+    """A tiny random GPT-2 (context 64) with the real GPT-2 BPE."""
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, n_positions=64, vocab_size=50257)).eval()
+    return model, gpt2_tokenizer_with_mask()
+
+
+def shakespeare_texts():
+    play = shakespeare_files()[0].read_text()
+    return [play[1000:1300], play[5000:5100] + "<|endoftext|>" + play[6000:6100], play[9000:9700]]
+
+
+def reference_nll(scorer, ids: list[int], target: int, context: int, stride: int) -> float:
+    """The NLL of ids[target] given the ones before it in its window: the first window [0, context), then windows
+    starting at k * stride, each scoring the tokens in its last `stride` positions."""
+    start = 0 if target < context else math.ceil((target - context + 1) / stride) * stride
+    logits = scorer(torch.tensor([ids[start:target + 1]]), logits_to_keep=2).logits[0, 0]  # predicts ids[target]
+    return float(-torch.log_softmax(logits, -1)[ids[target]])
+
+
+@pytest.mark.parametrize("batch_size", [1, 2])
+def test_generative_perplexity_scores_each_token_in_its_window(scorer, batch_size):
+    model, tokenizer = scorer
+    texts = shakespeare_texts()
+    ids = [tokenizer(text)["input_ids"] for text in texts]
+    assert max(len(row) for row in ids) > 3 * 64  # several windows
+    nlls = [reference_nll(model, row, target, 64, 16) for row in ids for target in range(1, len(row))
+            if row[target] != tokenizer.eos_token_id]
+    result = generative_perplexity(texts, model, tokenizer, stride=16, batch_size=batch_size)
+    assert result["tokens"] == len(nlls) == sum(len(row) - 1 for row in ids) - 1  # the EOS in text 2 is not scored
+    assert result["gen_ppl"] == pytest.approx(math.exp(sum(nlls) / len(nlls)), rel=1e-5)
+    entropies = [sum(-n / len(row) * math.log(n / len(row)) for n in Counter(row).values()) for row in ids]
+    assert result["entropy"] == pytest.approx(sum(entropies) / len(entropies), rel=1e-9)
+    assert result["samples"] == 3
+
+
+def test_generative_perplexity_cuts_at_max_length(scorer):
+    model, tokenizer = scorer
+    texts = shakespeare_texts()
+    cut = generative_perplexity(texts, model, tokenizer, max_length=40)
+    short = [tokenizer.decode(tokenizer(text)["input_ids"][:40]) for text in texts]
+    assert cut["tokens"] == 3 * 39 - 1 and cut == generative_perplexity(short, model, tokenizer)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(texts=[]), "texts must be a non-empty list of strings"),
+        (dict(texts="To be"), "texts must be a non-empty list of strings"),
+        (dict(texts=[1, 2]), "texts must be a non-empty list of strings"),
+        (dict(stride=64), "stride=64 must be less than context_size=64"),
+        (dict(stride=0), "stride must be a positive integer"),
+        (dict(batch_size=0), "batch_size must be a positive integer"),
+        (dict(max_length=0), "max_length must be a positive integer"),
+        (dict(texts=["A"]), "no token to score"),
+    ],
+)
+def test_generative_perplexity_bad_inputs(scorer, kwargs, message):
+    model, tokenizer = scorer
+    kwargs = {"texts": ["To be, or not to be"], "stride": 16, **kwargs}
+    with pytest.raises(ValueError, match=message):
+        generative_perplexity(kwargs.pop("texts"), model, tokenizer, **kwargs)

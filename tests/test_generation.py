@@ -766,6 +766,32 @@ def test_cli_generate_with_the_static_cache(exported, capsys):
     assert calls >= 8  # one call per denoising step (the static cache never skips one)
 
 
+def test_cli_generate_scores_the_samples_with_an_autoregressive_model(exported, tmp_path, capsys):
+    """`--score-with`: the paper's generative perplexity (and entropy) of prompt + sample under the scorer, the
+    figures `generative_perplexity` gives for the printed texts; a scorer folder that does not exist fails before
+    sampling."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from bd3lm_hf.cli import main
+    from bd3lm_hf.evaluation import generative_perplexity
+
+    torch.manual_seed(0)
+    scorer = GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, n_positions=32, vocab_size=50258)).eval()
+    scorer.save_pretrained(tmp_path / "scorer")
+    tokenizer = AutoTokenizer.from_pretrained(exported)
+    tokenizer.save_pretrained(tmp_path / "scorer")
+    flags = ["--prompt", "To be", "--max-new-tokens", "40", "--no-do-sample", "--device", "cpu"]
+    assert main(["generate", str(exported), *flags, "--score-with", str(tmp_path / "scorer")]) == 0
+    printed = capsys.readouterr().out
+    text = printed.split("--- 'To be'\n", 1)[1].split("\n--- ", 1)[0]
+    expected = generative_perplexity([text], scorer, tokenizer)
+    assert f"generative perplexity {expected['gen_ppl']:.2f} under {tmp_path / 'scorer'} ({expected['tokens']} " \
+           f"tokens), unigram entropy {expected['entropy']:.2f} nats per sample" in printed
+    assert expected["tokens"] > 32  # longer than the scorer's context: two windows
+    assert main(["generate", str(exported), *flags, "--score-with", str(tmp_path / "none")]) == 2
+    assert "model calls" not in capsys.readouterr().out
+
+
 @torch.no_grad()
 def test_generate_with_the_model_offloaded_to_disk(gen_model, tmp_path):
     """accelerate's disk offload leaves every parameter on the meta device (model.device is meta): the tensors made

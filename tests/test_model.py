@@ -97,6 +97,12 @@ def test_return_dict_false_gives_a_tuple_and_unimplemented_inputs_raise(model):
         model(input_ids=x0, inputs_embeds=torch.zeros(*x0.shape, 32))
     with pytest.raises(ValueError, match="output_attentions is not supported"):
         model(input_ids=x0, output_attentions=True)
+    model.set_attn_implementation("eager")  # transformers allows output_attentions with eager attention only
+    model.config.output_attentions = True  # what from_pretrained(..., output_attentions=True) sets: not ignored
+    with pytest.raises(ValueError, match="config.output_attentions=True is not supported"):
+        model(input_ids=x0)
+    assert torch.allclose(model(input_ids=x0, output_attentions=False).logits, output.logits, atol=1e-4)
+    assert model.generate(x0[:1, :3], max_new_tokens=4).shape == (1, 7)  # generation returns no attentions anyway
 
 
 def test_flash_attention_needs_flash_attn_installed():
@@ -399,6 +405,21 @@ def test_casting_to_bf16_or_half_keeps_the_rotary_frequencies_in_fp32():
     with torch.device("meta"):
         on_meta = BD3LMForBlockDiffusion(tiny_config())
     assert on_meta.to(torch.bfloat16).model.rotary_emb.inv_freq.dtype == torch.float32
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("empty", ["torch_meta", "accelerate_init_empty_weights"])
+def test_a_model_built_on_meta_then_to_empty_and_loaded_is_exact(empty):
+    """Meta-device init, `to_empty()`, `load_state_dict`: the rotary buffer is not in the state dict, so `to_empty`
+    must not leave it uninitialized (it did: logits 15 off, with "All keys matched")."""
+    from accelerate import init_empty_weights
+
+    model = random_model()
+    ids = torch.randint(0, 49, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.device("meta") if empty == "torch_meta" else init_empty_weights():
+        empty_model = BD3LMForBlockDiffusion(model.config)
+    empty_model.to_empty(device="cpu").load_state_dict(model.state_dict(), strict=True)
+    assert torch.equal(empty_model.eval()(ids).logits, model(ids).logits)
 
 
 @torch.no_grad()

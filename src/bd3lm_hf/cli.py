@@ -99,6 +99,10 @@ def add_generate_command(commands) -> None:
     generate.add_argument("--cache-implementation", choices=["dynamic", "static"],
                           help="static: preallocated cache, the denoising step compiled on a GPU (default: the "
                                "model's, else dynamic)")
+    generate.add_argument("--score-with", metavar="SCORER",
+                          help="an autoregressive model folder or Hub id (the paper: gpt2-large): also print the "
+                               "samples' generative perplexity under it (prompt + sample, each token given the ones "
+                               "before it) and their mean unigram entropy")
     add_loading_arguments(generate, "auto", "auto: bfloat16 on a GPU, float32 on CPU")
 
 
@@ -257,6 +261,7 @@ def run_generate(args) -> None:
     from .evaluation import sample_with_pipeline
 
     model, tokenizer = load_for_inference(args.model, args.device, args.dtype)
+    scorer = load_scorer(args.score_with, model.device) if args.score_with else None  # before sampling: fail early
     options = generation_options(args, model.generation_config)
     result = sample_with_pipeline(model, tokenizer, args.prompt, seed=args.seed, **options)
     for prompt, text in zip(result["prompts"], result["texts"]):
@@ -264,6 +269,24 @@ def run_generate(args) -> None:
     sampler = options.get("sampler", getattr(model.generation_config, "sampler", None))
     print(f"--- {result['nfe']} model calls (NFE) for {result['new_tokens']} new tokens, "
           f"{result['tokens_per_second']:.1f} tokens/s ({sampler}, block {model.config.block_size})")
+    if scorer is not None:
+        from .evaluation import generative_perplexity
+
+        quality = generative_perplexity([prompt + text for prompt, text in zip(result["prompts"], result["texts"])],
+                                        *scorer)
+        print(f"--- generative perplexity {quality['gen_ppl']:.2f} under {args.score_with} ({quality['tokens']} "
+              f"tokens), unigram entropy {quality['entropy']:.2f} nats per sample")
+
+
+def load_scorer(name: str, device):
+    """An autoregressive model (float32, on `device`) and its tokenizer, to score samples."""
+    from transformers import AutoModelForCausalLM
+
+    from .loading import load_tokenizer, local_folder_or_hub_id
+
+    name = local_folder_or_hub_id(name)
+    scorer = AutoModelForCausalLM.from_pretrained(name).to(device).eval()
+    return scorer, load_tokenizer(name, "save the scorer's tokenizer into its folder (tokenizer.save_pretrained)")
 
 
 def run_export(args) -> None:
