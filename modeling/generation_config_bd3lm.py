@@ -89,6 +89,10 @@ class BD3LMGenerationConfig(GenerationConfig):
             value = getattr(self, name, None)
             if value is not None and not isinstance(value, bool):
                 raise ValueError(f"{name} must be True or False, got {value!r}.")
+        for name in ("top_p", "typical_p"):  # transformers builds no warper at >= 1.0: 2.0 would pass unnoticed
+            value = getattr(self, name, None)
+            if value is not None and (not is_number(value) or not 0.0 <= value <= 1.0):
+                raise ValueError(f"{name} must be a number in [0, 1], got {value!r}.")
         stop_strings = getattr(self, "stop_strings", None)
         if stop_strings is not None and not stop_string_list(stop_strings):
             raise ValueError(f"stop_strings must be a non-empty string or a non-empty list of them, got "

@@ -424,9 +424,15 @@ def test_convert_overwrite_keeps_the_previous_output_when_the_source_fails(fixtu
     assert cli(["convert", str(tmp_path / "typo"), str(tmp_path / "out"), "--overwrite"]) == 2
     assert cli(["convert", str(tmp_path / "out"), str(tmp_path / "out2"), "--to-original"]) == 0
     assert cli(["convert", str(tmp_path / "typo"), str(tmp_path / "out2"), "--to-original", "--overwrite"]) == 2
+    kept = sorted(p.name for p in (tmp_path / "out2").iterdir())
+    # a mistyped --code-from is found before the folder is emptied (it cost the previous conversion's files)
+    (tmp_path / "out2" / "modeling_bd3lm.py").write_text("# the original code, copied earlier\n")
+    assert cli(["convert", str(tmp_path / "out"), str(tmp_path / "out2"), "--to-original", "--overwrite",
+                "--code-from", str(tmp_path / "typo")]) == 2
     capfd.readouterr()
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == before
     assert (tmp_path / "out2" / "model.safetensors").is_file()
+    assert sorted(p.name for p in (tmp_path / "out2").iterdir()) == sorted([*kept, "modeling_bd3lm.py"])
 
 
 def test_convert_into_the_current_folder_names_its_card_after_it(tmp_path, monkeypatch):

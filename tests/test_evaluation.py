@@ -77,7 +77,7 @@ def test_generative_perplexity_scores_each_token_in_its_window(scorer, batch_siz
     assert result["tokens"] == len(nlls) == sum(len(row) - 1 for row in ids) - 1  # the EOS in text 2 is not scored
     assert result["gen_ppl"] == pytest.approx(math.exp(sum(nlls) / len(nlls)), rel=1e-5)
     entropies = [sum(-n / len(row) * math.log(n / len(row)) for n in Counter(row).values()) for row in ids]
-    assert result["entropy"] == pytest.approx(sum(entropies) / len(entropies), rel=1e-9)
+    assert result["entropy"] == pytest.approx(sum(entropies) / len(entropies), rel=1e-6)  # fp32 counts, as the original
     assert result["samples"] == 3
 
 

@@ -131,6 +131,25 @@ def test_resume_from_a_folder_outside_output_dir(tmp_path, small_data, caplog):
     assert "the collator keeps its training clip range" in caplog.text
 
 
+def test_train_refuses_another_runs_checkpoints_and_a_finished_checkpoint(tmp_path, small_data):
+    """A new run into a folder holding checkpoints would leave them beside its own (and `--resume_from_checkpoint
+    true` would then pick the old run's last); resuming a checkpoint at max_steps trained one step more (Trainer)
+    and replaced the finished model. Both are refused before anything is written."""
+    train_set, eval_set, tokenizer = small_data
+    data = dict(train_set=train_set, eval_set=eval_set, tokenizer=tokenizer)
+    args = arguments(tmp_path, max_steps=2, save_strategy="steps", save_steps=2)
+    train(small_config(), args, **data)
+    weights = (tmp_path / "model.safetensors").read_bytes()
+    with pytest.raises(ValueError, match=r"holds the checkpoints of an earlier run \(checkpoint-2\): resume it"):
+        train(small_config(), arguments(tmp_path, max_steps=4), **data)
+    finished = arguments(tmp_path, max_steps=2, resume_from_checkpoint="true")
+    with pytest.raises(ValueError, match="checkpoint-2 already reached max_steps=2 .step 2.: there is nothing"):
+        train(small_config(), finished, **data)
+    assert (tmp_path / "model.safetensors").read_bytes() == weights
+    longer = train(small_config(), arguments(tmp_path, max_steps=3, resume_from_checkpoint="true"), **data)
+    assert longer["steps"] == 3
+
+
 def test_resume_checkpoint_resolution(tmp_path):
     (tmp_path / "checkpoint-3").mkdir()
     (tmp_path / "checkpoint-3" / "trainer_state.json").write_text("{}")

@@ -395,6 +395,8 @@ def test_empty_prompt_starts_from_bos(gen_model):
         (dict(guidance_scale=2.0), r"guidance_scale=2.0 is not supported .*allowed: None or 1.0"),
         (dict(stop_strings=["thou"]), "stop_strings need the model's tokenizer"),
         (dict(stop_strings=""), "stop_strings must be a non-empty string"),
+        (dict(do_sample=True, top_p=2.0), r"top_p must be a number in \[0, 1\], got 2.0"),  # was ignored
+        (dict(do_sample=True, typical_p=-0.5), r"typical_p must be a number in \[0, 1\]"),
         (dict(stop_strings=["thou", 3]), "stop_strings must be a non-empty string"),
         (dict(forced_eos_token_id=2), "forced_eos_token_id"),
         (dict(length_penalty=2.0), "length_penalty"),

@@ -137,6 +137,30 @@ def test_paper_cards_are_committed_and_current(name):
     assert "169,627,218" in card.text and f"bd3lm-hf convert {name}" in card.text and "20.73" in card.text
 
 
+def test_export_overwrite_into_the_working_directory_empties_it_and_exports(exported, tmp_path, monkeypatch):
+    """`.` cannot be removed: the folder's contents go, then the export is written (it emptied it, then failed)."""
+    (tmp_path / "cwd").mkdir()
+    (tmp_path / "cwd" / "old.txt").write_text("a previous export's file")
+    monkeypatch.chdir(tmp_path / "cwd")
+    assert cli(["export", str(exported), ".", "--overwrite"]) == 0
+    assert (tmp_path / "cwd" / "model.safetensors").is_file() and not (tmp_path / "cwd" / "old.txt").exists()
+
+
+def test_demo_refuses_an_export_dir_holding_other_files_before_training(tmp_path, exported):
+    from bd3lm_hf.demo import check_export_dir
+    from bd3lm_hf.demo import main as demo
+
+    (tmp_path / "thesis").mkdir()
+    (tmp_path / "thesis" / "chapter1.txt").write_text("not a model")
+    with pytest.raises(ValueError, match="holds files that are not a model folder"):
+        demo(["--export_dir", str(tmp_path / "thesis"), "--output_dir", str(tmp_path / "run")])
+    assert (tmp_path / "thesis" / "chapter1.txt").is_file() and not (tmp_path / "run").exists()  # nothing trained
+    check_export_dir(str(exported))  # an earlier export is replaced
+    check_export_dir(str(tmp_path / "new"))
+    with pytest.raises(SystemExit):  # argparse's choices: refused before training
+        demo(["--sampler", "greedy", "--output_dir", str(tmp_path / "run")])
+
+
 def test_demo_steps_run_shortened(tmp_path):
     from bd3lm_hf.data import shakespeare_files
     from bd3lm_hf.demo import main as demo
@@ -233,6 +257,9 @@ def test_sampled_token_count_is_that_of_the_generated_ids(exported):
     with torch.no_grad():
         model.lm_head.bias[equals] = 1e4  # 16 generated "=" decode to a text that re-tokenizes into one token
     result = sample_with_pipeline(model, tokenizer, ["To be"], max_new_tokens=16, do_sample=False)
+    assert result["texts"] == ["=" * 16] and result["new_tokens"] == 16
+    # an empty prompt starts from BOS (here = EOS), which is not a new token: it counted 0 new tokens
+    result = sample_with_pipeline(model, tokenizer, [""], max_new_tokens=16, do_sample=False)
     assert result["texts"] == ["=" * 16] and result["new_tokens"] == 16
 
 

@@ -394,12 +394,14 @@ def convert_to_original(src: str | os.PathLike, dst: str | os.PathLike,
                               "convert it without --to-original.")
     _raise_if_any(state_dict_problems(state_dict, config))
     original_config = config_to_original(config, _dtype_name(state_dict))  # refuses what it cannot express
+    # checked before the output folder is emptied: a mistyped --code-from must not cost a previous conversion
+    code_files = None if code_from is None else original_code_files(Path(code_from), original_config["auto_map"])
     clear_output_folder(dst)
     dst.mkdir(parents=True, exist_ok=True)
     save_file(convert_to_original_state_dict(state_dict, config), dst / SAFE_WEIGHTS_NAME, metadata={"format": "pt"})
     (dst / "config.json").write_text(json.dumps(original_config, indent=2, sort_keys=True) + "\n")
-    if code_from is not None:
-        copy_original_code(Path(code_from), dst, original_config["auto_map"])
+    if code_files is not None:
+        copy_original_code(code_files, dst, code_from)
     else:
         logger.warning("%s has no code files: bd3lm_hf does not ship the original code. To load it with "
                        "trust_remote_code=True, copy %s from a download of an original Hub repo (e.g. "
@@ -448,9 +450,9 @@ def _code_files(auto_map: dict) -> list[str]:
     return sorted({reference.split("--")[-1].rsplit(".", 1)[0] + ".py" for reference in auto_map.values()})
 
 
-def copy_original_code(code_from: Path, dst: Path, auto_map: dict) -> None:
-    """Copy the code files `auto_map` names, and the files they import relatively, from the user's download of an
-    original Hub repo: the folder then loads with trust_remote_code=True as that repo does."""
+def original_code_files(code_from: Path, auto_map: dict) -> set[Path]:
+    """The code files `auto_map` names, and the files they import relatively, in the user's download of an original
+    Hub repo; a ConversionError names what is missing."""
     from transformers.dynamic_module_utils import get_relative_import_files
 
     named = [code_from / name for name in _code_files(auto_map)]
@@ -465,6 +467,12 @@ def copy_original_code(code_from: Path, dst: Path, auto_map: dict) -> None:
     for path in sorted(files):
         if not path.is_file():
             raise ConversionError(f"--code-from {code_from}: {path.name}, imported by the original code, is missing.")
+    return files
+
+
+def copy_original_code(files: set[Path], dst: Path, code_from) -> None:
+    """Copy `original_code_files` into `dst`: the folder then loads with trust_remote_code=True as that repo does."""
+    for path in sorted(files):
         if path.resolve() != (dst / path.name).resolve():
             shutil.copyfile(path, dst / path.name)
     logger.info("copied the original code (%s) from %s", ", ".join(sorted(p.name for p in files)), code_from)

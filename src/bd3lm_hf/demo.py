@@ -17,6 +17,7 @@ from transformers import HfArgumentParser, TrainingArguments
 from transformers.utils import logging
 
 from .hub import export_for_hub
+from .output_folder import is_exported_model_folder
 from .modeling.sampling_bd3lm import SAMPLERS
 from .training import BD3LMTrainingConfig, shakespeare_split, train
 
@@ -28,7 +29,7 @@ class DemoArguments:
     export_dir: str = field(default="demo_out/bd3lm-shakespeare", metadata={"help": "the exported Hub folder"})
     prompts: list[str] = field(default_factory=lambda: ["ROMEO.\n", "To be, or not to be", "KING HENRY.\n"])
     max_new_tokens: int = 48
-    sampler: str = field(default="ddpm", metadata={"help": " | ".join(SAMPLERS)})
+    sampler: str = field(default="ddpm", metadata={"help": " | ".join(SAMPLERS), "choices": list(SAMPLERS)})
     num_steps: int | None = field(default=None, metadata={"help": "ddpm steps per block (default: block size)"})
     eval_sequences: int = field(default=256, metadata={"help": "held-out sequences for the fresh-process NELBO"})
 
@@ -53,6 +54,14 @@ def held_out_files(config: BD3LMTrainingConfig) -> list[str]:
     raise ValueError("the demo evaluates on held-out files: pass --eval_data with --data.")
 
 
+def check_export_dir(export_dir: str) -> None:
+    """Before training: the demo replaces its own earlier export, never a folder holding anything else."""
+    folder = Path(export_dir)
+    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())) and not is_exported_model_folder(folder):
+        raise ValueError(f"--export_dir {export_dir} holds files that are not a model folder: the demo replaces the "
+                         "folder's contents with its export; pass a new or an empty folder (or an earlier export).")
+
+
 def fresh_process(*arguments: str) -> str:
     """Run `bd3lm-hf ARGUMENTS` in a new interpreter (the model comes from the exported folder's code)."""
     result = subprocess.run([sys.executable, "-m", "bd3lm_hf.cli", *arguments], capture_output=True, text=True)
@@ -64,6 +73,7 @@ def fresh_process(*arguments: str) -> str:
 def main(argv: list[str]) -> dict:
     parser = HfArgumentParser((DemoArguments, BD3LMTrainingConfig, TrainingArguments), prog="bd3lm-hf demo")
     demo, config, args = parser.parse_args_into_dataclasses(args=training_defaults() + list(argv))
+    check_export_dir(demo.export_dir)
     logger.info(f"1/3 training a BD3-LM (block {config.block_size}, L {config.max_position_embeddings}, "
                 f"H {config.hidden_size} x {config.num_hidden_layers}) for {args.max_steps} steps")
     summary = train(config, args)

@@ -13,6 +13,7 @@ from transformers.utils import logging
 from .collator import DataCollatorForBlockDiffusion
 from .data import load_text_dataset, wrap_tokenize
 from .modeling.generation_config_bd3lm import id_list
+from .modeling.sampling_bd3lm import unigram_entropy
 
 logger = logging.get_logger(__name__)
 
@@ -94,7 +95,7 @@ def generative_perplexity(texts, scorer, scorer_tokenizer, max_length: int | Non
             counted &= tokens[:, 1:] != eos_id
         total_nll += float(nll[:, 1:][counted].sum())
         scored += int(counted.sum())
-        entropies += [unigram_entropy(row) for row in ids]
+        entropies += [float(unigram_entropy(torch.tensor(row))) for row in ids]
     if not scored:
         raise ValueError("no token to score: each text re-tokenizes to at most one token (or only EOS).")
     return {"gen_ppl": math.exp(total_nll / scored), "entropy": sum(entropies) / len(entropies), "tokens": scored,
@@ -144,12 +145,6 @@ def windowed_nll(scorer, tokens, real, context_size: int, stride: int):
     return nll
 
 
-def unigram_entropy(ids: list[int]) -> float:
-    """Entropy (nats) of the token frequencies of one text."""
-    _, counts = torch.tensor(ids).unique(return_counts=True)
-    return float(torch.special.entr(counts.double() / counts.sum()).sum())
-
-
 class CallCounter:
     """Counts the forward calls of a model's backbone: the true NFE of whatever drives it, pipeline included
     (generation calls the backbone through `denoise_forward`, not the model's own `forward`)."""
@@ -189,8 +184,9 @@ def sample_with_pipeline(model, tokenizer, prompts, seed: int = 0, **generate_kw
 
 
 def new_ids(tokenizer, prompt: str, sequence: list[int]) -> list[int]:
-    """The ids after the prompt, which the pipeline encodes with the tokenizer's defaults."""
-    return list(sequence[len(tokenizer(prompt)["input_ids"]):])
+    """The ids after the prompt, which the pipeline encodes with the tokenizer's defaults; generation starts an
+    empty prompt from BOS, which the sequence then holds first."""
+    return list(sequence[len(tokenizer(prompt)["input_ids"]) or 1:])
 
 
 def stop_ids(model, tokenizer) -> set[int]:

@@ -21,10 +21,27 @@ def check_output_folder(folder, overwrite: bool, inputs=(), error=ValueError) ->
 
 
 def clear_output_folder(folder) -> None:
-    """Empty a folder `check_output_folder` allowed (with overwrite): what a previous run left there goes."""
+    """Empty a folder `check_output_folder` allowed (with overwrite): what a previous run left there goes. Its
+    contents, not the folder itself, which may be the working directory (`.` cannot be removed)."""
     folder = Path(folder)
-    if folder.is_dir() and any(folder.iterdir()):
-        shutil.rmtree(folder)
+    if not folder.is_dir():
+        return
+    for child in folder.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
+
+
+def is_exported_model_folder(folder) -> bool:
+    """Whether `folder` holds a BD3-LM model folder (its config.json names model_type bd3lm): what `demo` may
+    replace with its new export."""
+    import json
+
+    try:
+        return json.loads((Path(folder) / "config.json").read_text()).get("model_type") == "bd3lm"
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def holds(folder: Path, path: Path) -> bool:

@@ -7,13 +7,15 @@ The same function backs `bd3lm-hf train` (every field of both dataclasses is a f
 `accelerate launch`.
 """
 
+import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments, set_seed
-from transformers.trainer_utils import get_last_checkpoint
+from transformers.trainer import TRAINER_STATE_NAME
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 from transformers.utils import logging
 
 from .callbacks import BlockDiffusionCallback, ClipSearchCallback
@@ -306,6 +308,10 @@ def train(config: BD3LMTrainingConfig, args: TrainingArguments, resume_from_chec
     `resume_from_checkpoint`: a checkpoint folder, or True for the last one in `output_dir` (as Trainer); by default
     `args.resume_from_checkpoint` (the `--resume_from_checkpoint` flag)."""
     resume = resume_checkpoint(args, resume_from_checkpoint)
+    if resume is None:
+        refuse_earlier_checkpoints(args.output_dir)
+    else:
+        refuse_finished_checkpoint(resume, args)
     trainer = build_trainer(config, args, **overrides)
     if isinstance(resume, str):  # the callbacks read their state from the folder resumed from
         for callback in trainer.callback_handler.callbacks:
@@ -347,6 +353,29 @@ def resume_checkpoint(args: TrainingArguments, resume_from_checkpoint=None):
     if resume and not Path(resume).is_dir():
         raise ValueError(f"resume_from_checkpoint={resume!r} is not a checkpoint folder.")
     return resume or None
+
+
+def refuse_earlier_checkpoints(output_dir) -> None:
+    """A new run does not write into a folder holding another run's checkpoints: they would stay beside the new ones,
+    and a later `--resume_from_checkpoint true` would pick the other run's last."""
+    folder = Path(output_dir)
+    earlier = sorted(p.name for p in folder.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if p.is_dir()) if folder.is_dir() else []
+    if earlier:
+        raise ValueError(f"output_dir={output_dir} holds the checkpoints of an earlier run ({', '.join(earlier[:3])}"
+                         f"{', ...' if len(earlier) > 3 else ''}): resume it with --resume_from_checkpoint true, or "
+                         "pass a new or an empty output_dir.")
+
+
+def refuse_finished_checkpoint(checkpoint, args: TrainingArguments) -> None:
+    """Resuming a checkpoint that already reached `max_steps` would train one step more (Trainer's behaviour) and
+    replace the finished model: refused."""
+    state_file = Path(checkpoint) / TRAINER_STATE_NAME
+    if args.max_steps <= 0 or not state_file.is_file():
+        return
+    step = json.loads(state_file.read_text()).get("global_step", 0)
+    if step >= args.max_steps:
+        raise ValueError(f"{checkpoint} already reached max_steps={args.max_steps} (step {step}): there is nothing "
+                         "to resume; raise --max_steps to train further.")
 
 
 def _fmt(value):
