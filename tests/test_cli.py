@@ -98,3 +98,32 @@ def test_a_file_given_as_the_model_folder_is_named_a_file(tmp_path, capsys):
     (tmp_path / "model.ckpt").write_bytes(b"not a folder")
     assert cli(["eval", str(tmp_path / "model.ckpt"), "--data", "held_out.txt"]) == 2
     assert "model.ckpt is a file, not a model folder" in _one_line_error(capsys)
+
+
+def test_train_flags_are_not_abbreviated(tmp_path, capsys):
+    """argparse's prefix matching took `--max_step 2` for --max_steps silently."""
+    assert cli(["train", "--max_step", "2", "--output_dir", str(tmp_path / "run")]) == 2
+    assert "not used by the HfArgumentParser: ['--max_step', '2']" in _one_line_error(capsys)
+
+
+def test_train_into_a_file_and_ctrl_c_are_one_line_errors(tmp_path, capsys, monkeypatch):
+    import bd3lm_hf.cli as cli_module
+
+    (tmp_path / "afile").write_text("")
+    assert cli(["train", "--output_dir", str(tmp_path / "afile"), "--use_cpu", "true"]) == 2
+    assert f"output_dir={tmp_path / 'afile'} is a file" in _one_line_error(capsys)
+
+    def interrupted(argv):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli_module, "run_train", interrupted)
+    assert cli(["train", "--output_dir", str(tmp_path / "run")]) == 130
+    err = _one_line_error(capsys)
+    assert "interrupted: the checkpoints saved so far are kept" in err and "--resume_from_checkpoint true" in err
+
+
+def test_eval_of_a_folder_without_config_is_a_one_line_error(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "held_out.txt").write_text("To be, or not to be")
+    assert cli(["eval", str(tmp_path / "empty"), "--data", str(tmp_path / "held_out.txt")]) == 2
+    assert "is not a saved model folder (no config.json)" in _one_line_error(capsys)

@@ -373,6 +373,12 @@ def test_cli_names_a_ckpt_without_a_state_dict_in_one_line(tmp_path, capfd):
     err = capfd.readouterr().err
     assert "nostate.ckpt has no 'state_dict'" in err and "['foo', 'global_step']" in err
     assert "Traceback" not in err and not (tmp_path / "out").exists()
+    (tmp_path / "text.ckpt").write_text("not a checkpoint at all")  # torch's message spans 6 lines
+    assert cli(["convert", str(tmp_path / "text.ckpt"), str(tmp_path / "out"), "--block-size", "4",
+                "--model-length", "32"]) == 2
+    err = capfd.readouterr().err
+    assert "text.ckpt is not a checkpoint torch.load(weights_only=True) can read" in err
+    assert len(err.strip().splitlines()) == 1 and not (tmp_path / "out").exists()
 
 
 def test_cli_convert_refuses_a_non_empty_folder_and_its_own_input(fixtures, tmp_path, capfd):

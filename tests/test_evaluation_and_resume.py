@@ -150,6 +150,23 @@ def test_train_refuses_another_runs_checkpoints_and_a_finished_checkpoint(tmp_pa
     assert longer["steps"] == 3
 
 
+def test_a_checkpoint_is_evaluated_and_exported_with_its_ema_weights(tmp_path, small_data):
+    """A checkpoint's model weights are the raw training weights; its EMA sits beside them. Loading a checkpoint
+    folder for `eval`/`generate`/`export` uses the EMA, as training's evaluation and final save do: the last
+    checkpoint then equals the final model."""
+    from bd3lm_hf.cli import load_for_inference
+    from bd3lm_hf.loading import load_for_export
+
+    train_set, eval_set, tokenizer = small_data
+    train(small_config(), arguments(tmp_path, max_steps=2, save_strategy="steps", save_steps=2),
+          train_set=train_set, eval_set=eval_set, tokenizer=tokenizer)
+    final = load_file(tmp_path / "model.safetensors")
+    raw = load_file(tmp_path / "checkpoint-2" / "model.safetensors")
+    assert any(not torch.equal(raw[name], final[name]) for name in final)  # EMA differs from the training weights
+    for model in (load_for_export(tmp_path / "checkpoint-2")[0], load_for_inference(str(tmp_path / "checkpoint-2"))[0]):
+        assert all(torch.equal(model.state_dict()[name], final[name]) for name in final)
+
+
 def test_resume_checkpoint_resolution(tmp_path):
     (tmp_path / "checkpoint-3").mkdir()
     (tmp_path / "checkpoint-3" / "trainer_state.json").write_text("{}")

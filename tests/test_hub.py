@@ -98,16 +98,21 @@ def test_push_without_a_token_is_a_clear_error(exported, monkeypatch, tmp_path):
 def test_push_failure_never_shows_the_token(exported, monkeypatch, tmp_path, capfd):
     secret = "hf_thisIsASecretToken1234567890"
     monkeypatch.setenv("HF_TOKEN", secret)
-    assert cli(["push", str(exported), "someone/tiny-bd3lm"]) == 2  # offline: the upload fails
+    card = (exported / "README.md").read_text()
+    assert cli(["push", str(exported), "someone-else/tiny-bd3lm"]) == 2  # offline: the upload fails
     captured = capfd.readouterr()
-    assert "push to someone/tiny-bd3lm failed" in captured.err
+    assert "push to someone-else/tiny-bd3lm failed" in captured.err
     assert secret not in captured.out + captured.err and "Traceback" not in captured.err
+    assert (exported / "README.md").read_text() == card  # nothing pushed: the card still names its own repo
 
 
 @pytest.mark.parametrize("repo_id", ["no-namespace", "bad//slashes", "white space/x", "a/b" + "c" * 100])
-def test_invalid_repo_ids(exported, repo_id):
+def test_invalid_repo_ids(exported, repo_id, tmp_path):
     with pytest.raises(HubError, match="invalid repo id"):
         push_to_hub(exported, repo_id, dry_run=True)
+    with pytest.raises(HubError, match="invalid repo id"):  # export writes it into the card's snippets
+        export_for_hub(random_model(vocab_size=50258), gpt2_tokenizer_with_mask(), tmp_path / "out", repo_id=repo_id)
+    assert not (tmp_path / "out").exists()
 
 
 def test_export_refuses_an_existing_folder_and_a_missing_tokenizer(exported, tmp_path):

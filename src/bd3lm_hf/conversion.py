@@ -308,8 +308,10 @@ def read_lightning_checkpoint(path: Path, use_ema: bool = True) -> dict[str, tor
     """
     try:
         checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # pickle refuses objects other than tensors and containers
-        raise ConversionError(f"{path} cannot be read with torch.load(weights_only=True): {error}") from None
+    except Exception as error:  # not a torch file, or pickled objects other than tensors and containers
+        first_line = next((line for line in str(error).splitlines() if line.strip()), type(error).__name__)
+        raise ConversionError(f"{path} is not a checkpoint torch.load(weights_only=True) can read: "
+                              f"{first_line}") from None
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
         found = sorted(map(str, checkpoint)) if isinstance(checkpoint, dict) else type(checkpoint).__name__
         raise ConversionError(f"{path} has no 'state_dict' (it holds {found}): a bd3lms Lightning checkpoint keeps "

@@ -197,7 +197,8 @@ def wrap_tokenize(dataset: Dataset | IterableDataset, tokenizer, seq_len: int, b
     wrapped = dataset.map(join_and_cut, batched=True, batch_size=WRAP_BATCH, remove_columns=dataset.column_names,
                           load_from_cache_file=False, desc="tokenize + wrap")
     if len(wrapped) == 0:
-        raise ValueError(f"the data hold fewer than seq_len={seq_len} tokens: no training sequence.")
+        raise ValueError(f"the data hold fewer than seq_len={seq_len} tokens: not one whole sequence; pass more "
+                         "text (sequences are as long as the model's context).")
     return wrapped
 
 

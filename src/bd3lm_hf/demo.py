@@ -71,7 +71,8 @@ def fresh_process(*arguments: str) -> str:
 
 
 def main(argv: list[str]) -> dict:
-    parser = HfArgumentParser((DemoArguments, BD3LMTrainingConfig, TrainingArguments), prog="bd3lm-hf demo")
+    parser = HfArgumentParser((DemoArguments, BD3LMTrainingConfig, TrainingArguments), prog="bd3lm-hf demo",
+                              allow_abbrev=False)
     demo, config, args = parser.parse_args_into_dataclasses(args=training_defaults() + list(argv))
     check_export_dir(demo.export_dir)
     logger.info(f"1/3 training a BD3-LM (block {config.block_size}, L {config.max_position_embeddings}, "

@@ -28,6 +28,8 @@ def export_for_hub(model, tokenizer, out_dir, repo_id: str | None = None, metric
     `overwrite`, a tokenizer that does not fit the model, and an output folder that is or holds an input (the
     model's and tokenizer's folders, and `sources`: other folders the model came from)."""
     out_dir = Path(out_dir)
+    if repo_id is not None:  # it goes into the card's snippets: as push checks it
+        validate_repo_id(repo_id)
     _check_exportable(model, tokenizer)
     _check_metrics(metrics)
     check_output_folder(out_dir, overwrite, (getattr(model, "name_or_path", None),
@@ -135,6 +137,8 @@ def push_to_hub(folder, repo_id: str, private: bool = False, dry_run: bool = Fal
         commit = api.upload_folder(folder_path=str(folder), repo_id=repo_id,
                                    commit_message="Upload BD3-LM (bd3lm_hf export)")
     except Exception as error:  # network, auth, offline mode: report without a traceback or the token
+        if card != written:  # nothing was pushed: the folder stays as it was
+            card_path.write_text(written, encoding="utf-8")
         raise HubError(f"push to {repo_id} failed: {_without(str(error), token)}") from None
     return {"repo_id": repo_id, "url": getattr(commit, "commit_url", str(commit))}
 

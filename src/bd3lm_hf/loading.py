@@ -1,5 +1,5 @@
-"""Loading saved folders for export and the CLI: models (an adapter folder merged into its base), tokenizers, and
-local folders told from Hub ids, each with a one-line error."""
+"""Loading saved folders for export and the CLI: models (an adapter folder merged into its base, a training
+checkpoint with its EMA weights), tokenizers, and local folders told from Hub ids, each with a one-line error."""
 
 import os
 from pathlib import Path
@@ -19,13 +19,37 @@ def load_for_export(model_folder, tokenizer_folder=None):
 
     model_folder = Path(model_folder)
     if (model_folder / "config.json").is_file():
-        model = AutoModelForCausalLM.from_pretrained(model_folder, trust_remote_code=True)
+        model = with_checkpoint_ema(AutoModelForCausalLM.from_pretrained(model_folder, trust_remote_code=True),
+                                    model_folder)
     elif (model_folder / "adapter_config.json").is_file():
         model = merged_adapter_model(model_folder)
     else:
         raise HubError(f"{model_folder} is not a saved model folder (no config.json, no adapter_config.json): "
                        "export takes the folder save_pretrained (or `bd3lm-hf train`) wrote.")
     return model, load_tokenizer(tokenizer_folder or model_folder, "pass --tokenizer FOLDER")
+
+
+def with_checkpoint_ema(model, folder):
+    """`model` with the EMA weights of the training checkpoint `folder`, when it holds them (EMA_FILE): a checkpoint's
+    model weights are the raw training weights, while training's evaluation and final save use the EMA."""
+    import torch
+    from safetensors.torch import load_file
+
+    from .ema import EMA_FILE
+
+    path = Path(folder) / EMA_FILE
+    if not path.is_file():
+        return model
+    shadow, parameters = load_file(str(path)), dict(model.named_parameters())
+    if not set(shadow) <= set(parameters):
+        logger.warning("%s does not match the model's parameters: using the checkpoint's training weights", path)
+        return model
+    with torch.no_grad():
+        for name, tensor in shadow.items():
+            parameters[name].copy_(tensor.to(parameters[name].dtype))
+    logger.info("%s is a training checkpoint: using its EMA weights (%s), as training's evaluation and final save "
+                "do", folder, EMA_FILE)
+    return model
 
 
 def merged_adapter_model(adapter_folder: Path):

@@ -307,6 +307,8 @@ def train(config: BD3LMTrainingConfig, args: TrainingArguments, resume_from_chec
 
     `resume_from_checkpoint`: a checkpoint folder, or True for the last one in `output_dir` (as Trainer); by default
     `args.resume_from_checkpoint` (the `--resume_from_checkpoint` flag)."""
+    if Path(args.output_dir).exists() and not Path(args.output_dir).is_dir():
+        raise ValueError(f"output_dir={args.output_dir} is a file: pass a new or an existing folder.")
     resume = resume_checkpoint(args, resume_from_checkpoint)
     if resume is None:
         refuse_earlier_checkpoints(args.output_dir)
