@@ -127,3 +127,9 @@ def test_eval_of_a_folder_without_config_is_a_one_line_error(tmp_path, capsys):
     (tmp_path / "held_out.txt").write_text("To be, or not to be")
     assert cli(["eval", str(tmp_path / "empty"), "--data", str(tmp_path / "held_out.txt")]) == 2
     assert "is not a saved model folder (no config.json)" in _one_line_error(capsys)
+
+
+def test_train_with_a_tokenizer_that_cannot_be_found_is_a_one_line_error(tmp_path, capsys):
+    assert cli(["train", "--output_dir", str(tmp_path / "run"), "--tokenizer", "no-such-tokenizer", "--use_cpu",
+                "true", "--shakespeare_plays", "1"]) == 2
+    assert "the tokenizer of no-such-tokenizer could not be loaded" in _one_line_error(capsys)

@@ -459,6 +459,8 @@ def test_lora_runs_keep_what_their_adapters_carry(tmp_path, small_data, monkeypa
     ("ema_decay", -0.5, r"ema_decay must be in \[0, 1\)"), ("ema_decay", 1.0, r"ema_decay must be in \[0, 1\)"),
     ("clip_search_batches", 0, "clip_search_batches must be >= 1"),
     ("bpe_vocab_size", 0, "bpe_vocab_size must be >= 258"),
+    ("block_size", 0, "block_size must be a positive integer, got 0"),  # was "seq_len=32 is shorter than a block"
+    ("num_attention_heads", -4, "num_attention_heads must be a positive integer"),
 ])
 def test_training_settings_that_would_silently_do_nothing_are_refused(field, value, message):
     """ema_decay < 0 turned the EMA off without a word, clip_search_batches=0 "found" the eval range from no data, and

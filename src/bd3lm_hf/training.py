@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments, set_seed
+from transformers import AutoModelForCausalLM, Trainer, TrainingArguments, set_seed
 from transformers.trainer import TRAINER_STATE_NAME
 from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, get_last_checkpoint
 from transformers.utils import logging
@@ -24,7 +24,7 @@ from .compilation import compile_decoder_layers, should_compile_layers
 from .data import (load_text_dataset, require_columns, sft_texts, sft_tokenize, shakespeare_files,
                    stream_text_dataset, wrap_tokenize)
 from .ema import EMACallback
-from .loading import local_folder_or_hub_id
+from .loading import load_tokenizer, local_folder_or_hub_id
 from .modeling import BD3LMConfig, BD3LMForBlockDiffusion
 from .tokenization import MIN_BPE_VOCAB_SIZE, check_tokenizer_fits, gpt2_tokenizer_with_mask, train_bpe_tokenizer
 
@@ -123,6 +123,11 @@ class BD3LMTrainingConfig:
             raise ValueError(f"ema_decay must be in [0, 1) (0 disables the EMA), got {self.ema_decay!r}.")
         if self.clip_search_batches < 1:
             raise ValueError(f"clip_search_batches must be >= 1, got {self.clip_search_batches!r}.")
+        for name in ("hidden_size", "num_hidden_layers", "num_attention_heads", "cond_dim", "max_position_embeddings",
+                     "block_size"):  # None: the init_from model's or the default
+            value = getattr(self, name, None)
+            if value is not None and value < 1:  # a 0 would surface later as a puzzling data or model error
+                raise ValueError(f"{name} must be a positive integer, got {value!r}.")
         if self.bpe_vocab_size < MIN_BPE_VOCAB_SIZE:
             raise ValueError(f"bpe_vocab_size must be >= {MIN_BPE_VOCAB_SIZE} (the 256 bytes, <|endoftext|> and "
                              f"[MASK]), got {self.bpe_vocab_size!r}.")
@@ -162,7 +167,8 @@ def build_tokenizer(config: BD3LMTrainingConfig, texts: list[str]):
         return train_bpe_tokenizer(texts, config.bpe_vocab_size)
     if name == "gpt2":
         return gpt2_tokenizer_with_mask()
-    tokenizer = AutoTokenizer.from_pretrained(name, trust_remote_code=True)
+    tokenizer = load_tokenizer(local_folder_or_hub_id(name), "pass --tokenizer gpt2, bpe, or a folder holding "
+                                                             "tokenizer files")
     if tokenizer.mask_token_id is None:
         raise ValueError(f"tokenizer {name} has no mask token; block diffusion needs one.")
     return tokenizer
