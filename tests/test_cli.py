@@ -133,3 +133,10 @@ def test_train_with_a_tokenizer_that_cannot_be_found_is_a_one_line_error(tmp_pat
     assert cli(["train", "--output_dir", str(tmp_path / "run"), "--tokenizer", "no-such-tokenizer", "--use_cpu",
                 "true", "--shakespeare_plays", "1"]) == 2
     assert "the tokenizer of no-such-tokenizer could not be loaded" in _one_line_error(capsys)
+
+
+def test_a_misspelled_flag_shows_the_commands_own_usage(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli(["generate", "folder", "--promt", "x"])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "usage: bd3lm-hf generate" in err and "unrecognized arguments: --promt x" in err

@@ -30,6 +30,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_generate_command(commands)
     add_export_command(commands)
     add_push_command(commands)
+    parser.command_parsers = commands.choices  # each command's own parser, for its usage in errors
     return parser
 
 
@@ -351,7 +352,9 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv[:1])
         args.rest = argv[1:]
     else:
-        args = parser.parse_args(argv)
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:  # the command's own usage and flags, not the top-level list of commands
+            parser.command_parsers[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     logging.set_verbosity_warning()
     logging.enable_default_handler()
     with package_messages_on_stderr() as package_logger:
