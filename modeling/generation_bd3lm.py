@@ -371,6 +371,12 @@ class BD3LMGenerationMixin(GenerationMixin):
         if prefix + block_size > context:
             raise ValueError(f"the prompt needs {prefix + block_size} positions with its first block, more than the "
                              f"context max_position_embeddings={context}.")
+        if width > context and block_size == context:
+            raise ValueError(f"prompt + max_new_tokens needs {width} positions, more than the context "
+                             f"max_position_embeddings={context}, and with block_size={block_size} (one block: MDLM) "
+                             "a block past the context would see no earlier token, the prompt included: lower "
+                             f"max_new_tokens (at most {context - int((first_new - prefix).max())} here), or "
+                             "generate with a smaller block_size.")
         if width > context and not sliding:
             raise ValueError(f"prompt + max_new_tokens needs {width} positions, more than the context "
                              f"max_position_embeddings={context}; generating past it (a sliding window over the "

@@ -48,7 +48,7 @@ class BD3LMGenerationConfig(GenerationConfig):
         confidence_threshold (`float`, defaults to 0.9): threshold of the `confidence` sampler.
         entropy_stop (`bool`, defaults to False): stop a row when the unigram entropy of its last 256 tokens falls
             below 4 nats (the paper's rule against degenerate repetition).
-        output_history (`bool`, defaults to False): return the canvas after every model call.
+        output_history (`bool`, defaults to False): return the canvas after every denoising step.
     """
 
     def __init__(self, block_size=None, num_steps=None, sampler=None, confidence_threshold=None, entropy_stop=None,

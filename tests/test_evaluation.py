@@ -1,5 +1,6 @@
 """Evaluation helpers on tiny models: NELBO perplexity; generative perplexity and entropy of samples."""
 
+import copy
 import math
 from collections import Counter
 
@@ -89,6 +90,21 @@ def test_generative_perplexity_cuts_at_max_length(scorer):
     assert cut["tokens"] == 3 * 39 - 1 and cut == generative_perplexity(short, model, tokenizer)
 
 
+def test_generative_perplexity_leaves_empty_texts_out_and_pads_inside_the_vocabulary(scorer):
+    """An empty sample (an immediate EOS decodes to "") has no token to score and no entropy: it crashed the
+    batch; a scorer tokenizer whose pad id lies outside the scorer's vocabulary (GPT-2 with an added [PAD]) crashed
+    the padded batch."""
+    model, tokenizer = scorer
+    texts = shakespeare_texts()
+    alone = generative_perplexity(texts, model, tokenizer, stride=16)
+    with_empty = generative_perplexity(["", texts[0], "", ""] + texts[1:], model, tokenizer, stride=16, batch_size=2)
+    assert with_empty == pytest.approx({**alone, "samples": 6, "empty": 3}, rel=1e-5) and alone["empty"] == 0
+    padded = copy.deepcopy(tokenizer)
+    padded.add_special_tokens({"pad_token": "[PAD]"})
+    assert padded.pad_token_id >= model.config.vocab_size
+    assert generative_perplexity(texts, model, padded, stride=16, batch_size=3) == pytest.approx(alone, rel=1e-5)
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [
@@ -100,6 +116,7 @@ def test_generative_perplexity_cuts_at_max_length(scorer):
         (dict(batch_size=0), "batch_size must be a positive integer"),
         (dict(max_length=0), "max_length must be a positive integer"),
         (dict(texts=["A"]), "no token to score"),
+        (dict(texts=["", ""]), "no token to score"),
     ],
 )
 def test_generative_perplexity_bad_inputs(scorer, kwargs, message):

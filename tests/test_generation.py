@@ -903,3 +903,14 @@ def test_generate_says_when_a_compiled_forward_or_a_compile_config_goes_unused(g
     with caplog.at_level(logging.WARNING):
         gen_model.generate(ids, attention_mask=mask, max_new_tokens=4, compile_config=CompileConfig(backend="eager"))
     assert "compile_config is set, but only the static cache's denoising step compiles" in caplog.text
+
+
+def test_one_block_models_are_refused_past_the_context():
+    """With block_size == the context (MDLM), a block past the context would slide every earlier token out of view,
+    the prompt included: each such block was unconditional text. Refused; up to the context it generates."""
+    model = random_model(seed=4, block_size=32, max_position_embeddings=32)
+    ids = torch.randint(0, MASK, (2, 5), generator=torch.Generator().manual_seed(0))
+    assert model.generate(ids, max_new_tokens=27, do_sample=False).shape == (2, 32)
+    with pytest.raises(ValueError, match=r"would see no earlier token, the prompt included: lower max_new_tokens "
+                                         r"\(at most 27 here\)"):
+        model.generate(ids, max_new_tokens=28)

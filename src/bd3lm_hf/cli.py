@@ -283,8 +283,9 @@ def run_generate(args) -> None:
 
         quality = generative_perplexity([prompt + text for prompt, text in zip(result["prompts"], result["texts"])],
                                         *scorer)
+        empty = f"; {quality['empty']} empty sample(s) not scored" if quality["empty"] else ""
         print(f"--- generative perplexity {quality['gen_ppl']:.2f} under {args.score_with} ({quality['tokens']} "
-              f"tokens), unigram entropy {quality['entropy']:.2f} nats per sample")
+              f"tokens), unigram entropy {quality['entropy']:.2f} nats per sample{empty}")
 
 
 def load_scorer(name: str, device):

@@ -63,7 +63,8 @@ def generative_perplexity(texts, scorer, scorer_tokenizer, max_length: int | Non
     3. Every token but a text's first is scored, except EOS tokens (the original's rule: decoded samples carry
        EOS between documents) and padding.
     Returns {"gen_ppl": exp(token-mean NLL over all texts), "entropy": the mean over texts of the entropy (nats)
-    of each text's token frequencies, "tokens": scored tokens, "samples": len(texts)}.
+    of each text's token frequencies, "tokens": scored tokens, "samples": len(texts), "empty": the texts that
+    re-tokenize to no token (an immediate EOS decodes to ""): they have no token to score and no entropy}.
 
     Differs from the original where it has bugs: it counts padding as scored when the pad id is not EOS, adds the
     padding to each text's entropy, and drops the last `len(texts) % batch_size` texts; none of these arises for
@@ -81,14 +82,14 @@ def generative_perplexity(texts, scorer, scorer_tokenizer, max_length: int | Non
         raise ValueError(f"stride={stride} must be less than context_size={context_size}: a window scores the "
                          "tokens past the previous one with the ones before them as context.")
     eos_id = scorer_tokenizer.eos_token_id
-    pad_id = scorer_tokenizer.pad_token_id if scorer_tokenizer.pad_token_id is not None else eos_id
-    if pad_id is None:
-        raise ValueError("the scorer's tokenizer has neither a pad nor an EOS token: set tokenizer.pad_token.")
     scorer.eval()
     total_nll, scored, entropies = 0.0, 0, []
     for start in logging.tqdm(range(0, len(texts), batch_size), desc="Gen PPL", leave=False):
         ids = [scorer_tokenizer(text)["input_ids"][:max_length] for text in texts[start:start + batch_size]]
-        tokens, real = right_padded(ids, pad_id, scorer.device)
+        ids = [row for row in ids if row]
+        if not ids:
+            continue
+        tokens, real = right_padded(ids, scorer.device)
         nll = windowed_nll(scorer, tokens, real, context_size, stride)  # (B, L), 0 where not scored
         counted = real[:, 1:].clone()
         if eos_id is not None:
@@ -99,7 +100,7 @@ def generative_perplexity(texts, scorer, scorer_tokenizer, max_length: int | Non
     if not scored:
         raise ValueError("no token to score: each text re-tokenizes to at most one token (or only EOS).")
     return {"gen_ppl": math.exp(total_nll / scored), "entropy": sum(entropies) / len(entropies), "tokens": scored,
-            "samples": len(texts)}
+            "samples": len(texts), "empty": len(texts) - len(entropies)}
 
 
 def is_count(value) -> bool:
@@ -116,10 +117,12 @@ def scorer_context(scorer) -> int:
     return context
 
 
-def right_padded(ids: list[list[int]], pad_id: int, device):
-    """(B, L) ids padded on the right (positions count from each text's first token) and (B, L) real-token mask."""
+def right_padded(ids: list[list[int]], device):
+    """(B, L) ids padded on the right (positions count from each text's first token) and (B, L) real-token mask.
+    The padding is id 0, inside every vocabulary (a tokenizer's own pad id may not be: GPT-2 with an added [PAD]):
+    it is masked out of attention and never scored, so its value does not matter."""
     width = max(len(row) for row in ids)
-    tokens = torch.full((len(ids), width), pad_id, dtype=torch.long)
+    tokens = torch.zeros((len(ids), width), dtype=torch.long)
     real = torch.zeros(len(ids), width, dtype=torch.bool)
     for row, row_ids in enumerate(ids):
         tokens[row, :len(row_ids)] = torch.tensor(row_ids, dtype=torch.long)
