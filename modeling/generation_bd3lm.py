@@ -266,6 +266,9 @@ class BD3LMGenerationMixin(GenerationMixin):
         logits_processor = LogitsProcessorList([*config_processors(config, canvas.device), *(logits_processor or [])])
         stopping_criteria = _stopping_criteria(config, stopping_criteria, tokenizer)
         stops_from = first_stop_column(first_new_min, eos_ids, config, stopping_criteria)
+        if pad_id == mask_id and stops_from != math.inf:
+            logger.warning_once(f"no pad_token_id or eos_token_id is set: rows that stop early are padded with the "
+                                f"mask token id {mask_id}, which a prompt may not contain; set pad_token_id.")
 
         # 3. blocks, left to right
         with self.claimed_cache(config, batch, canvas.device, use_cache) as cache:

@@ -632,6 +632,16 @@ def test_min_length_counts_the_prompt_and_max_time_stops_after_a_block(gen_model
     assert timed.nfe == 4  # the first block's calls, then every row is past its time
 
 
+def test_padding_with_the_mask_id_warns(gen_model, caplog):
+    """Without pad and EOS ids, rows that stop early are padded with [MASK], which cannot be fed back as a prompt."""
+    ids, mask = prompts()
+    with caplog.at_level(logging.WARNING):
+        gen_model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False)  # fixed length: no padding
+        assert "padded with the mask token id" not in caplog.text
+        out = gen_model.generate(ids, attention_mask=mask, max_new_tokens=12, do_sample=False, max_time=0.0)
+    assert (out == MASK).any() and "rows that stop early are padded with the mask token id 49" in caplog.text
+
+
 def test_text_streamer_prints_the_generated_text(exported, capsys):
     from transformers import TextIteratorStreamer, TextStreamer
 
