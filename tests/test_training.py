@@ -6,11 +6,12 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
 from datasets import IterableDataset
-from transformers import AutoModelForCausalLM, TrainingArguments
+from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
 from bd3lm_hf.callbacks import ClipSearchCallback, candidate_intervals
 from bd3lm_hf.data import load_text_dataset, shakespeare_files, wrap_tokenize
@@ -483,10 +484,24 @@ def test_clip_search_leaves_out_the_ranges_resampling_cannot_meet():
 
     collator = DataCollatorForBlockDiffusion(9, 1, resample=True)  # block 1: fractions 0 and 1 only
     search = ClipSearchCallback(collator, intervals=[(0.2, 0.8), (1e-3, 1.0), (0.5, 1.0)])
-    search.on_train_begin(None, None, None)
+    evaluating = SimpleNamespace(eval_strategy="steps")
+    search.on_train_begin(evaluating, None, None)
     assert search.intervals == [(1e-3, 1.0), (0.5, 1.0)]
     with pytest.raises(ValueError, match="no candidate range holds a masked fraction k/1"):
-        ClipSearchCallback(collator, intervals=[(0.2, 0.8)]).on_train_begin(None, None, None)
+        ClipSearchCallback(collator, intervals=[(0.2, 0.8)]).on_train_begin(evaluating, None, None)
+
+
+def test_a_clip_search_in_a_run_without_evaluations_is_refused(tmp_path, small_data):
+    """With the stock Trainer and eval_strategy='no' the callback never searched, without a word."""
+    from bd3lm_hf import DataCollatorForBlockDiffusion
+
+    train_set, _, tokenizer = small_data
+    model = build_model(small_config(), tokenizer)
+    collator = DataCollatorForBlockDiffusion(model.config.mask_token_id, 4)
+    trainer = Trainer(model=model, args=arguments(tmp_path, max_steps=1, remove_unused_columns=False),
+                      train_dataset=train_set, data_collator=collator, callbacks=[ClipSearchCallback(collator)])
+    with pytest.raises(ValueError, match="eval_strategy='no' runs none"):
+        trainer.train()
 
 
 def test_clip_search_puts_the_model_back_in_training_mode_after_an_error(small_data):

@@ -305,10 +305,8 @@ def run_export(args) -> None:
 
     model, tokenizer = load_for_export(args.model, args.tokenizer)
     metrics = read_json_object(args.metrics, "--metrics") if args.metrics else None
-    out = export_for_hub(model, tokenizer, args.out_dir, repo_id=args.repo_id, metrics=metrics,
-                         datasets=args.dataset, license=args.license, overwrite=args.overwrite,
-                         sources=(args.model,))
-    print(f"exported {out}")
+    export_for_hub(model, tokenizer, args.out_dir, repo_id=args.repo_id, metrics=metrics, datasets=args.dataset,
+                   license=args.license, overwrite=args.overwrite, sources=(args.model,))  # logs "exported ..."
 
 
 def run_push(args) -> None:

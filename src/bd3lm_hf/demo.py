@@ -1,8 +1,8 @@
 """The main job, end to end on the bundled Shakespeare corpus: train -> export -> reload in a fresh process ->
 NELBO perplexity on held-out plays and samples through `pipeline("text-generation")`.
 
-    bd3lm-hf demo                                  # defaults below; ~2-3 minutes on 2 CPU cores
-    bd3lm-hf demo --max_steps 2000 --block_size 8 --prompts "HAMLET.\n" --sampler first_hitting
+    bd3lm-hf demo                                  # defaults below; ~2 minutes on 2 CPU cores
+    bd3lm-hf demo --max_steps 2000 --block_size 8 --prompts "HAMLET." --sampler first_hitting
 
 Every field of DemoArguments, BD3LMTrainingConfig and TrainingArguments is a flag (`bd3lm-hf demo --help`).
 """
