@@ -12,13 +12,13 @@ ORIGINAL_FIELD_NAMES = {
     "model_length": "max_position_embeddings",
     "dropout": "hidden_dropout",
 }
-# Original fields with no counterpart here: how the research code chose kernels, or flags whose only legal
-# value is implied by our architecture. They are accepted on load and checked, never stored.
 ORIGINAL_SPELLING = {ours: original for original, ours in ORIGINAL_FIELD_NAMES.items()}
-# Defaults of the fields that have an original spelling: their parameters default to None, so that a field given
-# under both spellings can be told from one given once.
+# Defaults of the fields that have an original spelling (and of block_size, which cross_attn=False sets): their
+# parameters default to None, so that a field given under both spellings can be told from one given once.
 FIELD_DEFAULTS = {"hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
                   "max_position_embeddings": 1024, "hidden_dropout": 0.1, "block_size": 16}
+# Original fields with no counterpart here: how the research code chose kernels, or flags whose only legal
+# value is implied by our architecture. They are accepted on load and checked, never stored.
 ORIGINAL_FIELDS_CHECKED = {"adaln": True, "causal": False}
 ORIGINAL_FIELDS_DROPPED = ("attn_backend", "var_min", "cross_attn")
 # Standard transformers fields that an original config sets for the original code only: its diffusion code indexes

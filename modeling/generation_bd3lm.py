@@ -266,6 +266,7 @@ class BD3LMGenerationMixin(GenerationMixin):
         logits_processor = LogitsProcessorList([*config_processors(config, canvas.device), *(logits_processor or [])])
         stopping_criteria = _stopping_criteria(config, stopping_criteria, tokenizer)
         stops_from = first_stop_column(first_new_min, eos_ids, config, stopping_criteria)
+        stop_strings, stopping_criteria = split_stop_strings(stopping_criteria)
         if pad_id == mask_id and stops_from != math.inf:
             logger.warning_once(f"no pad_token_id or eos_token_id is set: rows that stop early are padded with the "
                                 f"mask token id {mask_id}, which a prompt may not contain; set pad_token_id.")
@@ -285,7 +286,7 @@ class BD3LMGenerationMixin(GenerationMixin):
                     self.denoise_block(canvas, valid, start, end, fixed, banned_eos, cache, state, config)
                     # 3c. finish rows, stream
                     done = self.finish_block(canvas, valid, start, end, first_new, done, config, eos_ids, pad_id,
-                                             max_new_tokens, stopping_criteria, input_ids, streamer)
+                                             max_new_tokens, stopping_criteria, stop_strings, input_ids, streamer)
                     # 3a of the next block is queued before the host reads `done` (the one synchronization per
                     # block), so that the GPU has it while the host waits; if every row is done, it pads a block
                     # never returned.
@@ -701,7 +702,7 @@ class BD3LMGenerationMixin(GenerationMixin):
         return logits
 
     def finish_block(self, canvas, valid, start, end, first_new, done, config, eos_ids, pad_id, max_new_tokens,
-                     stopping_criteria, prompts, streamer):
+                     stopping_criteria, stop_strings, prompts, streamer):
         """Step 3c: per-row stops after a finished block; returns the updated `done` (B,)."""
         index = torch.arange(start, end, device=canvas.device)[None] - first_new[:, None]
         is_new = (index >= 0) & (index < max_new_tokens) & ~done[:, None]
@@ -709,9 +710,7 @@ class BD3LMGenerationMixin(GenerationMixin):
         if eos_ids is not None:
             is_new, eos_rows = cut_after_first(block, is_new & torch.isin(block, eos_ids), is_new, pad_id)
             done = done | eos_rows
-        stop_strings = [c for c in stopping_criteria if isinstance(c, StopStringCriteria)]
-        stopping_criteria = StoppingCriteriaList([c for c in stopping_criteria if c not in stop_strings])
-        if stop_strings:
+        if stop_strings and bool(is_new.any()):
             ends_string = stop_string_ends(canvas, valid, start, end, first_new + max_new_tokens, stop_strings, pad_id)
             is_new, string_rows = cut_after_first(block, is_new & ends_string, is_new, pad_id)
             done = done | string_rows
@@ -738,15 +737,23 @@ def cut_after_first(block, stops, is_new, pad_id: int):
 def stop_string_ends(canvas, valid, start: int, end: int, ends, stop_strings, pad_id: int):
     """(B, bs) bool: whether a stop string ends at each column of the block canvas[:, start:end]. transformers'
     StopStringCriteria reads the end of a sequence, so it is asked once per column, with each row's real tokens up
-    to that column (prompt included, as transformers checks prompt + new tokens after every token)."""
-    columns = torch.arange(end, device=canvas.device)[None]
-    real = valid[:, :end] & (columns < ends[:, None])
+    to that column (prompt included, as transformers checks prompt + new tokens after every token). A criterion
+    reads at most `maximum_token_len` tokens (a token holds one character or more): only those columns are passed."""
+    first = max(start - max(criterion.maximum_token_len for criterion in stop_strings), 0)
+    columns = torch.arange(first, end, device=canvas.device)[None]
+    real = valid[:, first:end] & (columns < ends[:, None])
     ends_string = []
-    for column in range(start, end):
-        upto = column + 1
-        prefix = left_padded(canvas[:, :upto], real[:, :upto], pad_id, upto)
+    for upto in range(start + 1 - first, end + 1 - first):
+        prefix = left_padded(canvas[:, first:first + upto], real[:, :upto], pad_id, upto)
         ends_string.append(torch.stack([criterion(prefix, None) for criterion in stop_strings]).any(0))
     return torch.stack(ends_string, dim=1).to(canvas.device)
+
+
+def split_stop_strings(criteria) -> tuple[list, StoppingCriteriaList]:
+    """(the StopStringCriteria, the other criteria): `finish_block` asks the first at every column of a block, the
+    others once per block."""
+    stop_strings = [criterion for criterion in criteria if isinstance(criterion, StopStringCriteria)]
+    return stop_strings, StoppingCriteriaList([c for c in criteria if not isinstance(c, StopStringCriteria)])
 
 
 def criteria_stop(canvas, valid, ends, width: int, stopping_criteria, pad_id: int):

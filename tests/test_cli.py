@@ -107,26 +107,35 @@ def test_train_flags_are_not_abbreviated(tmp_path, capsys):
 
 
 def test_train_into_a_file_and_ctrl_c_are_one_line_errors(tmp_path, capsys, monkeypatch):
-    import bd3lm_hf.cli as cli_module
+    """Ctrl-C: one line saying whether a checkpoint is left to resume from (the hint was given also when none was),
+    exit code 130, no traceback."""
+    from transformers import Trainer
+
+    from bd3lm_hf.training import interrupted_message
 
     (tmp_path / "afile").write_text("")
     assert cli(["train", "--output_dir", str(tmp_path / "afile"), "--use_cpu", "true"]) == 2
     assert f"output_dir={tmp_path / 'afile'} is a file" in _one_line_error(capsys)
 
-    def interrupted(argv):
+    def interrupted(self, *args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli_module, "run_train", interrupted)
-    assert cli(["train", "--output_dir", str(tmp_path / "run")]) == 130
-    err = _one_line_error(capsys)
-    assert "interrupted: the checkpoints saved so far are kept" in err and "--resume_from_checkpoint true" in err
+    monkeypatch.setattr(Trainer, "train", interrupted)
+    assert cli(["train", "--output_dir", str(tmp_path / "run"), "--use_cpu", "true", "--shakespeare_plays", "1",
+                "--bpe_vocab_size", "300", "--hidden_size", "32", "--num_hidden_layers", "1", "--cond_dim", "16",
+                "--max_position_embeddings", "32"]) == 130
+    assert "interrupted before any checkpoint was saved" in _one_line_error(capsys)
+    (tmp_path / "run" / "checkpoint-7").mkdir(parents=True)
+    assert interrupted_message(tmp_path / "run") == (
+        f"training interrupted: {tmp_path / 'run' / 'checkpoint-7'} is kept; rerun the same command with "
+        "--resume_from_checkpoint true to go on from it.")
 
 
 def test_eval_of_a_folder_without_config_is_a_one_line_error(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     (tmp_path / "held_out.txt").write_text("To be, or not to be")
     assert cli(["eval", str(tmp_path / "empty"), "--data", str(tmp_path / "held_out.txt")]) == 2
-    assert "is not a saved model folder (no config.json)" in _one_line_error(capsys)
+    assert "is not a saved model folder (no config.json, no adapter_config.json)" in _one_line_error(capsys)
 
 
 def test_train_with_a_tokenizer_that_cannot_be_found_is_a_one_line_error(tmp_path, capsys):

@@ -12,7 +12,7 @@ from transformers import TrainerCallback
 
 import bd3lm_hf.callbacks as callbacks
 from bd3lm_hf.ema import EMA_FILE, EMACallback
-from bd3lm_hf.training import build_trainer, resume_checkpoint, train
+from bd3lm_hf.training import build_trainer, refuse_earlier_checkpoints, resume_checkpoint, train
 from test_training import arguments, shakespeare_sets, small_config
 
 
@@ -148,6 +148,8 @@ def test_train_refuses_another_runs_checkpoints_and_a_finished_checkpoint(tmp_pa
     assert (tmp_path / "model.safetensors").read_bytes() == weights
     longer = train(small_config(), arguments(tmp_path, max_steps=3, resume_from_checkpoint="true"), **data)
     assert longer["steps"] == 3
+    (tmp_path / "other" / "checkpoint-best").mkdir(parents=True)  # not a folder Trainer resumes from
+    refuse_earlier_checkpoints(tmp_path / "other")
 
 
 def test_a_checkpoint_is_evaluated_and_exported_with_its_ema_weights(tmp_path, small_data):
@@ -155,6 +157,7 @@ def test_a_checkpoint_is_evaluated_and_exported_with_its_ema_weights(tmp_path, s
     folder for `eval`/`generate`/`export` uses the EMA, as training's evaluation and final save do: the last
     checkpoint then equals the final model."""
     from bd3lm_hf.cli import load_for_inference
+    from bd3lm_hf.conversion import convert_to_original
     from bd3lm_hf.loading import load_for_export
 
     train_set, eval_set, tokenizer = small_data
@@ -165,6 +168,10 @@ def test_a_checkpoint_is_evaluated_and_exported_with_its_ema_weights(tmp_path, s
     assert any(not torch.equal(raw[name], final[name]) for name in final)  # EMA differs from the training weights
     for model in (load_for_export(tmp_path / "checkpoint-2")[0], load_for_inference(str(tmp_path / "checkpoint-2"))[0]):
         assert all(torch.equal(model.state_dict()[name], final[name]) for name in final)
+    convert_to_original(tmp_path / "checkpoint-2", tmp_path / "original_checkpoint")
+    convert_to_original(tmp_path, tmp_path / "original_final")
+    converted = [load_file(tmp_path / name / "model.safetensors") for name in ("original_checkpoint", "original_final")]
+    assert all(torch.equal(converted[0][key], converted[1][key]) for key in converted[1])
 
 
 def test_resume_checkpoint_resolution(tmp_path):

@@ -149,6 +149,9 @@ def test_export_overwrite_into_the_working_directory_empties_it_and_exports(expo
     monkeypatch.chdir(tmp_path / "cwd")
     assert cli(["export", str(exported), ".", "--overwrite"]) == 0
     assert (tmp_path / "cwd" / "model.safetensors").is_file() and not (tmp_path / "cwd" / "old.txt").exists()
+    (tmp_path / "cwd" / ".git").mkdir()  # a repository is never emptied
+    assert cli(["export", str(exported), ".", "--overwrite"]) == 2
+    assert (tmp_path / "cwd" / ".git").is_dir() and (tmp_path / "cwd" / "model.safetensors").is_file()
 
 
 def test_demo_refuses_an_export_dir_holding_other_files_before_training(tmp_path, exported):
@@ -396,6 +399,31 @@ def test_export_merges_an_adapter_folder(adapter_folder, tmp_path, capsys):
     # the adapter folder is an input: never an output, even with --overwrite
     assert cli(["export", str(folder), str(folder.parent), "--overwrite", "--tokenizer", str(folder)]) == 2
     assert "is or contains the input" in capsys.readouterr().err
+
+
+def test_an_adapter_checkpoint_loads_with_its_ema_for_export_and_generate(adapter_folder, capsys):
+    """A LoRA run's checkpoint holds the adapters' EMA (PeftModel names) beside them: merged in, as for a full
+    model (it was ignored); `generate` takes the adapter folder (it was refused for lacking config.json)."""
+    from safetensors.torch import save_file
+
+    from bd3lm_hf.ema import EMA_FILE
+    from bd3lm_hf.loading import load_for_export
+
+    folder, peft_model = adapter_folder
+    g = torch.Generator().manual_seed(1)
+    shadow = {name: (p + 0.05 * torch.randn(p.shape, generator=g)).detach()
+              for name, p in peft_model.named_parameters() if p.requires_grad}
+    save_file(shadow, str(folder / EMA_FILE), metadata={"num_updates": "3", "decay": "0.9"})
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if name in shadow:
+                p.copy_(shadow[name])
+    ids = torch.randint(0, 50257, (2, 16), generator=g)
+    with torch.no_grad():
+        expected = peft_model(input_ids=ids).logits
+        torch.testing.assert_close(load_for_export(folder)[0](input_ids=ids).logits, expected, rtol=0, atol=1e-5)
+    assert cli(["generate", str(folder), "--prompt", "To be", "--max-new-tokens", "4", "--device", "cpu"]) == 0
+    assert "model calls (NFE)" in capsys.readouterr().out
 
 
 def test_export_of_an_adapter_folder_whose_base_is_gone_is_a_one_line_error(adapter_folder, tmp_path, capsys):

@@ -484,7 +484,7 @@ def test_clip_search_leaves_out_the_ranges_resampling_cannot_meet():
 
     collator = DataCollatorForBlockDiffusion(9, 1, resample=True)  # block 1: fractions 0 and 1 only
     search = ClipSearchCallback(collator, intervals=[(0.2, 0.8), (1e-3, 1.0), (0.5, 1.0)])
-    evaluating = SimpleNamespace(eval_strategy="steps")
+    evaluating = SimpleNamespace(eval_strategy="steps", eval_on_start=False)
     search.on_train_begin(evaluating, None, None)
     assert search.intervals == [(1e-3, 1.0), (0.5, 1.0)]
     with pytest.raises(ValueError, match="no candidate range holds a masked fraction k/1"):
@@ -500,8 +500,9 @@ def test_a_clip_search_in_a_run_without_evaluations_is_refused(tmp_path, small_d
     collator = DataCollatorForBlockDiffusion(model.config.mask_token_id, 4)
     trainer = Trainer(model=model, args=arguments(tmp_path, max_steps=1, remove_unused_columns=False),
                       train_dataset=train_set, data_collator=collator, callbacks=[ClipSearchCallback(collator)])
-    with pytest.raises(ValueError, match="eval_strategy='no' runs none"):
+    with pytest.raises(ValueError, match=r"eval_strategy='no' \(without eval_on_start\) runs none"):
         trainer.train()
+    ClipSearchCallback(collator).on_train_begin(SimpleNamespace(eval_strategy="no", eval_on_start=True), None, None)
 
 
 def test_clip_search_puts_the_model_back_in_training_mode_after_an_error(small_data):

@@ -275,10 +275,10 @@ class ClipSearchCallback(TrainerCallback):
         self.in_training = False
 
     def on_train_begin(self, args, state, control, **kwargs):
-        if str(getattr(args.eval_strategy, "value", args.eval_strategy)) == "no":  # it would never search
+        if str(getattr(args.eval_strategy, "value", args.eval_strategy)) == "no" and not args.eval_on_start:
             raise ValueError("ClipSearchCallback searches at the evaluations during training, and eval_strategy='no' "
-                             "runs none: set eval_strategy ('steps' or 'epoch') and an eval_dataset, or leave the "
-                             "callback out.")
+                             "(without eval_on_start) runs none: set eval_strategy ('steps' or 'epoch') and an "
+                             "eval_dataset, or leave the callback out.")
         self.in_training = True
         # with resample, the collator refuses a range no block can meet: leave those out now, not after a search
         reachable = [interval for interval in self.intervals if self.collator.reaches(*interval)]

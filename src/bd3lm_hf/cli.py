@@ -5,14 +5,11 @@ import contextlib
 import json
 import logging as std_logging
 import sys
-from pathlib import Path
 
 from transformers.utils import logging
 
 # Commands whose flags come from dataclasses (HfArgumentParser) rather than from argparse here.
 DATACLASS_COMMANDS = ("train", "demo")
-INTERRUPTED_TRAINING = (": the checkpoints saved so far are kept; rerun the same command with "
-                        "--resume_from_checkpoint true to go on from the last one")
 # `generate` settings: a flag the user gives wins, then the model's generation_config.json, then these.
 GENERATE_FLAGS = ("max_new_tokens", "sampler", "num_steps", "do_sample", "top_p", "temperature",
                   "cache_implementation")
@@ -204,19 +201,14 @@ def run_demo(argv: list[str]) -> None:
 def load_for_inference(name: str, device: str = "cpu", dtype: str = "float32"):
     """The model (on `device`, in `dtype`; "auto": the GPU in bf16 when there is one) and its tokenizer."""
     import torch
-    from transformers import AutoModelForCausalLM
 
-    from .loading import load_tokenizer, local_folder_or_hub_id, with_checkpoint_ema
+    from .loading import load_saved_model, load_tokenizer, local_folder_or_hub_id
 
     name = local_folder_or_hub_id(name)
     device = resolve_device(device)
     if dtype == "auto":
         dtype = "bfloat16" if device.startswith("cuda") else "float32"
-    if Path(name).is_dir() and not (Path(name) / "config.json").is_file():
-        raise ValueError(f"{name} is not a saved model folder (no config.json): pass the folder save_pretrained, "
-                         "`bd3lm-hf train` or `bd3lm-hf export` wrote.")
-    model = AutoModelForCausalLM.from_pretrained(name, trust_remote_code=True, dtype=getattr(torch, dtype))
-    model = with_checkpoint_ema(model, name) if Path(name).is_dir() else model
+    model = load_saved_model(name, getattr(torch, dtype))
     tokenizer = load_tokenizer(name, "convert with --with-gpt2-tokenizer, or save the tokenizer into the folder "
                                      "(tokenizer.save_pretrained)")
     return model.to(device).eval(), tokenizer
@@ -364,8 +356,8 @@ def main(argv: list[str] | None = None) -> int:
         except (ValueError, OSError, ImportError) as error:
             package_logger.error(str(error))
             return 2
-        except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback; what was saved stays
-            package_logger.error("interrupted" + (INTERRUPTED_TRAINING if args.command in ("train", "demo") else ""))
+        except KeyboardInterrupt as interrupt:  # Ctrl-C: one line (train's says what is left to resume), no traceback
+            package_logger.error(str(interrupt) or "interrupted")
             return 130
     return 0
 

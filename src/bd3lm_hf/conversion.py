@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME, logging
 
 from .modeling import BD3LMConfig, BD3LMForBlockDiffusion
+from .ema import saved_ema
 from .hub import finish_tokenizer_config, longest_prompt
 from .model_card import ORIGINAL_SAMPLING, converted_card
 from .modeling.configuration_bd3lm import ORIGINAL_FIELD_NAMES
@@ -391,6 +392,8 @@ def convert_to_original(src: str | os.PathLike, dst: str | os.PathLike,
     check_output_folder(dst, overwrite, (src, code_from), ConversionError)
     config = read_our_config(src)
     state_dict = read_folder_weights(src)
+    state_dict.update({name: tensor.to(state_dict[name].dtype)  # a training checkpoint: its EMA weights
+                       for name, tensor in (saved_ema(src, state_dict) or {}).items()})
     if any(key.startswith(ORIGINAL_PREFIX) for key in state_dict):
         raise ConversionError(f"{src} holds original (`backbone.`) weights: it is already in the original format; "
                               "convert it without --to-original.")

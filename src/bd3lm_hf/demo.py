@@ -82,7 +82,7 @@ def main(argv: list[str]) -> dict:
     metrics = {"eval_nelbo": summary["eval_nelbo"], "eval_perplexity": summary["eval_perplexity"]}
     export = export_for_hub(trainer.model, trainer.processing_class, demo.export_dir, metrics=metrics,
                             datasets=["shakespeare"] if config.data == ["shakespeare"] else None, overwrite=True)
-    logger.info(f"2/3 exported the Hub folder {export} ({', '.join(sorted(p.name for p in Path(export).iterdir()))})")
+    logger.info(f"2/3 the Hub folder holds {', '.join(sorted(p.name for p in Path(export).iterdir()))}")
     logger.info("3/3 reloading it in a fresh process with AutoModelForCausalLM.from_pretrained(dir, "
                 "trust_remote_code=True)")
     layout = ["--wrap-framed"] * config.wrap_framed + ["--ignore-first-token"] * config.ignore_first_token

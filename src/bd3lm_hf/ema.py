@@ -137,6 +137,21 @@ class EMACallback(TrainerCallback):
         logger.info("resumed the EMA from %s (%d updates)", path, self.num_updates)
 
 
+def saved_ema(folder, weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor] | None:
+    """The EMA a Trainer checkpoint `folder` holds beside its raw training weights (EMA_FILE), when it fits
+    `weights` (names and shapes: a LoRA run's EMA covers the adapters only); None without one. Training's evaluation
+    and final save use the EMA, so evaluating, exporting or converting a checkpoint should too."""
+    path = Path(folder) / EMA_FILE
+    if not path.is_file():
+        return None
+    shadow = load_file(str(path))
+    if any(name not in weights or weights[name].shape != tensor.shape for name, tensor in shadow.items()):
+        logger.warning("%s does not fit the model's weights: using the checkpoint's training weights", path)
+        return None
+    logger.info("%s is a training checkpoint: using its EMA weights (%s)", folder, EMA_FILE)
+    return shadow
+
+
 def full_tensor(tensor: torch.Tensor) -> torch.Tensor:
     """The whole tensor of an FSDP2-sharded (DTensor) parameter or EMA entry (a collective); others as they are."""
     return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor

@@ -85,12 +85,15 @@ def generative_perplexity(texts, scorer, scorer_tokenizer, max_length: int | Non
     scorer.eval()
     total_nll, scored, entropies = 0.0, 0, []
     for start in logging.tqdm(range(0, len(texts), batch_size), desc="Gen PPL", leave=False):
+        # 1. re-tokenize with the scorer's tokenizer
         ids = [scorer_tokenizer(text)["input_ids"][:max_length] for text in texts[start:start + batch_size]]
         ids = [row for row in ids if row]
         if not ids:
             continue
         tokens, real = right_padded(ids, scorer.device)
+        # 2. each token's NLL given its window
         nll = windowed_nll(scorer, tokens, real, context_size, stride)  # (B, L), 0 where not scored
+        # 3. what counts: not a text's first token, not EOS, not padding
         counted = real[:, 1:].clone()
         if eos_id is not None:
             counted &= tokens[:, 1:] != eos_id

@@ -128,18 +128,21 @@ def push_to_hub(folder, repo_id: str, private: bool = False, dry_run: bool = Fal
     token = token or get_token()
     if not token:
         raise HubError("no Hugging Face token found: run `hf auth login` or set HF_TOKEN, then push again.")
-    if card != written:
-        card_path.write_text(card, encoding="utf-8")
-        logger.info("%s: the card's usage snippets now load %s", card_path, repo_id)
+    card_path.write_text(card, encoding="utf-8")
+    pushed = False
     try:
         api = HfApi(token=token)
         api.create_repo(repo_id, private=private, exist_ok=True)
         commit = api.upload_folder(folder_path=str(folder), repo_id=repo_id,
                                    commit_message="Upload BD3-LM (bd3lm_hf export)")
+        pushed = True
     except Exception as error:  # network, auth, offline mode: report without a traceback or the token
-        if card != written:  # nothing was pushed: the folder stays as it was
-            card_path.write_text(written, encoding="utf-8")
         raise HubError(f"push to {repo_id} failed: {_without(str(error), token)}") from None
+    finally:
+        if not pushed:  # failed or interrupted: the folder stays as it was
+            card_path.write_text(written, encoding="utf-8")
+    if card != written:
+        logger.info("%s: the card's usage snippets now load %s", card_path, repo_id)
     return {"repo_id": repo_id, "url": getattr(commit, "commit_url", str(commit))}
 
 

@@ -12,48 +12,46 @@ logger = logging.get_logger(__name__)
 
 
 def load_for_export(model_folder, tokenizer_folder=None):
-    """The model and tokenizer of a saved folder (`tokenizer_folder` when the tokenizer lives elsewhere). An adapter
-    folder (what `bd3lm-hf train --lora true` saves) is loaded onto its base model and merged: the export holds
-    the whole model."""
-    from transformers import AutoModelForCausalLM
-
-    model_folder = Path(model_folder)
-    if (model_folder / "config.json").is_file():
-        model = with_checkpoint_ema(AutoModelForCausalLM.from_pretrained(model_folder, trust_remote_code=True),
-                                    model_folder)
-    elif (model_folder / "adapter_config.json").is_file():
-        model = merged_adapter_model(model_folder)
-    else:
-        raise HubError(f"{model_folder} is not a saved model folder (no config.json, no adapter_config.json): "
-                       "export takes the folder save_pretrained (or `bd3lm-hf train`) wrote.")
+    """The model and tokenizer of a saved folder (`tokenizer_folder` when the tokenizer lives elsewhere)."""
+    model = load_saved_model(model_folder)
     return model, load_tokenizer(tokenizer_folder or model_folder, "pass --tokenizer FOLDER")
 
 
+def load_saved_model(name, dtype=None):
+    """The model of a saved folder or Hub id (loaded with trust_remote_code=True, in `dtype`). An adapter folder
+    (what `bd3lm-hf train --lora true` saves) is loaded onto its base model and merged: the whole model. A training
+    checkpoint gets its EMA weights, as training's evaluation and final save use them."""
+    from transformers import AutoModelForCausalLM
+
+    folder = Path(name)
+    if folder.is_dir() and not (folder / "config.json").is_file():
+        if not (folder / "adapter_config.json").is_file():
+            raise HubError(f"{name} is not a saved model folder (no config.json, no adapter_config.json): pass the "
+                           "folder save_pretrained, `bd3lm-hf train` or `bd3lm-hf export` wrote.")
+        merged = merged_adapter_model(folder)
+        return merged if dtype is None else merged.to(dtype)
+    model = AutoModelForCausalLM.from_pretrained(name, trust_remote_code=True,
+                                                 **({} if dtype is None else {"dtype": dtype}))
+    return with_checkpoint_ema(model, folder) if folder.is_dir() else model
+
+
 def with_checkpoint_ema(model, folder):
-    """`model` with the EMA weights of the training checkpoint `folder`, when it holds them (EMA_FILE): a checkpoint's
-    model weights are the raw training weights, while training's evaluation and final save use the EMA."""
+    """`model` (a PeftModel too) with the EMA weights of the training checkpoint `folder`, when it holds them."""
     import torch
-    from safetensors.torch import load_file
 
-    from .ema import EMA_FILE
+    from .ema import saved_ema
 
-    path = Path(folder) / EMA_FILE
-    if not path.is_file():
-        return model
-    shadow, parameters = load_file(str(path)), dict(model.named_parameters())
-    if not set(shadow) <= set(parameters):
-        logger.warning("%s does not match the model's parameters: using the checkpoint's training weights", path)
-        return model
+    parameters = dict(model.named_parameters())
+    shadow = saved_ema(folder, parameters)
     with torch.no_grad():
-        for name, tensor in shadow.items():
+        for name, tensor in (shadow or {}).items():
             parameters[name].copy_(tensor.to(parameters[name].dtype))
-    logger.info("%s is a training checkpoint: using its EMA weights (%s), as training's evaluation and final save "
-                "do", folder, EMA_FILE)
     return model
 
 
 def merged_adapter_model(adapter_folder: Path):
-    """The base model named by the adapter folder, with the adapters merged into its weights."""
+    """The base model named by the adapter folder, with the adapters (their EMA in a training checkpoint) merged into
+    its weights."""
     from peft import AutoPeftModelForCausalLM
 
     logger.info("%s holds adapters: loading their base model and merging them", adapter_folder)
@@ -62,7 +60,7 @@ def merged_adapter_model(adapter_folder: Path):
     except (OSError, ValueError) as error:  # the base (base_model_name_or_path) moved, or is not on this machine
         raise HubError(f"cannot load the base model of the adapters in {adapter_folder} (its adapter_config.json "
                        f"names base_model_name_or_path): {str(error).splitlines()[0]}") from None
-    return peft_model.merge_and_unload()
+    return with_checkpoint_ema(peft_model, adapter_folder).merge_and_unload()
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "tokenizer.model")

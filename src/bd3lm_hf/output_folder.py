@@ -17,6 +17,9 @@ def check_output_folder(folder, overwrite: bool, inputs=(), error=ValueError) ->
                         "or delete it; pass another output folder.")
     if folder.exists() and any(folder.iterdir()) and not overwrite:
         raise error(f"{folder} exists and is not empty; pass overwrite=True (CLI: --overwrite).")
+    if (folder / ".git").exists():  # `convert X . --overwrite` inside a repository would delete it
+        raise error(f"{folder} holds a git repository (.git): emptying it would delete the repository; pass another "
+                    "output folder.")
     return folder
 
 

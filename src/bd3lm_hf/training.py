@@ -9,6 +9,7 @@ The same function backs `bd3lm-hf train` (every field of both dataclasses is a f
 
 import json
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -325,7 +326,10 @@ def train(config: BD3LMTrainingConfig, args: TrainingArguments, resume_from_chec
         for callback in trainer.callback_handler.callbacks:
             if hasattr(callback, "resume_from"):
                 callback.resume_from = resume
-    result = trainer.train(resume_from_checkpoint=resume)
+    try:
+        result = trainer.train(resume_from_checkpoint=resume)
+    except KeyboardInterrupt:  # Ctrl-C: say what is left to resume from
+        raise TrainingInterrupted(interrupted_message(args.output_dir)) from None
     trainer.save_model(args.output_dir)  # before evaluate(): bf16/fp16_full_eval casts the model in place
     metrics = trainer.evaluate() if trainer.eval_dataset is not None else {}
     if metrics:
@@ -363,11 +367,26 @@ def resume_checkpoint(args: TrainingArguments, resume_from_checkpoint=None):
     return resume or None
 
 
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C during `train()`; its message says whether a checkpoint is left to resume from."""
+
+
+def interrupted_message(output_dir) -> str:
+    last = get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
+    if last is None:
+        return (f"training interrupted before any checkpoint was saved in {output_dir} (see --save_strategy / "
+                "--save_steps): nothing to resume from.")
+    return (f"training interrupted: {last} is kept; rerun the same command with --resume_from_checkpoint true to go "
+            "on from it.")
+
+
 def refuse_earlier_checkpoints(output_dir) -> None:
     """A new run does not write into a folder holding another run's checkpoints: they would stay beside the new ones,
     and a later `--resume_from_checkpoint true` would pick the other run's last."""
     folder = Path(output_dir)
-    earlier = sorted(p.name for p in folder.glob(f"{PREFIX_CHECKPOINT_DIR}-*") if p.is_dir()) if folder.is_dir() else []
+    checkpoint = re.compile(rf"^{PREFIX_CHECKPOINT_DIR}-\d+$")  # what Trainer resumes from (not checkpoint-best)
+    earlier = sorted(p.name for p in folder.iterdir() if checkpoint.match(p.name) and p.is_dir()) \
+        if folder.is_dir() else []
     if earlier:
         raise ValueError(f"output_dir={output_dir} holds the checkpoints of an earlier run ({', '.join(earlier[:3])}"
                          f"{', ...' if len(earlier) > 3 else ''}): resume it with --resume_from_checkpoint true, or "
