@@ -778,6 +778,24 @@ def test_cli_generate_with_the_static_cache(exported, capsys):
     assert calls >= 8  # one call per denoising step (the static cache never skips one)
 
 
+def test_cli_generate_reads_prompts_from_files_and_stdin(exported, tmp_path, capsys, monkeypatch):
+    """Each --prompt-file is one prompt, line breaks kept ('-': standard input), after the --prompt ones."""
+    import io
+
+    from bd3lm_hf.cli import main
+
+    (tmp_path / "romeo.txt").write_text("ROMEO.\nBut soft")
+    monkeypatch.setattr("sys.stdin", io.StringIO("JULIET.\n"))
+    flags = ["--max-new-tokens", "4", "--no-do-sample", "--device", "cpu"]
+    assert main(["generate", str(exported), "--prompt", "To be", "--prompt-file", str(tmp_path / "romeo.txt"), "-",
+                 *flags]) == 0
+    printed = capsys.readouterr().out
+    assert [line for line in printed.splitlines() if line.startswith("--- '")] == [
+        "--- 'To be'", "--- 'ROMEO.\\nBut soft'", "--- 'JULIET.\\n'"]
+    assert main(["generate", str(exported), "--prompt-file", str(tmp_path / "missing.txt"), *flags]) == 2
+    assert "--prompt-file" in capsys.readouterr().err
+
+
 def test_cli_generate_scores_the_samples_with_an_autoregressive_model(exported, tmp_path, capsys):
     """`--score-with`: the paper's generative perplexity (and entropy) of prompt + sample under the scorer, the
     figures `generative_perplexity` gives for the printed texts; a scorer folder that does not exist fails before

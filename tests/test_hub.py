@@ -218,7 +218,7 @@ def test_pipeline_truncation_keeps_the_end_of_a_prompt_longer_than_the_context(e
 
 def test_export_cli_names_a_missing_model_folder_and_a_file_as_output(exported, tmp_path, capfd):
     assert cli(["export", str(tmp_path / "nope"), str(tmp_path / "out")]) == 2
-    assert "nope is not a saved model folder" in capfd.readouterr().err
+    assert "nope does not exist" in capfd.readouterr().err
     (tmp_path / "file").write_text("x")
     assert cli(["export", str(exported), str(tmp_path / "file")]) == 2
     err = capfd.readouterr().err

@@ -86,7 +86,10 @@ def add_generate_command(commands) -> None:
         description="Each setting left out comes from the model's generation_config.json; where that has none: "
                     "--sampler ddpm, --max-new-tokens 64, --do-sample with --top-p 0.9, --temperature 1.0 and top_k 0.")
     generate.add_argument("model", help="model folder or Hub id (loaded with trust_remote_code=True)")
-    generate.add_argument("--prompt", nargs="+", default=["ROMEO.\n"])
+    generate.add_argument("--prompt", nargs="+", help="one or more prompts (default: 'ROMEO.' and a line break)")
+    generate.add_argument("--prompt-file", nargs="+", metavar="FILE",
+                          help="prompts read from files, each file's whole text one prompt (line breaks kept; '-': "
+                               "standard input); after any --prompt")
     generate.add_argument("--max-new-tokens", type=int, help="default: the model's, else 64")
     generate.add_argument("--sampler", choices=SAMPLERS,
                           help="default: the model's, else ddpm")
@@ -137,6 +140,23 @@ def positive_int(text: str) -> int:
     if value < 1:
         raise argparse.ArgumentTypeError(f"{value} is not a positive integer (at least 1)")
     return value
+
+
+def prompts_of(args) -> list[str]:
+    """--prompt, then each --prompt-file's text ('-': standard input); by default the demo's 'ROMEO.' + line break."""
+    prompts = list(args.prompt or [])
+    for path in args.prompt_file or []:
+        try:
+            if path == "-":
+                prompts.append(sys.stdin.read())
+                continue
+            with open(path, encoding="utf-8") as handle:
+                prompts.append(handle.read())
+        except OSError as error:
+            raise ValueError(f"--prompt-file {path}: cannot read it ({error.strerror or error}).") from None
+        except UnicodeDecodeError:
+            raise ValueError(f"--prompt-file {path} is not UTF-8 text.") from None
+    return prompts or ["ROMEO.\n"]
 
 
 def read_json_object(path: str, flag: str) -> dict:
@@ -264,7 +284,7 @@ def run_generate(args) -> None:
     model, tokenizer = load_for_inference(args.model, args.device, args.dtype)
     scorer = load_scorer(args.score_with, model.device) if args.score_with else None  # before sampling: fail early
     options = generation_options(args, model.generation_config)
-    result = sample_with_pipeline(model, tokenizer, args.prompt, seed=args.seed, **options)
+    result = sample_with_pipeline(model, tokenizer, prompts_of(args), seed=args.seed, **options)
     for prompt, text in zip(result["prompts"], result["texts"]):
         print(f"--- {prompt!r}\n{prompt}{text}")
     sampler = options.get("sampler", getattr(model.generation_config, "sampler", None))

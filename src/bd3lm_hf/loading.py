@@ -23,6 +23,7 @@ def load_saved_model(name, dtype=None):
     checkpoint gets its EMA weights, as training's evaluation and final save use them."""
     from transformers import AutoModelForCausalLM
 
+    name = local_folder_or_hub_id(str(name))  # a missing local folder is named, not taken for a Hub id
     folder = Path(name)
     if folder.is_dir() and not (folder / "config.json").is_file():
         if not (folder / "adapter_config.json").is_file():
