@@ -36,6 +36,8 @@ COMPILE_ERRORS = (torch._dynamo.exc.Unsupported, torch._dynamo.exc.BackendCompil
 # Recompile limit while a generation's steps compile: each (batch, block size, sampler, decoding, dtype) setting adds
 # 2 graphs of the one step function, so torch's default of 8 would keep 4 settings compiled per process.
 STEP_GRAPH_LIMIT = 32
+# the model attribute holding (compile settings, the compiled `denoise_step`)
+COMPILED_STEP = "_bd3lm_compiled"
 # makes checking and claiming a model's static cache one step, when several threads generate with one model
 _HELD_CACHE_CLAIMS = threading.Lock()
 # Arguments of transformers' `generate()` that are not generation settings, with the values that leave them off
@@ -446,10 +448,16 @@ class BD3LMGenerationMixin(GenerationMixin):
         """Drop the static cache kept on the model since a `cache_implementation="static"` generation (its keys,
         values and step buffers: batch x context x layers), e.g. before moving the model or to free memory; the next
         static generation allocates a new one. A generation running meanwhile keeps its own reference and finishes
-        normally. Compiled step graphs stay with torch (`torch._dynamo.reset()` frees them); settings whose step
-        could not be compiled are tried again."""
-        self.__dict__.pop("_bd3lm_static_cache", None)
-        self.__dict__.pop("_bd3lm_uncompilable", None)
+        normally. The compiled step is dropped too (its graphs stay with torch: `torch._dynamo.reset()` frees them);
+        settings whose step could not be compiled are tried again."""
+        for name in ("_bd3lm_static_cache", "_bd3lm_uncompilable", COMPILED_STEP):
+            self.__dict__.pop(name, None)
+
+    @staticmethod
+    def without_compiled_step(state: dict) -> dict:
+        """A model's pickled state (deepcopy, pickle) without its compiled step: that is bound to the model and
+        cannot be pickled, and a copy holding it would keep the original alive; a copy compiles its own."""
+        return {name: value for name, value in state.items() if name != COMPILED_STEP}
 
     def compiles_steps(self, cache, config, device, logits_processor=None) -> bool:
         """transformers' rule for compiling a decoding step: a static cache, on CUDA/XPU (elsewhere only when
@@ -544,9 +552,9 @@ class BD3LMGenerationMixin(GenerationMixin):
         """`torch.compile(self.denoise_step)`, built once per compile settings and kept on the model (keyed by the
         model's id too: a deep copy of the model must not call the original's bound step)."""
         key = self.compile_key(compile_config)
-        if getattr(self, "_bd3lm_compiled", (None,))[0] != key:
-            self._bd3lm_compiled = (key, torch.compile(self.denoise_step, **key[1]))
-        return self._bd3lm_compiled[1]
+        if getattr(self, COMPILED_STEP, (None,))[0] != key:
+            setattr(self, COMPILED_STEP, (key, torch.compile(self.denoise_step, **key[1])))
+        return getattr(self, COMPILED_STEP)[1]
 
     def compile_key(self, compile_config=None) -> tuple:
         """(the model's id, the compile settings): what a compiled step is kept under."""

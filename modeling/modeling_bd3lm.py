@@ -463,6 +463,9 @@ class BD3LMForBlockDiffusion(BD3LMPreTrainedModel, BD3LMGenerationMixin):
         self.loss_function = block_diffusion_nelbo  # transformers' loss hook (its setter); not a parameter
         self.post_init()
 
+    def __getstate__(self):  # nn.Module's would come first in the MRO: the mixin's rule, applied here
+        return self.without_compiled_step(super().__getstate__())
+
     def adjust_generation_fn(self, *args, **kwargs):
         """transformers loads a folder's generation_config.json as a plain `GenerationConfig`; make it ours, which
         checks the block diffusion fields (on construction and on save) and fills their defaults."""

@@ -532,3 +532,28 @@ def test_a_step_this_torch_cannot_compile_runs_eagerly_with_the_reason(caplog):
     model.set_attn_implementation("sdpa")
     model.generate(ids, attention_mask=mask, max_new_tokens=13, cache_implementation="static", compile_config=config)
     assert len(attempts) == 3
+
+
+def test_a_model_with_a_compiled_step_pickles_and_its_copies_compile_their_own(fresh_dynamo):
+    """The compiled step is bound to its model: it made the model unpicklable (also after release_static_cache) and
+    kept the original alive in every deepcopy. Copies now compile their own and give the same tokens."""
+    import copy
+    import gc
+    import pickle
+    import weakref
+
+    model = random_model(seed=2, std=0.12, max_position_embeddings=64)
+    ids, mask = prompts()
+    settings = dict(attention_mask=mask, max_new_tokens=12, do_sample=False, cache_implementation="static",
+                    compile_config=counting_compile_config([]))
+    expected = model.generate(ids, **settings)
+    assert hasattr(model, "_bd3lm_compiled")
+    copied, unpickled = copy.deepcopy(model), pickle.loads(pickle.dumps(model))
+    assert not hasattr(copied, "_bd3lm_compiled") and not hasattr(unpickled, "_bd3lm_compiled")
+    assert torch.equal(copied.generate(ids, **settings), expected)
+    original = weakref.ref(model)
+    del model
+    gc.collect()
+    assert original() is None  # the copy does not keep the original alive
+    copied.release_static_cache()
+    assert not hasattr(copied, "_bd3lm_compiled") and not hasattr(copied, "_bd3lm_static_cache")
