@@ -241,8 +241,14 @@ def test_convert_with_the_gpt2_tokenizer_gives_a_pipeline_ready_folder(tmp_path,
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "back", trust_remote_code=True)
     tokenizer = AutoTokenizer.from_pretrained(tmp_path / "back", trust_remote_code=True)
     assert model.config.eos_token_id == tokenizer.eos_token_id == 50256
+    sampled_with = []
+    generate = model.generate
+    model.generate = lambda *args, **kwargs: sampled_with.append(kwargs) or generate(*args, **kwargs)
     text = pipeline("text-generation", model=model, tokenizer=tokenizer)("Hello", max_new_tokens=4)
     assert text[0]["generated_text"].startswith("Hello")
+    # the paper's sampling, not the pipeline's own temperature 0.7
+    assert sampled_with[0].get("temperature", model.generation_config.temperature) == 1.0
+    assert model.generation_config.do_sample and model.generation_config.top_p == 0.9
     # a tokenizer that does not match the vocabulary is refused
     assert cli(["convert", str(fixtures / "bd3lm_public"), str(tmp_path / "bad"), "--with-gpt2-tokenizer"]) == 2
 

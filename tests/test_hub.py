@@ -1,6 +1,7 @@
 """Hub export and push, model cards, and the demo's steps (shortened)."""
 
 import json
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -160,11 +161,25 @@ def test_demo_refuses_an_export_dir_holding_other_files_before_training(tmp_path
 
     (tmp_path / "thesis").mkdir()
     (tmp_path / "thesis" / "chapter1.txt").write_text("not a model")
-    with pytest.raises(ValueError, match="holds files that are not a model folder"):
+    with pytest.raises(ValueError, match="holds files that are not an exported model folder"):
         demo(["--export_dir", str(tmp_path / "thesis"), "--output_dir", str(tmp_path / "run")])
     assert (tmp_path / "thesis" / "chapter1.txt").is_file() and not (tmp_path / "run").exists()  # nothing trained
     check_export_dir(str(exported))  # an earlier export is replaced
     check_export_dir(str(tmp_path / "new"))
+    # a training run's folder holds a BD3-LM config.json too, beside its checkpoints and results: never emptied
+    for extra in ("checkpoint-4", "training_args.bin", "eval_results.json"):
+        training_run = shutil.copytree(exported, tmp_path / extra / "run")
+        if extra.startswith("checkpoint"):
+            shutil.copytree(exported, training_run / extra)
+        else:
+            (training_run / extra).write_text("{}")
+        with pytest.raises(ValueError, match="a training run's checkpoints or results"):
+            check_export_dir(str(training_run))
+    repository = shutil.copytree(exported, tmp_path / "repository")
+    (repository / ".git").mkdir()  # refused before training, not after it
+    with pytest.raises(ValueError, match=r"holds a git repository \(.git\)"):
+        demo(["--export_dir", str(repository), "--output_dir", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists()
     with pytest.raises(SystemExit):  # argparse's choices: refused before training
         demo(["--sampler", "greedy", "--output_dir", str(tmp_path / "run")])
 

@@ -279,6 +279,22 @@ def test_finetuning_keeps_the_base_models_tokenizer(tmp_path, small_data):
         build_trainer(small_config(lora=True), arguments(tmp_path), train_set, eval_set, tokenizer)
 
 
+def test_given_data_without_a_tokenizer_takes_the_configs_or_is_refused(tmp_path, small_data):
+    """Tokenized data passed to build_trainer come without their tokenizer: the config's named one (or init_from's)
+    is loaded; a BPE trained on the data cannot be rebuilt from ids, so it is asked for (was a TypeError)."""
+    train_set, eval_set, tokenizer = small_data
+    with pytest.raises(ValueError, match=r"got tokenized data and no tokenizer: pass tokenizer="):
+        build_trainer(small_config(), arguments(tmp_path), train_set=train_set, eval_set=eval_set)
+    build_model(small_config(), tokenizer).save_pretrained(tmp_path / "base")
+    tokenizer.save_pretrained(tmp_path / "base")
+    trainer = build_trainer(BD3LMTrainingConfig(init_from=str(tmp_path / "base")), arguments(tmp_path / "run"),
+                            train_set=train_set, eval_set=eval_set)
+    assert trainer.processing_class.get_vocab() == tokenizer.get_vocab()  # saved with every checkpoint
+    trainer = build_trainer(small_config(tokenizer="gpt2"), arguments(tmp_path / "gpt2"), train_set=train_set,
+                            eval_set=eval_set)
+    assert trainer.model.config.vocab_size == len(trainer.processing_class) == 50258
+
+
 def test_label_smoothing_is_refused_instead_of_replacing_the_nelbo(tmp_path, small_data):
     train_set, eval_set, tokenizer = small_data
     with pytest.raises(ValueError, match="label_smoothing_factor=0.1 replaces the block-diffusion NELBO"):

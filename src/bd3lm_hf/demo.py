@@ -17,7 +17,7 @@ from transformers import HfArgumentParser, TrainingArguments
 from transformers.utils import logging
 
 from .hub import export_for_hub
-from .output_folder import is_exported_model_folder
+from .output_folder import check_output_folder, is_exported_model_folder
 from .modeling.sampling_bd3lm import SAMPLERS
 from .training import BD3LMTrainingConfig, shakespeare_split, train
 
@@ -56,10 +56,11 @@ def held_out_files(config: BD3LMTrainingConfig) -> list[str]:
 
 def check_export_dir(export_dir: str) -> None:
     """Before training: the demo replaces its own earlier export, never a folder holding anything else."""
-    folder = Path(export_dir)
-    if folder.exists() and (not folder.is_dir() or any(folder.iterdir())) and not is_exported_model_folder(folder):
-        raise ValueError(f"--export_dir {export_dir} holds files that are not a model folder: the demo replaces the "
-                         "folder's contents with its export; pass a new or an empty folder (or an earlier export).")
+    folder = check_output_folder(export_dir, overwrite=True)  # not a file, not a git repository
+    if folder.exists() and any(folder.iterdir()) and not is_exported_model_folder(folder):
+        raise ValueError(f"--export_dir {export_dir} holds files that are not an exported model folder (a training "
+                         "run's checkpoints or results, or other files): the demo replaces the folder's contents "
+                         "with its export; pass a new or an empty folder (or an earlier export).")
 
 
 def fresh_process(*arguments: str) -> str:

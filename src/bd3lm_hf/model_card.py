@@ -34,8 +34,10 @@ PAPER_CHECKPOINTS = {
     "mdlm-owt": (1024, "MDLM (one block over the whole context, time-conditioned) trained on OpenWebText."),
 }
 # How the original code sampled the paper's generative-perplexity texts (its scripts/gen_ppl: first hitting, nucleus
-# p 0.9, no top-k): the generation config a converted checkpoint gets, so that `generate()` samples as the paper did.
-ORIGINAL_SAMPLING = {"sampler": "first_hitting", "do_sample": True, "top_k": 0, "top_p": 0.9}
+# p 0.9, no top-k, no temperature): the generation config a converted checkpoint gets, so that `generate()` samples as
+# the paper did. The temperature is written out because `pipeline("text-generation")` samples at its own 0.7 unless
+# the model's generation config sets one.
+ORIGINAL_SAMPLING = {"sampler": "first_hitting", "do_sample": True, "temperature": 1.0, "top_k": 0, "top_p": 0.9}
 # The settings a card names as the folder's `generate()` defaults when its generation config sets them: whatever
 # changes the tokens or their number.
 SAMPLING_FIELDS = ("sampler", "block_size", "num_steps", "confidence_threshold", "do_sample", "temperature", "top_k",
@@ -119,9 +121,11 @@ def paper_card(name: str, repo_id: str | None = None) -> ModelCard:
                   f"(`bd3lm-hf push {folder} <namespace>/{folder}`, which points the snippets above at that "
                   "repo). Tokenizer: GPT-2 BPE with [MASK] appended at id 50257.\n\n"
                   "The conversion writes the sampling of the paper's generative-perplexity runs as the generation "
-                  "defaults (first hitting, nucleus p = 0.9, no top-k). Those samples were 1024 tokens long, "
-                  "whatever EOS they held: `generate(..., max_new_tokens=1024, eos_token_id=[])` starting from "
-                  "`<|endoftext|>` gives texts of that kind.")
+                  "defaults (first hitting, temperature 1, nucleus p = 0.9, no top-k). Those samples were 1024 "
+                  "tokens long with the `<|endoftext|>` they start from, whatever EOS they held: "
+                  "`model.generate(**tokenizer(\"<|endoftext|>\", return_tensors=\"pt\"), max_new_tokens=1023, "
+                  "eos_token_id=[])` gives texts of that kind (pass the tokenizer's attention mask: the prompt's "
+                  "token is also the padding id).")
     clip_range = None  # MDLM's weights hold none: it trains over the full range, which the conversion writes
     if config.num_blocks > 1:
         clip_range = "the grid-searched range stored with the weights (kept by the conversion)"

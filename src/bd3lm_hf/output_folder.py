@@ -36,15 +36,25 @@ def clear_output_folder(folder) -> None:
             child.unlink()
 
 
+# What `export` writes: the card, configs, the modeling code, the weights (sharded or not) and the tokenizer's files.
+EXPORT_FILES = ("README.md", "config.json", "generation_config.json", "*.py", "model*.safetensors",
+                "model.safetensors.index.json", "tokenizer*.json", "special_tokens_map.json", "added_tokens.json",
+                "vocab.json", "merges.txt", "chat_template.jinja")
+
+
 def is_exported_model_folder(folder) -> bool:
-    """Whether `folder` holds a BD3-LM model folder (its config.json names model_type bd3lm): what `demo` may
-    replace with its new export."""
+    """Whether `folder` is an exported BD3-LM folder and nothing else (its config.json names model_type bd3lm; every
+    entry is a file an export writes): what `demo` may replace with its new export. A training run's folder
+    (checkpoints, trainer state, optimizer, results) is not one."""
     import json
 
+    folder = Path(folder)
     try:
-        return json.loads((Path(folder) / "config.json").read_text()).get("model_type") == "bd3lm"
+        if json.loads((folder / "config.json").read_text()).get("model_type") != "bd3lm":
+            return False
     except (OSError, ValueError, AttributeError):
         return False
+    return all(entry.is_file() and any(entry.match(pattern) for pattern in EXPORT_FILES) for entry in folder.iterdir())
 
 
 def holds(folder: Path, path: Path) -> bool:

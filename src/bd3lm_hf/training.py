@@ -175,6 +175,16 @@ def build_tokenizer(config: BD3LMTrainingConfig, texts: list[str]):
     return tokenizer
 
 
+def tokenizer_of_given_data(config: BD3LMTrainingConfig):
+    """For data the caller tokenized: the tokenizer the config names (or init_from's); a BPE trained on the data
+    cannot be rebuilt from token ids."""
+    if (config.tokenizer or config.init_from or "bpe") == "bpe":
+        raise ValueError("build_trainer(train_set=...) got tokenized data and no tokenizer: pass tokenizer= (the one "
+                         "the data were tokenized with) or model=, or set the config's tokenizer ('gpt2' or a "
+                         "folder) or init_from.")
+    return build_tokenizer(config, texts=[])
+
+
 def training_texts(config: BD3LMTrainingConfig, raw_train) -> list[str]:
     """What a BPE tokenizer is trained on: the text column, or the prompts and responses (messages) of SFT data."""
     if config.sft:
@@ -276,6 +286,8 @@ def build_trainer(config: BD3LMTrainingConfig, args: TrainingArguments, train_se
         eval_set = tokenize(config, raw_eval, tokenizer) if raw_eval is not None else None
         if eval_set is None and not config.streaming:
             train_set, eval_set = split_off_eval(train_set, config.eval_split)
+    elif tokenizer is None and model is None:
+        tokenizer = tokenizer_of_given_data(config)
     if config.lora and not (config.init_from or model is not None):
         # a fresh model's output layer and adaLN gates start at zero and stay frozen: the adapters would get no
         # gradient
