@@ -295,6 +295,28 @@ def test_given_data_without_a_tokenizer_takes_the_configs_or_is_refused(tmp_path
     assert trainer.model.config.vocab_size == len(trainer.processing_class) == 50258
 
 
+def test_finetuning_from_a_checkpoint_starts_from_its_ema_weights(tmp_path, small_data, caplog):
+    """What `bd3lm-hf eval`/`export` of a checkpoint use; under LoRA the raw weights PEFT reloads, with a warning."""
+    import logging
+
+    from safetensors.torch import save_file
+
+    from bd3lm_hf.ema import EMA_FILE
+
+    tokenizer = small_data[2]
+    build_model(small_config(), tokenizer).save_pretrained(tmp_path / "checkpoint-4")
+    raw = AutoModelForCausalLM.from_pretrained(tmp_path / "checkpoint-4", trust_remote_code=True)
+    shadow = {name: parameter.detach() + 0.5 for name, parameter in raw.named_parameters()}
+    save_file(shadow, str(tmp_path / "checkpoint-4" / EMA_FILE))
+    started = build_model(BD3LMTrainingConfig(init_from=str(tmp_path / "checkpoint-4")), tokenizer)
+    assert all(torch.equal(parameter, shadow[name]) for name, parameter in started.named_parameters())
+    with caplog.at_level(logging.WARNING):
+        under_lora = build_model(BD3LMTrainingConfig(init_from=str(tmp_path / "checkpoint-4"), lora=True), tokenizer)
+    assert all(torch.equal(parameter, dict(raw.named_parameters())[name])
+               for name, parameter in under_lora.named_parameters())
+    assert "LoRA finetunes the raw training weights of the checkpoint" in caplog.text
+
+
 def test_label_smoothing_is_refused_instead_of_replacing_the_nelbo(tmp_path, small_data):
     train_set, eval_set, tokenizer = small_data
     with pytest.raises(ValueError, match="label_smoothing_factor=0.1 replaces the block-diffusion NELBO"):

@@ -24,8 +24,8 @@ from .collator import DataCollatorForBlockDiffusion
 from .compilation import compile_decoder_layers, should_compile_layers
 from .data import (load_text_dataset, require_columns, sft_texts, sft_tokenize, shakespeare_files,
                    stream_text_dataset, wrap_tokenize)
-from .ema import EMACallback
-from .loading import load_tokenizer, local_folder_or_hub_id
+from .ema import EMA_FILE, EMACallback
+from .loading import load_tokenizer, local_folder_or_hub_id, with_checkpoint_ema
 from .modeling import BD3LMConfig, BD3LMForBlockDiffusion
 from .tokenization import MIN_BPE_VOCAB_SIZE, check_tokenizer_fits, gpt2_tokenizer_with_mask, train_bpe_tokenizer
 
@@ -255,6 +255,7 @@ def build_model(config: BD3LMTrainingConfig, tokenizer):
     if config.init_from:
         model = AutoModelForCausalLM.from_pretrained(config.init_from, trust_remote_code=True,
                                                      attn_implementation=attention_backend(config))
+        model = with_starting_ema(model, config)
         if model.config.block_size != config.block_size:  # the paper: pretrain with L' = L, finetune per L'
             logger.warning("finetuning with block_size=%d (the checkpoint used %d)", config.block_size,
                            model.config.block_size)
@@ -271,6 +272,21 @@ def build_model(config: BD3LMTrainingConfig, tokenizer):
     model = BD3LMForBlockDiffusion(model_config)
     model.set_attn_implementation(attention_backend(config))
     return model
+
+
+def with_starting_ema(model, config: BD3LMTrainingConfig):
+    """A finetune from a training checkpoint starts from its EMA weights, the weights `bd3lm-hf eval`/`export` of
+    that checkpoint use. Not under LoRA: the adapters' base is what PEFT later loads from the checkpoint folder, its
+    raw training weights, so the run says so instead."""
+    folder = Path(config.init_from)
+    if not (folder / EMA_FILE).is_file():
+        return model
+    if config.lora:
+        logger.warning("LoRA finetunes the raw training weights of the checkpoint %s (PEFT reloads the adapters' base "
+                       "from it as saved), not its EMA weights, which `bd3lm-hf eval`/`export` of it use: to finetune "
+                       "those, `bd3lm-hf export` the checkpoint and start from the export.", folder)
+        return model
+    return with_checkpoint_ema(model, folder)
 
 
 def build_trainer(config: BD3LMTrainingConfig, args: TrainingArguments, train_set=None, eval_set=None,
