@@ -285,6 +285,11 @@ def test_each_direction_recognises_a_folder_already_in_its_target_format(fixture
     with pytest.raises(ConversionError, match="already in this package's format"):
         load_original(ours)
     assert not (tmp_path / "out").exists()
+    (tmp_path / "adapters").mkdir()  # what a LoRA run saves: adapters only
+    (tmp_path / "adapters" / "adapter_config.json").write_text("{}")
+    with pytest.raises(ConversionError, match=r"holds LoRA adapters, not a model: merge them into their base "
+                                              r"first \(`bd3lm-hf export"):
+        convert_to_original(tmp_path / "adapters", tmp_path / "out")
 
 
 def test_to_original_reads_a_sharded_folder(fixtures, tmp_path):

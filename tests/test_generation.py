@@ -784,7 +784,7 @@ def test_cli_generate_reads_prompts_from_files_and_stdin(exported, tmp_path, cap
 
     from bd3lm_hf.cli import main
 
-    (tmp_path / "romeo.txt").write_text("ROMEO.\nBut soft")
+    (tmp_path / "romeo.txt").write_text("\ufeffROMEO.\nBut soft", encoding="utf-8")  # a byte-order mark: left out
     monkeypatch.setattr("sys.stdin", io.StringIO("JULIET.\n"))
     flags = ["--max-new-tokens", "4", "--no-do-sample", "--device", "cpu"]
     assert main(["generate", str(exported), "--prompt", "To be", "--prompt-file", str(tmp_path / "romeo.txt"), "-",
@@ -794,6 +794,8 @@ def test_cli_generate_reads_prompts_from_files_and_stdin(exported, tmp_path, cap
         "--- 'To be'", "--- 'ROMEO.\\nBut soft'", "--- 'JULIET.\\n'"]
     assert main(["generate", str(exported), "--prompt-file", str(tmp_path / "missing.txt"), *flags]) == 2
     assert "--prompt-file" in capsys.readouterr().err
+    assert main(["generate", str(exported), "--prompt-file", "-", "-", *flags]) == 2  # a second read: empty
+    assert "standard input) can be given once" in capsys.readouterr().err
 
 
 def test_cli_generate_scores_the_samples_with_an_autoregressive_model(exported, tmp_path, capsys):
@@ -820,6 +822,12 @@ def test_cli_generate_scores_the_samples_with_an_autoregressive_model(exported, 
     assert expected["tokens"] > 32  # longer than the scorer's context: two windows
     assert main(["generate", str(exported), *flags, "--score-with", str(tmp_path / "none")]) == 2
     assert "model calls" not in capsys.readouterr().out
+    # a BD3-LM's logits are not next-token predictions: refused as a scorer, before sampling
+    assert main(["generate", str(exported), *flags, "--score-with", str(exported)]) == 2
+    printed = capsys.readouterr()
+    assert "model calls" not in printed.out and "generative perplexity needs an autoregressive model" in printed.err
+    with pytest.raises(ValueError, match="the scorer is a BD3-LM"):
+        generative_perplexity([text], AutoModelForCausalLM.from_pretrained(exported, trust_remote_code=True), tokenizer)
 
 
 @torch.no_grad()

@@ -145,12 +145,14 @@ def positive_int(text: str) -> int:
 def prompts_of(args) -> list[str]:
     """--prompt, then each --prompt-file's text ('-': standard input); by default the demo's 'ROMEO.' + line break."""
     prompts = list(args.prompt or [])
+    if (args.prompt_file or []).count("-") > 1:  # the second read of standard input would be an empty prompt
+        raise ValueError("--prompt-file - (standard input) can be given once.")
     for path in args.prompt_file or []:
         try:
             if path == "-":
-                prompts.append(sys.stdin.read())
+                prompts.append(sys.stdin.read().removeprefix("\ufeff"))
                 continue
-            with open(path, encoding="utf-8") as handle:
+            with open(path, encoding="utf-8-sig") as handle:  # -sig: a byte-order mark is not part of the prompt
                 prompts.append(handle.read())
         except OSError as error:
             raise ValueError(f"--prompt-file {path}: cannot read it ({error.strerror or error}).") from None
@@ -302,11 +304,13 @@ def run_generate(args) -> None:
 
 def load_scorer(name: str, device):
     """An autoregressive model (float32, on `device`) and its tokenizer, to score samples."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
+    from .evaluation import check_autoregressive_scorer
     from .loading import load_tokenizer, local_folder_or_hub_id
 
     name = local_folder_or_hub_id(name)
+    check_autoregressive_scorer(AutoConfig.from_pretrained(name))  # before loading its weights
     scorer = AutoModelForCausalLM.from_pretrained(name).to(device).eval()
     return scorer, load_tokenizer(name, "save the scorer's tokenizer into its folder (tokenizer.save_pretrained)")
 

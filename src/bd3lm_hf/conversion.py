@@ -419,6 +419,10 @@ def read_our_config(folder: Path) -> BD3LMConfig:
     """The config of a folder in this package's format; an original bd3lms folder is refused by name."""
     if not folder.is_dir():
         raise ConversionError(f"{folder} is not a folder: --to-original converts a folder in this package's format.")
+    if (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():
+        raise ConversionError(f"{folder} holds LoRA adapters, not a model: merge them into their base first "
+                              f"(`bd3lm-hf export {folder} MERGED`, which uses a checkpoint's EMA too), then convert "
+                              "MERGED.")
     fields = read_json(folder / "config.json")
     original_names = sorted(name for name in ORIGINAL_FIELD_NAMES if name in fields)
     if fields.get("architectures") == ["BD3LM"] or original_names:

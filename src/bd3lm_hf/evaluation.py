@@ -50,6 +50,14 @@ def nelbo_perplexity(model, tokenizer, files, batch_size: int = 32, max_sequence
 
 
 @torch.no_grad()
+def check_autoregressive_scorer(config) -> None:
+    """A block diffusion model's logits on clean text are not next-token predictions: its perplexity would mean
+    nothing (AutoModelForCausalLM loads a BD3-LM folder too)."""
+    if getattr(config, "model_type", None) == "bd3lm":
+        raise ValueError("the scorer is a BD3-LM: generative perplexity needs an autoregressive model (the paper: "
+                         "gpt2-large).")
+
+
 def generative_perplexity(texts, scorer, scorer_tokenizer, max_length: int | None = None,
                           context_size: int | None = None, stride: int | None = None, batch_size: int = 8) -> dict:
     """Generative perplexity of `texts` under an autoregressive `scorer` (the paper: GPT-2 Large), and the mean
@@ -72,6 +80,7 @@ def generative_perplexity(texts, scorer, scorer_tokenizer, max_length: int | Non
     """
     if not isinstance(texts, (list, tuple)) or not texts or not all(isinstance(text, str) for text in texts):
         raise ValueError(f"texts must be a non-empty list of strings, got {type(texts).__name__}.")
+    check_autoregressive_scorer(scorer.config)
     context_size = scorer_context(scorer) if context_size is None else context_size
     stride = max(context_size // 2, 1) if stride is None and is_count(context_size) else stride
     for name, value in (("batch_size", batch_size), ("stride", stride), ("context_size", context_size),
