@@ -950,3 +950,21 @@ def test_one_block_models_are_refused_past_the_context():
     with pytest.raises(ValueError, match=r"would see no earlier token, the prompt included: lower max_new_tokens "
                                          r"\(at most 27 here\)"):
         model.generate(ids, max_new_tokens=28)
+
+
+@torch.no_grad()
+def test_use_cache_given_to_from_pretrained_loads_and_is_followed(gen_model, tmp_path, monkeypatch):
+    """`from_pretrained(..., use_cache=False)` (training scripts pass it with gradient checkpointing) was a TypeError
+    (the config had no such field); generation then recomputes the prefix, as a transformers model's does, unless
+    the call says otherwise. The tokens are the same either way."""
+    gen_model.save_pretrained(tmp_path / "model")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "model", trust_remote_code=True, use_cache=False).eval()
+    assert loaded.config.use_cache is False
+    caches = []
+    make_cache = type(loaded).make_cache
+    monkeypatch.setattr(type(loaded), "make_cache", lambda self, *args: caches.append(1) or make_cache(self, *args))
+    ids, mask = prompts()
+    uncached = loaded.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+    assert caches == []
+    cached = loaded.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, use_cache=True)
+    assert caches == [1] and torch.equal(uncached, cached)

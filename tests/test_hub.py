@@ -356,7 +356,7 @@ def test_cards_name_the_folders_generation_defaults(exported):
     from bd3lm_hf.model_card import converted_card
 
     assert "`generation_config.json` where not given: none is set" in (exported / "README.md").read_text()
-    paper_defaults = '`sampler="first_hitting", do_sample=True, top_k=0, top_p=0.9`'
+    paper_defaults = '`sampler="first_hitting", do_sample=True, temperature=1.0, top_k=0, top_p=0.9`'
     assert paper_defaults in str(paper_card("bd3lm-owt-block_size4"))
     model = random_model(block_size=4)
     model.generation_config.update(sampler="ddpm", num_steps=2, do_sample=True, temperature=0.7)
