@@ -44,7 +44,8 @@ class BD3LMGenerationConfig(GenerationConfig):
         num_steps (`int`, optional): denoising steps per block of the `ddpm` sampler; defaults to `block_size`.
         sampler (`str`, defaults to "ddpm"): `"ddpm"` (T steps from t=1 to 0, each masked token revealed with
             probability (t-s)/t), `"first_hitting"` (one masked position per model call) or `"confidence"` (every
-            position whose top probability reaches `confidence_threshold`, at least one per call).
+            position whose chosen token's probability, the top one when greedy, reaches `confidence_threshold`, at
+            least one per call).
         confidence_threshold (`float`, defaults to 0.9): threshold of the `confidence` sampler.
         entropy_stop (`bool`, defaults to False): stop a row when the unigram entropy of its last 256 tokens falls
             below 4 nats (the paper's rule against degenerate repetition).

@@ -564,7 +564,8 @@ class BD3LMForBlockDiffusion(BD3LMPreTrainedModel, BD3LMGenerationMixin):
             logger.warning_once("noise_levels without labels: no loss is computed (the 2L pass needs labels = x_0).")
         if labels is not None and noise_levels is None:
             logger.warning_once("labels without noise_levels: no loss is computed (it needs the per-block t that made "
-                                "input_ids; DataCollatorForBlockDiffusion provides both).")
+                                "input_ids; bd3lm_hf's DataCollatorForBlockDiffusion provides both, or this "
+                                "folder's diffusion_bd3lm.sample_block_noise_levels and q_xt).")
         if labels is not None and noise_levels is not None:
             loss = self.nelbo(logits, input_ids, x0_ids, labels, noise_levels, attention_mask, num_items_in_batch)
         return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values,

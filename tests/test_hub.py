@@ -55,14 +55,22 @@ def test_card_metadata_parses(exported):
     assert 'from_pretrained("someone/tiny-bd3lm", trust_remote_code=True)' in card.text
 
 
-def test_card_usage_snippet_runs_on_the_folder_without_the_package(exported, tmp_path):
+def test_card_snippets_run_on_the_folder_without_the_package(exported, tmp_path):
+    """The usage, then the finetuning snippet (LoRA, the loss from the folder's own noising functions)."""
     card = ModelCard.load(exported / "README.md").text
-    snippet = card.split("```python\n", 1)[1].split("```", 1)[0].replace("someone/tiny-bd3lm", str(exported))
-    script = BLOCK_IMPORT + snippet
+    snippets = [block.split("```", 1)[0] for block in card.split("```python\n")[1:]]
+    assert len(snippets) == 2
+    check = textwrap.dedent("""
+        assert torch.isfinite(loss) and loss > 0
+        trained = [p for p in model.parameters() if p.requires_grad]
+        assert trained and all(p.grad is not None for p in trained) and len(trained) < 30  # the adapters only
+        print("finetuning loss", float(loss))
+    """)
+    script = BLOCK_IMPORT + "\n".join(snippets).replace("someone/tiny-bd3lm", str(exported)) + check
     env = {"HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "PATH": "/usr/bin:/bin", "HF_HOME": str(tmp_path)}
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "model calls:" in result.stdout
+    assert "model calls:" in result.stdout and "finetuning loss" in result.stdout
 
 
 def test_exported_folder_generates_in_a_fresh_process(exported, tmp_path):
