@@ -391,6 +391,11 @@ def test_eval_runs_in_the_dtype_asked(exported, tmp_path, capsys):
                     "--dtype", dtype]) == 0
         nelbo[dtype] = float(capsys.readouterr().out.split("NELBO ")[1].split()[0])
     assert nelbo["float32"] != nelbo["bfloat16"] and abs(nelbo["float32"] - nelbo["bfloat16"]) < 0.1
+    # JSON data with another text column, as train's --text_column reads it: the same sequences, the same NELBO
+    (tmp_path / "held_out.jsonl").write_text(json.dumps({"content": held_out.read_text()}) + "\n")
+    assert cli(["eval", str(exported), "--data", str(tmp_path / "held_out.jsonl"), "--text-column", "content",
+                "--max-sequences", "4", "--device", "cpu"]) == 0
+    assert float(capsys.readouterr().out.split("NELBO ")[1].split()[0]) == nelbo["float32"]
 
 
 @pytest.fixture

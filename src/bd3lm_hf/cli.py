@@ -65,6 +65,8 @@ def add_eval_command(commands) -> None:
     evaluate = commands.add_parser("eval", help="NELBO perplexity of a saved model on held-out text files")
     evaluate.add_argument("model", help="model folder or Hub id (loaded with trust_remote_code=True)")
     evaluate.add_argument("--data", nargs="+", required=True, help=".txt/.md/.json/.jsonl files")
+    evaluate.add_argument("--text-column", default="text",
+                          help="the text column of .json/.jsonl files (default: text), as train's --text_column")
     evaluate.add_argument("--batch-size", type=positive_int, default=32, help="sequences per forward (default 32)")
     evaluate.add_argument("--max-sequences", type=positive_int, default=None,
                           help="score only the first N sequences (default: all)")
@@ -261,7 +263,8 @@ def run_eval(args) -> None:
 
     model, tokenizer = load_for_inference(args.model, args.device, args.dtype)
     result = nelbo_perplexity(model, tokenizer, args.data, args.batch_size, args.max_sequences, args.seed,
-                              framed=args.wrap_framed, ignore_first_token=args.ignore_first_token)
+                              framed=args.wrap_framed, ignore_first_token=args.ignore_first_token,
+                              text_column=args.text_column)
     print(f"NELBO {result['nelbo']:.4f} nats/token, perplexity <= {result['perplexity']:.2f} "
           f"({result['tokens']} tokens, {result['sequences']} sequences)")
 

@@ -87,8 +87,9 @@ def main(argv: list[str]) -> dict:
     logger.info("3/3 reloading it in a fresh process with AutoModelForCausalLM.from_pretrained(dir, "
                 "trust_remote_code=True)")
     layout = ["--wrap-framed"] * config.wrap_framed + ["--ignore-first-token"] * config.ignore_first_token
-    evaluation = fresh_process("eval", str(export), "--data", *held_out_files(config), "--max-sequences",
-                               str(demo.eval_sequences), *layout)  # the layout training evaluated with
+    evaluation = fresh_process("eval", str(export), "--data", *held_out_files(config), "--text-column",
+                               config.text_column, "--max-sequences", str(demo.eval_sequences),
+                               *layout)  # the data and layout training evaluated with
     generation_flags = ["--prompt", *demo.prompts, "--max-new-tokens", str(demo.max_new_tokens), "--sampler",
                         demo.sampler] + ([] if demo.num_steps is None else ["--num-steps", str(demo.num_steps)])
     samples = fresh_process("generate", str(export), *generation_flags)

@@ -20,16 +20,18 @@ logger = logging.get_logger(__name__)
 
 @torch.no_grad()
 def nelbo_perplexity(model, tokenizer, files, batch_size: int = 32, max_sequences: int | None = None,
-                     seed: int = 0, framed: bool = False, ignore_first_token: bool = False) -> dict:
-    """Token-mean NELBO (t over [1e-3, 1], the paper's bound) and its exp, on `files` wrapped into sequences of
-    the model's context length (`framed`: as the original lays them out, see `wrap_tokenize`; `ignore_first_token`:
-    each sequence's first token neither noised nor scored, as the original's `ignore_bos`)."""
+                     seed: int = 0, framed: bool = False, ignore_first_token: bool = False,
+                     text_column: str = "text") -> dict:
+    """Token-mean NELBO (t over [1e-3, 1], the paper's bound) and its exp, on `files` (their `text_column` for
+    .json/.jsonl) wrapped into sequences of the model's context length (`framed`: as the original lays them out, see
+    `wrap_tokenize`; `ignore_first_token`: each sequence's first token neither noised nor scored, as the original's
+    `ignore_bos`)."""
     for name, value in (("batch_size", batch_size), ("max_sequences", max_sequences)):
         if value is not None and not is_count(value):
             raise ValueError(f"{name} must be a positive integer, got {value!r}.")
     config = model.config
-    sequences = wrap_tokenize(load_text_dataset(files), tokenizer, config.max_position_embeddings,
-                              config.block_size, framed=framed)
+    sequences = wrap_tokenize(load_text_dataset(files, text_column), tokenizer, config.max_position_embeddings,
+                              config.block_size, text_column=text_column, framed=framed)
     if max_sequences is not None:
         sequences = sequences.select(range(min(max_sequences, len(sequences))))
     collator = DataCollatorForBlockDiffusion(config.mask_token_id, config.block_size, seed=seed,
