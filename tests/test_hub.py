@@ -472,3 +472,15 @@ def test_export_refuses_a_model_that_carries_adapters(tmp_path):
     with pytest.raises(HubError, match="carries PEFT adapters"):
         export_for_hub(model, gpt2_tokenizer_with_mask(), tmp_path / "hub")
     assert not (tmp_path / "hub").exists()
+
+
+def test_fill_mask_reads_the_space_before_mask_as_part_of_it(exported):
+    """"not to [MASK]" used to leave its space as a token of its own (id 220, which GPT-2's BPE never puts before a
+    word): the model then filled after it, and every pipeline("fill-mask") sequence held a double space."""
+    from transformers import AutoTokenizer, pipeline
+
+    tokenizer = AutoTokenizer.from_pretrained(exported)
+    assert tokenizer("not to [MASK]")["input_ids"] == tokenizer("not to")["input_ids"] + [tokenizer.mask_token_id]
+    fill = pipeline("fill-mask", model=str(exported), trust_remote_code=True)
+    guesses = fill("To be, or not to [MASK]", top_k=3)
+    assert all(guess["sequence"] == "To be, or not to" + guess["token_str"] for guess in guesses)

@@ -4,6 +4,7 @@ small byte-level BPE trained on the data; both with <|endoftext|> as BOS/EOS/PAD
 import json
 from importlib import resources
 
+from tokenizers import AddedToken
 from transformers import PreTrainedTokenizerFast
 from transformers.utils import logging
 
@@ -69,7 +70,9 @@ def _with_special_tokens(backend, padding_side: str) -> PreTrainedTokenizerFast:
     """The transformers tokenizer: <|endoftext|> as BOS, EOS, UNK and PAD, then [MASK] appended."""
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token=EOS, eos_token=EOS, unk_token=EOS,
                                         pad_token=EOS, padding_side=padding_side)
-    tokenizer.add_special_tokens({"mask_token": MASK})
+    # lstrip: "not to [MASK]" must not leave its space as a token of its own (" " then [MASK]), which the BPE never
+    # produces before a word: pipeline("fill-mask") would predict after it (RoBERTa's <mask> is added alike)
+    tokenizer.add_special_tokens({"mask_token": AddedToken(MASK, lstrip=True, special=True, normalized=False)})
     return tokenizer
 
 
