@@ -126,3 +126,23 @@ def test_the_original_return_dict_false_is_not_taken_over(fixtures):
     original = json.loads((fixtures / "bd3lm_public" / "config.json").read_text())
     assert original["return_dict"] is False
     assert BD3LMConfig(**{k: v for k, v in original.items() if k != "model_type"}).return_dict is True
+
+
+def test_the_shipped_code_names_the_transformers_version_it_needs(monkeypatch):
+    """On transformers 4.x, remote-code loading failed with a missing-file error naming no version. The module is
+    run as a separate copy: reloading the real one would replace the BD3LMConfig class other modules hold."""
+    import importlib.util
+
+    import transformers
+
+    import bd3lm_hf.modeling.configuration_bd3lm as module
+
+    def run_a_copy():
+        spec = importlib.util.spec_from_file_location("bd3lm_hf.modeling.configuration_copy", module.__file__)
+        spec.loader.exec_module(importlib.util.module_from_spec(spec))
+
+    monkeypatch.setattr(transformers, "__version__", "4.57.1")
+    with pytest.raises(ImportError, match=r"needs transformers >= 5.17, found 4.57.1"):
+        run_a_copy()
+    monkeypatch.setattr(transformers, "__version__", "5.17.0.dev0")
+    run_a_copy()
