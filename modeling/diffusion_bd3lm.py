@@ -61,6 +61,15 @@ def loss_weights(noise_levels: torch.Tensor) -> torch.Tensor:
     return 1.0 / noise_levels
 
 
+def first_block_noise_level(noise_levels: torch.Tensor, attention_mask: torch.Tensor | None,
+                            block_size: int) -> torch.Tensor:
+    """(B,) the t of each row's first real block: column block 0 unless the row is left-padded (by whole blocks)."""
+    if attention_mask is None:
+        return noise_levels[:, 0]
+    first_block = (attention_mask.cumsum(-1) == 0).sum(-1) // block_size  # left-padding columns // block size
+    return noise_levels.gather(1, first_block.clamp(max=noise_levels.shape[1] - 1)[:, None])[:, 0]
+
+
 def sigma_from_noise_level(t: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
     """The time-conditioning input of MDLM: sigma = -log(1 - t), capped at -log(eps) as the original."""
     return torch.clamp(-torch.log(1 - t), max=-math.log(eps))

@@ -27,7 +27,7 @@ from transformers.utils.generic import can_return_tuple
 
 from .cache_bd3lm import BD3LMCache, BD3LMStaticCache
 from .configuration_bd3lm import BD3LMConfig
-from .diffusion_bd3lm import block_diffusion_nelbo, sigma_from_noise_level
+from .diffusion_bd3lm import block_diffusion_nelbo, first_block_noise_level, sigma_from_noise_level
 from .generation_bd3lm import BD3LMGenerationMixin
 from .generation_config_bd3lm import BD3LMGenerationConfig
 from .masking_bd3lm import (concat_descriptors, dense_block_diffusion_mask, flex_block_diffusion_mask,
@@ -542,8 +542,10 @@ class BD3LMForBlockDiffusion(BD3LMPreTrainedModel, BD3LMGenerationMixin):
             x0_ids = self.clean_targets(input_ids, labels, attention_mask)
             if timesteps is None and noise_levels is not None and self.config.time_conditioning:
                 # the first block's t, as the original's _forward_pass_diffusion (sigma of p[:, 0]): MDLM has one
-                # block; a time-conditioned model with several blocks is conditioned on its first block's noise
-                timesteps = sigma_from_noise_level(noise_levels[:, 0])
+                # block; a time-conditioned model with several blocks is conditioned on its first (real) block's
+                # noise, not on a block of left padding
+                timesteps = sigma_from_noise_level(
+                    first_block_noise_level(noise_levels, attention_mask, self.config.block_size))
         if timesteps is None and self.config.time_conditioning and not torch.compiler.is_compiling():
             logger.warning_once("a time-conditioned model called without timesteps (or noise_levels with labels) is "
                                 "conditioned on sigma = 0, the clean-data level: pass timesteps=sigma(t) per row.")

@@ -7,6 +7,7 @@ import torch
 from conftest import random_model, tiny_config
 
 from bd3lm_hf import BD3LMCache, BD3LMForBlockDiffusion
+from bd3lm_hf.diffusion import q_xt
 from bd3lm_hf.modeling.masking_bd3lm import training_mask_2l
 
 MASK = 49  # tiny_config: vocab 50, [MASK] = last id
@@ -478,3 +479,19 @@ def test_a_time_conditioned_forward_without_timesteps_says_it_uses_sigma_zero(ca
     with caplog.at_level("WARNING"):
         model(input_ids=ids)
     assert "a time-conditioned model called without timesteps" in caplog.text
+
+
+def test_a_left_padded_time_conditioned_row_is_conditioned_on_its_first_real_block():
+    """Several blocks with time conditioning: sigma comes from the first block's t, which for a row left-padded by a
+    block was the padding's t (the loss and logits then moved with it)."""
+    model = random_model(seed=5, std=0.12, time_conditioning=True, block_size=4, max_position_embeddings=16)
+    clean = torch.randint(0, 49, (1, 8), generator=torch.Generator().manual_seed(0))
+    noise_levels = torch.tensor([[0.3, 0.8]])
+    noisy = q_xt(clean, noise_levels, 4, MASK, generator=torch.Generator().manual_seed(1))
+    alone = model(input_ids=noisy, labels=clean, noise_levels=noise_levels).loss
+    pad = torch.zeros(1, 4, dtype=torch.long)
+    for padding_t in (0.1, 0.9):
+        padded = model(input_ids=torch.cat([pad, noisy], 1), labels=torch.cat([pad - 100, clean], 1),
+                       attention_mask=torch.cat([pad, torch.ones_like(clean)], 1),
+                       noise_levels=torch.cat([torch.tensor([[padding_t]]), noise_levels], 1)).loss
+        torch.testing.assert_close(padded, alone, atol=2e-5, rtol=0)
