@@ -59,8 +59,9 @@ class BD3LMConfig(PretrainedConfig):
         sampling_eps_min / sampling_eps_max (`float`): the clip range [beta, omega] of the per-block noise level.
         layer_norm_eps (`float`, defaults to 1e-5): epsilon of the weight-only LayerNorms.
         initializer_range (`float`, defaults to 0.02): std of the normal init of the non-zero-init weights.
-        use_cache (`bool`, defaults to True): whether generation keeps the committed blocks' keys/values (False
-            recomputes the whole prefix at every call: the same tokens, slower); a generation setting overrides it.
+        use_cache (`bool`, defaults to True): transformers' common field (Trainer sets it from its arguments). Not
+            read by generation, whose `use_cache` is a generation setting (the call or the generation config;
+            default True): a trained model's config would otherwise switch the cache off.
 
     The original bd3lms field names (`hidden_dim`, `n_blocks`, `n_heads`, `model_length`, `dropout`, `cross_attn`,
     `attn_backend`, `var_min`, `adaln`, `causal`) are accepted, so an original `config.json` loads as is; a field
@@ -119,8 +120,8 @@ class BD3LMConfig(PretrainedConfig):
         self.sampling_eps_max = float(sampling_eps_max)
         self.layer_norm_eps = layer_norm_eps
         self.initializer_range = initializer_range
-        # transformers' common field: `from_pretrained(..., use_cache=False)` (as training scripts pass with gradient
-        # checkpointing) sets it here, and generation without an explicit setting follows it
+        # transformers' common field, so that `from_pretrained(..., use_cache=False)` (as training scripts pass with
+        # gradient checkpointing) loads; Trainer writes TrainingArguments.use_cache into it
         self.use_cache = use_cache
         derived = {name: kwargs.pop(name) for name in ("head_dim", "num_blocks") if name in kwargs}
         kwargs.setdefault("tie_word_embeddings", False)

@@ -161,8 +161,8 @@ class BD3LMGenerationMixin(GenerationMixin):
         config = BD3LMGenerationConfig.from_dict(settings)
         _fill_unset(config, WARPER_DEFAULTS)
         unused = config.update(**kwargs)
-        if config.use_cache is None:  # `from_pretrained(..., use_cache=False)` sets the model's, as for any model
-            config.use_cache = getattr(self.config, "use_cache", None)
+        # not from the model config's use_cache: Trainer writes TrainingArguments.use_cache (default False) there,
+        # so every trained model would generate uncached, and not past its context
         _fill_unset(config, {**SWITCH_DEFAULTS, **BD3LM_DEFAULTS})
         if config.num_steps is not None and config.sampler != "ddpm":
             logger.warning_once(f"num_steps={config.num_steps} applies to the ddpm sampler only; {config.sampler} "

@@ -953,18 +953,27 @@ def test_one_block_models_are_refused_past_the_context():
 
 
 @torch.no_grad()
-def test_use_cache_given_to_from_pretrained_loads_and_is_followed(gen_model, tmp_path, monkeypatch):
+def test_use_cache_given_to_from_pretrained_loads_and_generation_keeps_its_cache(gen_model, tmp_path, monkeypatch):
     """`from_pretrained(..., use_cache=False)` (training scripts pass it with gradient checkpointing) was a TypeError
-    (the config had no such field); generation then recomputes the prefix, as a transformers model's does, unless
-    the call says otherwise. The tokens are the same either way."""
+    (the config had no such field). The model config's use_cache does not switch generation's cache off: Trainer
+    writes TrainingArguments.use_cache (default False) there, so every trained model would generate uncached and
+    not past its context. Generation's own setting does; the tokens are the same either way."""
+    from transformers import Trainer, TrainingArguments
+
     gen_model.save_pretrained(tmp_path / "model")
     loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "model", trust_remote_code=True, use_cache=False).eval()
     assert loaded.config.use_cache is False
+    Trainer(model=loaded, args=TrainingArguments(str(tmp_path / "run"), use_cpu=True, report_to="none"))
+    loaded.save_pretrained(tmp_path / "trained")  # what a Trainer run saves: "use_cache": false
+    trained = AutoModelForCausalLM.from_pretrained(tmp_path / "trained", trust_remote_code=True).eval()
+    assert trained.config.use_cache is False
     caches = []
-    make_cache = type(loaded).make_cache
-    monkeypatch.setattr(type(loaded), "make_cache", lambda self, *args: caches.append(1) or make_cache(self, *args))
+    make_cache = type(trained).make_cache
+    monkeypatch.setattr(type(trained), "make_cache", lambda self, *args: caches.append(1) or make_cache(self, *args))
     ids, mask = prompts()
-    uncached = loaded.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
-    assert caches == []
-    cached = loaded.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, use_cache=True)
+    cached = trained.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+    assert caches == [1]
+    uncached = trained.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, use_cache=False)
     assert caches == [1] and torch.equal(uncached, cached)
+    past_the_context = trained.generate(ids, attention_mask=mask, max_new_tokens=140, do_sample=False)
+    assert past_the_context.shape[1] == ids.shape[1] + 140  # the dynamic cache slides past the 128-token context
