@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from datasets import IterableDataset
+from datasets import Dataset, IterableDataset
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
 from bd3lm_hf.callbacks import ClipSearchCallback, candidate_intervals
@@ -337,6 +337,27 @@ def test_sft_finetuning_end_to_end(tmp_path):
     assert torch.equal(batch["input_ids"][0, :prompt_length], prompt)  # the prompt is never noised
     result = trainer.train()
     assert result.global_step == 4 and torch.isfinite(torch.tensor(result.training_loss))
+
+
+def test_sft_batches_pad_with_eos_when_the_tokenizer_has_no_pad_token(tmp_path):
+    """Llama-style tokenizers have no pad token: ragged SFT batches crashed at the first step, asking for a
+    pad_token_id no flag sets. Padding is masked out, so EOS pads them."""
+    from bd3lm_hf.data import sft_tokenize
+    from bd3lm_hf.tokenization import gpt2_tokenizer_with_mask
+
+    tokenizer = gpt2_tokenizer_with_mask()
+    tokenizer.pad_token = None
+    rows = Dataset.from_list([{"prompt": "Q: what follows 1?\nA:", "response": " 2."},
+                              {"prompt": "Q: and what follows 2, then 3, then 4?\nA:", "response": " 5, then 6."}])
+    data = sft_tokenize(rows, tokenizer, 4, 32)
+    trainer = build_trainer(small_config(sft=True, max_position_embeddings=32), arguments(tmp_path, max_steps=1),
+                            train_set=data, eval_set=data, tokenizer=tokenizer)
+    assert trainer.model.config.pad_token_id is None
+    batch = trainer.data_collator([data[0], data[1]])
+    short = len(data[0]["input_ids"])
+    assert batch["attention_mask"][0, short:].eq(0).all() and batch["labels"][0, short:].eq(-100).all()
+    assert batch["input_ids"][0, short:].eq(tokenizer.eos_token_id).all()
+    assert trainer.train().global_step == 1
 
 
 def test_bf16_training_on_cpu(tmp_path, small_data):

@@ -152,7 +152,8 @@ class DataCollatorForBlockDiffusion:
         if len(set(lengths)) > 1 or width != max(lengths):
             if self.pad_token_id is None:
                 raise ValueError(f"sequences of lengths {sorted(set(lengths))} need padding to a multiple of "
-                                 f"block_size={self.block_size}: pass pad_token_id.")
+                                 f"block_size={self.block_size}: pass pad_token_id (any id the model knows: "
+                                 "padding is masked out, never noised nor scored).")
         x0 = torch.full((len(sequences), width), self.pad_token_id if self.pad_token_id is not None else 0)
         attention_mask = torch.zeros_like(x0)
         unscored = torch.ones_like(x0, dtype=torch.bool)

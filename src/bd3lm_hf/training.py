@@ -289,6 +289,12 @@ def with_starting_ema(model, config: BD3LMTrainingConfig):
     return with_checkpoint_ema(model, folder)
 
 
+def batch_padding_id(model_config) -> int | None:
+    """The id the collator pads ragged (SFT) batches with: the pad token, else EOS (Llama-style tokenizers have no
+    pad token). Padding is masked out, never noised nor scored, so any id the model knows will do."""
+    return model_config.pad_token_id if model_config.pad_token_id is not None else model_config.eos_token_id
+
+
 def build_trainer(config: BD3LMTrainingConfig, args: TrainingArguments, train_set=None, eval_set=None,
                   tokenizer=None, model=None) -> Trainer:
     """Everything but the loop: data (unless given), tokenizer, model, collator, callbacks, Trainer."""
@@ -314,7 +320,7 @@ def build_trainer(config: BD3LMTrainingConfig, args: TrainingArguments, train_se
         check_tokenizer_fits(model, tokenizer)
     collator = DataCollatorForBlockDiffusion(
         mask_token_id=model.config.mask_token_id, block_size=model.config.block_size, eps_min=config.eps_min,
-        eps_max=config.eps_max, resample=config.resample, pad_token_id=model.config.pad_token_id, seed=args.seed,
+        eps_max=config.eps_max, resample=config.resample, pad_token_id=batch_padding_id(model.config), seed=args.seed,
         ignore_first_token=config.ignore_first_token)
     splits = list(eval_set) if isinstance(eval_set, dict) else None  # a dict: Trainer evaluates each split
     callbacks = [BlockDiffusionCallback(collator, eval_splits=splits)]
