@@ -484,3 +484,22 @@ def test_fill_mask_reads_the_space_before_mask_as_part_of_it(exported):
     fill = pipeline("fill-mask", model=str(exported), trust_remote_code=True)
     guesses = fill("To be, or not to [MASK]", top_k=3)
     assert all(guess["sequence"] == "To be, or not to" + guess["token_str"] for guess in guesses)
+
+
+def test_export_takes_the_special_ids_the_model_config_lacks_from_the_tokenizer(tmp_path):
+    """A converted LM1B-style checkpoint names no BOS/EOS/PAD: exported with its tokenizer, its generation never
+    stopped at EOS. The folder now carries the tokenizer's ids; ids the config names are kept."""
+    model = random_model(seed=3, std=0.05, vocab_size=50258, max_position_embeddings=64)
+    assert model.config.eos_token_id is None
+    export_for_hub(model, gpt2_tokenizer_with_mask(), tmp_path / "out")
+    saved = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert saved["bos_token_id"] == saved["eos_token_id"] == saved["pad_token_id"] == 50256
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "out", trust_remote_code=True).eval()
+    with torch.no_grad():
+        reloaded.lm_head.bias[50256] = 100.0  # EOS first: every row stops at once
+    out = reloaded.generate(torch.tensor([[464, 3290]]), max_new_tokens=12, do_sample=False,
+                            return_dict_in_generate=True)
+    assert out.sequences[0, 2].item() == 50256 and out.nfe <= 4  # stopped in the first block
+    kept = random_model(seed=3, std=0.05, vocab_size=50258, max_position_embeddings=64, eos_token_id=7)
+    export_for_hub(kept, gpt2_tokenizer_with_mask(), tmp_path / "kept")
+    assert json.loads((tmp_path / "kept" / "config.json").read_text())["eos_token_id"] == 7

@@ -39,12 +39,22 @@ def export_for_hub(model, tokenizer, out_dir, repo_id: str | None = None, metric
                        summary, metrics=metrics, datasets=datasets, license=license,
                        sampling=sampling_settings(model.generation_config))  # before writing anything
     clear_output_folder(out_dir)
+    take_special_ids_from(tokenizer, model.config)
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     finish_tokenizer_config(out_dir / "tokenizer_config.json", longest_prompt(model.config))
     card.save(out_dir / "README.md")
     logger.info("exported %s (%d files)", out_dir, len(list(out_dir.iterdir())))
     return out_dir
+
+
+def take_special_ids_from(tokenizer, model_config) -> None:
+    """A model config that names no BOS/EOS/PAD id (a converted LM1B checkpoint, exported with its tokenizer) takes
+    the tokenizer's: without them generation never stops at EOS and cannot start an empty prompt from BOS."""
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if getattr(model_config, name, None) is None and getattr(tokenizer, name, None) is not None:
+            setattr(model_config, name, getattr(tokenizer, name))
+            logger.info("%s = %d, from the tokenizer (the model's config named none)", name, getattr(tokenizer, name))
 
 
 def _check_exportable(model, tokenizer) -> None:
