@@ -62,3 +62,25 @@ def fresh_warning_once():
 
     logging.Logger.warning_once.cache_clear()
     yield
+
+
+def bert_style_tokenizer(padding_side: str = "left"):
+    """A WordPiece tokenizer laid out as BERT's (the paper's LM1B vocabulary): [PAD] 0, [UNK] 1, [CLS] 2 (BOS),
+    [SEP] 3 (EOS), [MASK] 4 (not the last id), a "[CLS] $A [SEP]" post-processor and a decoder that drops the space
+    in front of a text's first piece; trained offline on a play."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from bd3lm_hf.data import shakespeare_files
+
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    backend = Tokenizer(models.WordPiece(unk_token="[UNK]"))
+    backend.normalizer = normalizers.BertNormalizer(lowercase=True)
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    backend.decoder = decoders.WordPiece()
+    backend.train_from_iterator([shakespeare_files()[0].read_text()[:50_000]],
+                                trainers.WordPieceTrainer(vocab_size=400, special_tokens=specials))
+    backend.post_processor = processors.TemplateProcessing(single="[CLS] $A [SEP]",
+                                                           special_tokens=[("[CLS]", 2), ("[SEP]", 3)])
+    return PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="[PAD]", unk_token="[UNK]", bos_token="[CLS]",
+                                   eos_token="[SEP]", mask_token="[MASK]", padding_side=padding_side)

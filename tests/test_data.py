@@ -325,3 +325,30 @@ def test_a_stream_of_sft_rows_gives_the_rows_of_the_same_data(gpt2, caplog):
     assert "are cut to it" in caplog.text and "are dropped (no response token left)" in caplog.text
     with pytest.raises(ValueError, match=r"has no column \['prompt', 'response'\]; its columns are \['text'\]"):
         sft_tokenize(Dataset.from_dict({"text": ["x"]}).to_iterable_dataset(), gpt2, block_size=4, max_length=16)
+
+
+def test_special_token_text_in_the_data_is_read_as_text(gpt2):
+    """A document holding the text "[MASK]" gave the mask id among the clean tokens: training stopped at that batch
+    (hours in), and "<|endoftext|>" in a text became a document boundary. The layout adds its own BOS/EOS."""
+    texts = ["a [MASK] b <|endoftext|> c " * 8, "d e f " * 8]
+    wrapped = wrap_tokenize(Dataset.from_dict({"text": texts}), gpt2, seq_len=16, block_size=4)
+    stream = sum(wrapped["input_ids"], [])
+    assert gpt2.mask_token_id not in stream and stream.count(gpt2.eos_token_id) <= len(texts)  # one per document
+    assert "[MASK] b <|endoftext|> c" in gpt2.decode(stream)
+    rows = Dataset.from_list([{"prompt": "Fill [MASK]:", "response": " the [MASK] here"}])
+    encoded = sft_tokenize(rows, gpt2, block_size=4, max_length=32)[0]["input_ids"]
+    assert gpt2.mask_token_id not in encoded and gpt2.decode(encoded).startswith("Fill [MASK]: the [MASK] here")
+
+
+def test_sft_prompts_are_encoded_as_generation_reads_them():
+    """Generation feeds a prompt with the special tokens the tokenizer puts in front ([CLS] here, a Llama-style <s>);
+    SFT trained on prompts without them (block boundaries one token off). An EOS the tokenizer appends ([SEP]) is
+    left out: the prompt goes on into the response."""
+    from conftest import bert_style_tokenizer
+
+    tokenizer = bert_style_tokenizer()
+    rows = Dataset.from_list([{"prompt": "to be, or not", "response": " to be"}])
+    row = sft_tokenize(rows, tokenizer, block_size=4, max_length=32)[0]
+    prompt = row["input_ids"][: row["prompt_length"]]
+    assert prompt == tokenizer("to be, or not")["input_ids"][:-1] and prompt[0] == tokenizer.bos_token_id
+    assert row["input_ids"][row["prompt_length"]:][:2] == tokenizer("to be", add_special_tokens=False)["input_ids"]

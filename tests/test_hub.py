@@ -294,6 +294,30 @@ def test_sampled_token_count_is_that_of_the_generated_ids(exported):
     assert result["texts"] == ["=" * 16] and result["new_tokens"] == 16
 
 
+def test_sampling_with_a_bert_style_tokenizer_continues_the_prompt_and_prints_the_decoded_text():
+    """The paper's LM1B vocabulary is BERT's: its tokenizer ends every text with [SEP] (EOS), so each prompt ended
+    its document; and the new ids decoded alone lost the space WordPiece reads in front of a first piece
+    ("to be" + "or not" printed "to beor not"). Prompts now go in as [CLS] + text, and the text after the prompt is
+    cut from the whole decoded sequence, as the pipeline's return_full_text=False does."""
+    import torch
+    from conftest import bert_style_tokenizer
+
+    from bd3lm_hf.evaluation import sample_with_pipeline
+
+    tokenizer = bert_style_tokenizer()
+    model = random_model(seed=3, std=0.1, vocab_size=len(tokenizer), mask_token_id=4, bos_token_id=2,
+                         eos_token_id=3, pad_token_id=0)
+    words = tokenizer("or", add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        model.lm_head.bias[words[0]] = 1e4  # every new token is the word "or"
+    given = []
+    generate = model.generate
+    model.generate = lambda *args, **kwargs: given.append(kwargs["input_ids"]) or generate(*args, **kwargs)
+    result = sample_with_pipeline(model, tokenizer, ["to be,"], max_new_tokens=4, do_sample=False)
+    assert given[0][0].tolist() == tokenizer("to be,")["input_ids"][:-1]  # [CLS] to be , (no [SEP])
+    assert result["texts"] == [" or or or or"] and result["new_tokens"] == 4
+
+
 @pytest.mark.parametrize("layout", ["same folder", "parent folder"])
 def test_export_overwrite_never_deletes_its_input(exported, tmp_path, layout, capfd):
     import shutil

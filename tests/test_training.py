@@ -285,6 +285,11 @@ def test_given_data_without_a_tokenizer_takes_the_configs_or_is_refused(tmp_path
     train_set, eval_set, tokenizer = small_data
     with pytest.raises(ValueError, match=r"got tokenized data and no tokenizer: pass tokenizer="):
         build_trainer(small_config(), arguments(tmp_path), train_set=train_set, eval_set=eval_set)
+    without_mask = train_bpe_tokenizer(["to be or not to be"], 300)
+    without_mask.mask_token = None  # was "the tokenizer's mask token id None is not the model's mask_token_id=299"
+    with pytest.raises(ValueError, match=r"the tokenizer has no mask token; block diffusion needs one"):
+        build_trainer(small_config(), arguments(tmp_path), train_set=train_set, eval_set=eval_set,
+                      tokenizer=without_mask)
     build_model(small_config(), tokenizer).save_pretrained(tmp_path / "base")
     tokenizer.save_pretrained(tmp_path / "base")
     trainer = build_trainer(BD3LMTrainingConfig(init_from=str(tmp_path / "base")), arguments(tmp_path / "run"),

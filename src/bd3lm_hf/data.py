@@ -9,7 +9,7 @@ import numpy as np
 from datasets import Dataset, Features, IterableDataset, Sequence, Value, concatenate_datasets, load_dataset
 from transformers.utils import logging
 
-from .encoding import encode_documents
+from .encoding import encode as encode_text, encode_documents, prompt_ids
 
 logger = logging.get_logger(__name__)
 
@@ -267,10 +267,10 @@ def sft_tokenize(dataset: Dataset | IterableDataset, tokenizer, block_size: int,
             _check_chat(messages)
             prompt = list(tokenizer.apply_chat_template(messages[:-1], tokenize=True, add_generation_prompt=True,
                                                         return_dict=True)["input_ids"])
-            response = tokenizer(messages[-1]["content"], add_special_tokens=False, verbose=False)["input_ids"]
-        else:
-            prompt = tokenizer(row[prompt_column], add_special_tokens=False, verbose=False)["input_ids"]
-            response = tokenizer(row[response_column], add_special_tokens=False, verbose=False)["input_ids"]
+            response = encode_text(tokenizer, messages[-1]["content"])
+        else:  # the prompt as generation reads it (a Llama-style BOS in front), the response as plain text
+            prompt = prompt_ids(tokenizer, row[prompt_column])
+            response = encode_text(tokenizer, row[response_column])
         ids = prompt + response + [eos]
         cut = len(ids) > max_length
         ids = ids[:max_length]

@@ -16,9 +16,26 @@ CUT_TRIES = 16         # line breaks tried per cut before the rest of the docume
 
 
 def encode(tokenizer, text: str | list[str]) -> list:
-    """The ids of a text (or of each of a list of texts), without special tokens."""
+    """The ids of a text (or of each of a list of texts), without special tokens: special-token text in the data
+    ("[MASK]", "</s>") is read as text, since a [MASK] id among clean tokens stopped training hours in, and the data
+    layout adds its own BOS/EOS."""
     # whole documents, longer than the tokenizer's model_max_length: its "indexing errors" warning is moot
-    return tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+    return tokenizer(text, add_special_tokens=False, split_special_tokens=True, verbose=False)["input_ids"]
+
+
+def appends_eos(tokenizer) -> bool:
+    """Whether the tokenizer ends every text it encodes with EOS (a BERT-style [CLS] $A [SEP] post-processor): a
+    prompt so encoded would end its document instead of going on."""
+    eos = tokenizer.eos_token_id
+    return eos is not None and tokenizer("a", verbose=False)["input_ids"][-1:] == [eos] and \
+        tokenizer("a", add_special_tokens=False, verbose=False)["input_ids"][-1:] != [eos]
+
+
+def prompt_ids(tokenizer, text: str) -> list[int]:
+    """A prompt's ids as generation reads them: with the special tokens the tokenizer puts in front (a Llama-style
+    <s>; GPT-2 adds none), without an EOS it appends (`appends_eos`), the text read as text."""
+    ids = tokenizer(text, split_special_tokens=True, verbose=False)["input_ids"]
+    return ids[:-1] if appends_eos(tokenizer) else ids
 
 
 def encode_documents(tokenizer, texts: list[str], piece_chars: int | None = None) -> list[np.ndarray]:

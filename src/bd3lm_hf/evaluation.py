@@ -12,6 +12,7 @@ from transformers.utils import logging
 
 from .collator import DataCollatorForBlockDiffusion
 from .data import load_text_dataset, wrap_tokenize
+from .encoding import appends_eos
 from .modeling.generation_config_bd3lm import id_list
 from .modeling.sampling_bd3lm import unigram_entropy
 
@@ -181,29 +182,43 @@ def sample_with_pipeline(model, tokenizer, prompts, seed: int = 0, **generate_kw
     """Generate through `pipeline("text-generation")`; report texts, model calls (NFE) and new tokens/s.
 
     New tokens are counted on the generated ids (those before a row's EOS or padding), not by re-tokenizing the
-    decoded text, which merges or splits tokens."""
+    decoded text, which merges or splits tokens. A tokenizer that ends every text with EOS (BERT's [SEP]) would end
+    each prompt's document: its prompts go in as BOS + text, as a document starts in the training data."""
     generator = pipeline("text-generation", model=model, tokenizer=tokenizer, trust_remote_code=True)
+    inputs, encoding = pipeline_prompts(tokenizer, list(prompts))
     counter = CallCounter(model)
     torch.manual_seed(seed)
     start = time.perf_counter()
     try:
-        outputs = generator(list(prompts), return_tensors=True, **generate_kwargs)
+        outputs = generator(inputs, return_tensors=True, **encoding, **generate_kwargs)
     finally:
         counter.close()
     seconds = time.perf_counter() - start
     stops = stop_ids(model, tokenizer)
-    generated = [new_ids(tokenizer, prompt, output[0]["generated_token_ids"]) for prompt, output in
-                 zip(prompts, outputs)]
-    texts = [tokenizer.decode(ids, skip_special_tokens=True) for ids in generated]  # what return_full_text=False gives
-    new_tokens = sum(tokens_before_stop(ids, stops) for ids in generated)
+    sequences = [output[0]["generated_token_ids"] for output in outputs]
+    # generation starts an empty prompt from BOS, which the sequence then holds first
+    prompt_lengths = [len(tokenizer(text, **encoding)["input_ids"]) or 1 for text in inputs]
+    texts = [continuation(tokenizer, sequence, length) for sequence, length in zip(sequences, prompt_lengths)]
+    new_tokens = sum(tokens_before_stop(sequence[length:], stops)
+                     for sequence, length in zip(sequences, prompt_lengths))
     return {"prompts": list(prompts), "texts": texts, "nfe": counter.calls, "new_tokens": new_tokens,
             "seconds": seconds, "tokens_per_second": new_tokens / seconds if seconds else float("nan")}
 
 
-def new_ids(tokenizer, prompt: str, sequence: list[int]) -> list[int]:
-    """The ids after the prompt, which the pipeline encodes with the tokenizer's defaults; generation starts an
-    empty prompt from BOS, which the sequence then holds first."""
-    return list(sequence[len(tokenizer(prompt)["input_ids"]) or 1:])
+def pipeline_prompts(tokenizer, prompts: list[str]) -> tuple[list[str], dict]:
+    """The pipeline's inputs and encoding flags: the prompts as they are, or, for a tokenizer that appends EOS to
+    every text (`appends_eos`), BOS + prompt encoded without the tokenizer's special tokens."""
+    if not appends_eos(tokenizer):
+        return prompts, {}
+    return [(tokenizer.bos_token or "") + prompt for prompt in prompts], {"add_special_tokens": False}
+
+
+def continuation(tokenizer, sequence: list[int], prompt_length: int) -> str:
+    """The text after the prompt, cut as transformers' pipeline cuts it (return_full_text=False): the whole sequence
+    decoded, less the decoded prompt. Decoding the new ids alone would drop the space a SentencePiece or WordPiece
+    decoder reads in front of their first piece."""
+    prompt_text = tokenizer.decode(sequence[:prompt_length], skip_special_tokens=True)
+    return tokenizer.decode(sequence, skip_special_tokens=True)[len(prompt_text):]
 
 
 def stop_ids(model, tokenizer) -> set[int]:

@@ -170,9 +170,15 @@ def build_tokenizer(config: BD3LMTrainingConfig, texts: list[str]):
         return gpt2_tokenizer_with_mask()
     tokenizer = load_tokenizer(local_folder_or_hub_id(name), "pass --tokenizer gpt2, bpe, or a folder holding "
                                                              "tokenizer files")
-    if tokenizer.mask_token_id is None:
-        raise ValueError(f"tokenizer {name} has no mask token; block diffusion needs one.")
+    require_mask_token(tokenizer, f"tokenizer {name}")
     return tokenizer
+
+
+def require_mask_token(tokenizer, name: str = "the tokenizer") -> None:
+    if tokenizer.mask_token_id is None:
+        raise ValueError(f"{name} has no mask token; block diffusion needs one: add it with "
+                         "tokenizer.add_special_tokens({'mask_token': '[MASK]'}) (a new model's vocabulary follows "
+                         "the tokenizer).")
 
 
 def tokenizer_of_given_data(config: BD3LMTrainingConfig):
@@ -299,6 +305,8 @@ def build_trainer(config: BD3LMTrainingConfig, args: TrainingArguments, train_se
                   tokenizer=None, model=None) -> Trainer:
     """Everything but the loop: data (unless given), tokenizer, model, collator, callbacks, Trainer."""
     compile_layers = should_compile_layers(config.compile_layers)
+    if tokenizer is not None:  # before any tokenizing or model building
+        require_mask_token(tokenizer)
     if train_set is None:
         check_streaming(config, args, tokenizer)
         raw_train, raw_eval = load_datasets(config)
