@@ -75,9 +75,10 @@ def sigma_from_noise_level(t: torch.Tensor, eps: float = 1e-3) -> torch.Tensor:
     return torch.clamp(-torch.log(1 - t), max=-math.log(eps))
 
 
-def subs_logits(logits: torch.Tensor, mask_token_id: int) -> torch.Tensor:
-    """fp32 logits that never predict [MASK]: one converting copy (the model's returned logits stay untouched)."""
-    logits = logits.to(torch.float32, copy=True)
+def subs_logits(logits: torch.Tensor, mask_token_id: int, copy: bool = True) -> torch.Tensor:
+    """fp32 logits that never predict [MASK]: one converting copy (the model's returned logits stay untouched);
+    `copy=False`: fp32 logits the caller owns are changed in place."""
+    logits = logits.to(torch.float32, copy=copy)
     logits[..., mask_token_id] = float("-inf")
     return logits
 
@@ -92,9 +93,17 @@ def subs_log_probs(logits: torch.Tensor, x_t: torch.Tensor, mask_token_id: int) 
 
 def masked_token_nll(logits: torch.Tensor, x_t: torch.Tensor, x_0: torch.Tensor, mask_token_id: int) -> torch.Tensor:
     """-log p(x_0 | x_t) per token (B, L) under SUBS: 0 where x_t is not masked."""
+    masked = x_t == mask_token_id
+    if not torch.compiler.is_compiling():
+        # eager: only the masked rows (about half) are converted and normalized; a compiled loss fuses the full
+        # form instead (and a data-dependent row count would break its graph)
+        rows = logits[masked].float()  # (N, V): a new tensor, changed in place below
+        rows[:, mask_token_id] = float("-inf")
+        nll_rows = F.cross_entropy(rows, x_0[masked], reduction="none")
+        return torch.zeros(x_0.shape, dtype=nll_rows.dtype, device=x_0.device).masked_scatter(masked, nll_rows)
     logits = subs_logits(logits, mask_token_id)  # (B, L, V) fp32
     nll = F.cross_entropy(logits.flatten(0, 1), x_0.flatten(), reduction="none").view_as(x_0)
-    return torch.where(x_t == mask_token_id, nll, torch.zeros_like(nll))
+    return torch.where(masked, nll, torch.zeros_like(nll))
 
 
 def diffusion_nelbo_terms(logits: torch.Tensor, x_t: torch.Tensor, x_0: torch.Tensor, noise_levels: torch.Tensor,

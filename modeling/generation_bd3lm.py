@@ -84,7 +84,7 @@ class StepConstants:
 def step_scores(logits, banned_eos, constants: StepConstants, context=None):
     """`process_logits` with a generation's constants: SUBS, EOS ban, processors, warpers."""
     return process_logits(logits, constants.rule.mask_token_id, banned_eos, constants.eos_ids,
-                          constants.logits_processor, constants.warpers, context)
+                          constants.logits_processor, constants.warpers, context, owned=True)
 
 
 def align_prompts(input_ids, attention_mask, block_size: int, filler: int):

@@ -100,6 +100,13 @@ def flex_training_mask(seq_len: int, block_size: int, device: str):
     return create_block_mask(mask_mod, B=None, H=None, Q_LEN=2 * seq_len, KV_LEN=2 * seq_len, device=device)
 
 
+@functools.lru_cache(maxsize=8)
+def dense_training_mask(seq_len: int, block_size: int, device: str) -> torch.Tensor:
+    """The 2L boolean mask without padding, (1, 1, 2L, 2L), built once per (L, block size, device) and broadcast over
+    the batch by sdpa / eager (instead of one (B, 1, 2L, 2L) mask per step)."""
+    return training_mask_2l(seq_len, block_size).to(device)[None, None]
+
+
 def training_mask_2l(seq_len: int, block_size: int) -> torch.Tensor:
     """The original (2L, 2L) training mask over [x_t ; x_0] without padding, for reference and tests."""
     positions = torch.arange(seq_len)[None].repeat(1, 2)

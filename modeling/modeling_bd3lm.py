@@ -30,8 +30,8 @@ from .configuration_bd3lm import BD3LMConfig
 from .diffusion_bd3lm import block_diffusion_nelbo, first_block_noise_level, sigma_from_noise_level
 from .generation_bd3lm import BD3LMGenerationMixin
 from .generation_config_bd3lm import BD3LMGenerationConfig
-from .masking_bd3lm import (concat_descriptors, dense_block_diffusion_mask, flex_block_diffusion_mask,
-                            flex_training_mask, real_token_positions, token_descriptors)
+from .masking_bd3lm import (concat_descriptors, dense_block_diffusion_mask, dense_training_mask,
+                            flex_block_diffusion_mask, flex_training_mask, real_token_positions, token_descriptors)
 
 logger = logging.get_logger(__name__)
 
@@ -305,17 +305,23 @@ class BD3LMModel(BD3LMPreTrainedModel):
         """The block-diffusion mask in the form the configured attention backend takes. `unpadded`: the call has
         no attention_mask, so every key is valid (known without reading the batch)."""
         implementation = self.config._attn_implementation
+        # 2L pass without padding: the same mask for every row and step, built once per shape (checking the padding
+        # is a host read: not while compiling)
+        shared = training_length is not None and (unpadded or (not torch.compiler.is_compiling()
+                                                               and bool(keys.valid.all())))
+        device = str(keys.block.device)
         if implementation == "flex_attention":
             if keys.block.device.type == "cuda" and self.config.head_dim < 16:
                 raise ValueError(f"flex_attention on CUDA needs head_dim >= 16 (its kernels' minimum), got head_dim="
                                  f"{self.config.head_dim} (hidden_size / num_attention_heads). Use fewer heads or "
                                  "attn_implementation='sdpa'.")
-            # 2L pass without padding: one shared mask (checking the padding is a host read: not while compiling)
-            if training_length is not None and (unpadded or (not torch.compiler.is_compiling()
-                                                             and bool(keys.valid.all()))):
-                return flex_training_mask(training_length, block_size, str(keys.block.device))
+            if shared:
+                return flex_training_mask(training_length, block_size, device)
             return flex_block_diffusion_mask(queries, keys, query_offset)
-        mask = dense_block_diffusion_mask(queries, keys, query_offset)
+        if shared:
+            mask = dense_training_mask(training_length, block_size, device)  # (1, 1, 2L, 2L): broadcast over rows
+        else:
+            mask = dense_block_diffusion_mask(queries, keys, query_offset)
         if implementation.startswith("flash_attention"):
             if not bool(mask.all()):
                 raise ValueError(

@@ -22,10 +22,12 @@ SAMPLERS = ("ddpm", "first_hitting", "confidence")
 ENTROPY_WINDOW, ENTROPY_THRESHOLD = 256, 4.0  # the paper's stop rule: unigram entropy of the last 256 tokens < 4 nats
 
 
-def process_logits(logits, mask_token_id: int, banned_eos, eos_ids, logits_processor, warpers, context):
+def process_logits(logits, mask_token_id: int, banned_eos, eos_ids, logits_processor, warpers, context,
+                   owned: bool = False):
     """(B, bs, V) raw logits -> scores: SUBS (never [MASK]), EOS ban, processors, then the sampling warpers
-    (temperature, top-k, top-p) when sampling."""
-    scores = subs_logits(logits, mask_token_id)
+    (temperature, top-k, top-p) when sampling. `owned`: fp32 logits the caller made for this (generation's own
+    model output) are changed in place instead of copied."""
+    scores = subs_logits(logits, mask_token_id, copy=not owned)
     if eos_ids is not None:
         scores[..., eos_ids] = scores[..., eos_ids].masked_fill(banned_eos[..., None], float("-inf"))
     batch, size, vocab = scores.shape
@@ -110,8 +112,9 @@ def choose_tokens(scores, uniform=None):
         return tokens, (best - scores.logsumexp(-1)).exp()  # the top probability, without a softmax
     log_probs = scores.log_softmax(-1)
     # clamped off 0 and 1, where the double log is infinite
-    gumbel = -torch.log(-torch.log(uniform.clamp(min=1e-20, max=1 - 1e-7)))
-    tokens = max_over_last_dim(log_probs + gumbel)[1]
+    gumbel = uniform.clamp(min=1e-20, max=1 - 1e-7)  # a new tensor: the rest in place, same values
+    gumbel.log_().neg_().log_().neg_().add_(log_probs)
+    tokens = max_over_last_dim(gumbel)[1]
     return tokens, log_probs.gather(-1, tokens[..., None])[..., 0].exp()
 
 
