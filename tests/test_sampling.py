@@ -98,6 +98,19 @@ def test_gumbel_max_draws_follow_the_softmax():
     frequencies = torch.bincount(tokens.flatten(), minlength=3).float() / tokens.numel()
     torch.testing.assert_close(frequencies, torch.tensor([0.6, 0.3, 0.1]), atol=0.015, rtol=0)
     torch.testing.assert_close(probability, torch.tensor([0.6, 0.3, 0.1])[tokens], atol=1e-6, rtol=0)
+    # the in-place form: the tokens of the textbook formula, and the noise (a static cache's buffer) left as drawn
+    gumbel = -torch.log(-torch.log(uniform.clamp(min=1e-20, max=1 - 1e-7)))
+    assert torch.equal(tokens, (scores.log_softmax(-1) + gumbel).argmax(-1))
+    assert torch.equal(uniform, torch.rand(1, 20000, 3, generator=torch.Generator().manual_seed(0)))
+
+
+def test_processing_changes_the_logits_in_place_only_when_the_caller_owns_them():
+    logits = torch.randn(1, 4, 10)
+    kept = logits.clone()
+    scores = process_logits(logits, MASK, torch.zeros(1, 4, dtype=torch.bool), None, None, None, None)
+    assert torch.equal(logits, kept) and scores[..., MASK].eq(float("-inf")).all()
+    owned = process_logits(logits, MASK, torch.zeros(1, 4, dtype=torch.bool), None, None, None, None, owned=True)
+    assert owned.data_ptr() == logits.data_ptr() and torch.equal(owned, scores)
 
 
 @pytest.mark.parametrize("sampler", ["ddpm", "first_hitting", "confidence"])
