@@ -90,6 +90,19 @@ def test_generative_perplexity_cuts_at_max_length(scorer):
     assert cut["tokens"] == 3 * 39 - 1 and cut == generative_perplexity(short, model, tokenizer)
 
 
+def test_generative_perplexity_scores_without_autograd(scorer, monkeypatch):
+    """With gradients on, every window kept its logits for a backward pass (gpt2-large: ~3 GB per window)."""
+    import bd3lm_hf.evaluation as evaluation
+
+    model, tokenizer = scorer
+    grad_enabled = []
+    scored = evaluation.windowed_nll
+    monkeypatch.setattr(evaluation, "windowed_nll", lambda *args, **kwargs: grad_enabled.append(
+        torch.is_grad_enabled()) or scored(*args, **kwargs))
+    generative_perplexity(shakespeare_texts(), model, tokenizer)
+    assert grad_enabled and not any(grad_enabled)
+
+
 def test_generative_perplexity_leaves_empty_texts_out_and_pads_inside_the_vocabulary(scorer):
     """An empty sample (an immediate EOS decodes to "") has no token to score and no entropy: it crashed the
     batch; a scorer tokenizer whose pad id lies outside the scorer's vocabulary (GPT-2 with an added [PAD]) crashed

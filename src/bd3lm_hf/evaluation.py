@@ -52,7 +52,6 @@ def nelbo_perplexity(model, tokenizer, files, batch_size: int = 32, max_sequence
     return {"nelbo": nelbo, "perplexity": math.exp(nelbo), "tokens": count, "sequences": len(sequences)}
 
 
-@torch.no_grad()
 def check_autoregressive_scorer(config) -> None:
     """A block diffusion model's logits on clean text are not next-token predictions: its perplexity would mean
     nothing (AutoModelForCausalLM loads a BD3-LM folder too)."""
@@ -61,6 +60,7 @@ def check_autoregressive_scorer(config) -> None:
                          "gpt2-large).")
 
 
+@torch.no_grad()
 def generative_perplexity(texts, scorer, scorer_tokenizer, max_length: int | None = None,
                           context_size: int | None = None, stride: int | None = None, batch_size: int = 8) -> dict:
     """Generative perplexity of `texts` under an autoregressive `scorer` (the paper: GPT-2 Large), and the mean
