@@ -11,8 +11,9 @@ from .diffusion_bd3lm import check_clip_range
 # older one, remote-code loading failed with a missing-file error that named no version.
 MIN_TRANSFORMERS_VERSION = (5, 17)
 if tuple(int(part) for part in re.findall(r"\d+", transformers.__version__)[:2]) < MIN_TRANSFORMERS_VERSION:
-    raise ImportError(f"this BD3-LM code needs transformers >= 5.17, found {transformers.__version__}: "
-                      "pip install -U 'transformers>=5.17'")
+    _NEEDED = ".".join(map(str, MIN_TRANSFORMERS_VERSION))
+    raise ImportError(f"this BD3-LM code needs transformers >= {_NEEDED}, found {transformers.__version__}: "
+                      f"pip install -U 'transformers>={_NEEDED}'")
 
 # Field names of the original bd3lms `config.json` (model_type "bd3lm" and "mdlm") -> our HF-style names.
 ORIGINAL_FIELD_NAMES = {

@@ -340,6 +340,22 @@ def test_special_token_text_in_the_data_is_read_as_text(gpt2):
     assert gpt2.mask_token_id not in encoded and gpt2.decode(encoded).startswith("Fill [MASK]: the [MASK] here")
 
 
+def test_chat_markup_in_the_data_keeps_its_special_ids():
+    """Only the mask token's text is read as text: SFT columns holding rendered chat markup keep the ids generation
+    reads for it (spelling out every special token trained on `<`, `|`, `im`, ... instead)."""
+    tokenizer = gpt2_tokenizer_with_mask()
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    start, end = tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
+    rows = Dataset.from_list([{"prompt": "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n",
+                               "response": "hello<|im_end|>"}])
+    row = sft_tokenize(rows, tokenizer, block_size=4, max_length=32)[0]
+    prompt, response = row["input_ids"][: row["prompt_length"]], row["input_ids"][row["prompt_length"]:]
+    assert prompt == tokenizer(rows[0]["prompt"])["input_ids"] and prompt.count(start) == 2
+    assert end in response
+    wrapped = wrap_tokenize(Dataset.from_dict({"text": ["<|im_start|>user\nhi<|im_end|> " * 8]}), tokenizer, 16, 4)
+    assert start in sum(wrapped["input_ids"], [])
+
+
 def test_sft_prompts_are_encoded_as_generation_reads_them():
     """Generation feeds a prompt with the special tokens the tokenizer puts in front ([CLS] here, a Llama-style <s>);
     SFT trained on prompts without them (block boundaries one token off). An EOS the tokenizer appends ([SEP]) is

@@ -183,6 +183,10 @@ def test_demo_refuses_an_export_dir_holding_other_files_before_training(tmp_path
             (training_run / extra).write_text("{}")
         with pytest.raises(ValueError, match="a training run's checkpoints or results"):
             check_export_dir(str(training_run))
+    for export_dir, output_dir in (("root", "root/run"), ("root/run/export", "root/run"), ("same", "same")):
+        with pytest.raises(ValueError, match="overlap: the export replaces its folder's contents"):
+            demo(["--export_dir", str(tmp_path / export_dir), "--output_dir", str(tmp_path / output_dir)])
+    assert not (tmp_path / "root").exists()  # refused before training
     repository = shutil.copytree(exported, tmp_path / "repository")
     (repository / ".git").mkdir()  # refused before training, not after it
     with pytest.raises(ValueError, match=r"holds a git repository \(.git\)"):

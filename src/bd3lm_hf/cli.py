@@ -313,7 +313,10 @@ def load_scorer(name: str, device):
     from .loading import load_tokenizer, local_folder_or_hub_id
 
     name = local_folder_or_hub_id(name)
-    check_autoregressive_scorer(AutoConfig.from_pretrained(name))  # before loading its weights
+    try:  # before loading its weights; a folder without a config (PEFT adapters) is checked once loaded
+        check_autoregressive_scorer(AutoConfig.from_pretrained(name))
+    except (OSError, KeyError):
+        pass
     scorer = AutoModelForCausalLM.from_pretrained(name).to(device).eval()
     return scorer, load_tokenizer(name, "save the scorer's tokenizer into its folder (tokenizer.save_pretrained)")
 

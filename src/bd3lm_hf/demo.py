@@ -17,7 +17,7 @@ from transformers import HfArgumentParser, TrainingArguments
 from transformers.utils import logging
 
 from .hub import export_for_hub
-from .output_folder import check_output_folder, is_exported_model_folder
+from .output_folder import check_output_folder, holds, is_exported_model_folder
 from .modeling.sampling_bd3lm import SAMPLERS
 from .training import BD3LMTrainingConfig, shakespeare_split, train
 
@@ -54,9 +54,13 @@ def held_out_files(config: BD3LMTrainingConfig) -> list[str]:
     raise ValueError("the demo evaluates on held-out files: pass --eval_data with --data.")
 
 
-def check_export_dir(export_dir: str) -> None:
-    """Before training: the demo replaces its own earlier export, never a folder holding anything else."""
+def check_export_dir(export_dir: str, output_dir: str | None = None) -> None:
+    """Before training: the demo replaces its own earlier export, never a folder holding anything else, nor one
+    that is, holds or lies inside the training run's `output_dir` (emptying it would delete the run)."""
     folder = check_output_folder(export_dir, overwrite=True)  # not a file, not a git repository
+    if output_dir is not None and (holds(folder, Path(output_dir)) or holds(Path(output_dir), folder)):
+        raise ValueError(f"--export_dir {export_dir} and --output_dir {output_dir} overlap: the export replaces its "
+                         "folder's contents, the training run's included; pass two separate folders.")
     if folder.exists() and any(folder.iterdir()) and not is_exported_model_folder(folder):
         raise ValueError(f"--export_dir {export_dir} holds files that are not an exported model folder (a training "
                          "run's checkpoints or results, or other files): the demo replaces the folder's contents "
@@ -75,14 +79,15 @@ def main(argv: list[str]) -> dict:
     parser = HfArgumentParser((DemoArguments, BD3LMTrainingConfig, TrainingArguments), prog="bd3lm-hf demo",
                               allow_abbrev=False)
     demo, config, args = parser.parse_args_into_dataclasses(args=training_defaults() + list(argv))
-    check_export_dir(demo.export_dir)
+    check_export_dir(demo.export_dir, args.output_dir)
     logger.info(f"1/3 training a BD3-LM (block {config.block_size}, L {config.max_position_embeddings}, "
                 f"H {config.hidden_size} x {config.num_hidden_layers}) for {args.max_steps} steps")
     summary = train(config, args)
     trainer = summary["trainer"]
     metrics = {"eval_nelbo": summary["eval_nelbo"], "eval_perplexity": summary["eval_perplexity"]}
     export = export_for_hub(trainer.model, trainer.processing_class, demo.export_dir, metrics=metrics,
-                            datasets=["shakespeare"] if config.data == ["shakespeare"] else None, overwrite=True)
+                            datasets=["shakespeare"] if config.data == ["shakespeare"] else None, overwrite=True,
+                            sources=(args.output_dir,))  # the run's folder is never emptied
     logger.info(f"2/3 the Hub folder holds {', '.join(sorted(p.name for p in Path(export).iterdir()))}")
     logger.info("3/3 reloading it in a fresh process with AutoModelForCausalLM.from_pretrained(dir, "
                 "trust_remote_code=True)")

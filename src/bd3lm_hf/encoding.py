@@ -16,11 +16,21 @@ CUT_TRIES = 16         # line breaks tried per cut before the rest of the docume
 
 
 def encode(tokenizer, text: str | list[str]) -> list:
-    """The ids of a text (or of each of a list of texts), without special tokens: special-token text in the data
-    ("[MASK]", "</s>") is read as text, since a [MASK] id among clean tokens stopped training hours in, and the data
-    layout adds its own BOS/EOS."""
+    """The ids of a text (or of each of a list of texts), without special tokens. A text holding the mask token's
+    text ("[MASK]") is read as plain text (`split_special_tokens`): a [MASK] id among clean tokens stopped training
+    at its batch. Other special-token text (chat markup) keeps its ids, as generation reads it."""
+    texts = [text] if isinstance(text, str) else list(text)
     # whole documents, longer than the tokenizer's model_max_length: its "indexing errors" warning is moot
-    return tokenizer(text, add_special_tokens=False, split_special_tokens=True, verbose=False)["input_ids"]
+    ids = tokenizer(texts, add_special_tokens=False, verbose=False)["input_ids"]
+    ids = [without_mask_ids(tokenizer, one, row, add_special_tokens=False) for one, row in zip(texts, ids)]
+    return ids[0] if isinstance(text, str) else ids
+
+
+def without_mask_ids(tokenizer, text: str, ids: list[int], **flags) -> list[int]:
+    """`ids` of `text`, re-encoded with special-token text read as text where they hold the mask id."""
+    if tokenizer.mask_token_id is None or tokenizer.mask_token_id not in ids:
+        return ids
+    return tokenizer(text, split_special_tokens=True, verbose=False, **flags)["input_ids"]
 
 
 def appends_eos(tokenizer) -> bool:
@@ -31,11 +41,14 @@ def appends_eos(tokenizer) -> bool:
         tokenizer("a", add_special_tokens=False, verbose=False)["input_ids"][-1:] != [eos]
 
 
-def prompt_ids(tokenizer, text: str) -> list[int]:
-    """A prompt's ids as generation reads them: with the special tokens the tokenizer puts in front (a Llama-style
-    <s>; GPT-2 adds none), without an EOS it appends (`appends_eos`), the text read as text."""
-    ids = tokenizer(text, split_special_tokens=True, verbose=False)["input_ids"]
-    return ids[:-1] if appends_eos(tokenizer) else ids
+def prompt_encoding(tokenizer) -> tuple[str, dict]:
+    """How generation reads a prompt, as (text put in front, tokenizer flags): the prompt as the tokenizer encodes
+    it (with the special tokens it puts in front, such as a Llama-style <s>; GPT-2 adds none), or, for a tokenizer
+    that appends EOS to every text (`appends_eos`), BOS + prompt without the tokenizer's special tokens, so that the
+    prompt goes on as a document starts in the training data. SFT prompts and `bd3lm-hf generate` share it."""
+    if appends_eos(tokenizer):
+        return tokenizer.bos_token or "", {"add_special_tokens": False}
+    return "", {}
 
 
 def encode_documents(tokenizer, texts: list[str], piece_chars: int | None = None) -> list[np.ndarray]:

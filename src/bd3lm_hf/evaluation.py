@@ -12,7 +12,7 @@ from transformers.utils import logging
 
 from .collator import DataCollatorForBlockDiffusion
 from .data import load_text_dataset, wrap_tokenize
-from .encoding import appends_eos
+from .encoding import prompt_encoding
 from .modeling.generation_config_bd3lm import id_list
 from .modeling.sampling_bd3lm import unigram_entropy
 
@@ -206,11 +206,10 @@ def sample_with_pipeline(model, tokenizer, prompts, seed: int = 0, **generate_kw
 
 
 def pipeline_prompts(tokenizer, prompts: list[str]) -> tuple[list[str], dict]:
-    """The pipeline's inputs and encoding flags: the prompts as they are, or, for a tokenizer that appends EOS to
-    every text (`appends_eos`), BOS + prompt encoded without the tokenizer's special tokens."""
-    if not appends_eos(tokenizer):
-        return prompts, {}
-    return [(tokenizer.bos_token or "") + prompt for prompt in prompts], {"add_special_tokens": False}
+    """The pipeline's inputs and encoding flags: each prompt as generation reads it (`prompt_encoding`, which SFT
+    prompts share)."""
+    prefix, flags = prompt_encoding(tokenizer)
+    return [prefix + prompt for prompt in prompts], flags
 
 
 def continuation(tokenizer, sequence: list[int], prompt_length: int) -> str:

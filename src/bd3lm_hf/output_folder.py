@@ -39,7 +39,8 @@ def clear_output_folder(folder) -> None:
 # What `export` writes: the card, configs, the modeling code, the weights (sharded or not) and the tokenizer's files.
 EXPORT_FILES = ("README.md", "config.json", "generation_config.json", "*.py", "model*.safetensors",
                 "model.safetensors.index.json", "tokenizer*.json", "special_tokens_map.json", "added_tokens.json",
-                "vocab.json", "merges.txt", "chat_template.jinja")
+                "vocab.json", "vocab.txt", "merges.txt", "tokenizer.model", "spiece.model", "sentencepiece.bpe.model",
+                "chat_template.jinja")
 
 
 def is_exported_model_folder(folder) -> bool:

@@ -163,7 +163,7 @@ def base_sequence_shape(init_from: str | None) -> tuple[int, int]:
 def build_tokenizer(config: BD3LMTrainingConfig, texts: list[str]):
     """The tokenizer of `config.tokenizer`; by default the one saved with `init_from` (a finetune keeps its base
     model's vocabulary), else a BPE trained on the data."""
-    name = config.tokenizer or config.init_from or "bpe"
+    name = tokenizer_name(config)
     if name == "bpe":
         return train_bpe_tokenizer(texts, config.bpe_vocab_size)
     if name == "gpt2":
@@ -181,10 +181,15 @@ def require_mask_token(tokenizer, name: str = "the tokenizer") -> None:
                          "the tokenizer).")
 
 
+def tokenizer_name(config: BD3LMTrainingConfig) -> str:
+    """The tokenizer a run uses: the one named, else init_from's, else a BPE trained on the data ("bpe")."""
+    return config.tokenizer or config.init_from or "bpe"
+
+
 def tokenizer_of_given_data(config: BD3LMTrainingConfig):
     """For data the caller tokenized: the tokenizer the config names (or init_from's); a BPE trained on the data
     cannot be rebuilt from token ids."""
-    if (config.tokenizer or config.init_from or "bpe") == "bpe":
+    if tokenizer_name(config) == "bpe":
         raise ValueError("build_trainer(train_set=...) got tokenized data and no tokenizer: pass tokenizer= (the one "
                          "the data were tokenized with) or model=, or set the config's tokenizer ('gpt2' or a "
                          "folder) or init_from.")
