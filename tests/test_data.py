@@ -281,6 +281,7 @@ def test_many_short_documents_are_tokenized_in_bounded_batches(gpt2):
         calls.append(text)
         return gpt2(text, **kwargs)
 
+    recording.mask_token_id = gpt2.mask_token_id  # read to tell a literal "[MASK]" in the text
     ids = encode_documents(recording, texts, piece_chars=2_000)
     assert [row.tolist() for row in ids] == [gpt2(text, add_special_tokens=False)["input_ids"] for text in texts]
     assert all(isinstance(call, list) and sum(map(len, call)) <= 2_400 for call in calls) and len(calls) == 13
