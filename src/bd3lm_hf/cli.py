@@ -307,17 +307,14 @@ def run_generate(args) -> None:
 
 def load_scorer(name: str, device):
     """An autoregressive model (float32, on `device`) and its tokenizer, to score samples."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
 
     from .evaluation import check_autoregressive_scorer
     from .loading import load_tokenizer, local_folder_or_hub_id
 
     name = local_folder_or_hub_id(name)
-    try:  # before loading its weights; a folder without a config (PEFT adapters) is checked once loaded
-        check_autoregressive_scorer(AutoConfig.from_pretrained(name))
-    except (OSError, KeyError):
-        pass
     scorer = AutoModelForCausalLM.from_pretrained(name).to(device).eval()
+    check_autoregressive_scorer(scorer.config)  # before sampling (an adapter folder has no config of its own)
     return scorer, load_tokenizer(name, "save the scorer's tokenizer into its folder (tokenizer.save_pretrained)")
 
 

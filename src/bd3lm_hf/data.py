@@ -9,7 +9,7 @@ import numpy as np
 from datasets import Dataset, Features, IterableDataset, Sequence, Value, concatenate_datasets, load_dataset
 from transformers.utils import logging
 
-from .encoding import encode as encode_text, encode_documents, prompt_encoding, without_mask_ids
+from .encoding import encode as encode_text, encode_documents, encode_prompt, prompt_encoding
 
 logger = logging.get_logger(__name__)
 
@@ -260,7 +260,7 @@ def sft_tokenize(dataset: Dataset | IterableDataset, tokenizer, block_size: int,
         raise ValueError(f"messages_column={messages_column!r} renders chats with the tokenizer's chat template, and "
                          "this tokenizer has none (the built-in BPE and GPT-2 tokenizers have none): give a "
                          "tokenizer folder with a chat_template, or prompt/response columns.")
-    prompt_prefix, prompt_flags = prompt_encoding(tokenizer)  # the prompt as generation reads it
+    prompt_style = prompt_encoding(tokenizer)  # the prompt as generation reads it (found once, not per row)
 
     def encode(row):
         if messages_column:
@@ -270,9 +270,7 @@ def sft_tokenize(dataset: Dataset | IterableDataset, tokenizer, block_size: int,
                                                         return_dict=True)["input_ids"])
             response = encode_text(tokenizer, messages[-1]["content"])
         else:  # the prompt as generation reads it (a Llama-style BOS in front), the response as plain text
-            text = prompt_prefix + row[prompt_column]
-            prompt = without_mask_ids(tokenizer, text, tokenizer(text, verbose=False, **prompt_flags)["input_ids"],
-                                      **prompt_flags)
+            prompt = encode_prompt(tokenizer, row[prompt_column], prompt_style)
             response = encode_text(tokenizer, row[response_column])
         ids = prompt + response + [eos]
         cut = len(ids) > max_length

@@ -51,6 +51,14 @@ def prompt_encoding(tokenizer) -> tuple[str, dict]:
     return "", {}
 
 
+def encode_prompt(tokenizer, text: str, encoding: tuple[str, dict]) -> list[int]:
+    """A prompt's ids as generation reads them (`encoding`: what `prompt_encoding` gives), a literal "[MASK]" read as
+    text."""
+    prefix, flags = encoding
+    text = prefix + text
+    return without_mask_ids(tokenizer, text, tokenizer(text, verbose=False, **flags)["input_ids"], **flags)
+
+
 def encode_documents(tokenizer, texts: list[str], piece_chars: int | None = None) -> list[np.ndarray]:
     """The ids (int64) of each text, without special tokens; equal to `tokenizer(text)["input_ids"]` one by one.
     Texts up to `piece_chars` (default PIECE_CHARS) characters go in batched calls of under twice that much text;
