@@ -369,3 +369,18 @@ def test_sft_prompts_are_encoded_as_generation_reads_them():
     prompt = row["input_ids"][: row["prompt_length"]]
     assert prompt == tokenizer("to be, or not")["input_ids"][:-1] and prompt[0] == tokenizer.bos_token_id
     assert row["input_ids"][row["prompt_length"]:][:2] == tokenizer("to be", add_special_tokens=False)["input_ids"]
+
+
+def test_a_stock_bert_tokenizer_without_eos_does_not_end_prompts_with_sep():
+    """A stock bert-base tokenizer sets no eos_token, and its post-processor still appends [SEP]: a prompt so
+    encoded would end its document. Found by the appended special token, not by EOS."""
+    from conftest import bert_style_tokenizer
+
+    from bd3lm_hf.encoding import encode_prompt, prompt_encoding
+
+    tokenizer = bert_style_tokenizer()
+    tokenizer.eos_token = tokenizer.bos_token = None  # as bert-base-uncased: [CLS] and [SEP] only
+    tokenizer.cls_token, tokenizer.sep_token = "[CLS]", "[SEP]"
+    ids = encode_prompt(tokenizer, "to be, or not", prompt_encoding(tokenizer))
+    assert ids == tokenizer("to be, or not", add_special_tokens=False)["input_ids"]
+    assert 3 not in ids and ids[-1] != tokenizer.sep_token_id

@@ -33,20 +33,21 @@ def without_mask_ids(tokenizer, text: str, ids: list[int], **flags) -> list[int]
     return tokenizer(text, split_special_tokens=True, verbose=False, **flags)["input_ids"]
 
 
-def appends_eos(tokenizer) -> bool:
-    """Whether the tokenizer ends every text it encodes with EOS (a BERT-style [CLS] $A [SEP] post-processor): a
-    prompt so encoded would end its document instead of going on."""
-    eos = tokenizer.eos_token_id
-    return eos is not None and tokenizer("a", verbose=False)["input_ids"][-1:] == [eos] and \
-        tokenizer("a", add_special_tokens=False, verbose=False)["input_ids"][-1:] != [eos]
+def appends_special_token(tokenizer) -> bool:
+    """Whether the tokenizer ends every text it encodes with a special token: its EOS or, for a stock BERT
+    tokenizer that sets no EOS, [SEP] (a "[CLS] $A [SEP]" post-processor). A prompt so encoded would end its
+    document instead of going on."""
+    last = tokenizer("a", verbose=False)["input_ids"][-1:]
+    return bool(last) and last[0] in tokenizer.all_special_ids and \
+        tokenizer("a", add_special_tokens=False, verbose=False)["input_ids"][-1:] != last
 
 
 def prompt_encoding(tokenizer) -> tuple[str, dict]:
     """How generation reads a prompt, as (text put in front, tokenizer flags): the prompt as the tokenizer encodes
     it (with the special tokens it puts in front, such as a Llama-style <s>; GPT-2 adds none), or, for a tokenizer
-    that appends EOS to every text (`appends_eos`), BOS + prompt without the tokenizer's special tokens, so that the
-    prompt goes on as a document starts in the training data. SFT prompts and `bd3lm-hf generate` share it."""
-    if appends_eos(tokenizer):
+    that appends EOS or [SEP] to every text (`appends_special_token`), BOS + prompt without the tokenizer's special
+    tokens, so that the prompt goes on as a document starts in the training data. SFT prompts and `bd3lm-hf generate` share it."""
+    if appends_special_token(tokenizer):
         return tokenizer.bos_token or "", {"add_special_tokens": False}
     return "", {}
 
