@@ -119,6 +119,15 @@ def unpack_schedule(schedule):
     return (None, None) if schedule is None else tuple(schedule)
 
 
+def next_step_calls_model(block, new_block, fixed, mask_token_id: int, time_conditioning: bool) -> bool:
+    """Whether the dynamic path's next step needs fresh scores: something is left to reveal, and the step changed
+    the block (or the model is time-conditioned). One host read for both."""
+    changed = (new_block != block).any()
+    masked_left = ((new_block == mask_token_id) & ~fixed).any()
+    changed, masked_left = torch.stack((changed, masked_left)).tolist()
+    return masked_left and (changed or time_conditioning)
+
+
 def processor_context(canvas, valid, start: int, end: int, state):
     """The sequence before the block, left-padded as transformers' processors expect it (None without processors);
     the same for every step of the block.
@@ -627,21 +636,24 @@ class BD3LMGenerationMixin(GenerationMixin):
 
     def denoise_dynamic(self, canvas, valid, start, end, fixed, banned_eos, cache, state, num_steps: int):
         """Dynamic cache or none: a step that reveals nothing leaves the block unchanged, so the next step reuses its
-        scores without a model call (knowing that is a host synchronization). The first step always calls: it
-        commits the previous block. A time-conditioned model's scores depend on the step's time: never reused (as
-        the original MDLM sampler)."""
+        scores without a model call, and once nothing is left to reveal no step calls. Knowing either is a host
+        synchronization: one per step, both read together. The first step always calls: it commits the previous
+        block. A time-conditioned model's scores depend on the step's time: never reused (as the original MDLM
+        sampler)."""
         constants = state["constants"]
         context = processor_context(canvas, valid, start, end, state)  # fixed for the block
-        scores, stale = None, True
+        scores, call_model = None, True
         for step in range(num_steps):
             noise = self.step_noise(canvas, state, end - start)
             block = canvas[:, start:end]
             time, reveal_probability = unpack_schedule(step_schedule(state, step))
-            if stale and (step == 0 or bool(((block == constants.rule.mask_token_id) & ~fixed).any())):
+            if call_model:
                 logits = self.block_logits(canvas, valid, start, end, cache, state, self.step_timesteps(block, time))
                 scores = step_scores(logits, banned_eos, constants, context)
             new_block = sample_step(scores, block, fixed, noise, reveal_probability, constants.rule)
-            stale = self.config.time_conditioning or bool((new_block != block).any())
+            if step + 1 < num_steps:
+                call_model = next_step_calls_model(block, new_block, fixed, constants.rule.mask_token_id,
+                                                   self.config.time_conditioning)
             canvas[:, start:end] = new_block
             if state["history"] is not None:
                 state["history"].append(canvas.clone())

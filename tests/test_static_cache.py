@@ -128,6 +128,30 @@ def test_no_host_synchronization_inside_a_block(gen_model, monkeypatch):
     assert syncs["count"] > 0
 
 
+@pytest.mark.parametrize("sampler", SAMPLERS)
+def test_the_dynamic_path_reads_the_device_once_per_step(gen_model, monkeypatch, sampler):
+    """Without the static cache, a step tells the host whether the next one needs the model (has it changed the
+    block? is anything left to reveal?): one read per step, none after a block's last step."""
+    reads = count_host_reads(monkeypatch)
+    reads["active"] = False
+    steps = []
+    denoise = BD3LMGenerationMixin.denoise_dynamic
+
+    def watched(self, *args, **kwargs):
+        steps.append(args[-1])  # num_steps
+        reads["active"] = True
+        try:
+            return denoise(self, *args, **kwargs)
+        finally:
+            reads["active"] = False
+
+    monkeypatch.setattr(BD3LMGenerationMixin, "denoise_dynamic", watched)
+    ids, mask = prompts()
+    steps_setting = dict(num_steps=3) if sampler == "ddpm" else {}
+    gen_model.generate(ids, attention_mask=mask, max_new_tokens=9, sampler=sampler, do_sample=True, **steps_setting)
+    assert steps and reads["count"] == sum(num_steps - 1 for num_steps in steps)
+
+
 @pytest.mark.parametrize("stop", [None, "eos", "eos after min_new_tokens"])
 def test_host_reads_per_block_only_once_a_row_may_stop(gen_model, monkeypatch, stop):
     """The one host read per block (have all rows stopped?) happens only where a row may have stopped before the
