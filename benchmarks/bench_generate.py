@@ -128,9 +128,11 @@ def generate_kwargs(case, new_tokens: int) -> dict:
     if case["kind"] == "ar":
         return dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0,
                     cache_implementation=case.get("cache"), **decoding(case))
-    settings = dict(max_new_tokens=new_tokens, **decoding(case), sampler=case["sampler"], num_steps=case["num_steps"],
+    settings = dict(max_new_tokens=new_tokens, **decoding(case), sampler=case["sampler"],
                     use_cache=case["kind"] == "cached", return_dict_in_generate=True,
                     cache_implementation=case.get("cache"), disable_compile=not case.get("compiled", True))
+    if case["sampler"] == "ddpm":  # the other samplers take one call per revealed token (a num_steps would warn)
+        settings["num_steps"] = case["num_steps"]
     if case.get("compile"):
         settings["compile_config"] = generation_compile_config(case["compile"])
     return settings
@@ -142,15 +144,17 @@ def run_case(case: dict, models: dict | None = None) -> dict:
     torch.set_num_threads(case.get("threads", torch.get_num_threads()))
     model = build_model(case, {} if models is None else models)
     prompt = torch.full((case["batch"], 1), 0, dtype=torch.long, device=device)
+    # explicit: token 0 is also the AR baseline's pad id, from which transformers would infer a zero mask
+    prompt_mask = torch.ones_like(prompt)
     new_tokens = case["new_tokens"]
     if device == "cuda":  # compiled paths warm up at full length: every graph is captured before timing
         warm_up = new_tokens if case.get("cache") == "static" and case.get("compiled", True) else 64
-        model.generate(prompt, **generate_kwargs(case, min(warm_up, new_tokens)))
+        model.generate(prompt, attention_mask=prompt_mask, **generate_kwargs(case, min(warm_up, new_tokens)))
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     with torch.no_grad():
-        out = model.generate(prompt, **generate_kwargs(case, new_tokens))
+        out = model.generate(prompt, attention_mask=prompt_mask, **generate_kwargs(case, new_tokens))
     if device == "cuda":
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start

@@ -5,6 +5,7 @@ The hot loop is made of small pure functions (one model call here, one sampler s
 """
 
 import contextlib
+import functools
 import math
 import threading
 from dataclasses import dataclass
@@ -119,6 +120,28 @@ def unpack_schedule(schedule):
     return (None, None) if schedule is None else tuple(schedule)
 
 
+def runs_compiled_submodules_eagerly(generate):
+    """generate() through the eager forward of submodules compiled in place (`nn.Module.compile`, e.g. the decoder
+    layers that bd3lm_hf compiles for training, fullgraph): their graphs are traced for the training pass, and the
+    cache calls of a generation (cache object, growing key length, block-sized queries) would recompile them at
+    every block until the recompile limit, a hard error under fullgraph. Their compiled forward is back on exit.
+    The static cache's own compiled step (on CUDA) compiles the layers inside it."""
+
+    @functools.wraps(generate)
+    def wrapper(self, *args, **kwargs):
+        compiled = [(module, module._compiled_call_impl) for module in self.modules()
+                    if module is not self and getattr(module, "_compiled_call_impl", None) is not None]
+        for module, _ in compiled:
+            module._compiled_call_impl = None
+        try:
+            return generate(self, *args, **kwargs)
+        finally:
+            for module, compiled_call in compiled:
+                module._compiled_call_impl = compiled_call
+
+    return wrapper
+
+
 def next_step_calls_model(block, new_block, fixed, mask_token_id: int, time_conditioning: bool) -> bool:
     """Whether the dynamic path's next step needs fresh scores: something is left to reveal, and the step changed
     the block (or the model is time-conditioned). One host read for both."""
@@ -188,6 +211,7 @@ class BD3LMGenerationMixin(GenerationMixin):
 
     @torch.no_grad()
     @gathers_fsdp_weights
+    @runs_compiled_submodules_eagerly
     def generate(self, inputs=None, generation_config=None, logits_processor=None, stopping_criteria=None,
                  streamer=None, generator=None, *, input_ids=None, attention_mask=None, tokenizer=None, **kwargs):
         r"""
@@ -275,7 +299,7 @@ class BD3LMGenerationMixin(GenerationMixin):
         new_index = torch.arange(canvas.shape[1], device=canvas.device)[None] - first_new[:, None]  # < 0: prompt
         banned_eos = (new_index >= 0) & (new_index < (config.min_new_tokens or 0))
         done = torch.zeros(batch, dtype=torch.bool, device=canvas.device)
-        warpers = sampling_warpers(config) if config.do_sample else None
+        warpers = sampling_warpers(config, canvas.device) if config.do_sample else None
         logits_processor = LogitsProcessorList([*config_processors(config, canvas.device), *(logits_processor or [])])
         stopping_criteria = _stopping_criteria(config, stopping_criteria, tokenizer)
         stops_from = first_stop_column(first_new_min, eos_ids, config, stopping_criteria)

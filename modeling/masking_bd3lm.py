@@ -104,14 +104,16 @@ def flex_training_mask(seq_len: int, block_size: int, device: str):
 def dense_training_mask(seq_len: int, block_size: int, device: str) -> torch.Tensor:
     """The 2L boolean mask without padding, (1, 1, 2L, 2L), built once per (L, block size, device) and broadcast over
     the batch by sdpa / eager (instead of one (B, 1, 2L, 2L) mask per step)."""
-    return training_mask_2l(seq_len, block_size).to(device)[None, None]
+    # built on the device: a whole-model torch.compile traces through the cache, and CPU tensors in its graph would
+    # mean host work and a copy every step (and no CUDA graphs)
+    return training_mask_2l(seq_len, block_size, device)[None, None]
 
 
-def training_mask_2l(seq_len: int, block_size: int) -> torch.Tensor:
+def training_mask_2l(seq_len: int, block_size: int, device: str | torch.device = "cpu") -> torch.Tensor:
     """The original (2L, 2L) training mask over [x_t ; x_0] without padding, for reference and tests."""
-    positions = torch.arange(seq_len)[None].repeat(1, 2)
-    valid = torch.ones(1, 2 * seq_len, dtype=torch.bool)
+    positions = torch.arange(seq_len, device=device)[None].repeat(1, 2)
+    valid = torch.ones(1, 2 * seq_len, dtype=torch.bool, device=device)
     block, _, valid = token_descriptors(positions, block_size, valid)
-    clean = torch.arange(2 * seq_len)[None] >= seq_len
+    clean = torch.arange(2 * seq_len, device=device)[None] >= seq_len
     tokens = TokenDescriptors(block, clean, valid)
     return dense_block_diffusion_mask(tokens, tokens, 0)[0, 0]

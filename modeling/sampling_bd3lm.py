@@ -152,12 +152,13 @@ def sample_step(scores, block, fixed, noise, reveal_probability, rule: StepRule)
     return torch.where(reveal, tokens, block)
 
 
-def sampling_warpers(config) -> LogitsProcessorList:
+def sampling_warpers(config, device) -> LogitsProcessorList:
     """transformers' warpers of the sampling settings, in its order: temperature, top-k, top-p, min-p, typical,
     epsilon and eta cutoffs (position by position, no context: they run inside the compiled step). Read-only: the
-    same list serves every generation with these settings."""
+    same list serves every generation with these settings on `device` (the eta warper holds a tensor there: on
+    another device, a compiled CUDA step would take a CPU input and skip its CUDA graphs)."""
     settings = (config.temperature, config.top_k, config.top_p, config.min_p, config.typical_p, config.epsilon_cutoff,
-                config.eta_cutoff)
+                config.eta_cutoff, str(device))
     try:
         hash(settings)
     except TypeError:  # a value the warpers will refuse themselves: no list to keep
@@ -172,7 +173,8 @@ def _kept_warpers(*settings) -> LogitsProcessorList:
     return _build_warpers(*settings)
 
 
-def _build_warpers(temperature, top_k, top_p, min_p, typical_p, epsilon_cutoff, eta_cutoff) -> LogitsProcessorList:
+def _build_warpers(temperature, top_k, top_p, min_p, typical_p, epsilon_cutoff, eta_cutoff,
+                   device: str) -> LogitsProcessorList:
     warpers = LogitsProcessorList()
     if temperature is not None and temperature != 1.0:
         warpers.append(TemperatureLogitsWarper(temperature))
@@ -187,7 +189,7 @@ def _build_warpers(temperature, top_k, top_p, min_p, typical_p, epsilon_cutoff, 
     if epsilon_cutoff:
         warpers.append(EpsilonLogitsWarper(epsilon_cutoff))
     if eta_cutoff:
-        warpers.append(EtaLogitsWarper(eta_cutoff))
+        warpers.append(EtaLogitsWarper(eta_cutoff, device=device))
     return warpers
 
 

@@ -61,6 +61,20 @@ def test_compiled_layers_train_on_batches_of_many_widths():
         torch.testing.assert_close(loss, eager(**batch).loss)
 
 
+@pytest.mark.parametrize("cache_implementation", [None, "static"])
+def test_generation_after_training_with_compiled_layers(cache_implementation):
+    """A model whose layers were compiled for training (fullgraph) generates through their eager forward: its cache
+    calls would recompile them at every block up to the recompile limit, a hard error. Same tokens as a model never
+    compiled, and the layers stay compiled for training."""
+    reference = random_model(seed=1, std=0.12, max_position_embeddings=128)
+    model = compile_decoder_layers(copy.deepcopy(reference), backend="eager")
+    ids = torch.tensor([[5, 9, 13, 2, 7], [11, 3, 8, 21, 4]])
+    settings = dict(max_new_tokens=40, cache_implementation=cache_implementation)
+    torch.testing.assert_close(model.generate(ids, **settings), reference.generate(ids, **settings), rtol=0, atol=0)
+    assert all(layer._compiled_call_impl is not None for layer in decoder_layers(model))
+    model.train()(**training_batch())  # the training pass still goes through them
+
+
 def test_decoder_layers_are_found_under_peft():
     from peft import LoraConfig, get_peft_model
 
@@ -93,6 +107,28 @@ def test_the_whole_forward_compiles_in_one_graph():
     torch.testing.assert_close(compiled(input_ids=batch["input_ids"]).logits,
                                model(input_ids=batch["input_ids"]).logits, rtol=0, atol=0)
     torch.testing.assert_close(compiled(**batch).loss, model(**batch).loss, rtol=0, atol=0)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("attn", ["sdpa", "flex_attention"])
+def test_the_compiled_training_pass_makes_its_tensors_on_the_input_device(attn):
+    """Every tensor the compiled 2L pass creates names its device (the 2L mask, traced through its cache): a factory
+    without one makes CPU tensors in a CUDA graph, i.e. host work and a copy every step, and no CUDA graphs."""
+    factories = {"arange", "zeros", "ones", "full", "empty", "tensor", "rand", "randn", "randint"}
+    deviceless = []
+
+    def recording_backend(graph_module, example_inputs):
+        deviceless.extend(f"{node.target.__name__} at {node.meta.get('stack_trace', '').strip().splitlines()[-2:]}"
+                          for node in graph_module.graph.nodes
+                          if node.op == "call_function" and getattr(node.target, "__name__", "") in factories
+                          and "device" not in node.kwargs)
+        return graph_module.forward
+
+    model = random_model(seed=3, std=0.1, max_position_embeddings=16, num_attention_heads=2)
+    model.set_attn_implementation(attn)
+    batch = {k: v for k, v in training_batch(0).items() if k != "attention_mask"}
+    torch.compile(model, backend=recording_backend, fullgraph=True)(**batch)
+    assert deviceless == []
 
 
 @torch.no_grad()

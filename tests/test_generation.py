@@ -596,8 +596,11 @@ def test_sampling_settings_add_transformers_warpers():
     from bd3lm_hf.modeling.sampling_bd3lm import sampling_warpers
 
     config = GenerationConfig(do_sample=True, top_k=0, min_p=0.2, typical_p=0.8, epsilon_cutoff=3e-4, eta_cutoff=1e-3)
-    names = [type(warper).__name__ for warper in sampling_warpers(config)]
+    names = [type(warper).__name__ for warper in sampling_warpers(config, "cpu")]
     assert names == ["MinPLogitsWarper", "TypicalLogitsWarper", "EpsilonLogitsWarper", "EtaLogitsWarper"]
+    # the eta warper's tensor lies on the generation's device (a CPU tensor would keep a CUDA step off CUDA graphs)
+    assert sampling_warpers(config, "meta")[-1].epsilon.device.type == "meta"
+    assert sampling_warpers(config, "cpu")[-1].epsilon.device.type == "cpu"
 
 
 def test_min_p_restricts_sampling_and_compiles(gen_model):
