@@ -13,6 +13,7 @@ logger = logging.get_logger(__name__)
 WARPER_DEFAULTS = {"temperature": 1.0, "top_k": 50, "top_p": 1.0}
 SWITCH_DEFAULTS = {"do_sample": False, "use_cache": True, "num_return_sequences": 1}
 BD3LM_DEFAULTS = {"sampler": "ddpm", "confidence_threshold": 0.9, "entropy_stop": False, "output_history": False}
+BD3LM_FIELDS = ("block_size", "num_steps", "sampler", "confidence_threshold", "entropy_stop", "output_history")
 DEFAULT_MAX_NEW_TOKENS = 20  # transformers' default when neither max_new_tokens nor max_length is set anywhere
 # Standard generation settings block diffusion does not implement, with the values that leave them off (None, or
 # the neutral default of older transformers versions): set to anything else, they raise instead of being ignored.
@@ -64,6 +65,13 @@ class BD3LMGenerationConfig(GenerationConfig):
         self.entropy_stop = entropy_stop
         self.output_history = output_history
         self.validate()  # the base class validated before these fields existed
+
+    def to_diff_dict(self) -> dict:
+        """What `save_pretrained` writes: transformers' diff, without block diffusion's unset (None) fields. A plain
+        GenerationConfig has no such field, so the diff would write them as null, and code of earlier versions
+        (pinned files on the Hub) reads a null as a value; left out, every version applies its default."""
+        return {name: value for name, value in super().to_diff_dict().items()
+                if not (name in BD3LM_FIELDS and value is None)}
 
     @classmethod
     def from_model_config(cls, model_config) -> "BD3LMGenerationConfig":

@@ -131,6 +131,21 @@ def test_resume_from_a_folder_outside_output_dir(tmp_path, small_data, caplog):
     assert "the collator keeps its training clip range" in caplog.text
 
 
+def test_resuming_from_a_checkpoint_without_ema_says_so(tmp_path, caplog):
+    """A checkpoint of an early version holds no EMA file: the warning names that folder, and does not ask to set
+    resume_from, which is set."""
+    from types import SimpleNamespace
+
+    from conftest import random_model
+
+    (tmp_path / "checkpoint-6").mkdir()
+    ema = EMACallback(resume_from=str(tmp_path / "checkpoint-6"))
+    args = SimpleNamespace(output_dir=str(tmp_path), eval_on_start=False)
+    with caplog.at_level("WARNING", logger="bd3lm_hf"):
+        ema.on_train_begin(args, SimpleNamespace(global_step=6), None, model=random_model())
+    assert "checkpoint-6, which holds no" in caplog.text and "set EMACallback.resume_from" not in caplog.text
+
+
 def test_train_refuses_another_runs_checkpoints_and_a_finished_checkpoint(tmp_path, small_data):
     """A new run into a folder holding checkpoints would leave them beside its own (and `--resume_from_checkpoint
     true` would then pick the old run's last); resuming a checkpoint at max_steps trained one step more (Trainer)

@@ -1,5 +1,6 @@
 """Block-diffusion generate(): exact cache, samplers, ragged batches, EOS, streaming, pipeline, bad input."""
 
+import json
 import logging
 import math
 
@@ -279,6 +280,10 @@ def test_generation_config_round_trip_and_kwargs_override(gen_model, tmp_path):
     config.save_pretrained(tmp_path)
     loaded = BD3LMGenerationConfig.from_pretrained(tmp_path)
     assert (loaded.sampler, loaded.max_new_tokens) == ("first_hitting", 5)
+    # unset block-diffusion fields are not written as null: earlier versions' code would read null as a value
+    saved = json.loads((tmp_path / "generation_config.json").read_text())
+    assert saved["sampler"] == "first_hitting" and not {"block_size", "num_steps", "entropy_stop"} & set(saved)
+    assert (loaded.block_size, loaded.num_steps, loaded.entropy_stop) == (None, None, None)
     prompt = torch.randint(0, MASK, (1, 4))
     out = gen_model.generate(prompt, generation_config=loaded, return_dict_in_generate=True)
     assert out.sequences.shape[1] == 9 and out.nfe == 8  # 2 blocks of 4 masked positions, one hit per call

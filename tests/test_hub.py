@@ -134,6 +134,15 @@ def test_export_refuses_an_existing_folder_and_a_missing_tokenizer(exported, tmp
     assert cli(["export", str(tmp_path / "bare"), str(tmp_path / "out")]) == 2  # no tokenizer in the folder
 
 
+def test_export_writes_use_cache_true_whatever_training_left(tmp_path):
+    """Trainer leaves use_cache=False in the config (TrainingArguments.use_cache): generation here ignores it, and
+    the exported config says True for the code of earlier versions, which followed it."""
+    model = random_model(vocab_size=50258)
+    model.config.use_cache = False
+    export_for_hub(model, gpt2_tokenizer_with_mask(), tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["use_cache"] is True
+
+
 def test_export_cli_overwrites_only_when_asked(exported, tmp_path):
     assert cli(["export", str(exported), str(tmp_path / "again")]) == 0
     assert cli(["export", str(exported), str(tmp_path / "again")]) == 2
@@ -480,6 +489,31 @@ def test_an_adapter_checkpoint_loads_with_its_ema_for_export_and_generate(adapte
         torch.testing.assert_close(load_for_export(folder)[0](input_ids=ids).logits, expected, rtol=0, atol=1e-5)
     assert cli(["generate", str(folder), "--prompt", "To be", "--max-new-tokens", "4", "--device", "cpu"]) == 0
     assert "model calls (NFE)" in capsys.readouterr().out
+
+
+def test_an_adapter_saved_without_a_task_type_loads_merged(tmp_path):
+    """An adapter of a plain `LoraConfig(r=8)` (no task_type, as early `--lora` folders) names its base in
+    adapter_config.json; peft's Auto classes refuse to import the model code it maps to without a task_type. The
+    loader goes through the base and PeftModel: the adapted logits, for export, eval and generate."""
+    from peft import LoraConfig, get_peft_model
+
+    from bd3lm_hf.loading import load_saved_model
+
+    random_model().save_pretrained(tmp_path / "base")
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base", trust_remote_code=True)
+    peft_model = get_peft_model(base, LoraConfig(r=8, target_modules=["qkv_proj", "o_proj"]))
+    with torch.no_grad():
+        for name, parameter in peft_model.named_parameters():
+            if "lora_B" in name:
+                parameter.normal_(0.0, 0.3, generator=torch.Generator().manual_seed(len(name)))
+    peft_model.eval().save_pretrained(tmp_path / "adapter")
+    assert json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["task_type"] is None
+    ids = torch.randint(0, 49, (2, 16), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        merged = load_saved_model(tmp_path / "adapter")(input_ids=ids).logits
+        torch.testing.assert_close(merged, peft_model(input_ids=ids).logits, rtol=1e-4, atol=1e-4)  # merged: rounding
+        base = AutoModelForCausalLM.from_pretrained(tmp_path / "base", trust_remote_code=True)
+        assert not torch.allclose(merged, base(input_ids=ids).logits, atol=1e-2)  # the adapters are in
 
 
 def test_export_of_an_adapter_folder_whose_base_is_gone_is_a_one_line_error(adapter_folder, tmp_path, capsys):

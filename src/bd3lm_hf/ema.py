@@ -54,6 +54,9 @@ class EMACallback(TrainerCallback):
             checkpoint = checkpoint_folder(args, state, self.resume_from) / EMA_FILE
             if checkpoint.is_file():
                 self.load(checkpoint)
+            elif self.resume_from is not None:  # the folder is the right one: it holds no EMA (an early version's)
+                logger.warning("resuming at step %d from %s, which holds no %s: the EMA restarts from the current "
+                               "weights.", state.global_step, checkpoint.parent, EMA_FILE)
             else:
                 logger.warning("resuming at step %d without %s (looked in %s): the EMA restarts from the current "
                                "weights; set EMACallback.resume_from to the checkpoint folder resumed from.",

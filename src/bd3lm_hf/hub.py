@@ -40,6 +40,9 @@ def export_for_hub(model, tokenizer, out_dir, repo_id: str | None = None, metric
                        sampling=sampling_settings(model.generation_config))  # before writing anything
     clear_output_folder(out_dir)
     take_special_ids_from(tokenizer, model.config)
+    # Trainer writes TrainingArguments.use_cache (False) into the config; this code ignores it, but the files of
+    # some earlier versions (pinned on the Hub) follow it and would generate without a cache
+    model.config.use_cache = True
     model.save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     finish_tokenizer_config(out_dir / "tokenizer_config.json", longest_prompt(model.config))

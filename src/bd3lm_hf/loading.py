@@ -52,15 +52,24 @@ def with_checkpoint_ema(model, folder):
 
 def merged_adapter_model(adapter_folder: Path):
     """The base model named by the adapter folder, with the adapters (their EMA in a training checkpoint) merged into
-    its weights."""
-    from peft import AutoPeftModelForCausalLM
+    its weights. Loaded as base + `PeftModel` rather than through peft's Auto classes, which refuse an adapter saved
+    without a task_type (a plain `LoraConfig(r=8)`, or `--lora` folders of early versions)."""
+    from peft import PeftConfig, PeftModel
+    from transformers import AutoModelForCausalLM
 
     logger.info("%s holds adapters: loading their base model and merging them", adapter_folder)
+    adapter = PeftConfig.from_pretrained(adapter_folder)
+    if not adapter.base_model_name_or_path:
+        raise HubError(f"the adapters in {adapter_folder} do not name their base model (base_model_name_or_path in "
+                       "adapter_config.json): set it to the base model's folder or Hub id.")
     try:
-        peft_model = AutoPeftModelForCausalLM.from_pretrained(adapter_folder, trust_remote_code=True)
+        base = AutoModelForCausalLM.from_pretrained(adapter.base_model_name_or_path, revision=adapter.revision,
+                                                    trust_remote_code=True)
     except (OSError, ValueError) as error:  # the base (base_model_name_or_path) moved, or is not on this machine
-        raise HubError(f"cannot load the base model of the adapters in {adapter_folder} (its adapter_config.json "
-                       f"names base_model_name_or_path): {str(error).splitlines()[0]}") from None
+        raise HubError(f"cannot load the base model of the adapters in {adapter_folder}: its adapter_config.json "
+                       f"names base_model_name_or_path={adapter.base_model_name_or_path!r}: "
+                       f"{str(error).splitlines()[0]}") from None
+    peft_model = PeftModel.from_pretrained(base, adapter_folder)
     return with_checkpoint_ema(peft_model, adapter_folder).merge_and_unload()
 
 
