@@ -105,20 +105,28 @@ def count_host_reads(monkeypatch) -> dict:
     return reads
 
 
-def test_no_host_synchronization_inside_a_block(gen_model, monkeypatch):
-    """With the static cache, denoising a block reads nothing back from the device (no bool(), item(), tolist())."""
-    syncs = count_host_reads(monkeypatch)
-    syncs["active"] = False
-    denoise = BD3LMGenerationMixin.denoise_block
+def count_host_reads_inside(monkeypatch, method: str) -> dict:
+    """Counts host reads (`count_host_reads`) only inside calls of BD3LMGenerationMixin.`method`, whose positional
+    arguments are kept in `reads["calls"]`."""
+    reads = count_host_reads(monkeypatch)
+    reads.update(active=False, calls=[])
+    original = getattr(BD3LMGenerationMixin, method)
 
     def watched(self, *args, **kwargs):
-        syncs["active"] = True
+        reads["calls"].append(args)
+        reads["active"] = True
         try:
-            return denoise(self, *args, **kwargs)
+            return original(self, *args, **kwargs)
         finally:
-            syncs["active"] = False
+            reads["active"] = False
 
-    monkeypatch.setattr(BD3LMGenerationMixin, "denoise_block", watched)
+    monkeypatch.setattr(BD3LMGenerationMixin, method, watched)
+    return reads
+
+
+def test_no_host_synchronization_inside_a_block(gen_model, monkeypatch):
+    """With the static cache, denoising a block reads nothing back from the device (no bool(), item(), tolist())."""
+    syncs = count_host_reads_inside(monkeypatch, "denoise_block")
     ids, mask = prompts()
     for sampler in SAMPLERS:
         gen_model.generate(ids, attention_mask=mask, max_new_tokens=9, sampler=sampler, do_sample=True,
@@ -132,23 +140,11 @@ def test_no_host_synchronization_inside_a_block(gen_model, monkeypatch):
 def test_the_dynamic_path_reads_the_device_once_per_step(gen_model, monkeypatch, sampler):
     """Without the static cache, a step tells the host whether the next one needs the model (has it changed the
     block? is anything left to reveal?): one read per step, none after a block's last step."""
-    reads = count_host_reads(monkeypatch)
-    reads["active"] = False
-    steps = []
-    denoise = BD3LMGenerationMixin.denoise_dynamic
-
-    def watched(self, *args, **kwargs):
-        steps.append(args[-1])  # num_steps
-        reads["active"] = True
-        try:
-            return denoise(self, *args, **kwargs)
-        finally:
-            reads["active"] = False
-
-    monkeypatch.setattr(BD3LMGenerationMixin, "denoise_dynamic", watched)
+    reads = count_host_reads_inside(monkeypatch, "denoise_dynamic")
     ids, mask = prompts()
     steps_setting = dict(num_steps=3) if sampler == "ddpm" else {}
     gen_model.generate(ids, attention_mask=mask, max_new_tokens=9, sampler=sampler, do_sample=True, **steps_setting)
+    steps = [call[-1] for call in reads["calls"]]  # denoise_dynamic's last argument: num_steps
     assert steps and reads["count"] == sum(num_steps - 1 for num_steps in steps)
 
 
