@@ -13,7 +13,7 @@ logger = logging.get_logger(__name__)
 WARPER_DEFAULTS = {"temperature": 1.0, "top_k": 50, "top_p": 1.0}
 SWITCH_DEFAULTS = {"do_sample": False, "use_cache": True, "num_return_sequences": 1}
 BD3LM_DEFAULTS = {"sampler": "ddpm", "confidence_threshold": 0.9, "entropy_stop": False, "output_history": False}
-BD3LM_FIELDS = ("block_size", "num_steps", "sampler", "confidence_threshold", "entropy_stop", "output_history")
+BD3LM_FIELDS = ("block_size", "num_steps", *BD3LM_DEFAULTS)  # the fields this class adds to GenerationConfig
 DEFAULT_MAX_NEW_TOKENS = 20  # transformers' default when neither max_new_tokens nor max_length is set anywhere
 # Standard generation settings block diffusion does not implement, with the values that leave them off (None, or
 # the neutral default of older transformers versions): set to anything else, they raise instead of being ignored.

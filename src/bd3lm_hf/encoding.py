@@ -46,7 +46,8 @@ def prompt_encoding(tokenizer) -> tuple[str, dict]:
     """How generation reads a prompt, as (text put in front, tokenizer flags): the prompt as the tokenizer encodes
     it (with the special tokens it puts in front, such as a Llama-style <s>; GPT-2 adds none), or, for a tokenizer
     that appends EOS or [SEP] to every text (`appends_special_token`), BOS + prompt without the tokenizer's special
-    tokens, so that the prompt goes on as a document starts in the training data. SFT prompts and `bd3lm-hf generate` share it."""
+    tokens, so that the prompt goes on as a document starts in the training data. SFT prompts and `bd3lm-hf
+    generate` share it."""
     if appends_special_token(tokenizer):
         return tokenizer.bos_token or "", {"add_special_tokens": False}
     return "", {}
