@@ -221,6 +221,7 @@ def test_demo_steps_run_shortened(tmp_path):
     assert "NELBO" in out and "perplexity <=" in out and "model calls (NFE)" in out and "tokens/s" in out
     assert "(248 tokens, 8 sequences)" in out  # the fresh process evaluates in the trained layout: 31 scored each
     assert (tmp_path / "export" / "README.md").is_file() and result["summary"]["steps"] == 10
+    assert result["summary"]["eval_nelbo"] > 0  # the demo's --do_eval true: a final pass for the card's metrics
 
 
 def test_export_refuses_a_tokenizer_that_does_not_fit_the_model(tmp_path):

@@ -253,6 +253,7 @@ def test_cli_train_runs_and_exports(tmp_path):
     assert code == 0
     files = {p.name for p in (tmp_path / "out").iterdir()}
     assert {"config.json", "model.safetensors", "modeling_bd3lm.py", "tokenizer.json"} <= files
+    assert "eval_results.json" not in files  # --eval_strategy no without --do_eval: no final pass over held-out data
 
 
 def test_training_config_bad_input(tmp_path):
@@ -631,5 +632,16 @@ def test_cli_trains_on_a_streamed_corpus(tmp_path):
         build_trainer(small_config(data=[str(corpus)], streaming=True), arguments(tmp_path, max_steps=2))
     with pytest.raises(ValueError, match="holds no sequences out of the stream for evaluation"):
         build_trainer(config, arguments(tmp_path, max_steps=2, eval_strategy="steps", eval_steps=1))
+    with pytest.raises(ValueError, match="holds no sequences out of the stream for evaluation"):  # a final pass only
+        build_trainer(config, arguments(tmp_path, max_steps=2, do_eval=True))
     trainer = build_trainer(config, arguments(tmp_path, max_steps=2))
     assert isinstance(trainer.train_dataset, IterableDataset) and trainer.eval_dataset is None
+
+
+def test_a_final_evaluation_without_held_out_data_is_refused_before_training(tmp_path, small_data):
+    from bd3lm_hf.training import train
+
+    train_set, _, tokenizer = small_data
+    with pytest.raises(ValueError, match=r"do_eval=True .* needs held-out data"):
+        train(small_config(), arguments(tmp_path, max_steps=2, do_eval=True), train_set=train_set, tokenizer=tokenizer)
+    assert not list(tmp_path.glob("checkpoint-*")) and not (tmp_path / "model.safetensors").exists()

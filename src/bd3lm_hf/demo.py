@@ -39,8 +39,8 @@ def training_defaults() -> list[str]:
     block 4: ~1 minute of training on 2 CPU cores); flags given on the command line override them."""
     defaults = ["--output_dir", "demo_out/run", "--max_steps", "800", "--per_device_train_batch_size", "16",
                 "--per_device_eval_batch_size", "64", "--learning_rate", "2e-3", "--warmup_steps", "50",
-                "--logging_steps", "100", "--eval_strategy", "no", "--save_strategy", "no", "--report_to", "none",
-                "--seed", "0"]
+                "--logging_steps", "100", "--eval_strategy", "no", "--do_eval", "true", "--save_strategy", "no",
+                "--report_to", "none", "--seed", "0"]
     if not torch.cuda.is_available():
         defaults += ["--use_cpu", "true"]
     return defaults

@@ -233,9 +233,9 @@ def check_streaming(config: BD3LMTrainingConfig, args: TrainingArguments, tokeni
         raise ValueError("streaming=True cannot train a BPE on the data before training: pass tokenizer='gpt2', a "
                          "tokenizer folder, or init_from (its tokenizer).")
     has_eval_data = config.eval_data or config.data == ["shakespeare"]
-    if not has_eval_data and args.eval_strategy != "no":
+    if not has_eval_data and args.do_eval:
         raise ValueError("streaming=True holds no sequences out of the stream for evaluation: pass eval_data, or set "
-                         "eval_strategy='no'.")
+                         "eval_strategy='no' (and do_eval False).")
 
 
 def tokenize(config: BD3LMTrainingConfig, dataset, tokenizer):
@@ -356,8 +356,19 @@ def build_trainer(config: BD3LMTrainingConfig, args: TrainingArguments, train_se
                    processing_class=tokenizer, callbacks=callbacks)
 
 
+def final_evaluation(trainer, args: TrainingArguments) -> dict:
+    """The held-out metrics after training when `args.do_eval` (as transformers' example scripts: set by any
+    `eval_strategy` other than "no", or by `--do_eval true` alone); {} otherwise. On a large held-out set this pass can
+    take longer than a short run itself, so `--eval_strategy no` alone skips it."""
+    if not args.do_eval:
+        logger.info("no final evaluation: do_eval is False (set --do_eval true, or an --eval_strategy, for one)")
+        return {}
+    return trainer.evaluate()
+
+
 def train(config: BD3LMTrainingConfig, args: TrainingArguments, resume_from_checkpoint=None, **overrides) -> dict:
-    """Train, evaluate, save the model (EMA weights) and tokenizer to `args.output_dir`; return a summary.
+    """Train, save the model (EMA weights) and tokenizer to `args.output_dir`, evaluate when `args.do_eval`; return a
+    summary.
 
     `resume_from_checkpoint`: a checkpoint folder, or True for the last one in `output_dir` (as Trainer); by default
     `args.resume_from_checkpoint` (the `--resume_from_checkpoint` flag)."""
@@ -369,6 +380,9 @@ def train(config: BD3LMTrainingConfig, args: TrainingArguments, resume_from_chec
     else:
         refuse_finished_checkpoint(resume, args)
     trainer = build_trainer(config, args, **overrides)
+    if args.do_eval and trainer.eval_dataset is None:  # refused before training, not after it
+        raise ValueError("do_eval=True (set by --do_eval or an --eval_strategy other than 'no') needs held-out data: "
+                         "pass eval_data or an eval_set.")
     if isinstance(resume, str):  # the callbacks read their state from the folder resumed from
         for callback in trainer.callback_handler.callbacks:
             if hasattr(callback, "resume_from"):
@@ -378,7 +392,7 @@ def train(config: BD3LMTrainingConfig, args: TrainingArguments, resume_from_chec
     except KeyboardInterrupt:  # Ctrl-C: say what is left to resume from
         raise TrainingInterrupted(interrupted_message(args.output_dir)) from None
     trainer.save_model(args.output_dir)  # before evaluate(): bf16/fp16_full_eval casts the model in place
-    metrics = trainer.evaluate() if trainer.eval_dataset is not None else {}
+    metrics = final_evaluation(trainer, args)
     if metrics:
         trainer.save_metrics("eval", metrics)  # eval_results.json: what `bd3lm-hf export --metrics` puts on the card
     summary = {
