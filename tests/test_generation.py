@@ -775,6 +775,46 @@ def test_sampling_through_the_pipeline_reports_the_true_nfe(exported):
         assert result["nfe"] >= expected > 0 and (cache or result["nfe"] == expected)
 
 
+def test_sampling_moves_a_progress_bar_per_block_and_draws_the_same_tokens(exported, monkeypatch):
+    """`bd3lm-hf generate` shows a bar of new tokens that moves after every block (a stopping criterion that stops
+    nothing): the prompts, seeded once and run one at a time, get the tokens the pipeline draws for them without it."""
+    from transformers import pipeline
+
+    import bd3lm_hf.evaluation as evaluation
+
+    model = AutoModelForCausalLM.from_pretrained(exported, trust_remote_code=True)
+    tokenizer = AutoTokenizer.from_pretrained(exported, trust_remote_code=True)
+    bars = []
+
+    class RecordingBar:
+        def __init__(self, prompt_count, max_new_tokens):
+            self.total, self.updates = prompt_count * max_new_tokens, []
+            bars.append(self)
+
+        def update(self, count):
+            self.updates.append(count)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    monkeypatch.setattr(evaluation, "generation_bar", RecordingBar)
+    prompts = ["To be, or not to be", "ROMEO."]
+    result = evaluation.sample_with_pipeline(model, tokenizer, prompts, seed=5, max_new_tokens=12, do_sample=True)
+    inputs, encoding = evaluation.pipeline_prompts(tokenizer, prompts)
+    generator = pipeline("text-generation", model=model, tokenizer=tokenizer)
+    torch.manual_seed(5)
+    plain = [generator(text, return_full_text=False, **encoding, max_new_tokens=12, do_sample=True)[0]
+             for text in inputs]
+    assert result["texts"] == [output["generated_text"] for output in plain]
+    (bar,) = bars
+    block_size = model.config.block_size
+    assert bar.total == 24 and len(bar.updates) >= 2 * (12 // block_size)  # at least one update per block
+    assert all(0 < count <= block_size for count in bar.updates) and result["new_tokens"] <= sum(bar.updates) <= 24
+
+
 def test_cli_generate_with_the_static_cache(exported, capsys):
     from bd3lm_hf.cli import main
 

@@ -7,12 +7,13 @@ import time
 
 import torch
 import torch.nn.functional as F
-from transformers import pipeline
+from transformers import StoppingCriteriaList, pipeline
 from transformers.utils import logging
 
 from .collator import DataCollatorForBlockDiffusion
 from .data import load_text_dataset, wrap_tokenize
 from .encoding import prompt_encoding
+from .progress import GenerationProgress, generation_bar
 from .modeling.generation_config_bd3lm import id_list
 from .modeling.sampling_bd3lm import unigram_entropy
 
@@ -186,18 +187,26 @@ def sample_with_pipeline(model, tokenizer, prompts, seed: int = 0, **generate_kw
     each prompt's document: its prompts go in as BOS + text, as a document starts in the training data."""
     generator = pipeline("text-generation", model=model, tokenizer=tokenizer, trust_remote_code=True)
     inputs, encoding = pipeline_prompts(tokenizer, list(prompts))
+    # generation starts an empty prompt from BOS, which the sequence then holds first
+    prompt_lengths = [len(tokenizer(text, **encoding)["input_ids"]) or 1 for text in inputs]
+    extra_criteria = list(generate_kwargs.pop("stopping_criteria", None) or [])
     counter = CallCounter(model)
     torch.manual_seed(seed)
     start = time.perf_counter()
-    try:
-        outputs = generator(inputs, return_tensors=True, **encoding, **generate_kwargs)
-    finally:
-        counter.close()
+    # one prompt at a time (the pipeline runs a list one by one too, but its DataLoader first takes a draw from the
+    # seeded generator) with a bar that moves after every block
+    with generation_bar(len(inputs), generate_kwargs.get("max_new_tokens", model.generation_config.max_new_tokens)) \
+            as bar:
+        try:
+            outputs = [generator(text, return_tensors=True, **encoding, **generate_kwargs,
+                                 stopping_criteria=StoppingCriteriaList([*extra_criteria,
+                                                                         GenerationProgress(bar, width)]))
+                       for text, width in zip(inputs, prompt_lengths)]
+        finally:
+            counter.close()
     seconds = time.perf_counter() - start
     stops = stop_ids(model, tokenizer)
     sequences = [output[0]["generated_token_ids"] for output in outputs]
-    # generation starts an empty prompt from BOS, which the sequence then holds first
-    prompt_lengths = [len(tokenizer(text, **encoding)["input_ids"]) or 1 for text in inputs]
     texts = [continuation(tokenizer, sequence, length) for sequence, length in zip(sequences, prompt_lengths)]
     new_tokens = sum(tokens_before_stop(sequence[length:], stops)
                      for sequence, length in zip(sequences, prompt_lengths))
