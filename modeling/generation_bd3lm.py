@@ -265,7 +265,8 @@ class BD3LMGenerationMixin(GenerationMixin):
                 call (reference).
 
         Top-p follows transformers (`TopPLogitsWarper` keeps the smallest set whose mass reaches p, the crossing
-        token included); the original bd3lms code keeps tokens while the cumulative mass is <= p, one token fewer.
+        token included; on the CPU the same set is found among the most likely tokens, `CandidateTopPLogitsWarper`);
+        the original bd3lms code keeps tokens while the cumulative mass is <= p, one token fewer.
         """
         # 1. configuration and inputs
         config, unused = self.resolve_generation_config(generation_config, kwargs)

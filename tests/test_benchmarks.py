@@ -268,3 +268,13 @@ def test_bench_train_sigterm_writes_the_rows_already_measured(tmp_path, monkeypa
         bench_train.main(["--smoke", "--block", "4", "--results", str(results)])
     text = results.read_text()
     assert "INTERRUPTED (SIGTERM) after 1 of 2 rows" in text and text.count("| 2L | sdpa |") == 1
+
+
+def test_bench_top_p_smoke_times_both_warpers_and_writes_its_table(tmp_path):
+    import bench_top_p
+
+    results = tmp_path / "RESULTS.md"
+    rows = bench_top_p.main(["--smoke", "--rows", "4", "--results", str(results)])
+    assert len(rows) == 2 and all(row["full_ms"] > 0 and row["candidate_ms"] > 0 for row in rows)
+    assert rows[0]["nucleus"] > rows[-1]["nucleus"] >= 1  # flat rows keep more of the vocabulary
+    assert "## bench_top_p (smoke, CPU)" in results.read_text()

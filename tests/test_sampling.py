@@ -133,3 +133,66 @@ def test_noise_drawn_in_place_equals_fresh_draws():
         assert (in_place[1] is None) == (fresh[1] is None) == (sampler == "confidence")
         if fresh[1] is not None:
             assert in_place[1] is buffers[1] and torch.equal(in_place[1], fresh[1])
+
+
+def exact_nucleus(scores, top_p: float):
+    """transformers' top-p rule in float64: keep a token while the mass of the tokens more likely than it is < p;
+    also the mass-before of every token, to tell which decisions are within float32 rounding of p."""
+    probs = scores.double().softmax(-1)
+    top, index = probs.sort(dim=-1, descending=True)
+    before = torch.zeros_like(probs).scatter(1, index, top.cumsum(-1) - top)
+    keep = before < top_p
+    keep[torch.arange(len(scores)), probs.argmax(-1)] = True
+    return keep, before
+
+
+def rows_of_every_kind(vocab=50258, seed=0):
+    """Peaked rows (nucleus in the first 256 candidates), middling ones (in 4096), flat ones (a full sort), a row cut
+    by top-k first (-inf entries) and rows where a single token holds p."""
+    generator = torch.Generator().manual_seed(seed)
+    rows = [torch.randn(4, vocab, generator=generator) * scale for scale in (10, 6, 3, 1)]
+    cut = torch.randn(1, vocab, generator=generator) * 3
+    cut[cut < cut.topk(5).values[:, -1:]] = float("-inf")
+    sure = torch.randn(2, vocab, generator=generator)
+    sure[:, 11] = 40.0
+    return torch.cat([*rows, cut, sure])
+
+
+@pytest.mark.parametrize("top_p", [0.9, 0.5, 0.99])
+def test_candidate_top_p_keeps_transformers_nucleus(top_p):
+    """The CPU top-p (the nucleus among the most likely candidates, widening, then transformers' full sort) keeps
+    the set transformers' TopPLogitsWarper keeps in exact arithmetic: every decision agrees with float64 but those
+    within float32 rounding of p, and transformers' own output obeys the same bound."""
+    from transformers.generation import TopPLogitsWarper
+
+    from bd3lm_hf.modeling.sampling_bd3lm import CandidateTopPLogitsWarper
+
+    scores = rows_of_every_kind()
+    keep, before = exact_nucleus(scores, top_p)
+    rounding = (before - top_p).abs() < 1e-5
+    for warper in (CandidateTopPLogitsWarper(top_p), TopPLogitsWarper(top_p)):
+        kept = warper(None, scores.clone()) > float("-inf")
+        assert torch.equal(kept | rounding, keep | rounding), type(warper).__name__
+        assert ((kept != keep) & rounding).sum() <= 2
+    fast = CandidateTopPLogitsWarper(top_p)(None, scores)
+    assert torch.equal(fast[fast > float("-inf")], scores[fast > float("-inf")])  # kept scores are untouched
+    assert (fast > float("-inf")).sum(-1).min() >= 1
+
+
+def test_candidate_top_p_takes_transformers_path_on_flat_rows_and_when_compiled():
+    """Rows too flat for the candidates (their bound of the top-4096 mass < p) get transformers' own result, bit
+    for bit; a compiled step (fullgraph, no host read) runs transformers' warper."""
+    from transformers.generation import TopPLogitsWarper
+
+    from bd3lm_hf.modeling.sampling_bd3lm import CandidateTopPLogitsWarper, sampling_warpers
+
+    flat = torch.randn(3, 50258, generator=torch.Generator().manual_seed(1))
+    fast, reference = CandidateTopPLogitsWarper(0.9), TopPLogitsWarper(0.9)
+    assert torch.equal(fast(None, flat), reference(None, flat))
+    scores = rows_of_every_kind(seed=2)
+    compiled = torch.compile(lambda s: fast(None, s), backend="eager", fullgraph=True)
+    assert torch.equal(compiled(scores), reference(None, scores))
+    settings = type("Settings", (), dict(temperature=1.0, top_k=0, top_p=0.9, min_p=None, typical_p=None,
+                                         epsilon_cutoff=None, eta_cutoff=None))()
+    assert [type(w) for w in sampling_warpers(settings, torch.device("cpu"))] == [CandidateTopPLogitsWarper]
+    assert [type(w) for w in sampling_warpers(settings, "cuda")] == [TopPLogitsWarper]  # built, not run: no GPU
