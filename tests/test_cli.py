@@ -82,7 +82,8 @@ def test_eval_refuses_counts_below_one(model_folder, flag, value, capsys):
 def test_nelbo_perplexity_refuses_counts_below_one():
     from bd3lm_hf.evaluation import nelbo_perplexity
 
-    for kwargs in ({"batch_size": 0}, {"max_sequences": 0}, {"batch_size": 2.5}, {"batch_size": True}):
+    for kwargs in ({"batch_size": 0}, {"max_sequences": 0}, {"batch_size": 2.5}, {"batch_size": True},
+                   {"forward_batch_size": 0}):
         with pytest.raises(ValueError, match="must be a positive integer"):
             nelbo_perplexity(None, None, ["held_out.txt"], **kwargs)
 

@@ -25,6 +25,29 @@ def test_nelbo_perplexity_does_not_depend_on_the_config_return_dict(tmp_path):
     assert nelbo_perplexity(model, tokenizer, [held_out], batch_size=4) == expected
 
 
+def test_nelbo_scored_in_smaller_forward_passes_is_the_batchs_nelbo(tmp_path, monkeypatch):
+    """A batch's noise is drawn once; its sequences may be scored a few at a time (memory): the NELBO changes only by
+    float rounding. The default number per forward keeps their fp32 logits under the budget."""
+    import bd3lm_hf.evaluation as evaluation
+
+    held_out = tmp_path / "held_out.txt"
+    held_out.write_text(shakespeare_files()[0].read_text()[:6000])
+    tokenizer = train_bpe_tokenizer([held_out.read_text()], vocab_size=300)
+    model = random_model(std=0.05, vocab_size=len(tokenizer))
+    whole = nelbo_perplexity(model, tokenizer, [held_out], batch_size=8)
+    assert whole["sequences"] > 8  # more than one batch, the last one short
+    for rows in (1, 3):
+        parts = nelbo_perplexity(model, tokenizer, [held_out], batch_size=8, forward_batch_size=rows)
+        assert parts["tokens"] == whole["tokens"] and parts["nelbo"] == pytest.approx(whole["nelbo"], rel=1e-6)
+    other_draws = nelbo_perplexity(model, tokenizer, [held_out], batch_size=4)
+    assert other_draws["nelbo"] != pytest.approx(whole["nelbo"], rel=1e-6)  # the batch size picks the draws
+    paper = model.config.__class__(max_position_embeddings=1024, vocab_size=50258)
+    assert evaluation.rows_per_forward(paper, torch.device("cpu"), 32) == 2  # ~0.4 GB each under 1 GiB
+    assert evaluation.rows_per_forward(model.config, torch.device("cpu"), 32) == 32
+    monkeypatch.setattr(evaluation, "CPU_LOGITS_BUDGET", 0)
+    assert evaluation.rows_per_forward(paper, torch.device("cpu"), 32) == 1
+
+
 def test_framed_evaluation_leaves_each_sequences_bos_unscored(tmp_path):
     held_out = tmp_path / "held_out.txt"
     held_out.write_text("To be, or not to be, that is the question. " * 30)

@@ -67,7 +67,11 @@ def add_eval_command(commands) -> None:
     evaluate.add_argument("--data", nargs="+", required=True, help=".txt/.md/.json/.jsonl files")
     evaluate.add_argument("--text-column", default="text",
                           help="the text column of .json/.jsonl files (default: text), as train's --text_column")
-    evaluate.add_argument("--batch-size", type=positive_int, default=32, help="sequences per forward (default 32)")
+    evaluate.add_argument("--batch-size", type=positive_int, default=32,
+                          help="sequences per noise draw (default 32): the seed's times and masks are drawn per batch")
+    evaluate.add_argument("--forward-batch-size", type=positive_int, default=None,
+                          help="sequences per forward pass (default: a batch, or fewer when their logits would "
+                               "pass 1 GiB on the CPU / a quarter of the free GPU memory); only rounding changes")
     evaluate.add_argument("--max-sequences", type=positive_int, default=None,
                           help="score only the first N sequences (default: all)")
     evaluate.add_argument("--seed", type=int, default=0, help="seed of the noise (times and masks) drawn per batch")
@@ -264,7 +268,7 @@ def run_eval(args) -> None:
     model, tokenizer = load_for_inference(args.model, args.device, args.dtype)
     result = nelbo_perplexity(model, tokenizer, args.data, args.batch_size, args.max_sequences, args.seed,
                               framed=args.wrap_framed, ignore_first_token=args.ignore_first_token,
-                              text_column=args.text_column)
+                              text_column=args.text_column, forward_batch_size=args.forward_batch_size)
     print(f"NELBO {result['nelbo']:.4f} nats/token, perplexity <= {result['perplexity']:.2f} "
           f"({result['tokens']} tokens, {result['sequences']} sequences)")
 

@@ -20,15 +20,33 @@ from .modeling.sampling_bd3lm import unigram_entropy
 logger = logging.get_logger(__name__)
 
 
+CPU_LOGITS_BUDGET = 1 << 30  # bytes of fp32 logits one evaluation forward may hold on the CPU
+LOGITS_COPIES = 2  # an evaluation forward's (rows, L, V) logits and its masked rows' normalized copy
+
+
+def rows_per_forward(config, device, batch_size: int) -> int:
+    """How many of a batch's sequences one evaluation forward scores: all of them, unless their fp32 logits would
+    pass the budget (1 GiB on the CPU, a quarter of the free memory on a GPU): at the paper's size (L 1024, V 50258)
+    each sequence holds ~0.4 GB, and a batch of 32 would hold ~13 GB."""
+    per_sequence = LOGITS_COPIES * 4 * config.max_position_embeddings * config.vocab_size
+    budget = torch.cuda.mem_get_info(device)[0] // 4 if device.type == "cuda" else CPU_LOGITS_BUDGET
+    return max(1, min(batch_size, budget // per_sequence))
+
+
 @torch.no_grad()
 def nelbo_perplexity(model, tokenizer, files, batch_size: int = 32, max_sequences: int | None = None,
                      seed: int = 0, framed: bool = False, ignore_first_token: bool = False,
-                     text_column: str = "text") -> dict:
+                     text_column: str = "text", forward_batch_size: int | None = None) -> dict:
     """Token-mean NELBO (t over [1e-3, 1], the paper's bound) and its exp, on `files` (their `text_column` for
     .json/.jsonl) wrapped into sequences of the model's context length (`framed`: as the original lays them out, see
     `wrap_tokenize`; `ignore_first_token`: each sequence's first token neither noised nor scored, as the original's
-    `ignore_bos`)."""
-    for name, value in (("batch_size", batch_size), ("max_sequences", max_sequences)):
+    `ignore_bos`).
+
+    The noise (times and masks) is drawn per batch of `batch_size` sequences from `seed`, so the batch size picks
+    the draws (not the expectation). Each batch is scored in forward passes of `forward_batch_size` sequences
+    (default `rows_per_forward`: memory-bounded), which changes nothing but float rounding."""
+    for name, value in (("batch_size", batch_size), ("max_sequences", max_sequences),
+                        ("forward_batch_size", forward_batch_size)):
         if value is not None and not is_count(value):
             raise ValueError(f"{name} must be a positive integer, got {value!r}.")
     config = model.config
@@ -40,15 +58,17 @@ def nelbo_perplexity(model, tokenizer, files, batch_size: int = 32, max_sequence
                                              ignore_first_token=ignore_first_token)
     collator.training = False  # evaluation range [1e-3, 1]
     model.eval()
+    rows = forward_batch_size or rows_per_forward(config, model.device, batch_size)
     total, count = 0.0, 0
     # transformers' tqdm: hidden by `transformers.utils.logging.disable_progress_bar()`
     for start in logging.tqdm(range(0, len(sequences), batch_size), desc="NELBO", leave=False):
         batch = collator(sequences.select(range(start, min(start + batch_size, len(sequences)))).to_list())
-        batch = {k: v.to(model.device) for k, v in batch.items()}
-        scored = int((batch["labels"] != -100).sum())
-        # return_dict=True: a model loaded with return_dict=False would give a tuple
-        total += float(model(**batch, return_dict=True).loss) * scored
-        count += scored
+        for first in range(0, len(batch["input_ids"]), rows):
+            part = {name: value[first:first + rows].to(model.device) for name, value in batch.items()}
+            scored = int((part["labels"] != -100).sum())
+            if scored:  # return_dict=True: a model loaded with return_dict=False would give a tuple
+                total += float(model(**part, return_dict=True).loss) * scored
+                count += scored
     nelbo = total / count
     return {"nelbo": nelbo, "perplexity": math.exp(nelbo), "tokens": count, "sequences": len(sequences)}
 
