@@ -120,8 +120,11 @@ def build_bd3lm_case(case, device, dtype):
 
 
 def decoding(case) -> dict:
-    """Greedy, or pure sampling (no top-k / top-p: the original's default nucleus_p = 1.0, what its figures used)."""
-    return dict(do_sample=True, top_k=0, top_p=1.0) if case.get("do_sample") else dict(do_sample=False)
+    """Greedy, or sampling without top-k and by default without top-p (the original's nucleus_p = 1.0, what its
+    figures used); CPU rows also sample at top_p 0.9 (the CLI's and the converted checkpoints' setting)."""
+    if not case.get("do_sample"):
+        return dict(do_sample=False)
+    return dict(do_sample=True, top_k=0, top_p=case.get("top_p", 1.0))
 
 
 def generate_kwargs(case, new_tokens: int) -> dict:
@@ -173,16 +176,22 @@ def isolated(case: dict) -> dict:
         return pool.apply(run_case, (case,))
 
 
-def cpu_cases(new_tokens: int) -> list[dict]:
+def cpu_cases(new_tokens: int, threads: int = 2) -> list[dict]:
+    """Greedy rows (cached, uncached, static cache; the AR baseline), then the cached 16-steps row sampled: pure,
+    and at top_p 0.9. With random weights every distribution is flat, so top-p takes its full sort (the worst
+    case: `bench_top_p.py` times the peaked ones)."""
     rows = []
     for model, shape in CPU_MODELS.items():
         base = dict(device="cpu", dtype="float32", model=model, shape=shape, block_size=16, new_tokens=new_tokens,
-                    batch=1, threads=2)
+                    batch=1, threads=threads)
         for steps in (16, 4):
             for kind in ("cached", "uncached", "cached static"):
                 rows.append({**base, "name": f"{model}: bd3lm {kind}, ddpm {steps} steps/block",
                              "kind": kind.split()[0], "cache": "static" if "static" in kind else None,
                              "sampler": "ddpm", "num_steps": steps})
+        for label, top_p in (("sampled", 1.0), ("sampled top_p 0.9", 0.9)):
+            rows.append({**base, "name": f"{model}: bd3lm cached, ddpm 16 steps/block, {label}", "kind": "cached",
+                         "sampler": "ddpm", "num_steps": 16, "do_sample": True, "top_p": top_p})
         rows.append({**base, "name": f"{model}: AR baseline (Llama, HF generate)", "kind": "ar"})
     return rows
 
@@ -327,6 +336,12 @@ def cpu_summary(rows) -> list[str]:
             if cached and uncached:
                 ratios.append(f"{model}, batch {batch}: cached / uncached at {steps} steps/block = "
                               f"{cached['tokens_per_s'] / uncached['tokens_per_s']:.2f}x")
+        greedy = same.get("bd3lm cached, ddpm 16 steps/block")
+        for label in ("sampled", "sampled top_p 0.9"):
+            sampled = same.get(f"bd3lm cached, ddpm 16 steps/block, {label}")
+            if greedy and sampled:
+                ratios.append(f"{model}, batch {batch}: cached at 16 steps/block, {label} / greedy = "
+                              f"{sampled['tokens_per_s'] / greedy['tokens_per_s']:.2f}x")
         ar = next((row for row in same.values() if row["kind"] == "ar"), None)
         four = same.get("bd3lm cached, ddpm 4 steps/block")
         if ar and four:
@@ -357,6 +372,7 @@ def main(argv=None):
                         help="attention of the BD3-LM rows (GPU and smoke case lists)")
     parser.add_argument("--experiment", default=None, choices=sorted(EXPERIMENTS),
                         help="a model variant of experiments.py for the BD3-LM rows (GPU and smoke case lists)")
+    parser.add_argument("--threads", type=int, default=2, help="torch threads of the CPU rows (default 2)")
     parser.add_argument("--results", type=Path, default=RESULTS)
     add_compile_arguments(parser, default_mode="reduce-overhead")
     args = parser.parse_args(argv)
@@ -368,7 +384,7 @@ def main(argv=None):
         all_cases = gpu_cases(new_tokens, args.batch, args.block, "cpu", "float32", CPU_MODELS["tiny"], args.attn,
                               args.experiment)
     else:
-        all_cases = cpu_cases(new_tokens)
+        all_cases = cpu_cases(new_tokens, args.threads)
     selected = [dict(case, compile=compile_settings) if case.get("compiled") else case
                 for case in all_cases if not args.only or args.only in case["name"]]
     if not selected:

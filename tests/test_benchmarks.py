@@ -278,3 +278,18 @@ def test_bench_top_p_smoke_times_both_warpers_and_writes_its_table(tmp_path):
     assert len(rows) == 2 and all(row["full_ms"] > 0 and row["candidate_ms"] > 0 for row in rows)
     assert rows[0]["nucleus"] > rows[-1]["nucleus"] >= 1  # flat rows keep more of the vocabulary
     assert "## bench_top_p (smoke, CPU)" in results.read_text()
+
+
+def test_bench_generate_cpu_rows_sample_too_and_compare_with_greedy():
+    cases = [case for case in bench_generate.cpu_cases(8, threads=1)
+             if case["name"].startswith("tiny: bd3lm cached, ddpm 16 steps/block")]
+    assert [case.get("top_p") for case in cases] == [None, 1.0, 0.9]
+    assert bench_generate.decoding(cases[2]) == dict(do_sample=True, top_k=0, top_p=0.9)
+    threads = torch.get_num_threads()
+    try:
+        rows = [bench_generate.run_case(case) for case in cases]  # sets the case's thread count
+    finally:
+        torch.set_num_threads(threads)
+    assert all(row["nfe"] > 0 and row["tokens_per_s"] > 0 for row in rows)
+    summary = "\n".join(bench_generate.cpu_summary(rows))
+    assert "16 steps/block, sampled / greedy" in summary and "sampled top_p 0.9 / greedy" in summary
