@@ -171,7 +171,10 @@ class CandidateTopPLogitsWarper(TopPLogitsWarper):
     def __call__(self, input_ids, scores: torch.FloatTensor) -> torch.FloatTensor:
         if torch.compiler.is_compiling():
             return super().__call__(input_ids, scores)
-        probs = scores.softmax(dim=-1)
+        probs = scores.float().softmax(dim=-1)
+        # p of each row's own total: an fp32 softmax over ~50k tokens sums to 1 +- ~1e-5, an error that a mass
+        # counted from the top carries whole (transformers counts the tail, ~p away from 0, which carries less)
+        target = self.top_p * probs.sum(dim=-1)
         removed = torch.ones_like(scores, dtype=torch.bool)
         open_rows, left, done_count = torch.arange(scores.shape[0], device=scores.device), [], 0
         ceiling = probs.amax(dim=-1)  # (R,) no open row's tokens beyond those seen are more likely than this
@@ -179,16 +182,17 @@ class CandidateTopPLogitsWarper(TopPLogitsWarper):
             if width >= scores.shape[-1] or not len(open_rows):
                 break
             rows_probs = probs if len(open_rows) == len(probs) else probs[open_rows]
-            reachable = top_mass_bound(rows_probs, ceiling, width) >= self.top_p
+            reachable = top_mass_bound(rows_probs, ceiling, width) >= target
             left.append(open_rows[~reachable])
-            open_rows, ceiling = open_rows[reachable], ceiling[reachable]
+            open_rows, ceiling, target = open_rows[reachable], ceiling[reachable], target[reachable]
             rows_probs = rows_probs if bool(reachable.all()) else rows_probs[reachable]
             top, index = rows_probs.topk(width, dim=-1)  # (R, width), most likely first
-            kept = (top.cumsum(dim=-1) - top) < self.top_p  # the mass of the more likely candidates
+            kept = (top.cumsum(dim=-1) - top) < target[:, None]  # the mass of the more likely candidates
             kept[:, :self.min_tokens_to_keep] = True
             done = ~kept[:, -1]
             removed[open_rows[done]] = ~torch.zeros_like(removed[open_rows[done]]).scatter_(1, index[done], kept[done])
-            open_rows, ceiling, done_count = open_rows[~done], top[~done, -1], done_count + int(done.sum())
+            open_rows, ceiling, target = open_rows[~done], top[~done, -1], target[~done]
+            done_count += int(done.sum())
         if not done_count:  # every row too flat for the candidates: transformers' full sort, nothing else
             return super().__call__(input_ids, scores)
         warped = scores.masked_fill(removed, self.filter_value)

@@ -55,6 +55,15 @@ def test_card_metadata_parses(exported):
     assert 'from_pretrained("someone/tiny-bd3lm", trust_remote_code=True)' in card.text
 
 
+def test_a_run_without_final_evaluation_gets_no_empty_metrics_table(tmp_path):
+    """`bd3lm-hf demo --do_eval false` (or `export --metrics` of a file with nulls) has no numeric metric: the card
+    leaves the evaluation section out instead of an empty table."""
+    folder = export_for_hub(gpt2_vocabulary_model(), gpt2_tokenizer_with_mask(), tmp_path / "no-eval",
+                            metrics={"eval_nelbo": None, "eval_perplexity": None})
+    card = (folder / "README.md").read_text()
+    assert "## Evaluation (last run)" not in card and "model-index" not in card
+
+
 def test_card_snippets_run_on_the_folder_without_the_package(exported, tmp_path):
     """The usage, then the finetuning snippet (LoRA, the loss from the folder's own noising functions)."""
     card = ModelCard.load(exported / "README.md").text

@@ -21,13 +21,13 @@ logger = logging.get_logger(__name__)
 
 
 CPU_LOGITS_BUDGET = 1 << 30  # bytes of fp32 logits one evaluation forward may hold on the CPU
-LOGITS_COPIES = 2  # an evaluation forward's (rows, L, V) logits and its masked rows' normalized copy
+LOGITS_COPIES = 3  # an evaluation forward's (rows, L, V) logits, its masked rows' copy and their log-softmax
 
 
 def rows_per_forward(config, device, batch_size: int) -> int:
     """How many of a batch's sequences one evaluation forward scores: all of them, unless their fp32 logits would
-    pass the budget (1 GiB on the CPU, a quarter of the free memory on a GPU): at the paper's size (L 1024, V 50258)
-    each sequence holds ~0.4 GB, and a batch of 32 would hold ~13 GB."""
+    pass the budget (1 GiB on the CPU, a quarter of the free memory on a GPU). At the paper's size (L 1024, V 50258)
+    a sequence holds up to ~0.6 GB (all its tokens masked; ~0.4 GB on average), and a batch of 32 held ~13 GB."""
     per_sequence = LOGITS_COPIES * 4 * config.max_position_embeddings * config.vocab_size
     budget = torch.cuda.mem_get_info(device)[0] // 4 if device.type == "cuda" else CPU_LOGITS_BUDGET
     return max(1, min(batch_size, budget // per_sequence))

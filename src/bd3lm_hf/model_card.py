@@ -96,10 +96,10 @@ def sampling_defaults(settings: dict | None) -> str:
 
 
 def _metrics_table(metrics: dict | None) -> str:
-    if not metrics:
-        return ""
-    rows = "\n".join(f"| {name} | {value:.4g} |" for name, value in metrics.items() if isinstance(value, float))
-    return f"## Evaluation (last run)\n\n| metric | value |\n|---|---|\n{rows}\n"
+    """The card's table of the numeric metrics; no section when there is none (a run without final evaluation)."""
+    rows = "\n".join(f"| {name} | {value:.4g} |" for name, value in (metrics or {}).items()
+                     if isinstance(value, float))
+    return f"## Evaluation (last run)\n\n| metric | value |\n|---|---|\n{rows}\n" if rows else ""
 
 
 def paper_card(name: str, repo_id: str | None = None) -> ModelCard:
