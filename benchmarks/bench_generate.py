@@ -28,7 +28,7 @@ import torch
 
 from compile_settings import add_compile_arguments, compile_kwargs, generation_compile_config
 from experiments import EXPERIMENTS, apply_experiment, logit_difference, reference_logits, restore_process_backends
-from reporting import measure_all, publish
+from reporting import markdown_table, measure_all, publish
 
 RESULTS = Path(__file__).parent / "RESULTS.md"
 # The project's tiny model (DESIGN.md §5: H128, 2 layers, 4 heads, BPE vocab 1024), and a wider one with the GPT-2
@@ -265,13 +265,11 @@ def machine(device: str) -> str:
 
 
 def table(rows) -> str:
-    lines = ["| case | batch | new tokens | tokens/s | NFE | NFE/token | ms/call | peak MiB | seconds |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for row in rows:
-        lines.append(f"| {row['name']} | {row['batch']} | {row['new_tokens']} | {row['tokens_per_s']:.1f} | "
-                     f"{row['nfe']} | {row['nfe_per_token']:.3f} | {row['ms_per_call']:.2f} | {row['peak_mib']:.0f} | "
-                     f"{row['seconds']:.2f} |")
-    return "\n".join(lines)
+    return markdown_table(
+        ["case", "batch", "new tokens", "tokens/s", "NFE", "NFE/token", "ms/call", "peak MiB", "seconds"],
+        [[row["name"], row["batch"], row["new_tokens"], f"{row['tokens_per_s']:.1f}", row["nfe"],
+          f"{row['nfe_per_token']:.3f}", f"{row['ms_per_call']:.2f}", f"{row['peak_mib']:.0f}",
+          f"{row['seconds']:.2f}"] for row in rows])
 
 
 def hbm_bandwidth(device_name: str) -> tuple[str, float]:

@@ -19,7 +19,7 @@ from transformers.generation import TopPLogitsWarper
 
 from bd3lm_hf.modeling.sampling_bd3lm import CandidateTopPLogitsWarper
 from bench_generate import machine, run_stamp
-from reporting import publish
+from reporting import markdown_table, publish
 
 RESULTS = Path(__file__).parent / "RESULTS.md"
 SCALES = (1.0, 2.0, 3.0, 4.5, 6.0, 10.0)  # logit standard deviations: nucleus from ~60% of V down to a few tokens
@@ -55,13 +55,11 @@ def measure(scale: float, rows: int, vocab: int, top_p: float, threads: int, rep
 
 
 def table(results) -> str:
-    lines = ["| logit std | threads | mean nucleus (tokens) | transformers ms | candidates ms | speedup | rows differing |",
-             "|---|---|---|---|---|---|---|"]
-    for r in results:
-        lines.append(f"| {r['scale']} | {r['threads']} | {r['nucleus']:.0f} | {r['full_ms']:.2f} | "
-                     f"{r['candidate_ms']:.2f} | {r['full_ms'] / r['candidate_ms']:.2f}x | "
-                     f"{r['differing_rows']}/{r['rows']} |")
-    return "\n".join(lines)
+    return markdown_table(
+        ["logit std", "threads", "mean nucleus (tokens)", "transformers ms", "candidates ms", "speedup",
+         "rows differing"],
+        [[r["scale"], r["threads"], f"{r['nucleus']:.0f}", f"{r['full_ms']:.2f}", f"{r['candidate_ms']:.2f}",
+          f"{r['full_ms'] / r['candidate_ms']:.2f}x", f"{r['differing_rows']}/{r['rows']}"] for r in results])
 
 
 def main(argv=None) -> list[dict]:

@@ -29,7 +29,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 from bd3lm_hf import BD3LMConfig, BD3LMForBlockDiffusion, DataCollatorForBlockDiffusion
 from bd3lm_hf.compilation import compile_decoder_layers
 from compile_settings import add_compile_arguments, compile_kwargs
-from reporting import measure_all, publish
+from reporting import markdown_table, measure_all, publish
 
 RESULTS = Path(__file__).parent / "RESULTS.md"
 CPU = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, cond_dim=64, vocab_size=1025,
@@ -191,16 +191,17 @@ def main(argv=None):
                 if not (args.smoke and row["attention"] == "flex_attention")]
     rows, failures = measure_all(selected, lambda row: measure(shape, row, device, compile_settings), label=str,
                                  show=lambda row: print(row, flush=True), unit="row")
-    lines = ["| pass | attention | layers | block | tokens/s | ms/step | peak GiB |", "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['mode']} | {r['attention']} | {'compiled' if r['compiled'] else 'eager'} | {r['block']} | "
-              f"{r['tokens_per_s']:.0f} | {r['ms_per_step']:.1f} | "
-              f"{'n/a' if r['peak_gib'] != r['peak_gib'] else format(r['peak_gib'], '.2f')} |" for r in rows]
+    table = markdown_table(
+        ["pass", "attention", "layers", "block", "tokens/s", "ms/step", "peak GiB"],
+        [[r["mode"], r["attention"], "compiled" if r["compiled"] else "eager", r["block"], f"{r['tokens_per_s']:.0f}",
+          f"{r['ms_per_step']:.1f}", "n/a" if r["peak_gib"] != r["peak_gib"] else f"{r['peak_gib']:.2f}"]
+         for r in rows])
     machine = torch.cuda.get_device_name() if args.gpu else f"CPU, {torch.get_num_threads()} threads"
     precision = "fp32 weights, bf16 autocast" if args.gpu else "fp32"
     title = "GPU" if args.gpu else ("smoke, CPU" if args.smoke else "CPU")
     text = (f"\n## bench_train ({title}) — {datetime.date.today()}\n\nMachine: {machine} (torch {torch.__version__})."
             f" Model: {shape}, {precision}, AdamW step included. Compiled layers: "
-            f"{compile_settings or 'inductor defaults'}.\n\n" + "\n".join(lines) + "\n\n"
+            f"{compile_settings or 'inductor defaults'}.\n\n" + table + "\n\n"
             + "\n".join(f"- {line}" for line in failures + summary(rows)) + "\n")
     publish(text, args.results, failures, unit="row")
     return rows

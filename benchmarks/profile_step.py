@@ -15,6 +15,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from bench_generate import CPU_MODELS, GPU_MODEL, build_bd3lm, decoding
 from compile_settings import add_compile_arguments, compile_kwargs, generation_compile_config
+from reporting import markdown_table
 
 
 def profile_generation(model, batch: int, new_tokens: int, sampler: str, **extra):
@@ -65,10 +66,11 @@ def kernel_breakdown(kernels, nfe: int) -> list[str]:
     """Every distinct GPU kernel with its launches and microseconds per model call, most launched first: inductor's
     kernel names list the operations each one fuses (triton_poi_fused_add_mul_...), so this is where the kernels
     per call can be counted down."""
-    lines = ["", "| kernel | launches/call | us/call |", "|---|---|---|"]
-    for event in sorted(kernels, key=lambda event: (-event.count, -kernel_time_us(event))):
-        lines.append(f"| {event.key[:100]} | {event.count / nfe:.2f} | {kernel_time_us(event) / nfe:.2f} |")
-    return lines + [""]
+    ordered = sorted(kernels, key=lambda event: (-event.count, -kernel_time_us(event)))
+    table = markdown_table(["kernel", "launches/call", "us/call"],
+                           [[event.key[:100], f"{event.count / nfe:.2f}", f"{kernel_time_us(event) / nfe:.2f}"]
+                            for event in ordered])
+    return ["", *table.splitlines(), ""]
 
 
 def main(argv=None):

@@ -47,6 +47,13 @@ def measure_all(items, measure, label, show, unit: str = "case"):
     return rows, failures
 
 
+def markdown_table(header: list[str], rows) -> str:
+    """A markdown table: the header, its rule, then one line per row of cells (formatted by the caller)."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
 def publish(text: str, results: Path, failures: list[str], unit: str = "case") -> None:
     """Print the section and append it to `results`; a run with failures exits non-zero after writing."""
     print(text)
