@@ -213,15 +213,16 @@ def sample_with_pipeline(model, tokenizer, prompts, seed: int = 0, **generate_kw
     counter = CallCounter(model)
     torch.manual_seed(seed)
     start = time.perf_counter()
+    max_new_tokens = generate_kwargs.get("max_new_tokens", model.generation_config.max_new_tokens)
     # one prompt at a time (the pipeline runs a list one by one too, but its DataLoader first takes a draw from the
-    # seeded generator) with a bar that moves after every block
-    with generation_bar(len(inputs), generate_kwargs.get("max_new_tokens", model.generation_config.max_new_tokens)) \
-            as bar:
+    # seeded generator), each with a criterion that moves the bar after every block
+    with generation_bar(len(inputs), max_new_tokens) as bar:
         try:
-            outputs = [generator(text, return_tensors=True, **encoding, **generate_kwargs,
-                                 stopping_criteria=StoppingCriteriaList([*extra_criteria,
-                                                                         GenerationProgress(bar, width)]))
-                       for text, width in zip(inputs, prompt_lengths)]
+            outputs = []
+            for text, width in zip(inputs, prompt_lengths):
+                criteria = StoppingCriteriaList([*extra_criteria, GenerationProgress(bar, width)])
+                outputs.append(generator(text, return_tensors=True, **encoding, **generate_kwargs,
+                                         stopping_criteria=criteria))
         finally:
             counter.close()
     seconds = time.perf_counter() - start
