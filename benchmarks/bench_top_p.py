@@ -2,12 +2,15 @@
 CandidateTopPLogitsWarper (the nucleus among the most likely candidates), on the score rows of one sampling step.
 
     python benchmarks/bench_top_p.py              # 16 rows (batch 1 x block 16) of the GPT-2 vocabulary, top_p 0.9
+    python benchmarks/bench_top_p.py --model DIR  # the score rows of a saved model's sampling steps
     python benchmarks/bench_top_p.py --smoke      # few repeats (tests)
 
 Rows are Gaussian logits at several scales, from flat (a random-weight model's: the nucleus is most of the
-vocabulary) to peaked (a trained model's usual step): the candidates pay off as the nucleus narrows. Each scale is
-timed with 1 thread and with torch's default thread count, both warpers alternated in the same run. Prints a table and
-appends it, with the machine, to benchmarks/RESULTS.md (or --results).
+vocabulary) to peaked (a trained model's usual step): the candidates pay off as the nucleus narrows. With --model,
+the rows are those a trained model's generation hands its top-p warper (first hitting, recorded by a logits
+processor that changes nothing), every step of it. Each case is timed with 1 thread and with torch's default thread
+count, both warpers in the same run. Prints a table and appends it, with the machine, to benchmarks/RESULTS.md (or
+--results).
 """
 
 import argparse
@@ -15,6 +18,7 @@ import time
 from pathlib import Path
 
 import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, LogitsProcessor, LogitsProcessorList
 from transformers.generation import TopPLogitsWarper
 
 from bd3lm_hf.modeling.sampling_bd3lm import CandidateTopPLogitsWarper
@@ -54,6 +58,49 @@ def measure(scale: float, rows: int, vocab: int, top_p: float, threads: int, rep
             "candidate_ms": candidate_ms, "differing_rows": differing, "rows": rows}
 
 
+class ScoreRecorder(LogitsProcessor):
+    """Keeps a copy of every step's scores (B*bs, V), as the sampling warpers then receive them; changes nothing."""
+
+    def __init__(self):
+        self.steps = []
+
+    def __call__(self, input_ids, scores):
+        self.steps.append(scores.clone())
+        return scores
+
+
+def recorded_steps(folder: str, prompt: str, new_tokens: int, top_p: float, seed: int = 0) -> list:
+    """The score rows of every sampling step of one generation by the saved model in `folder` (first hitting)."""
+    model = AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    recorder = ScoreRecorder()
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        model.generate(**tokenizer(prompt, return_tensors="pt"), max_new_tokens=new_tokens, do_sample=True, top_k=0,
+                       top_p=top_p, temperature=1.0, sampler="first_hitting",
+                       logits_processor=LogitsProcessorList([recorder]))
+    return recorder.steps
+
+
+def measure_steps(steps, top_p: float, threads: int, repeats: int) -> dict:
+    """Both warpers timed on every recorded step (ms per step, summed best-of-`repeats` timings)."""
+    reference, candidates = TopPLogitsWarper(top_p), CandidateTopPLogitsWarper(top_p)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        full_ms = sum(milliseconds(reference, scores, repeats) for scores in steps) / len(steps)
+        candidate_ms = sum(milliseconds(candidates, scores, repeats) for scores in steps) / len(steps)
+    finally:
+        torch.set_num_threads(previous)
+    kept = [reference(None, scores) > float("-inf") for scores in steps]
+    differing = sum(int((k != (candidates(None, scores) > float("-inf"))).any(-1).sum())
+                    for k, scores in zip(kept, steps))
+    sizes = torch.cat([k.sum(-1) for k in kept]).float()
+    return {"scale": "model", "threads": threads, "nucleus": sizes.mean().item(), "median": sizes.median().item(),
+            "p90": sizes.quantile(0.9).item(), "full_ms": full_ms, "candidate_ms": candidate_ms,
+            "differing_rows": differing, "rows": int(sizes.numel())}
+
+
 def table(results) -> str:
     return markdown_table(
         ["logit std", "threads", "mean nucleus (tokens)", "transformers ms", "candidates ms", "speedup",
@@ -68,17 +115,27 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--vocab", type=int, default=50258)
     parser.add_argument("--top-p", type=float, default=0.9)
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--model", default=None, help="a saved model folder: time the rows of its sampling steps")
+    parser.add_argument("--prompt", default="ROMEO.", help="--model: the prompt generated from")
+    parser.add_argument("--new-tokens", type=int, default=64, help="--model: tokens generated (one step each)")
     parser.add_argument("--smoke", action="store_true", help="2 repeats, 2 scales, 1 thread (tests)")
     parser.add_argument("--results", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
     scales, repeats = (SCALES[:1] + SCALES[-1:], 2) if args.smoke else ((*SCALES, MIXED), args.repeats)
     thread_counts = [1] if args.smoke else sorted({1, torch.get_num_threads()})
-    results = [measure(scale, args.rows, args.vocab, args.top_p, threads, repeats)
-               for scale in scales for threads in thread_counts]
+    if args.model:
+        steps = recorded_steps(args.model, args.prompt, args.new_tokens, args.top_p)
+        results = [measure_steps(steps, args.top_p, threads, repeats) for threads in thread_counts]
+        rows_text = (f"the {len(steps)} sampling steps of `{args.model}` (first hitting, {args.new_tokens} tokens "
+                     f"from {args.prompt!r}; {steps[0].shape[0]} rows x V {steps[0].shape[1]} each); nucleus median "
+                     f"{results[0]['median']:.0f}, 90th percentile {results[0]['p90']:.0f} tokens; ms per step")
+    else:
+        results = [measure(scale, args.rows, args.vocab, args.top_p, threads, repeats)
+                   for scale in scales for threads in thread_counts]
+        rows_text = f"{args.rows} rows x V {args.vocab}"
     title = "bench_top_p (smoke, CPU)" if args.smoke else "bench_top_p (CPU)"
-    text = (f"\n## {title} — {run_stamp()}\n\n{machine('cpu')}; {args.rows} rows x V {args.vocab}, top_p "
-            f"{args.top_p}, best of {repeats} calls. 'rows differing': rows whose kept set differs from "
-            f"transformers' (a token within float rounding of p, summed from the other end).\n\n"
+    text = (f"\n## {title} — {run_stamp()}\n\n{machine('cpu')}; {rows_text}, top_p {args.top_p}, best of "
+            f"{repeats} calls. 'rows differing': rows whose kept set differs from transformers'.\n\n"
             f"{table(results)}\n")
     publish(text, args.results, [])
     return results

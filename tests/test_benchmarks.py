@@ -293,3 +293,20 @@ def test_bench_generate_cpu_rows_sample_too_and_compare_with_greedy():
     assert all(row["nfe"] > 0 and row["tokens_per_s"] > 0 for row in rows)
     summary = "\n".join(bench_generate.cpu_summary(rows))
     assert "16 steps/block, sampled / greedy" in summary and "sampled top_p 0.9 / greedy" in summary
+
+
+def test_bench_top_p_times_the_rows_of_a_saved_models_sampling_steps(tmp_path):
+    """--model: the rows its generation hands the top-p warper (recorded by a processor that changes nothing)."""
+    import bench_top_p
+    from conftest import random_model
+
+    from bd3lm_hf.tokenization import gpt2_tokenizer_with_mask
+
+    folder = tmp_path / "model"
+    random_model(seed=2, std=0.05, vocab_size=50258, max_position_embeddings=64, eos_token_id=50256,
+                 bos_token_id=50256, pad_token_id=50256).save_pretrained(folder)
+    gpt2_tokenizer_with_mask().save_pretrained(folder)
+    results = tmp_path / "RESULTS.md"
+    (row,) = bench_top_p.main(["--smoke", "--model", str(folder), "--new-tokens", "8", "--results", str(results)])
+    assert row["rows"] >= 8 * 4 and row["full_ms"] > 0 and row["candidate_ms"] > 0 and row["differing_rows"] == 0
+    assert "sampling steps of" in results.read_text()
