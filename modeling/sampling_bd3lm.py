@@ -155,7 +155,8 @@ def sample_step(scores, block, fixed, noise, reveal_probability, rule: StepRule)
 class CandidateTopPLogitsWarper(TopPLogitsWarper):
     """transformers' top-p (keep a token while the mass of the tokens more likely than it is < p: the smallest set
     that reaches p, the crossing token included), found among a row's most likely tokens instead of a sort of the
-    whole vocabulary, which on a CPU is most of a sampling step (~60 ms of a ~120 ms call at GPT-2 size, batch 1).
+    whole vocabulary, which on a CPU is a large part of a sampling step (27-70 ms per 16 rows of the GPT-2
+    vocabulary, by the rows' shape, in a ~120 ms paper-size call at batch 1).
 
     For each width of `CANDIDATES`, on the rows still open:
     1. rows whose most likely `width` tokens cannot hold p (`top_mass_bound`) are left to the full sort;
