@@ -187,12 +187,9 @@ class CandidateTopPLogitsWarper(TopPLogitsWarper):
             left.append(open_rows[~reachable])
             open_rows, ceiling, target = open_rows[reachable], ceiling[reachable], target[reachable]
             rows_probs = rows_probs if bool(reachable.all()) else rows_probs[reachable]
-            top, index = rows_probs.topk(width, dim=-1)  # (R, width), most likely first
-            kept = (top.cumsum(dim=-1) - top) < target[:, None]  # the mass of the more likely candidates
-            kept[:, :self.min_tokens_to_keep] = True
-            done = ~kept[:, -1]
+            done, kept, index, smallest = candidate_nucleus(rows_probs, target, width, self.min_tokens_to_keep)
             removed[open_rows[done]] = ~torch.zeros_like(removed[open_rows[done]]).scatter_(1, index[done], kept[done])
-            open_rows, ceiling, target = open_rows[~done], top[~done, -1], target[~done]
+            open_rows, ceiling, target = open_rows[~done], smallest[~done], target[~done]
             done_count += int(done.sum())
         if not done_count:  # every row too flat for the candidates: transformers' full sort, nothing else
             return super().__call__(input_ids, scores)
@@ -201,6 +198,16 @@ class CandidateTopPLogitsWarper(TopPLogitsWarper):
         if len(rows):
             warped[rows] = super().__call__(input_ids, scores[rows])
         return warped
+
+
+def candidate_nucleus(probs, target, width: int, min_tokens_to_keep: int):
+    """Top-p among each row's `width` most likely tokens (probs (R, V), target (R,): p of the row's total).
+    Returns done (R,): the last candidate is out, and so is every token after it; kept (R, width) and their vocabulary
+    index (R, width); the smallest candidate probability (R,), a ceiling for the tokens after them."""
+    top, index = probs.topk(width, dim=-1)  # most likely first
+    kept = (top.cumsum(dim=-1) - top) < target[:, None]  # the mass of the more likely candidates is < p
+    kept[:, :min_tokens_to_keep] = True
+    return ~kept[:, -1], kept, index, top[:, -1]
 
 
 def top_mass_bound(probs, ceiling, width: int, spread: float = 8.0):
