@@ -41,21 +41,10 @@ def milliseconds(warper, scores, repeats: int) -> float:
     return 1000 * best
 
 
-def measure(scale: float, rows: int, vocab: int, top_p: float, threads: int, repeats: int) -> dict:
+def synthetic_rows(scale, rows: int, vocab: int) -> torch.Tensor:
+    """(rows, vocab) Gaussian logits of standard deviation `scale` (MIXED: the rows cycle through SCALES)."""
     stds = torch.tensor(SCALES).repeat(rows)[:rows, None] if scale == MIXED else scale
-    scores = torch.randn(rows, vocab, generator=torch.Generator().manual_seed(0)) * stds
-    reference, candidates = TopPLogitsWarper(top_p), CandidateTopPLogitsWarper(top_p)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        full_ms = milliseconds(reference, scores, repeats)
-        candidate_ms = milliseconds(candidates, scores, repeats)
-    finally:
-        torch.set_num_threads(previous)
-    kept = reference(None, scores) > float("-inf")
-    differing = (kept != (candidates(None, scores) > float("-inf"))).any(-1).sum().item()
-    return {"scale": scale, "threads": threads, "nucleus": kept.sum(-1).float().mean().item(), "full_ms": full_ms,
-            "candidate_ms": candidate_ms, "differing_rows": differing, "rows": rows}
+    return torch.randn(rows, vocab, generator=torch.Generator().manual_seed(0)) * stds
 
 
 class ScoreRecorder(LogitsProcessor):
@@ -82,8 +71,9 @@ def recorded_steps(folder: str, prompt: str, new_tokens: int, top_p: float, seed
     return recorder.steps
 
 
-def measure_steps(steps, top_p: float, threads: int, repeats: int) -> dict:
-    """Both warpers timed on every recorded step (ms per step, summed best-of-`repeats` timings)."""
+def measure(label, steps, top_p: float, threads: int, repeats: int) -> dict:
+    """Both warpers timed on every step's score rows (ms per step: best-of-`repeats` timings, averaged over steps),
+    with the nucleus sizes and the rows whose kept sets differ."""
     reference, candidates = TopPLogitsWarper(top_p), CandidateTopPLogitsWarper(top_p)
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
@@ -96,7 +86,7 @@ def measure_steps(steps, top_p: float, threads: int, repeats: int) -> dict:
     differing = sum(int((k != (candidates(None, scores) > float("-inf"))).any(-1).sum())
                     for k, scores in zip(kept, steps))
     sizes = torch.cat([k.sum(-1) for k in kept]).float()
-    return {"scale": "model", "threads": threads, "nucleus": sizes.mean().item(), "median": sizes.median().item(),
+    return {"scale": label, "threads": threads, "nucleus": sizes.mean().item(), "median": sizes.median().item(),
             "p90": sizes.quantile(0.9).item(), "full_ms": full_ms, "candidate_ms": candidate_ms,
             "differing_rows": differing, "rows": int(sizes.numel())}
 
@@ -125,12 +115,12 @@ def main(argv=None) -> list[dict]:
     thread_counts = [1] if args.smoke else sorted({1, torch.get_num_threads()})
     if args.model:
         steps = recorded_steps(args.model, args.prompt, args.new_tokens, args.top_p)
-        results = [measure_steps(steps, args.top_p, threads, repeats) for threads in thread_counts]
+        results = [measure("model", steps, args.top_p, threads, repeats) for threads in thread_counts]
         rows_text = (f"the {len(steps)} sampling steps of `{args.model}` (first hitting, {args.new_tokens} tokens "
                      f"from {args.prompt!r}; {steps[0].shape[0]} rows x V {steps[0].shape[1]} each); nucleus median "
                      f"{results[0]['median']:.0f}, 90th percentile {results[0]['p90']:.0f} tokens; ms per step")
     else:
-        results = [measure(scale, args.rows, args.vocab, args.top_p, threads, repeats)
+        results = [measure(scale, [synthetic_rows(scale, args.rows, args.vocab)], args.top_p, threads, repeats)
                    for scale in scales for threads in thread_counts]
         rows_text = f"{args.rows} rows x V {args.vocab}"
     title = "bench_top_p (smoke, CPU)" if args.smoke else "bench_top_p (CPU)"

@@ -177,7 +177,7 @@ class CandidateTopPLogitsWarper(TopPLogitsWarper):
         # counted from the top carries whole (transformers counts the tail, ~p away from 0, which carries less)
         target = self.top_p * probs.sum(dim=-1)
         removed = torch.ones_like(scores, dtype=torch.bool)
-        open_rows, left, done_count = torch.arange(scores.shape[0], device=scores.device), [], 0
+        open_rows, left = torch.arange(scores.shape[0], device=scores.device), []
         ceiling = probs.amax(dim=-1)  # (R,) no open row's tokens beyond those seen are more likely than this
         for width in self.CANDIDATES:
             if width >= scores.shape[-1] or not len(open_rows):
@@ -190,11 +190,10 @@ class CandidateTopPLogitsWarper(TopPLogitsWarper):
             done, kept, index, smallest = candidate_nucleus(rows_probs, target, width, self.min_tokens_to_keep)
             removed[open_rows[done]] = ~torch.zeros_like(removed[open_rows[done]]).scatter_(1, index[done], kept[done])
             open_rows, ceiling, target = open_rows[~done], smallest[~done], target[~done]
-            done_count += int(done.sum())
-        if not done_count:  # every row too flat for the candidates: transformers' full sort, nothing else
+        rows = torch.cat([*left, open_rows])  # not settled by the candidates: transformers' full sort
+        if len(rows) == len(scores):  # every row: nothing else to do
             return super().__call__(input_ids, scores)
         warped = scores.masked_fill(removed, self.filter_value)
-        rows = torch.cat([*left, open_rows])
         if len(rows):
             warped[rows] = super().__call__(input_ids, scores[rows])
         return warped

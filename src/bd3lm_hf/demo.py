@@ -84,9 +84,7 @@ def main(argv: list[str]) -> dict:
                 f"H {config.hidden_size} x {config.num_hidden_layers}) for {args.max_steps} steps")
     summary = train(config, args)
     trainer = summary["trainer"]
-    # no final evaluation (--do_eval false): no metrics, rather than a card with an empty table
-    metrics = ({"eval_nelbo": summary["eval_nelbo"], "eval_perplexity": summary["eval_perplexity"]}
-               if summary["eval_nelbo"] is not None else None)
+    metrics = {"eval_nelbo": summary["eval_nelbo"], "eval_perplexity": summary["eval_perplexity"]}  # None: no card row
     export = export_for_hub(trainer.model, trainer.processing_class, demo.export_dir, metrics=metrics,
                             datasets=["shakespeare"] if config.data == ["shakespeare"] else None, overwrite=True,
                             sources=(args.output_dir,))  # the run's folder is never emptied

@@ -10,8 +10,8 @@ class GenerationProgress(StoppingCriteria):
 
     Block diffusion asks its stopping criteria after every block with the rows so far (prompt included, right-aligned
     in the newest row's width), so the bar advances once per block. `prompt_width` is the width of the prompts as
-    generate reads them. One per generate call (it counts from that call's prompt). Asking a criterion costs the host one read per block, which a long run on the CPU (where it
-    matters) does not notice."""
+    generate reads them. One per generate call (it counts from that call's prompt). Asking a criterion costs the
+    host one read per block, which a long run on the CPU (where it matters) does not notice."""
 
     def __init__(self, bar, prompt_width: int):
         self.bar, self.prompt_width, self.shown = bar, prompt_width, 0
