@@ -27,7 +27,8 @@ from pathlib import Path
 import torch
 
 from compile_settings import add_compile_arguments, compile_kwargs, generation_compile_config
-from experiments import EXPERIMENTS, apply_experiment, logit_difference, reference_logits, restore_process_backends
+from experiments import (EXPERIMENTS, apply_experiment, experiment_names, logit_difference, reference_logits,
+                         restore_process_backends)
 from reporting import markdown_table, measure_all, publish
 
 RESULTS = Path(__file__).parent / "RESULTS.md"
@@ -357,7 +358,16 @@ def run_cases(cases, isolate: bool):
         show=lambda row: print(table([row]).splitlines()[-1], flush=True))
 
 
-def main(argv=None):
+def experiment_spec(text: str) -> str:
+    """argparse type of `--experiment`: the variants' names checked (an unknown one is a usage error)."""
+    try:
+        experiment_names(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("--gpu", action="store_true")
@@ -368,12 +378,17 @@ def main(argv=None):
     parser.add_argument("--only", default=None, help="run only the cases whose name contains this text")
     parser.add_argument("--attn", default="sdpa", choices=["sdpa", "flex_attention"],
                         help="attention of the BD3-LM rows (GPU and smoke case lists)")
-    parser.add_argument("--experiment", default=None, choices=sorted(EXPERIMENTS),
-                        help="a model variant of experiments.py for the BD3-LM rows (GPU and smoke case lists)")
+    parser.add_argument("--experiment", default=None, type=experiment_spec,
+                        help=f"a model variant of experiments.py for the BD3-LM rows (GPU and smoke case lists): "
+                             f"{', '.join(sorted(EXPERIMENTS))}, or several joined by '+'")
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the CPU rows (default 2)")
     parser.add_argument("--results", type=Path, default=RESULTS)
     add_compile_arguments(parser, default_mode="reduce-overhead")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     compile_settings = compile_kwargs(args.compile_mode, args.inductor_option)
     new_tokens = args.new_tokens or (24 if args.smoke else 1024)
     if args.gpu:

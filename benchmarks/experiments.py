@@ -2,7 +2,8 @@
 
 A lever for the batch-1 call time is tried here on the GPU without touching modeling/; one that wins moves into the
 model with its tests. Each variant patches a built model in place and must compute the same function: the benchmark
-reports its largest logit difference from the unpatched model on the same input (`logit_difference`).
+reports its largest logit difference from the unpatched model on the same input (`logit_difference`). Variants
+joined by "+" (`--experiment mlp-epilogue+aligned-logits`) are applied together.
 
 - mlp-epilogue: the MLP's first projection, bias and tanh-GELU as one cuBLASLt GEMM with a GELU epilogue
   (`torch._addmm_activation`) instead of inductor's mm + fused bias/GELU kernel: one kernel fewer per layer. CUDA
@@ -72,11 +73,21 @@ EXPERIMENTS = {"mlp-epilogue": use_mlp_epilogue, "aligned-logits": use_aligned_l
                "sdpa-efficient": use_efficient_attention}
 
 
-def apply_experiment(model, name: str):
-    """Patch `model` in place with the variant `name`; returns the model."""
-    if name not in EXPERIMENTS:
-        raise ValueError(f"unknown experiment {name!r}; allowed: {', '.join(EXPERIMENTS)}.")
-    EXPERIMENTS[name](model)
+def experiment_names(spec: str) -> list[str]:
+    """The variants of `spec`: one name, or several joined by "+" (applied together, in that order, so that the
+    levers that win alone can be timed as a whole in the same run)."""
+    names = spec.split("+")
+    unknown = [name for name in names if name not in EXPERIMENTS]
+    if unknown or len(set(names)) != len(names):
+        raise ValueError(f"experiment {spec!r} must be one of {', '.join(EXPERIMENTS)}, or several of them "
+                         f"joined by '+' (each once); unknown: {', '.join(map(repr, unknown)) or 'none'}.")
+    return names
+
+
+def apply_experiment(model, spec: str):
+    """Patch `model` in place with the variant(s) of `spec` (`experiment_names`); returns the model."""
+    for name in experiment_names(spec):
+        EXPERIMENTS[name](model)
     return model
 
 

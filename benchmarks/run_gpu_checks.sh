@@ -8,7 +8,7 @@
 #   run(command="bash benchmarks/run_gpu_checks.sh generate16")    # bench_generate --gpu --batch 16 (~6 min)
 #   run(command="bash benchmarks/run_gpu_checks.sh profile")       # kernels per call, top operators (~2 min)
 #   run(command="bash benchmarks/run_gpu_checks.sh tune")          # batch 1 block 16 compiled rows per compile setting
-#   run(command="bash benchmarks/run_gpu_checks.sh experiments")   # the same rows per model variant, flex (~7 min)
+#   run(command="bash benchmarks/run_gpu_checks.sh experiments")   # the same rows per model variant, flex (~8 min)
 # Each stage leaves its log and the tables it appended (RESULTS.md) in $OUT: copy the new sections into the repo's
 # benchmarks/RESULTS.md. The stages of one call share its time: a benchmark gets what is left (SIGTERM then writes
 # the finished rows) and a stage with under 90 s left is not started. With no stage named, all of them run (longer
@@ -67,8 +67,10 @@ for stage in "${stages[@]}"; do
                   "--inductor-option triton.cudagraphs=True --inductor-option combo_kernels=True"
                   "--inductor-option triton.cudagraphs=True --inductor-option coordinate_descent_tuning=True")
       else
+        # the two GEMM variants also together (what adopting both would give), before the process-wide switch
         settings=("--compile-mode reduce-overhead" "--attn flex_attention" "--experiment mlp-epilogue"
-                  "--experiment aligned-logits" "--experiment sdpa-efficient")
+                  "--experiment aligned-logits" "--experiment mlp-epilogue+aligned-logits"
+                  "--experiment sdpa-efficient")
       fi
       for setting in "${settings[@]}"; do
         stage_budget "$stage $setting"

@@ -67,6 +67,21 @@ def test_an_experiment_switching_a_process_wide_backend_is_compared_with_the_shi
     assert rows and rows[0]["logit_difference"] > 1e-2
 
 
+def test_the_gpu_scripts_settings_are_flags_the_benchmark_takes():
+    """run_gpu_checks.sh's tune and experiments settings, parsed as its stage passes them: a typo there would cost a
+    GPU session one of its few calls."""
+    import re
+    import shlex
+
+    script = (BENCHMARKS / "run_gpu_checks.sh").read_text()
+    settings = [setting for block in re.findall(r"settings=\(([^)]*)\)", script) for setting in shlex.split(block)]
+    assert len(settings) >= 8 and "--experiment mlp-epilogue+aligned-logits" in settings
+    for setting in settings:
+        args = bench_generate.build_parser().parse_args(
+            ["--gpu", "--batch", "1", "--block", "16", "--only", "static+compiled", *setting.split()])
+        bench_generate.compile_kwargs(args.compile_mode, args.inductor_option)  # KEY=VALUE options
+
+
 def test_block_4_rows_also_run_4_steps_per_block_and_the_ar_baseline_has_the_same_mlp_weights():
     cases = bench_generate.gpu_cases(8, [1], [16, 4], "cpu", "float32", bench_generate.CPU_MODELS["tiny"])
     steps = {case["name"].split(", ", 1)[1]: case["num_steps"] for case in cases
@@ -104,8 +119,27 @@ def test_experiments_patch_the_model_into_the_same_function():
     for cuda_only in ("mlp-epilogue", "sdpa-efficient"):
         with pytest.raises(ValueError, match="needs CUDA"):
             apply_experiment(random_model(), cuda_only)
-    with pytest.raises(ValueError, match="unknown experiment"):
+    with pytest.raises(ValueError, match="unknown: 'frobnicate'"):
         apply_experiment(random_model(), "frobnicate")
+
+
+def test_experiments_joined_by_plus_are_applied_together_in_order(tmp_path, monkeypatch):
+    from conftest import random_model
+    import experiments
+
+    applied = []
+    monkeypatch.setitem(experiments.EXPERIMENTS, "marker", lambda model: applied.append(type(model.lm_head)))
+    reference = experiments.reference_logits(random_model(vocab_size=101))
+    patched = experiments.apply_experiment(random_model(vocab_size=101), "aligned-logits+marker")
+    assert applied == [experiments.AlignedOutputLayer]  # the marker ran after the output layer was swapped
+    assert experiments.logit_difference(patched, reference) < 1e-6
+    for spec, unknown in (("aligned-logits+frobnicate", "'frobnicate'"), ("aligned-logits+aligned-logits", "none"),
+                          ("aligned-logits+", "''")):
+        with pytest.raises(ValueError, match=f"each once\\); unknown: {unknown}"):
+            experiments.apply_experiment(random_model(), spec)
+    with pytest.raises(SystemExit):  # a usage error before any model is built
+        bench_generate.main(["--smoke", "--experiment", "aligned-logits+frobnicate",
+                             "--results", str(tmp_path / "RESULTS.md")])
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -114,8 +148,9 @@ def test_mlp_epilogue_experiment_computes_the_model_on_cuda():
     from experiments import apply_experiment, logit_difference, reference_logits
 
     reference = reference_logits(random_model(std=0.1).cuda())
-    patched = apply_experiment(random_model(std=0.1).cuda(), "mlp-epilogue")
-    assert logit_difference(patched, reference) < 1e-4  # fp32: only the GELU's rounding differs
+    for spec in ("mlp-epilogue", "mlp-epilogue+aligned-logits"):
+        patched = apply_experiment(random_model(std=0.1).cuda(), spec)
+        assert logit_difference(patched, reference) < 1e-4  # fp32: only the GELU's rounding differs
 
 
 def test_bench_train_smoke_runs(tmp_path):
