@@ -93,16 +93,44 @@ def test_too_little_text_for_one_sequence(gpt2):
         wrap_tokenize(Dataset.from_dict({"text": ["a few words"]}), gpt2, seq_len=64, block_size=4)
 
 
-def test_sft_with_a_chat_template():
+CHAT = [{"role": "user", "content": "Who wrote Hamlet?"}, {"role": "assistant", "content": " Shakespeare."}]
+
+
+def chat_tokenizer():
     tokenizer = gpt2_tokenizer_with_mask()
     tokenizer.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
                                "{% if add_generation_prompt %}assistant:{% endif %}")
-    rows = Dataset.from_list([{"messages": [{"role": "user", "content": "Who wrote Hamlet?"},
-                                            {"role": "assistant", "content": " Shakespeare."}]}])
-    encoded = sft_tokenize(rows, tokenizer, block_size=4, max_length=64, messages_column="messages")[0]
+    return tokenizer
+
+
+def test_sft_with_a_chat_template():
+    tokenizer = chat_tokenizer()
+    encoded = sft_tokenize(Dataset.from_list([{"messages": CHAT}]), tokenizer, block_size=4, max_length=64,
+                           messages_column="messages")[0]
     prompt = tokenizer.decode(encoded["input_ids"][: encoded["prompt_length"]])
     assert prompt == "user: Who wrote Hamlet?\nassistant:"
     assert tokenizer.decode(encoded["input_ids"][encoded["prompt_length"]:]).startswith(" Shakespeare.")
+
+
+def test_a_chat_given_to_the_pipeline_is_the_prompt_sft_trained_on():
+    """pipeline("text-generation") given messages renders them with the chat template (add_generation_prompt) and
+    generates the assistant's reply: from the very ids an SFT chat row holds as its prompt."""
+    import torch
+    from conftest import random_model
+    from transformers import pipeline
+
+    tokenizer = chat_tokenizer()
+    encoded = sft_tokenize(Dataset.from_list([{"messages": CHAT}]), tokenizer, block_size=4, max_length=64,
+                           messages_column="messages")[0]
+    prompt = torch.tensor([encoded["input_ids"][: encoded["prompt_length"]]])
+    model = random_model(seed=2, std=0.2, vocab_size=50258, max_position_embeddings=64, pad_token_id=50256)
+    chat = pipeline("text-generation", model=model, tokenizer=tokenizer)
+    reply = chat(CHAT[:1], max_new_tokens=8, do_sample=False)[0]["generated_text"]
+    ids = chat(CHAT[:1], max_new_tokens=8, do_sample=False, return_tensors=True)[0]["generated_token_ids"]
+    expected = model.generate(prompt, max_new_tokens=8, do_sample=False)[0]
+    assert ids == expected.tolist()
+    assert reply[:1] == CHAT[:1] and reply[1]["role"] == "assistant"
+    assert reply[1]["content"] == tokenizer.decode(expected[prompt.shape[1]:], skip_special_tokens=True)
 
 
 def test_sft_rows_whose_prompt_fills_max_length_are_dropped(gpt2):
