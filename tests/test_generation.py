@@ -7,9 +7,10 @@ import math
 import pytest
 import torch
 from conftest import random_model
-from transformers import (AutoModelForCausalLM, AutoTokenizer, CompileConfig, LogitsProcessorList, NoBadWordsLogitsProcessor,
-                          NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor, SequenceBiasLogitsProcessor,
-                          StoppingCriteria, StoppingCriteriaList, SuppressTokensLogitsProcessor, pipeline)
+from transformers import (AutoModelForCausalLM, AutoTokenizer, CompileConfig, GenerationConfig, LogitsProcessorList,
+                          NoBadWordsLogitsProcessor, NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor,
+                          SequenceBiasLogitsProcessor, StoppingCriteria, StoppingCriteriaList,
+                          SuppressTokensLogitsProcessor, pipeline)
 from transformers.generation.stopping_criteria import EosTokenCriteria, StopStringCriteria
 from transformers.generation.streamers import BaseStreamer
 
@@ -775,6 +776,58 @@ def test_sampling_through_the_pipeline_reports_the_true_nfe(exported):
         assert result["nfe"] >= expected > 0 and (cache or result["nfe"] == expected)
 
 
+class RecordingBar:
+    """Stands in for `generation_bar`: keeps its total and its updates."""
+
+    def __init__(self, prompt_count, max_new_tokens):
+        self.total = None if max_new_tokens is None else prompt_count * max_new_tokens
+        self.updates = []
+
+    def update(self, count):
+        self.updates.append(count)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def record_bars(monkeypatch) -> list:
+    """The bars `sample_with_pipeline` makes from now on, as `RecordingBar`s."""
+    import bd3lm_hf.evaluation as evaluation
+
+    bars = []
+    monkeypatch.setattr(evaluation, "generation_bar", lambda *args: bars.append(RecordingBar(*args)) or bars[-1])
+    return bars
+
+
+@pytest.mark.parametrize("model_setting, call_setting", [
+    ({}, {}),  # the pipeline's default (256)
+    ({"max_new_tokens": 6}, {}),
+    ({"max_new_tokens": 6}, {"max_length": 40}),  # max_new_tokens wins
+    ({}, {"generation_config": GenerationConfig(max_new_tokens=5)}),
+    ({"max_length": 12}, {}),  # decided per prompt: no total
+])
+def test_the_progress_bars_total_is_what_the_pipeline_generates(exported, monkeypatch, model_setting, call_setting):
+    """Without max_new_tokens in the call, the bar reads the model's generation config, then the pipeline's default,
+    as the pipeline does (it had no total when only the pipeline's default applied)."""
+    from bd3lm_hf.evaluation import sample_with_pipeline
+
+    model = AutoModelForCausalLM.from_pretrained(exported, trust_remote_code=True)
+    model.generation_config.update(**model_setting)
+    tokenizer = AutoTokenizer.from_pretrained(exported, trust_remote_code=True)
+    bars = record_bars(monkeypatch)
+    prompts = ["To be, or not to be", "ROMEO."]
+    result = sample_with_pipeline(model, tokenizer, prompts, do_sample=False, sampler="first_hitting",
+                                  eos_token_id=[], **call_setting)  # fixed length: no row stops early
+    (bar,) = bars
+    if "max_length" in model_setting:
+        assert bar.total is None and sum(bar.updates) == result["new_tokens"] > 0
+    else:
+        assert bar.total == result["new_tokens"] == sum(bar.updates)
+
+
 def test_sampling_moves_a_progress_bar_per_block_and_draws_the_same_tokens(exported, monkeypatch):
     """`bd3lm-hf generate` shows a bar of new tokens that moves after every block (a stopping criterion that stops
     nothing): the prompts, seeded once and run one at a time, get the tokens the pipeline draws for them without it."""
@@ -784,23 +837,7 @@ def test_sampling_moves_a_progress_bar_per_block_and_draws_the_same_tokens(expor
 
     model = AutoModelForCausalLM.from_pretrained(exported, trust_remote_code=True)
     tokenizer = AutoTokenizer.from_pretrained(exported, trust_remote_code=True)
-    bars = []
-
-    class RecordingBar:
-        def __init__(self, prompt_count, max_new_tokens):
-            self.total, self.updates = prompt_count * max_new_tokens, []
-            bars.append(self)
-
-        def update(self, count):
-            self.updates.append(count)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return False
-
-    monkeypatch.setattr(evaluation, "generation_bar", RecordingBar)
+    bars = record_bars(monkeypatch)
     prompts = ["To be, or not to be", "ROMEO."]
     result = evaluation.sample_with_pipeline(model, tokenizer, prompts, seed=5, max_new_tokens=12, do_sample=True)
     inputs, encoding = evaluation.pipeline_prompts(tokenizer, prompts)

@@ -7,7 +7,7 @@ import time
 
 import torch
 import torch.nn.functional as F
-from transformers import StoppingCriteriaList, pipeline
+from transformers import StoppingCriteriaList, TextGenerationPipeline, pipeline
 from transformers.utils import logging
 
 from .collator import DataCollatorForBlockDiffusion
@@ -213,7 +213,7 @@ def sample_with_pipeline(model, tokenizer, prompts, seed: int = 0, **generate_kw
     counter = CallCounter(model)
     torch.manual_seed(seed)
     start = time.perf_counter()
-    max_new_tokens = generate_kwargs.get("max_new_tokens", model.generation_config.max_new_tokens)
+    max_new_tokens = expected_new_tokens(model.generation_config, generate_kwargs)
     # one prompt at a time (the pipeline runs a list one by one too, but its DataLoader first takes a draw from the
     # seeded generator), each with a criterion that moves the bar after every block
     with generation_bar(len(inputs), max_new_tokens) as bar:
@@ -233,6 +233,22 @@ def sample_with_pipeline(model, tokenizer, prompts, seed: int = 0, **generate_kw
                      for sequence, length in zip(sequences, prompt_lengths))
     return {"prompts": list(prompts), "texts": texts, "nfe": counter.calls, "new_tokens": new_tokens,
             "seconds": seconds, "tokens_per_second": new_tokens / seconds if seconds else float("nan")}
+
+
+def expected_new_tokens(generation_config, generate_kwargs: dict) -> int | None:
+    """The new tokens per prompt the pipeline asks for (the progress bar's total), read as the pipeline reads its
+    settings (the call's, over a passed `generation_config`'s, over the model's): `max_new_tokens`, else the
+    pipeline's default when no `max_length` is set either. None when a `max_length` decides (the count then depends
+    on each prompt's length): the bar counts without a total."""
+    settings = generation_config.to_diff_dict()
+    if generate_kwargs.get("generation_config") is not None:
+        settings.update(generate_kwargs["generation_config"].to_diff_dict())
+    settings.update({name: value for name, value in generate_kwargs.items() if value is not None})
+    if settings.get("max_new_tokens") is not None:
+        return settings["max_new_tokens"]
+    if settings.get("max_length") is not None:
+        return None
+    return TextGenerationPipeline._default_generation_config.max_new_tokens
 
 
 def pipeline_prompts(tokenizer, prompts: list[str]) -> tuple[list[str], dict]:
