@@ -168,10 +168,16 @@ class CandidateTopPLogitsWarper(TopPLogitsWarper):
     eagerly: on CUDA transformers' sort is cheap and reads nothing back; a compiled step takes transformers' path."""
 
     CANDIDATES = (256, 4096)
+    # Above this p the nucleus ends within fp32 rounding of a row's total: a mass counted from the top then drops the
+    # tail tokens (one-sidedly: ~5% of the nucleus at p = 0.999999), which transformers, counting the tail, keeps.
+    # Such a nucleus is thousands of tokens wide anyway, where the candidates save little.
+    FULL_SORT_ABOVE = 0.999
 
     def __call__(self, input_ids, scores: torch.FloatTensor) -> torch.FloatTensor:
         if torch.compiler.is_compiling():
             return super().__call__(input_ids, scores)
+        if self.top_p > self.FULL_SORT_ABOVE:
+            return self.full_sort(input_ids, scores)
         probs = scores.float().softmax(dim=-1)
         # p of each row's own total: an fp32 softmax over ~50k tokens sums to 1 +- ~1e-5, an error that a mass
         # counted from the top carries whole (transformers counts the tail, ~p away from 0, which carries less)
@@ -192,11 +198,16 @@ class CandidateTopPLogitsWarper(TopPLogitsWarper):
             open_rows, ceiling, target = open_rows[~done], smallest[~done], target[~done]
         rows = torch.cat([*left, open_rows])  # not settled by the candidates: transformers' full sort
         if len(rows) == len(scores):  # every row: nothing else to do
-            return super().__call__(input_ids, scores)
+            return self.full_sort(input_ids, scores)
         warped = scores.masked_fill(removed, self.filter_value)
         if len(rows):
-            warped[rows] = super().__call__(input_ids, scores[rows])
+            warped[rows] = self.full_sort(input_ids, scores[rows])
         return warped
+
+    def full_sort(self, input_ids, scores: torch.FloatTensor) -> torch.FloatTensor:
+        """transformers' top-p over fp32 scores, as the candidates normalize (transformers' own softmax and running
+        sum in bf16 would leave a bf16 row tens of tokens away from p); kept scores come back unchanged."""
+        return super().__call__(input_ids, scores.float()).to(scores.dtype)
 
 
 def candidate_nucleus(probs, target, width: int, min_tokens_to_keep: int):

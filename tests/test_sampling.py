@@ -197,9 +197,26 @@ def test_candidate_top_p_measures_p_against_each_rows_own_total():
         keep, _ = exact_nucleus(scores, top_p)
         wrong += int(((CandidateTopPLogitsWarper(top_p)(None, scores) > float("-inf")) != keep).any(-1).sum())
     assert wrong == 0
-    peaked = (torch.randn(4, 50258) * 5).bfloat16()  # ties: which of equal tokens is kept is arbitrary, not how many
-    keep, _ = exact_nucleus(peaked.float(), 0.9)
-    assert torch.equal((CandidateTopPLogitsWarper(0.9)(None, peaked) > float("-inf")).sum(-1), keep.sum(-1))
+    # bf16 rows, peaked and flat (the flat ones left to the full sort, run in fp32 too): ties make which of equal
+    # tokens is kept arbitrary, not how many
+    mixed = torch.cat([torch.randn(4, 50258) * 5, torch.randn(4, 50258) * 2]).bfloat16()
+    for top_p in (0.5, 0.9):
+        keep, _ = exact_nucleus(mixed.float(), top_p)
+        kept = CandidateTopPLogitsWarper(top_p)(None, mixed)
+        assert kept.dtype == torch.bfloat16 and torch.equal(kept[kept > float("-inf")], mixed[kept > float("-inf")])
+        assert torch.equal((kept > float("-inf")).sum(-1), keep.sum(-1))
+
+
+def test_candidate_top_p_near_1_keeps_transformers_tail():
+    """Within fp32 rounding of a row's total a mass counted from the top drops tail tokens transformers keeps (an
+    auditor: 1881 of 4016 tokens kept at p = 0.99999999): above `FULL_SORT_ABOVE` the full sort decides."""
+    from transformers.generation import TopPLogitsWarper
+
+    from bd3lm_hf.modeling.sampling_bd3lm import CandidateTopPLogitsWarper
+
+    scores = torch.randn(4, 50258, generator=torch.Generator().manual_seed(0)) * 8
+    for top_p in (0.9999, 0.999999, 0.99999999, 1.0):
+        assert torch.equal(CandidateTopPLogitsWarper(top_p)(None, scores), TopPLogitsWarper(top_p)(None, scores))
 
 
 def test_candidate_top_p_takes_transformers_path_on_flat_rows_and_when_compiled():
