@@ -64,6 +64,14 @@ def test_a_run_without_final_evaluation_gets_no_empty_metrics_table(tmp_path):
     assert "## Evaluation (last run)" not in card and "model-index" not in card
 
 
+def test_integer_metrics_are_in_the_cards_table(tmp_path):
+    """A hand-written metrics file may hold ints: the table shows every number (it kept floats only)."""
+    folder = export_for_hub(gpt2_vocabulary_model(), gpt2_tokenizer_with_mask(), tmp_path / "ints",
+                            metrics={"eval_perplexity": 12, "eval_samples": 256, "flag": True})
+    card = (folder / "README.md").read_text()
+    assert "| eval_perplexity | 12 |" in card and "| eval_samples | 256 |" in card and "| flag |" not in card
+
+
 def test_card_snippets_run_on_the_folder_without_the_package(exported, tmp_path):
     """The usage, then the finetuning snippet (LoRA, the loss from the folder's own noising functions)."""
     card = ModelCard.load(exported / "README.md").text
@@ -355,7 +363,8 @@ def test_export_overwrite_never_deletes_its_input(exported, tmp_path, layout, ca
 
 
 @pytest.mark.parametrize("metrics, message", [([1, 2], "must hold a JSON object"),
-                                              ({"eval_perplexity": "n/a"}, "eval_perplexity must be a number"),
+                                              ({"eval_perplexity": "n/a"}, "eval_perplexity must be a finite number"),
+                                              ('{"eval_perplexity": NaN}', "eval_perplexity must be a finite number"),
                                               ("{bad json", "is not valid JSON")])
 def test_export_checks_its_metrics_file_before_writing_anything(exported, tmp_path, capfd, metrics, message):
     path = tmp_path / "metrics.json"
@@ -363,7 +372,7 @@ def test_export_checks_its_metrics_file_before_writing_anything(exported, tmp_pa
     assert cli(["export", str(exported), str(tmp_path / "out"), "--metrics", str(path)]) == 2
     err = capfd.readouterr().err
     assert message in err and "Traceback" not in err and not (tmp_path / "out").exists()
-    if message != "eval_perplexity must be a number":
+    if message != "eval_perplexity must be a finite number":
         assert str(path) in err
 
 

@@ -1,6 +1,7 @@
 """Hub export and push: a folder that loads with `trust_remote_code=True`, with a model card, and its upload."""
 
 import json
+import math
 from pathlib import Path
 
 from transformers.utils import logging
@@ -81,8 +82,9 @@ def _check_metrics(metrics) -> None:
         raise HubError(f"metrics must be a dict of metric name -> number (as eval_results.json), got "
                        f"{type(metrics).__name__}.")
     perplexity = metrics.get("eval_perplexity")
-    if perplexity is not None and (isinstance(perplexity, bool) or not isinstance(perplexity, (int, float))):
-        raise HubError(f"metrics: eval_perplexity must be a number, got {perplexity!r}.")
+    if perplexity is not None and (isinstance(perplexity, bool) or not isinstance(perplexity, (int, float))
+                                   or not math.isfinite(perplexity)):  # JSON's NaN / Infinity read as floats
+        raise HubError(f"metrics: eval_perplexity must be a finite number (or null), got {perplexity!r}.")
 
 
 def longest_prompt(config) -> int:
