@@ -2,6 +2,7 @@
 resume, EMA, clip search, LoRA, CLI."""
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -645,3 +646,42 @@ def test_a_final_evaluation_without_held_out_data_is_refused_before_training(tmp
     with pytest.raises(ValueError, match=r"do_eval=True .* needs held-out data"):
         train(small_config(), arguments(tmp_path, max_steps=2, do_eval=True), train_set=train_set, tokenizer=tokenizer)
     assert not list(tmp_path.glob("checkpoint-*")) and not (tmp_path / "model.safetensors").exists()
+
+
+def test_training_data_is_held_out_only_when_the_run_evaluates(tmp_path, caplog):
+    """Without do_eval (or eval_on_start) nothing scores a held-out split: the run trains on every sequence (5% were
+    set aside unused, and a one-sequence corpus was refused as too small to hold one out); eval_data given to a run
+    that does not evaluate is named in a warning."""
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("\n".join(json.dumps({"text": f"Line {i}: to be, or not to be. " * 3}) for i in range(60)))
+    config = small_config(data=[str(corpus)], tokenizer="gpt2", eval_split=0.1)
+    everything = build_trainer(config, arguments(tmp_path, max_steps=1))
+    assert everything.eval_dataset is None
+    for evaluating in (dict(do_eval=True), dict(eval_on_start=True), dict(eval_strategy="steps", eval_steps=1)):
+        split = build_trainer(config, arguments(tmp_path, max_steps=1, **evaluating))
+        assert len(split.eval_dataset) == int(0.1 * len(everything.train_dataset)) > 0
+        assert len(split.train_dataset) + len(split.eval_dataset) == len(everything.train_dataset)
+    one = tmp_path / "one.txt"
+    one.write_text(load_text_dataset(shakespeare_files()[:1])["text"][0][:150])
+    assert len(build_trainer(small_config(data=[str(one)], tokenizer="gpt2"), arguments(tmp_path)).train_dataset) == 1
+    with caplog.at_level(logging.WARNING):
+        build_trainer(small_config(data=[str(corpus)], eval_data=[str(corpus)], tokenizer="gpt2"), arguments(tmp_path))
+    assert "eval_data is given but this run does not evaluate" in caplog.text
+
+
+def test_a_run_without_evaluation_leaves_no_earlier_runs_metrics(tmp_path, small_data, caplog):
+    """`export --metrics OUT/eval_results.json` reads the run's last evaluation: a run into the same folder without
+    one must not leave the earlier run's, which described the model it replaced (the card showed it)."""
+    from bd3lm_hf.training import train
+
+    train_set, eval_set, tokenizer = small_data
+    out = tmp_path / "out"
+    train(small_config(), arguments(out, max_steps=1, do_eval=True), train_set=train_set, eval_set=eval_set,
+          tokenizer=tokenizer)
+    assert "eval_loss" in json.loads((out / "eval_results.json").read_text())
+    assert "eval_loss" in json.loads((out / "all_results.json").read_text())
+    (out / "all_results.json").write_text(json.dumps({"eval_loss": 5.0, "train_runtime": 1.0}))  # a user's entry
+    with caplog.at_level(logging.WARNING):
+        train(small_config(), arguments(out, max_steps=2), train_set=train_set, eval_set=eval_set, tokenizer=tokenizer)
+    assert not (out / "eval_results.json").exists() and "removed" in caplog.text
+    assert json.loads((out / "all_results.json").read_text()) == {"train_runtime": 1.0}

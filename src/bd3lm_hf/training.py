@@ -40,8 +40,9 @@ class BD3LMTrainingConfig:
                             metadata={"help": "data files (.txt/.md: one document each; .json/.jsonl rows), or "
                                               "'shakespeare' for the bundled plays"})
     eval_data: list[str] = field(default_factory=list, metadata={"help": "held-out files (default: see eval_split)"})
-    eval_split: float = field(default=0.05, metadata={"help": "fraction of training sequences held out when no "
-                                                              "eval_data is given (shakespeare: whole plays)"})
+    eval_split: float = field(default=0.05, metadata={"help": "fraction of training sequences held out when the "
+                                                              "run evaluates (do_eval, eval_on_start) and no eval_data "
+                                                              "is given (shakespeare: whole plays)"})
     shakespeare_plays: int = field(default=12, metadata={"help": "plays to train on; the next 2 are held out"})
     streaming: bool = field(default=False, metadata={"help": "read the training data as a stream, tokenized as "
                                                              "training goes (nothing held in memory); needs "
@@ -233,9 +234,15 @@ def check_streaming(config: BD3LMTrainingConfig, args: TrainingArguments, tokeni
         raise ValueError("streaming=True cannot train a BPE on the data before training: pass tokenizer='gpt2', a "
                          "tokenizer folder, or init_from (its tokenizer).")
     has_eval_data = config.eval_data or config.data == ["shakespeare"]
-    if not has_eval_data and args.do_eval:
+    if not has_eval_data and evaluation_asked(args):
         raise ValueError("streaming=True holds no sequences out of the stream for evaluation: pass eval_data, or set "
-                         "eval_strategy='no' (and do_eval False).")
+                         "eval_strategy='no' (and do_eval, eval_on_start False).")
+
+
+def evaluation_asked(args: TrainingArguments) -> bool:
+    """Whether the run evaluates: `do_eval` (set by any eval_strategy other than "no", as transformers' example
+    scripts read it) or `eval_on_start`."""
+    return bool(args.do_eval or args.eval_on_start)
 
 
 def tokenize(config: BD3LMTrainingConfig, dataset, tokenizer):
@@ -319,8 +326,11 @@ def build_trainer(config: BD3LMTrainingConfig, args: TrainingArguments, train_se
             tokenizer = build_tokenizer(config, training_texts(config, raw_train))
         train_set = tokenize(config, raw_train, tokenizer)
         eval_set = tokenize(config, raw_eval, tokenizer) if raw_eval is not None else None
-        if eval_set is None and not config.streaming:
-            train_set, eval_set = split_off_eval(train_set, config.eval_split)
+        if eval_set is None and not config.streaming and evaluation_asked(args):
+            train_set, eval_set = split_off_eval(train_set, config.eval_split)  # (otherwise train on all of it)
+        elif config.eval_data and not evaluation_asked(args):
+            logger.warning("eval_data is given but this run does not evaluate (do_eval False): set --do_eval true "
+                           "or an --eval_strategy to score it.")
     elif tokenizer is None and model is None:
         tokenizer = tokenizer_of_given_data(config)
     if config.lora and not (config.init_from or model is not None):
@@ -380,9 +390,9 @@ def train(config: BD3LMTrainingConfig, args: TrainingArguments, resume_from_chec
     else:
         refuse_finished_checkpoint(resume, args)
     trainer = build_trainer(config, args, **overrides)
-    if args.do_eval and trainer.eval_dataset is None:  # refused before training, not after it
-        raise ValueError("do_eval=True (set by --do_eval or an --eval_strategy other than 'no') needs held-out data: "
-                         "pass eval_data or an eval_set.")
+    if evaluation_asked(args) and trainer.eval_dataset is None:  # refused before training, not after it
+        raise ValueError("do_eval=True (set by --do_eval or an --eval_strategy other than 'no') or eval_on_start "
+                         "needs held-out data: pass eval_data or an eval_set.")
     if isinstance(resume, str):  # the callbacks read their state from the folder resumed from
         for callback in trainer.callback_handler.callbacks:
             if hasattr(callback, "resume_from"):
@@ -395,6 +405,8 @@ def train(config: BD3LMTrainingConfig, args: TrainingArguments, resume_from_chec
     metrics = final_evaluation(trainer, args)
     if metrics:
         trainer.save_metrics("eval", metrics)  # eval_results.json: what `bd3lm-hf export --metrics` puts on the card
+    elif trainer.is_world_process_zero():
+        drop_earlier_evaluation(args.output_dir)
     summary = {
         "steps": result.global_step,
         "tokens": result.global_step * args.train_batch_size * args.gradient_accumulation_steps
@@ -411,6 +423,30 @@ def train(config: BD3LMTrainingConfig, args: TrainingArguments, resume_from_chec
             "training done: %d steps, %d tokens, eval NELBO %s (perplexity %s), saved to %s", summary["steps"],
             summary["tokens"], _fmt(summary["eval_nelbo"]), _fmt(ppl), summary["saved_to"])
     return summary
+
+
+def drop_earlier_evaluation(output_dir) -> None:
+    """After a run without a final evaluation, `output_dir` holds no metrics of an earlier run (of the model this run
+    has just replaced): its eval_results.json, which `export --metrics` would put on the new model's card, and the
+    eval entries of all_results.json (Trainer's `save_metrics` merges into that file)."""
+    folder = Path(output_dir)
+    results = folder / "eval_results.json"
+    if results.is_file():
+        results.unlink()
+        logger.warning("removed %s: an earlier run's evaluation, of the model this run replaced (this run has no "
+                       "final evaluation: do_eval is False)", results)
+    combined = folder / "all_results.json"
+    if not combined.is_file():
+        return
+    metrics = json.loads(combined.read_text())
+    kept = {name: value for name, value in metrics.items() if not name.startswith("eval_")}
+    if kept == metrics:
+        return
+    if kept:
+        combined.write_text(json.dumps(kept, indent=4, sort_keys=True) + "\n")
+    else:
+        combined.unlink()
+    logger.warning("removed an earlier run's evaluation from %s (of the model this run replaced)", combined)
 
 
 def resume_checkpoint(args: TrainingArguments, resume_from_checkpoint=None):
