@@ -828,6 +828,21 @@ def test_the_progress_bars_total_is_what_the_pipeline_generates(exported, monkey
         assert bar.total == result["new_tokens"] == sum(bar.updates)
 
 
+def test_every_sample_of_num_return_sequences_is_reported(exported):
+    """A folder whose generation config asks for 3 samples per prompt: `bd3lm-hf generate` printed the first only
+    and counted a third of the new tokens (so a third of the tokens/s)."""
+    from bd3lm_hf.evaluation import sample_with_pipeline
+
+    model = AutoModelForCausalLM.from_pretrained(exported, trust_remote_code=True)
+    model.generation_config.update(do_sample=True, num_return_sequences=3)
+    tokenizer = AutoTokenizer.from_pretrained(exported, trust_remote_code=True)
+    prompts = ["To be, or not to be", "ROMEO."]
+    result = sample_with_pipeline(model, tokenizer, iter(prompts), seed=1, max_new_tokens=8, do_sample=True,
+                                  eos_token_id=[])  # fixed length
+    assert result["prompts"] == [prompts[0]] * 3 + [prompts[1]] * 3 and len(result["texts"]) == 6
+    assert result["new_tokens"] == 6 * 8 and len(set(result["texts"][:3])) > 1  # three draws, not one thrice
+
+
 def test_sampling_moves_a_progress_bar_per_block_and_draws_the_same_tokens(exported, monkeypatch):
     """`bd3lm-hf generate` shows a bar of new tokens that moves after every block (a stopping criterion that stops
     nothing): the prompts, seeded once and run one at a time, get the tokens the pipeline draws for them without it."""

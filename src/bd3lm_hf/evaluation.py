@@ -200,13 +200,15 @@ class CallCounter:
 
 
 def sample_with_pipeline(model, tokenizer, prompts, seed: int = 0, **generate_kwargs) -> dict:
-    """Generate through `pipeline("text-generation")`; report texts, model calls (NFE) and new tokens/s.
+    """Generate through `pipeline("text-generation")`; report texts, model calls (NFE) and new tokens/s. With
+    `num_return_sequences` n (given or the model's), each prompt has n texts: "prompts" repeats it beside each.
 
     New tokens are counted on the generated ids (those before a row's EOS or padding), not by re-tokenizing the
     decoded text, which merges or splits tokens. A tokenizer that ends every text with EOS (BERT's [SEP]) would end
     each prompt's document: its prompts go in as BOS + text, as a document starts in the training data."""
     generator = pipeline("text-generation", model=model, tokenizer=tokenizer, trust_remote_code=True)
-    inputs, encoding = pipeline_prompts(tokenizer, list(prompts))
+    prompts = list(prompts)
+    inputs, encoding = pipeline_prompts(tokenizer, prompts)
     # generation starts an empty prompt from BOS, which the sequence then holds first
     prompt_lengths = [len(tokenizer(text, **encoding)["input_ids"]) or 1 for text in inputs]
     extra_criteria = list(generate_kwargs.pop("stopping_criteria", None) or [])
@@ -227,12 +229,14 @@ def sample_with_pipeline(model, tokenizer, prompts, seed: int = 0, **generate_kw
             counter.close()
     seconds = time.perf_counter() - start
     stops = stop_ids(model, tokenizer)
-    sequences = [output[0]["generated_token_ids"] for output in outputs]
-    texts = [continuation(tokenizer, sequence, length) for sequence, length in zip(sequences, prompt_lengths)]
-    new_tokens = sum(tokens_before_stop(sequence[length:], stops)
-                     for sequence, length in zip(sequences, prompt_lengths))
-    return {"prompts": list(prompts), "texts": texts, "nfe": counter.calls, "new_tokens": new_tokens,
-            "seconds": seconds, "tokens_per_second": new_tokens / seconds if seconds else float("nan")}
+    # every sample of every prompt (num_return_sequences gives several), each with its prompt
+    samples = [(prompt, sample["generated_token_ids"], length)
+               for prompt, output, length in zip(prompts, outputs, prompt_lengths) for sample in output]
+    texts = [continuation(tokenizer, sequence, length) for _, sequence, length in samples]
+    new_tokens = sum(tokens_before_stop(sequence[length:], stops) for _, sequence, length in samples)
+    return {"prompts": [prompt for prompt, _, _ in samples], "texts": texts, "nfe": counter.calls,
+            "new_tokens": new_tokens, "seconds": seconds,
+            "tokens_per_second": new_tokens / seconds if seconds else float("nan")}
 
 
 def expected_new_tokens(generation_config, generate_kwargs: dict) -> int | None:
