@@ -15,6 +15,7 @@ benchmarks/RESULTS.md (or --results). Compare ratios within one run only.
 """
 
 import argparse
+import contextlib
 import datetime
 import gc
 import multiprocessing
@@ -142,8 +143,41 @@ def generate_kwargs(case, new_tokens: int) -> dict:
     return settings
 
 
+class EagerBlockSteps:
+    """Counts the block-sized denoising steps a generation runs eagerly (while installed, `with`). In a compiled
+    generation only the prompt's first call is eager by design: a block-sized eager step means the compiled step
+    was given up (a compilation error, or the recompile limit), and the row would time the eager path under the
+    compiled row's name. Compiled replays never enter the Python step (dynamo traced the original method)."""
+
+    def __init__(self, model, block_size: int):
+        self.model, self.widths, self.count = model, (block_size, 2 * block_size), 0
+
+    def __enter__(self):
+        step = type(self.model).denoise_step.__get__(self.model)
+
+        def counted(tokens, *args, **kwargs):
+            self.count += tokens.shape[1] in self.widths
+            return step(tokens, *args, **kwargs)
+
+        self.model.denoise_step = counted  # the instance attribute the generation loop calls
+        return self
+
+    def __exit__(self, *exc):
+        del self.model.denoise_step
+        return False
+
+
+def cudagraph_skips() -> int:
+    """Inductor's count of compiled graphs it ran without CUDA graphs (a CPU input, a mutated input, ...): it says
+    why only under TORCH_LOGS=cudagraphs."""
+    from torch._dynamo.utils import counters
+
+    return counters["inductor"]["cudagraph_skips"]
+
+
 def run_case(case: dict, models: dict | None = None) -> dict:
-    """Runs one case; returns its row."""
+    """Runs one case; returns its row. A compiled row on the GPU fails if its steps ran eagerly, and counts the
+    CUDA-graph skips of its graphs (`cudagraph_skips`)."""
     device = case["device"]
     torch.set_num_threads(case.get("threads", torch.get_num_threads()))
     model = build_model(case, {} if models is None else models)
@@ -151,21 +185,29 @@ def run_case(case: dict, models: dict | None = None) -> dict:
     # explicit: token 0 is also the AR baseline's pad id, from which transformers would infer a zero mask
     prompt_mask = torch.ones_like(prompt)
     new_tokens = case["new_tokens"]
+    skips = cudagraph_skips()
     if device == "cuda":  # compiled paths warm up at full length: every graph is captured before timing
         warm_up = new_tokens if case.get("cache") == "static" and case.get("compiled", True) else 64
         model.generate(prompt, attention_mask=prompt_mask, **generate_kwargs(case, min(warm_up, new_tokens)))
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-    start = time.perf_counter()
-    with torch.no_grad():
-        out = model.generate(prompt, attention_mask=prompt_mask, **generate_kwargs(case, new_tokens))
-    if device == "cuda":
-        torch.cuda.synchronize()
-    seconds = time.perf_counter() - start
+    checks_compilation = device == "cuda" and case.get("compiled") and case["kind"] != "ar"
+    with contextlib.ExitStack() as stack:
+        eager = stack.enter_context(EagerBlockSteps(model, case["block_size"])) if checks_compilation else None
+        start = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(prompt, attention_mask=prompt_mask, **generate_kwargs(case, new_tokens))
+        if device == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+    if eager is not None and eager.count:
+        raise RuntimeError(f"{eager.count} block-sized steps ran eagerly in a compiled row (the compiled step was "
+                           "given up: see the warning above): not timed as compiled")
     nfe = out.nfe if case["kind"] != "ar" else new_tokens  # AR: one call per token (prefill included)
     peak = (torch.cuda.max_memory_allocated() if device == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     row = {key: value for key, value in case.items() if key != "shape"}
+    row["cudagraph_skips"] = cudagraph_skips() - skips
     if hasattr(model, "experiment_difference"):
         row["logit_difference"] = model.experiment_difference
     return {**row, "seconds": seconds, "tokens_per_s": case["batch"] * new_tokens / seconds, "nfe": nfe,
@@ -309,6 +351,10 @@ def gpu_summary(rows, shape, device_name: str) -> list[str]:
         difference = next(row["logit_difference"] for row in rows if row["model"] == model)
         lines.append(f"{model}: largest logit difference from the shipped model {difference:.1e} (of the largest "
                      "logit; bf16 rounding is ~1e-2)")
+    for row in rows:
+        if row.get("cudagraph_skips"):
+            lines.append(f"{row['name']} (batch {row['batch']}): inductor ran graphs without CUDA graphs "
+                         f"{row['cudagraph_skips']} times (TORCH_LOGS=cudagraphs says why): not a CUDA-graph replay")
     for row in rows:
         if row["batch"] == 1 and row["block_size"] == 16 and row["kind"] == "cached":
             for sampler, original in ORIGINAL_H100.items():

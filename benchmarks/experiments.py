@@ -22,10 +22,14 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def fused_fc_in_gelu(mlp, flat):
+    """gelu_tanh(fc_in(x)) for x (N, hidden) as one GEMM, its bias and GELU in the epilogue."""
+    return torch._addmm_activation(mlp.fc_in.bias, flat, mlp.fc_in.weight.t(), use_gelu=True)
+
+
 def fused_gelu_mlp_forward(mlp, hidden_states):
     """fc_out(gelu_tanh(fc_in(x))) with fc_in's bias and GELU in the GEMM's epilogue."""
-    flat = hidden_states.reshape(-1, hidden_states.shape[-1])
-    inner = torch._addmm_activation(mlp.fc_in.bias, flat, mlp.fc_in.weight.t(), use_gelu=True)
+    inner = fused_fc_in_gelu(mlp, hidden_states.reshape(-1, hidden_states.shape[-1]))
     return mlp.fc_out(inner).view(*hidden_states.shape[:-1], -1)
 
 

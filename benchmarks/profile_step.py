@@ -86,7 +86,7 @@ def main(argv=None):
     parser.add_argument("--greedy", action="store_true", help="greedy instead of the benchmark's pure sampling")
     parser.add_argument("--context", type=int, default=None,
                         help="max_position_embeddings = static cache capacity (default: new tokens + 2 blocks; the "
-                             "benchmark's is 1040)")
+                             "benchmark's at 1024 tokens, block 16, is 1056: bench_generate.context_for)")
     parser.add_argument("--attn", default="sdpa", choices=["sdpa", "flex_attention"])
     add_compile_arguments(parser, default_mode="reduce-overhead")
     args = parser.parse_args(argv)

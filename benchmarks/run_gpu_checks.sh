@@ -41,13 +41,16 @@ for stage in "${stages[@]}"; do
   case "$stage" in
     tests) stage_budget tests  # flex training fwd+bwd, bf16, flash (if installed), compiled static == eager, no
       # recompiles; bounded like the benchmarks (a hung test would take the stages after it), and per test where
-      # the image has pytest-timeout
+      # the image has pytest-timeout. The GPU tests first, the one never run on a GPU before them all (what a cut
+      # leaves out is the CPU tests of test_compilation.py, which CI runs); each test's outcome is printed as it ends
+      # (-v; -rsfE: why each skipped or failed), so that a cut keeps what finished.
       per_test=(); "$PY" -c "import pytest_timeout" 2>/dev/null && per_test=(--timeout 240)
-      timeout "$BUDGET" "$PY" -m pytest -q -p no:cacheprovider "${per_test[@]}" tests/test_gpu.py tests/test_compilation.py \
-        "tests/test_static_cache.py::test_compiled_static_generation_matches_eager_on_gpu" \
+      timeout "$BUDGET" "$PY" -m pytest -o addopts= -v -rsfE -p no:cacheprovider "${per_test[@]}" \
         "tests/test_static_cache.py::test_compiled_flex_static_generation_matches_eager_sdpa_on_gpu" \
-        "tests/test_benchmarks.py::test_mlp_epilogue_experiment_computes_the_model_on_cuda" 2>&1 \
-        | tee "$OUT/tests.log" | tail -15 ;;
+        "tests/test_static_cache.py::test_compiled_static_generation_matches_eager_on_gpu" \
+        "tests/test_benchmarks.py::test_mlp_epilogue_experiment_computes_the_model_on_cuda" \
+        tests/test_gpu.py tests/test_compilation.py 2>&1 | tee "$OUT/tests.log" | tail -25
+      echo "pytest rc=${PIPESTATUS[0]} (124: cut by the stage's timeout)" | tee -a "$OUT/tests.log" ;;
     train) stage_budget train
       timeout "$BUDGET" "$PY" benchmarks/bench_train.py --gpu --results "$OUT/RESULTS.md" 2>&1 \
         | tee "$OUT/bench_train.log" | tail -20 ;;
@@ -79,7 +82,7 @@ for stage in "${stages[@]}"; do
           $setting --results "$OUT/RESULTS.md" 2>&1 | tee -a "$OUT/$stage.log" | tail -8
       done ;;
     profile) stage_budget profile
-      timeout "$BUDGET" "$PY" benchmarks/profile_step.py --gpu --context 1040 2>&1 | tee "$OUT/profile.log" | tail -40 ;;
+      timeout "$BUDGET" "$PY" benchmarks/profile_step.py --gpu --context 1056 2>&1 | tee "$OUT/profile.log" | tail -40 ;;
     *) echo "unknown stage $stage (tests, train, generate1, generate16, tune, experiments, profile)"; exit 2 ;;
   esac
 done
