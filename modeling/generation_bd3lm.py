@@ -51,6 +51,15 @@ GENERATE_ARGUMENTS_OFF = {
 }
 
 
+class ContextExceededError(ValueError):
+    """The prompt and `max_new_tokens` need more positions than a generation can hold: the static cache's capacity
+    (the context), or one block of a one-block (MDLM) model. `most_new_tokens`: the most that fit."""
+
+    def __init__(self, message: str, most_new_tokens: int):
+        super().__init__(message)
+        self.most_new_tokens = most_new_tokens
+
+
 @dataclass
 class BD3LMGenerateOutput(ModelOutput):
     """
@@ -413,16 +422,19 @@ class BD3LMGenerationMixin(GenerationMixin):
         if prefix + block_size > context:
             raise ValueError(f"the prompt needs {prefix + block_size} positions with its first block, more than the "
                              f"context max_position_embeddings={context}.")
+        most_new_tokens = context - int(first_new.max())  # what fits after the prompt (its whole blocks and tail)
         if width > context and block_size == context:
-            raise ValueError(f"prompt + max_new_tokens needs {width} positions, more than the context "
-                             f"max_position_embeddings={context}, and with block_size={block_size} (one block: MDLM) "
-                             "a block past the context would see no earlier token, the prompt included: lower "
-                             f"max_new_tokens (at most {context - int((first_new - prefix).max())} here), or "
-                             "generate with a smaller block_size.")
+            raise ContextExceededError(
+                f"prompt + max_new_tokens needs {width} positions, more than the context max_position_embeddings="
+                f"{context}, and with block_size={block_size} (one block: MDLM) a block past the context would see "
+                f"no earlier token, the prompt included: lower max_new_tokens (at most {most_new_tokens} here), or "
+                "generate with a smaller block_size.", most_new_tokens)
         if width > context and not sliding:
-            raise ValueError(f"prompt + max_new_tokens needs {width} positions, more than the context "
-                             f"max_position_embeddings={context}; generating past it (a sliding window over the "
-                             "cache) needs the dynamic cache (use_cache=True, cache_implementation=None).")
+            raise ContextExceededError(
+                f"prompt + max_new_tokens needs {width} positions, more than the context max_position_embeddings="
+                f"{context}: lower max_new_tokens (at most {most_new_tokens} here), or generate past the context (a "
+                "sliding window over the cache) with the dynamic cache (use_cache=True, cache_implementation=None).",
+                most_new_tokens)
         canvas = aligned.new_full((aligned.shape[0], width), self.config.mask_token_id)
         canvas[:, :prefix] = aligned[:, :prefix]
         prompt_tail = torch.zeros_like(canvas, dtype=torch.bool)

@@ -345,7 +345,7 @@ def test_a_generation_config_overrides_the_models_only_where_set(gen_model):
         gen_model.generation_config = saved
     with pytest.raises(ValueError, match="pass the prompts once"):
         gen_model.generate(prompt, input_ids=prompt, max_new_tokens=4)
-    with pytest.raises(ValueError, match="needs the dynamic cache"):
+    with pytest.raises(ValueError, match="with the dynamic cache"):
         gen_model.generate(prompt, GenerationConfig(use_cache=False, max_new_tokens=200))
 
 
@@ -387,8 +387,8 @@ def test_empty_prompt_starts_from_bos(gen_model):
         (dict(assistant_model=object()), "assistant_model"),
         (dict(sampler="euler"), "unknown sampler 'euler'"),
         (dict(block_size=5), "block_size=5 must divide"),
-        (dict(max_new_tokens=200, use_cache=False), "needs the dynamic cache"),
-        (dict(max_new_tokens=200, cache_implementation="static"), "needs the dynamic cache"),
+        (dict(max_new_tokens=200, use_cache=False), "with the dynamic cache"),
+        (dict(max_new_tokens=200, cache_implementation="static"), "with the dynamic cache"),
         (dict(input_ids=torch.ones(1, 130, dtype=torch.long)), "the prompt needs 132 positions"),
         (dict(num_steps=0), "num_steps must be a positive int"),
         (dict(confidence_threshold=1.5), "confidence_threshold"),
@@ -876,6 +876,24 @@ def test_cli_generate_with_the_static_cache(exported, capsys):
     assert code == 0 and "--- 'To be'" in printed
     calls = int(printed.rsplit("--- ", 1)[1].split(" model calls")[0])
     assert calls >= 8  # one call per denoising step (the static cache never skips one)
+
+
+def test_a_generation_past_the_static_cache_says_what_fits(exported, capfd):
+    """The README's own CLI example (64 new tokens, the CLI's default, with the static cache) on a model of context 64
+    failed with an error naming Python arguments: it now names the most new tokens that fit, and the CLI its flags."""
+    from bd3lm_hf.cli import main
+    from bd3lm_hf.modeling.generation_bd3lm import ContextExceededError
+
+    model = AutoModelForCausalLM.from_pretrained(exported, trust_remote_code=True)
+    prompt = torch.tensor([[7, 8, 9, 10, 11, 12]])  # 6 tokens: its first block starts at 4, 2 positions used
+    with pytest.raises(ContextExceededError, match="at most 58 here") as raised:  # 64 - 4 - 2
+        model.generate(prompt, max_new_tokens=59, cache_implementation="static", do_sample=False)
+    assert raised.value.most_new_tokens == 58
+    assert model.generate(prompt, max_new_tokens=58, cache_implementation="static", do_sample=False).shape[1] == 64
+    assert main(["generate", str(exported), "--prompt", "To be", "--cache-implementation", "static",
+                 "--no-do-sample", "--device", "cpu"]) == 2
+    error = capfd.readouterr().err
+    assert "With bd3lm-hf generate: --max-new-tokens" in error and "or --cache-implementation dynamic." in error
 
 
 def test_cli_generate_reads_prompts_from_files_and_stdin(exported, tmp_path, capsys, monkeypatch):

@@ -289,11 +289,15 @@ def _unset_in(saved, fallbacks: dict) -> dict:
 
 def run_generate(args) -> None:
     from .evaluation import sample_with_pipeline
+    from .modeling.generation_bd3lm import ContextExceededError
 
     model, tokenizer = load_for_inference(args.model, args.device, args.dtype)
     scorer = load_scorer(args.score_with, model.device) if args.score_with else None  # before sampling: fail early
     options = generation_options(args, model.generation_config)
-    result = sample_with_pipeline(model, tokenizer, prompts_of(args), seed=args.seed, **options)
+    try:
+        result = sample_with_pipeline(model, tokenizer, prompts_of(args), seed=args.seed, **options)
+    except ContextExceededError as error:  # said in the flags' words
+        raise ValueError(f"{error} With bd3lm-hf generate: {context_exceeded_flags(error, model, options)}.") from None
     for prompt, text in zip(result["prompts"], result["texts"]):
         print(f"--- {prompt!r}\n{prompt}{text}")
     sampler = options.get("sampler", getattr(model.generation_config, "sampler", None))
@@ -307,6 +311,15 @@ def run_generate(args) -> None:
         empty = f"; {quality['empty']} empty sample(s) not scored" if quality["empty"] else ""
         print(f"--- generative perplexity {quality['gen_ppl']:.2f} under {args.score_with} ({quality['tokens']} "
               f"tokens), unigram entropy {quality['entropy']:.2f} nats per sample{empty}")
+
+
+def context_exceeded_flags(error, model, options: dict) -> str:
+    """The flags that make a generation fit (`ContextExceededError`): fewer new tokens, or, with the static cache of
+    a model of several blocks, the dynamic cache, which slides past the context."""
+    cache = options.get("cache_implementation", getattr(model.generation_config, "cache_implementation", None))
+    sliding = cache == "static" and model.config.block_size < model.config.max_position_embeddings
+    return (f"--max-new-tokens {error.most_new_tokens} or less"
+            + (", or --cache-implementation dynamic" if sliding else ""))
 
 
 def load_scorer(name: str, device):
