@@ -62,6 +62,18 @@ def test_names_that_cannot_be_hub_ids_are_taken_as_local_folders(name, local):
     assert looks_like_a_local_path(name) is local
 
 
+def test_owner_slash_name_under_a_local_folder_is_a_missing_folder(tmp_path, monkeypatch, capsys):
+    """`out/run` where `out` is a folder here: a typo of a run folder, named as missing (it went to the Hub, and
+    offline the error was about the connection)."""
+    from bd3lm_hf.loading import looks_like_a_local_path
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "out").mkdir()
+    assert looks_like_a_local_path("out/run") and not looks_like_a_local_path("kuleshov-group/bd3lm-owt")
+    assert cli(["eval", "out/run", "--data", "held_out.txt"]) == 2
+    assert "model folder out/run does not exist" in _one_line_error(capsys)
+
+
 @pytest.mark.parametrize("command", [["generate", "--prompt", "x"], ["eval", "--data", "held_out.txt"]],
                          ids=["generate", "eval"])
 def test_a_model_folder_without_a_tokenizer_is_named(model_folder, command, capsys):

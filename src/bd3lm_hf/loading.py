@@ -108,5 +108,7 @@ def local_folder_or_hub_id(name: str) -> str:
 
 def looks_like_a_local_path(name: str) -> bool:
     """A Hub id is "name" or "owner/name": a relative or home path, a path separator other than /, or more than
-    one / can only mean a folder."""
-    return name.startswith((".", "/", "~")) or os.sep in name.replace("/", "") or name.count("/") > 1
+    one / can only mean a folder; so does "owner/name" where "owner" is a folder here (`out/run`, a typo of a run
+    folder, would otherwise be looked up on the Hub, offline an error about the connection)."""
+    return (name.startswith((".", "/", "~")) or os.sep in name.replace("/", "") or name.count("/") > 1
+            or (name.count("/") == 1 and Path(name.split("/")[0]).is_dir()))
