@@ -113,10 +113,13 @@ def test_a_file_given_as_the_model_folder_is_named_a_file(tmp_path, capsys):
     assert "model.ckpt is a file, not a model folder" in _one_line_error(capsys)
 
 
-def test_train_flags_are_not_abbreviated(tmp_path, capsys):
-    """argparse's prefix matching took `--max_step 2` for --max_steps silently."""
+def test_train_flags_are_not_abbreviated_and_a_misspelt_one_gets_its_closest(tmp_path, capsys):
+    """argparse's prefix matching took `--max_step 2` for --max_steps silently; refused, it named no alternative."""
     assert cli(["train", "--max_step", "2", "--output_dir", str(tmp_path / "run")]) == 2
-    assert "not used by the HfArgumentParser: ['--max_step', '2']" in _one_line_error(capsys)
+    assert "unknown flags for bd3lm-hf train: --max_step (did you mean --max_steps" in _one_line_error(capsys)
+    assert cli(["demo", "--hiden-size=8", "--frobnicate", "--output_dir", str(tmp_path / "run")]) == 2
+    error = _one_line_error(capsys)
+    assert "bd3lm-hf demo: --hiden-size (did you mean --hidden_size" in error and "--frobnicate (`bd3lm-hf demo" in error
 
 
 def test_train_into_a_file_and_ctrl_c_are_one_line_errors(tmp_path, capsys, monkeypatch):

@@ -446,7 +446,7 @@ def test_finetuning_keeps_the_base_models_shape_unless_told(tmp_path, small_data
     monkeypatch.setenv("HOME", str(tmp_path))
     assert BD3LMTrainingConfig(init_from="~/base").init_from == str(tmp_path / "base")  # for every later load
     assert BD3LMTrainingConfig(init_from=str(tmp_path / "base"), block_size=4).block_size == 4  # the paper's finetune
-    with pytest.raises(ValueError, match="hidden_size describe a new model"):
+    with pytest.raises(ValueError, match="hidden_size describes a new model"):
         BD3LMTrainingConfig(init_from=str(tmp_path / "base"), hidden_size=256)
     with pytest.raises(ValueError, match="longer than the context of init_from"):
         BD3LMTrainingConfig(init_from=str(tmp_path / "base"), max_position_embeddings=64)

@@ -209,13 +209,12 @@ def run_convert(args) -> None:
 
 
 def run_train(argv: list[str]) -> None:
-    from transformers import HfArgumentParser, TrainingArguments
+    from transformers import TrainingArguments
 
+    from .flags import parse_dataclass_flags
     from .training import BD3LMTrainingConfig, train
 
-    # no abbreviations: `--max_step 2` would set --max_steps silently (argparse's default prefix matching)
-    parser = HfArgumentParser((BD3LMTrainingConfig, TrainingArguments), prog="bd3lm-hf train", allow_abbrev=False)
-    config, args = parser.parse_args_into_dataclasses(args=argv)
+    config, args = parse_dataclass_flags((BD3LMTrainingConfig, TrainingArguments), argv, "bd3lm-hf train")
     train(config, args)
 
 

@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from transformers import HfArgumentParser, TrainingArguments
+from transformers import TrainingArguments
 from transformers.utils import logging
 
+from .flags import parse_dataclass_flags
 from .hub import export_for_hub
 from .output_folder import check_output_folder, holds, is_exported_model_folder
 from .modeling.sampling_bd3lm import SAMPLERS
@@ -76,9 +77,8 @@ def fresh_process(*arguments: str) -> str:
 
 
 def main(argv: list[str]) -> dict:
-    parser = HfArgumentParser((DemoArguments, BD3LMTrainingConfig, TrainingArguments), prog="bd3lm-hf demo",
-                              allow_abbrev=False)
-    demo, config, args = parser.parse_args_into_dataclasses(args=training_defaults() + list(argv))
+    demo, config, args = parse_dataclass_flags((DemoArguments, BD3LMTrainingConfig, TrainingArguments),
+                                               training_defaults() + list(argv), "bd3lm-hf demo")
     check_export_dir(demo.export_dir, args.output_dir)
     logger.info(f"1/3 training a BD3-LM (block {config.block_size}, L {config.max_position_embeddings}, "
                 f"H {config.hidden_size} x {config.num_hidden_layers}) for {args.max_steps} steps")

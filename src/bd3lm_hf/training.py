@@ -102,8 +102,9 @@ class BD3LMTrainingConfig:
             self.init_from = local_folder_or_hub_id(self.init_from)
         given = [name for name in NEW_MODEL_SHAPE if getattr(self, name) is not None]
         if self.init_from and given:
-            raise ValueError(f"{', '.join(given)} describe a new model; init_from={self.init_from!r} fixes the "
-                             "model's shape: leave them out.")
+            raise ValueError(f"{', '.join(given)} {'describe' if len(given) > 1 else 'describes'} a new model; "
+                             f"init_from={self.init_from!r} fixes the model's shape: leave "
+                             f"{'them' if len(given) > 1 else 'it'} out.")
         if not self.init_from:
             for name, value in NEW_MODEL_SHAPE.items():
                 if getattr(self, name) is None:
