@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import torch
+import torch._inductor.config as inductor_config
 
 from compile_settings import add_compile_arguments, compile_kwargs, generation_compile_config
 from experiments import (EXPERIMENTS, apply_experiment, experiment_names, logit_difference, reference_logits,
@@ -167,17 +168,23 @@ class EagerBlockSteps:
         return False
 
 
-def cudagraph_skips() -> int:
-    """Inductor's count of compiled graphs it ran without CUDA graphs (a CPU input, a mutated input, ...): it says
-    why only under TORCH_LOGS=cudagraphs."""
-    from torch._dynamo.utils import counters
+def strict_cuda_graphs():
+    """Inductor raises, with the reason, where it would run a compiled graph without CUDA graphs (a CPU input, a
+    mutated input; it only logs that under TORCH_LOGS=cudagraphs): a compiled row would time something else."""
+    strict = {"triton.cudagraph_or_error": True} if hasattr(inductor_config.triton, "cudagraph_or_error") else {}
+    return inductor_config.patch(strict)
 
-    return counters["inductor"]["cudagraph_skips"]
+
+def refuse_eager_steps(eager: EagerBlockSteps) -> None:
+    """A compiled row whose block-sized steps ran eagerly (the compiled step given up) fails: not timed as named."""
+    if eager.count:
+        raise RuntimeError(f"{eager.count} block-sized steps ran eagerly in a compiled row (the compiled step was "
+                           "given up: see the warning above): not timed as compiled")
 
 
 def run_case(case: dict, models: dict | None = None) -> dict:
-    """Runs one case; returns its row. A compiled row on the GPU fails if its steps ran eagerly, and counts the
-    CUDA-graph skips of its graphs (`cudagraph_skips`)."""
+    """Runs one case; returns its row. A compiled row on the GPU fails if it did not run as compiled
+    (`strict_cuda_graphs`, `refuse_eager_steps`)."""
     device = case["device"]
     torch.set_num_threads(case.get("threads", torch.get_num_threads()))
     model = build_model(case, {} if models is None else models)
@@ -185,29 +192,27 @@ def run_case(case: dict, models: dict | None = None) -> dict:
     # explicit: token 0 is also the AR baseline's pad id, from which transformers would infer a zero mask
     prompt_mask = torch.ones_like(prompt)
     new_tokens = case["new_tokens"]
-    skips = cudagraph_skips()
-    if device == "cuda":  # compiled paths warm up at full length: every graph is captured before timing
-        warm_up = new_tokens if case.get("cache") == "static" and case.get("compiled", True) else 64
-        model.generate(prompt, attention_mask=prompt_mask, **generate_kwargs(case, min(warm_up, new_tokens)))
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-    checks_compilation = device == "cuda" and case.get("compiled") and case["kind"] != "ar"
-    with contextlib.ExitStack() as stack:
-        eager = stack.enter_context(EagerBlockSteps(model, case["block_size"])) if checks_compilation else None
-        start = time.perf_counter()
-        with torch.no_grad():
-            out = model.generate(prompt, attention_mask=prompt_mask, **generate_kwargs(case, new_tokens))
-        if device == "cuda":
+    compiled_row = device == "cuda" and case.get("compiled") and case["kind"] != "ar"
+    with strict_cuda_graphs() if compiled_row else contextlib.nullcontext():
+        if device == "cuda":  # compiled paths warm up at full length: every graph is captured before timing
+            warm_up = new_tokens if case.get("cache") == "static" and case.get("compiled", True) else 64
+            model.generate(prompt, attention_mask=prompt_mask, **generate_kwargs(case, min(warm_up, new_tokens)))
             torch.cuda.synchronize()
-        seconds = time.perf_counter() - start
-    if eager is not None and eager.count:
-        raise RuntimeError(f"{eager.count} block-sized steps ran eagerly in a compiled row (the compiled step was "
-                           "given up: see the warning above): not timed as compiled")
+            torch.cuda.reset_peak_memory_stats()
+        # counted once the warm-up has built the compiled step (it compiles the method it finds then)
+        with EagerBlockSteps(model, case["block_size"]) if compiled_row else contextlib.nullcontext() as eager:
+            start = time.perf_counter()
+            with torch.no_grad():
+                out = model.generate(prompt, attention_mask=prompt_mask, **generate_kwargs(case, new_tokens))
+            if device == "cuda":
+                torch.cuda.synchronize()
+            seconds = time.perf_counter() - start
+    if compiled_row:
+        refuse_eager_steps(eager)
     nfe = out.nfe if case["kind"] != "ar" else new_tokens  # AR: one call per token (prefill included)
     peak = (torch.cuda.max_memory_allocated() if device == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     row = {key: value for key, value in case.items() if key != "shape"}
-    row["cudagraph_skips"] = cudagraph_skips() - skips
     if hasattr(model, "experiment_difference"):
         row["logit_difference"] = model.experiment_difference
     return {**row, "seconds": seconds, "tokens_per_s": case["batch"] * new_tokens / seconds, "nfe": nfe,
@@ -351,10 +356,6 @@ def gpu_summary(rows, shape, device_name: str) -> list[str]:
         difference = next(row["logit_difference"] for row in rows if row["model"] == model)
         lines.append(f"{model}: largest logit difference from the shipped model {difference:.1e} (of the largest "
                      "logit; bf16 rounding is ~1e-2)")
-    for row in rows:
-        if row.get("cudagraph_skips"):
-            lines.append(f"{row['name']} (batch {row['batch']}): inductor ran graphs without CUDA graphs "
-                         f"{row['cudagraph_skips']} times (TORCH_LOGS=cudagraphs says why): not a CUDA-graph replay")
     for row in rows:
         if row["batch"] == 1 and row["block_size"] == 16 and row["kind"] == "cached":
             for sampler, original in ORIGINAL_H100.items():

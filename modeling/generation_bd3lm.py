@@ -53,11 +53,12 @@ GENERATE_ARGUMENTS_OFF = {
 
 class ContextExceededError(ValueError):
     """The prompt and `max_new_tokens` need more positions than a generation can hold: the static cache's capacity
-    (the context), or one block of a one-block (MDLM) model. `most_new_tokens`: the most that fit."""
+    (the context), or one block of a one-block (MDLM) model. `most_new_tokens`: the most that fit;
+    `dynamic_cache_helps`: whether the dynamic cache (sliding past the context) would take them all."""
 
-    def __init__(self, message: str, most_new_tokens: int):
+    def __init__(self, message: str, most_new_tokens: int, dynamic_cache_helps: bool):
         super().__init__(message)
-        self.most_new_tokens = most_new_tokens
+        self.most_new_tokens, self.dynamic_cache_helps = most_new_tokens, dynamic_cache_helps
 
 
 @dataclass
@@ -428,13 +429,13 @@ class BD3LMGenerationMixin(GenerationMixin):
                 f"prompt + max_new_tokens needs {width} positions, more than the context max_position_embeddings="
                 f"{context}, and with block_size={block_size} (one block: MDLM) a block past the context would see "
                 f"no earlier token, the prompt included: lower max_new_tokens (at most {most_new_tokens} here), or "
-                "generate with a smaller block_size.", most_new_tokens)
+                "generate with a smaller block_size.", most_new_tokens, dynamic_cache_helps=False)
         if width > context and not sliding:
             raise ContextExceededError(
                 f"prompt + max_new_tokens needs {width} positions, more than the context max_position_embeddings="
                 f"{context}: lower max_new_tokens (at most {most_new_tokens} here), or generate past the context (a "
                 "sliding window over the cache) with the dynamic cache (use_cache=True, cache_implementation=None).",
-                most_new_tokens)
+                most_new_tokens, dynamic_cache_helps=True)
         canvas = aligned.new_full((aligned.shape[0], width), self.config.mask_token_id)
         canvas[:, :prefix] = aligned[:, :prefix]
         prompt_tail = torch.zeros_like(canvas, dtype=torch.bool)

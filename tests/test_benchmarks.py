@@ -82,34 +82,35 @@ def test_the_gpu_scripts_settings_are_flags_the_benchmark_takes():
         bench_generate.compile_kwargs(args.compile_mode, args.inductor_option)  # KEY=VALUE options
 
 
-def test_a_compiled_row_that_ran_eagerly_is_caught():
+def test_a_compiled_row_that_ran_eagerly_fails():
     """A compiled row whose steps fell back to eager (a compilation error, the recompile limit) would time the eager
     path under the compiled row's name: `EagerBlockSteps` counts the block-sized steps run eagerly, which a compiled
-    generation has none of (here compiled on CPU with eager kernels, as the GPU path compiles)."""
+    generation has none of, and `refuse_eager_steps` fails the row. Compiled here on CPU with eager kernels, as the
+    GPU path compiles, and with a backend that cannot compile."""
     from conftest import random_model
     from transformers import CompileConfig
 
-    model = random_model(block_size=4)
-    compiled = CompileConfig(fullgraph=True, dynamic=False, backend="eager", mode=None)
-    compiled._compile_all_devices = True
+    def failing_backend(graph_module, example_inputs):
+        raise RuntimeError("this backend compiles nothing")
+
     prompt = torch.zeros(1, 1, dtype=torch.long)
     settings = dict(max_new_tokens=12, do_sample=False, cache_implementation="static", return_dict_in_generate=True)
-    model.generate(prompt, compile_config=compiled, **settings)  # compiles both widths
-    with bench_generate.EagerBlockSteps(model, 4) as counted:
-        replayed = model.generate(prompt, compile_config=compiled, **settings)
-    with bench_generate.EagerBlockSteps(model, 4) as eager:
-        reference = model.generate(prompt, disable_compile=True, **settings)
-    assert torch.equal(replayed.sequences, reference.sequences) and "denoise_step" not in vars(model)  # uninstalled
-    assert counted.count == 0 and eager.count == reference.nfe > 0  # the prompt fits the first block: all block-wide
-
-
-def test_rows_without_cuda_graphs_are_named_in_the_summary():
-    row = dict(name="small-bs16: bd3lm static+compiled, first_hitting", batch=1, block_size=16, kind="cached",
-               new_tokens=1024, tokens_per_s=1200.0, ms_per_call=0.8, cudagraph_skips=2)
-    lines = bench_generate.gpu_summary([row], bench_generate.GPU_MODEL, "NVIDIA H100 80GB HBM3")
-    assert any("without CUDA graphs 2 times" in line for line in lines)
-    assert not any("without CUDA graphs" in line for line in bench_generate.gpu_summary(
-        [dict(row, cudagraph_skips=0)], bench_generate.GPU_MODEL, "NVIDIA H100 80GB HBM3"))
+    runs = {}
+    for backend in ("eager", failing_backend):
+        model = random_model(block_size=4)
+        config = CompileConfig(fullgraph=True, dynamic=False, backend=backend, mode=None)
+        config._compile_all_devices = True
+        with bench_generate.strict_cuda_graphs():
+            model.generate(prompt, compile_config=config, **settings)  # the warm-up compiles (or gives up)
+            with bench_generate.EagerBlockSteps(model, 4) as eager:
+                runs[backend == "eager"] = model.generate(prompt, compile_config=config, **settings), eager
+        assert "denoise_step" not in vars(model)  # the counter is uninstalled
+    (compiled, counted), (given_up, eager) = runs[True], runs[False]
+    assert torch.equal(compiled.sequences, given_up.sequences)
+    assert counted.count == 0 and eager.count == given_up.nfe > 0  # the prompt fits the first block: all block-wide
+    bench_generate.refuse_eager_steps(counted)
+    with pytest.raises(RuntimeError, match=r"block-sized steps ran eagerly in a compiled row"):
+        bench_generate.refuse_eager_steps(eager)
 
 
 def test_block_4_rows_also_run_4_steps_per_block_and_the_ar_baseline_has_the_same_mlp_weights():

@@ -1,6 +1,7 @@
 """The `bd3lm-hf` command line turns the usual mistakes into one-line errors (exit code 2), never a traceback."""
 
 import importlib.util
+import logging
 
 import pytest
 import torch
@@ -71,7 +72,8 @@ def test_owner_slash_name_under_a_local_folder_is_a_missing_folder(tmp_path, mon
     (tmp_path / "out").mkdir()
     assert looks_like_a_local_path("out/run") and not looks_like_a_local_path("kuleshov-group/bd3lm-owt")
     assert cli(["eval", "out/run", "--data", "held_out.txt"]) == 2
-    assert "model folder out/run does not exist" in _one_line_error(capsys)
+    assert "model folder out/run does not exist (out is a folder here, so out/run was not looked up on the Hub" \
+        in _one_line_error(capsys)
 
 
 @pytest.mark.parametrize("command", [["generate", "--prompt", "x"], ["eval", "--data", "held_out.txt"]],
@@ -113,13 +115,27 @@ def test_a_file_given_as_the_model_folder_is_named_a_file(tmp_path, capsys):
     assert "model.ckpt is a file, not a model folder" in _one_line_error(capsys)
 
 
+@pytest.mark.parametrize("setting, level", [(None, logging.WARNING), ("error", logging.ERROR),
+                                            ("INFO", logging.INFO), ("loud", logging.WARNING)])
+def test_commands_take_transformers_verbosity_from_its_variable(monkeypatch, setting, level):
+    from bd3lm_hf.cli import transformers_verbosity
+
+    if setting is None:
+        monkeypatch.delenv("TRANSFORMERS_VERBOSITY", raising=False)
+    else:
+        monkeypatch.setenv("TRANSFORMERS_VERBOSITY", setting)
+    assert transformers_verbosity() == level
+
+
 def test_train_flags_are_not_abbreviated_and_a_misspelt_one_gets_its_closest(tmp_path, capsys):
     """argparse's prefix matching took `--max_step 2` for --max_steps silently; refused, it named no alternative."""
     assert cli(["train", "--max_step", "2", "--output_dir", str(tmp_path / "run")]) == 2
-    assert "unknown flags for bd3lm-hf train: --max_step (did you mean --max_steps" in _one_line_error(capsys)
-    assert cli(["demo", "--hiden-size=8", "--frobnicate", "--output_dir", str(tmp_path / "run")]) == 2
+    assert "unknown arguments for bd3lm-hf train: --max_step (did you mean --max_steps" in _one_line_error(capsys)
+    assert cli(["demo", "--hiden-size=8", "--frobnicate", "-1", "--output_dir", str(tmp_path / "run")]) == 2
     error = _one_line_error(capsys)
     assert "bd3lm-hf demo: --hiden-size (did you mean --hidden_size" in error and "--frobnicate (`bd3lm-hf demo" in error
+    assert cli(["train", "--max_steps", "2", "3", "--output_dir", str(tmp_path / "run")]) == 2
+    assert "unknown arguments for bd3lm-hf train: 3 (" in _one_line_error(capsys)
 
 
 def test_train_into_a_file_and_ctrl_c_are_one_line_errors(tmp_path, capsys, monkeypatch):

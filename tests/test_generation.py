@@ -888,7 +888,7 @@ def test_a_generation_past_the_static_cache_says_what_fits(exported, capfd):
     prompt = torch.tensor([[7, 8, 9, 10, 11, 12]])  # 6 tokens: its first block starts at 4, 2 positions used
     with pytest.raises(ContextExceededError, match="at most 58 here") as raised:  # 64 - 4 - 2
         model.generate(prompt, max_new_tokens=59, cache_implementation="static", do_sample=False)
-    assert raised.value.most_new_tokens == 58
+    assert raised.value.most_new_tokens == 58 and raised.value.dynamic_cache_helps
     assert model.generate(prompt, max_new_tokens=58, cache_implementation="static", do_sample=False).shape[1] == 64
     assert main(["generate", str(exported), "--prompt", "To be", "--cache-implementation", "static",
                  "--no-do-sample", "--device", "cpu"]) == 2
@@ -1066,8 +1066,9 @@ def test_one_block_models_are_refused_past_the_context():
     ids = torch.randint(0, MASK, (2, 5), generator=torch.Generator().manual_seed(0))
     assert model.generate(ids, max_new_tokens=27, do_sample=False).shape == (2, 32)
     with pytest.raises(ValueError, match=r"would see no earlier token, the prompt included: lower max_new_tokens "
-                                         r"\(at most 27 here\)"):
+                                         r"\(at most 27 here\)") as raised:
         model.generate(ids, max_new_tokens=28)
+    assert raised.value.most_new_tokens == 27 and not raised.value.dynamic_cache_helps
 
 
 @torch.no_grad()

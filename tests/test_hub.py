@@ -67,9 +67,9 @@ def test_a_run_without_final_evaluation_gets_no_empty_metrics_table(tmp_path):
 def test_integer_metrics_are_in_the_cards_table(tmp_path):
     """A hand-written metrics file may hold ints: the table shows every number (it kept floats only)."""
     folder = export_for_hub(gpt2_vocabulary_model(), gpt2_tokenizer_with_mask(), tmp_path / "ints",
-                            metrics={"eval_perplexity": 12, "eval_samples": 256, "flag": True})
+                            metrics={"eval_perplexity": 12, "eval_samples": 123456, "flag": True})
     card = (folder / "README.md").read_text()
-    assert "| eval_perplexity | 12 |" in card and "| eval_samples | 256 |" in card and "| flag |" not in card
+    assert "| eval_perplexity | 12 |" in card and "| eval_samples | 123456 |" in card and "| flag |" not in card
 
 
 def test_card_snippets_run_on_the_folder_without_the_package(exported, tmp_path):

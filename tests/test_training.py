@@ -666,7 +666,12 @@ def test_training_data_is_held_out_only_when_the_run_evaluates(tmp_path, caplog)
     assert len(build_trainer(small_config(data=[str(one)], tokenizer="gpt2"), arguments(tmp_path)).train_dataset) == 1
     with caplog.at_level(logging.WARNING):
         build_trainer(small_config(data=[str(corpus)], eval_data=[str(corpus)], tokenizer="gpt2"), arguments(tmp_path))
+        build_trainer(small_config(data=[str(corpus)], eval_split=0.2, tokenizer="gpt2"), arguments(tmp_path))
     assert "eval_data is given but this run does not evaluate" in caplog.text
+    assert "eval_split=0.2 is set but this run does not evaluate" in caplog.text
+    for fraction in (0.0, 1.0, 2):  # refused whether or not the run splits
+        with pytest.raises(ValueError, match=f"eval_split must be in \\(0, 1\\), got {fraction}"):
+            small_config(eval_split=fraction)
 
 
 def test_a_run_without_evaluation_leaves_no_earlier_runs_metrics(tmp_path, small_data, caplog):
@@ -685,3 +690,7 @@ def test_a_run_without_evaluation_leaves_no_earlier_runs_metrics(tmp_path, small
         train(small_config(), arguments(out, max_steps=2), train_set=train_set, eval_set=eval_set, tokenizer=tokenizer)
     assert not (out / "eval_results.json").exists() and "removed" in caplog.text
     assert json.loads((out / "all_results.json").read_text()) == {"train_runtime": 1.0}
+    (out / "all_results.json").write_text("[1, 2")  # not Trainer's: left alone, the finished run is not lost
+    with caplog.at_level(logging.WARNING):
+        train(small_config(), arguments(out, max_steps=1), train_set=train_set, eval_set=eval_set, tokenizer=tokenizer)
+    assert (out / "all_results.json").read_text() == "[1, 2" and "not a JSON object of metrics" in caplog.text

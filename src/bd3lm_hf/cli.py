@@ -4,6 +4,7 @@ import argparse
 import contextlib
 import json
 import logging as std_logging
+import os
 import sys
 
 from transformers.utils import logging
@@ -296,7 +297,9 @@ def run_generate(args) -> None:
     try:
         result = sample_with_pipeline(model, tokenizer, prompts_of(args), seed=args.seed, **options)
     except ContextExceededError as error:  # said in the flags' words
-        raise ValueError(f"{error} With bd3lm-hf generate: {context_exceeded_flags(error, model, options)}.") from None
+        dynamic = ", or --cache-implementation dynamic" if error.dynamic_cache_helps else ""
+        raise ValueError(f"{error} With bd3lm-hf generate: --max-new-tokens {error.most_new_tokens} or less"
+                         f"{dynamic}.") from None
     for prompt, text in zip(result["prompts"], result["texts"]):
         print(f"--- {prompt!r}\n{prompt}{text}")
     sampler = options.get("sampler", getattr(model.generation_config, "sampler", None))
@@ -310,15 +313,6 @@ def run_generate(args) -> None:
         empty = f"; {quality['empty']} empty sample(s) not scored" if quality["empty"] else ""
         print(f"--- generative perplexity {quality['gen_ppl']:.2f} under {args.score_with} ({quality['tokens']} "
               f"tokens), unigram entropy {quality['entropy']:.2f} nats per sample{empty}")
-
-
-def context_exceeded_flags(error, model, options: dict) -> str:
-    """The flags that make a generation fit (`ContextExceededError`): fewer new tokens, or, with the static cache of
-    a model of several blocks, the dynamic cache, which slides past the context."""
-    cache = options.get("cache_implementation", getattr(model.generation_config, "cache_implementation", None))
-    sliding = cache == "static" and model.config.block_size < model.config.max_position_embeddings
-    return (f"--max-new-tokens {error.most_new_tokens} or less"
-            + (", or --cache-implementation dynamic" if sliding else ""))
 
 
 def load_scorer(name: str, device):
@@ -389,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
         args, unknown = parser.parse_known_args(argv)
         if unknown:  # the command's own usage and flags, not the top-level list of commands
             parser.command_parsers[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
-    logging.set_verbosity_warning()
+    logging.set_verbosity(transformers_verbosity())
     logging.enable_default_handler()
     with package_messages_on_stderr() as package_logger:
         try:
@@ -403,6 +397,14 @@ def main(argv: list[str] | None = None) -> int:
             package_logger.error(str(interrupt) or "interrupted")
             return 130
     return 0
+
+
+def transformers_verbosity() -> int:
+    """The level of transformers' own messages in a command: TRANSFORMERS_VERBOSITY's (its names: debug, info,
+    warning, error, critical), else warnings."""
+    name = os.environ.get("TRANSFORMERS_VERBOSITY", "").lower()
+    return getattr(std_logging, name.upper()) if name in ("debug", "info", "warning", "error", "critical") \
+        else std_logging.WARNING
 
 
 @contextlib.contextmanager

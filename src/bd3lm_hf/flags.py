@@ -17,11 +17,12 @@ def parse_dataclass_flags(dataclass_types: tuple, argv: list[str], prog: str) ->
 
 
 def unknown_flags_message(unknown: list[str], dataclass_types: tuple, prog: str) -> str:
-    """"unknown flags: --max_step (did you mean --max_steps?)", each flag with its closest known spellings."""
+    """"unknown arguments for P: --max_step (did you mean --max_steps?)": each unknown flag with its closest known
+    spellings (their values left out), or the stray values when no flag is unknown."""
     known = [f"--{field.name}" for kind in dataclass_types for field in dataclasses.fields(kind)]
-    flags = [argument.split("=", 1)[0] for argument in unknown if argument.startswith("-")] or unknown
+    flags = [argument.split("=", 1)[0] for argument in unknown if argument.startswith("--")] or unknown
     described = []
     for flag in flags:
-        close = difflib.get_close_matches(flag.replace("-", "_").replace("__", "--", 1), known, n=2)
+        close = difflib.get_close_matches("--" + flag.lstrip("-").replace("-", "_"), known, n=2)
         described.append(f"{flag} (did you mean {' or '.join(close)}?)" if close else flag)
-    return f"unknown flags for {prog}: {', '.join(described)} (`{prog} --help` lists them)"
+    return f"unknown arguments for {prog}: {', '.join(described)} (`{prog} --help` lists the flags)"

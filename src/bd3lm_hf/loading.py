@@ -102,7 +102,10 @@ def local_folder_or_hub_id(name: str) -> str:
     if folder.exists():
         raise ValueError(f"{name} is a file, not a model folder (a saved model is the folder save_pretrained wrote).")
     if looks_like_a_local_path(name):
-        raise ValueError(f"model folder {name} does not exist (a Hub id is NAME or OWNER/NAME).")
+        owner_here = name.count("/") == 1 and Path(name.split("/")[0]).is_dir()
+        reason = (f"{name.split('/')[0]} is a folder here, so {name} was not looked up on the Hub: for the Hub repo, "
+                  "run from another folder" if owner_here else "a Hub id is NAME or OWNER/NAME")
+        raise ValueError(f"model folder {name} does not exist ({reason}).")
     return name
 
 

@@ -97,7 +97,8 @@ def sampling_defaults(settings: dict | None) -> str:
 
 def _metrics_table(metrics: dict | None) -> str:
     """The card's table of the numeric metrics; no section when there is none (a run without final evaluation)."""
-    rows = "\n".join(f"| {name} | {value:.4g} |" for name, value in (metrics or {}).items()
+    rows = "\n".join(f"| {name} | {value if isinstance(value, int) else format(value, '.4g')} |"
+                     for name, value in (metrics or {}).items()
                      if isinstance(value, (int, float)) and not isinstance(value, bool))
     return f"## Evaluation (last run)\n\n| metric | value |\n|---|---|\n{rows}\n" if rows else ""
 

@@ -30,6 +30,7 @@ from .modeling import BD3LMConfig, BD3LMForBlockDiffusion
 from .tokenization import MIN_BPE_VOCAB_SIZE, check_tokenizer_fits, gpt2_tokenizer_with_mask, train_bpe_tokenizer
 
 logger = logging.get_logger(__name__)
+DEFAULT_EVAL_SPLIT = 0.05
 
 
 @dataclass
@@ -40,7 +41,7 @@ class BD3LMTrainingConfig:
                             metadata={"help": "data files (.txt/.md: one document each; .json/.jsonl rows), or "
                                               "'shakespeare' for the bundled plays"})
     eval_data: list[str] = field(default_factory=list, metadata={"help": "held-out files (default: see eval_split)"})
-    eval_split: float = field(default=0.05, metadata={"help": "fraction of training sequences held out when the "
+    eval_split: float = field(default=DEFAULT_EVAL_SPLIT, metadata={"help": "fraction of training sequences held out when the "
                                                               "run evaluates (do_eval, eval_on_start) and no eval_data "
                                                               "is given (shakespeare: whole plays)"})
     shakespeare_plays: int = field(default=12, metadata={"help": "plays to train on; the next 2 are held out"})
@@ -131,6 +132,8 @@ class BD3LMTrainingConfig:
             value = getattr(self, name, None)
             if value is not None and value < 1:  # a 0 would surface later as a puzzling data or model error
                 raise ValueError(f"{name} must be a positive integer, got {value!r}.")
+        if not 0.0 < self.eval_split < 1.0:  # checked here: a run that does not evaluate never splits
+            raise ValueError(f"eval_split must be in (0, 1), got {self.eval_split!r}.")
         if self.bpe_vocab_size < MIN_BPE_VOCAB_SIZE:
             raise ValueError(f"bpe_vocab_size must be >= {MIN_BPE_VOCAB_SIZE} (the 256 bytes, <|endoftext|> and "
                              f"[MASK]), got {self.bpe_vocab_size!r}.")
@@ -255,8 +258,6 @@ def tokenize(config: BD3LMTrainingConfig, dataset, tokenizer):
 
 
 def split_off_eval(train_set, fraction: float):
-    if not 0.0 < fraction < 1.0:
-        raise ValueError(f"eval_split must be in (0, 1), got {fraction}.")
     held_out = max(1, int(len(train_set) * fraction))
     if held_out >= len(train_set):
         raise ValueError(f"only {len(train_set)} sequences: too few to hold {held_out} out for evaluation.")
@@ -329,9 +330,10 @@ def build_trainer(config: BD3LMTrainingConfig, args: TrainingArguments, train_se
         eval_set = tokenize(config, raw_eval, tokenizer) if raw_eval is not None else None
         if eval_set is None and not config.streaming and evaluation_asked(args):
             train_set, eval_set = split_off_eval(train_set, config.eval_split)  # (otherwise train on all of it)
-        elif config.eval_data and not evaluation_asked(args):
-            logger.warning("eval_data is given but this run does not evaluate (do_eval False): set --do_eval true "
-                           "or an --eval_strategy to score it.")
+        elif not evaluation_asked(args) and (config.eval_data or config.eval_split != DEFAULT_EVAL_SPLIT):
+            unused = "eval_data is given" if config.eval_data else f"eval_split={config.eval_split} is set"
+            logger.warning(f"{unused} but this run does not evaluate (do_eval False): set --do_eval true or an "
+                           "--eval_strategy to hold data out and score it.")
     elif tokenizer is None and model is None:
         tokenizer = tokenizer_of_given_data(config)
     if config.lora and not (config.init_from or model is not None):
@@ -439,7 +441,13 @@ def drop_earlier_evaluation(output_dir) -> None:
     combined = folder / "all_results.json"
     if not combined.is_file():
         return
-    metrics = json.loads(combined.read_text())
+    try:
+        metrics = json.loads(combined.read_text())
+    except (ValueError, UnicodeDecodeError):
+        metrics = None
+    if not isinstance(metrics, dict):  # not Trainer's: left alone
+        logger.warning("%s is not a JSON object of metrics: left as it is", combined)
+        return
     kept = {name: value for name, value in metrics.items() if not name.startswith("eval_")}
     if kept == metrics:
         return
