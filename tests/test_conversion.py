@@ -224,6 +224,10 @@ def test_mask_token_id_follows_the_vocabulary():
     assert given.mask_token_id == 7
     with pytest.raises(ConversionError, match="mask_token_id=7 cannot be expressed"):
         config_to_original(given)
+    last = config_from_original({"vocab_size": 30522, "hidden_dim": 64, "n_blocks": 1, "n_heads": 4, "cond_dim": 16,
+                                 "model_length": 32, "block_size": 4, "mask_token_id": 30521})
+    with pytest.raises(ConversionError, match="implies 103 for vocab_size=30522"):  # it came back as 103
+        config_to_original(last)
 
 
 def test_convert_with_the_gpt2_tokenizer_gives_a_pipeline_ready_folder(tmp_path, fixtures):
@@ -321,8 +325,9 @@ def test_a_sharded_original_folder_converts_as_the_single_file(fixtures, tmp_pat
 def test_code_from_copies_the_original_code_and_its_relative_imports(fixtures, tmp_path, caplog):
     download = tmp_path / "download"  # stands for `hf download kuleshov-group/...`: stand-in code, not the original
     download.mkdir()
-    (download / "configuration_bd3lm.py").write_text("CONFIG = 1\n")
-    (download / "modeling_bd3lm.py").write_text("from .configuration_bd3lm import CONFIG\nfrom .helpers import X\n")
+    (download / "configuration_bd3lm.py").write_text("class BD3LMConfig(object):\n    pass\n")
+    (download / "modeling_bd3lm.py").write_text("from .configuration_bd3lm import BD3LMConfig\nfrom .helpers import X\n"
+                                                "class BD3LM(object):\n    pass\n")
     (download / "helpers.py").write_text("X = 2\n")
     ours = _our_folder(fixtures, tmp_path / "ours")
     assert cli(["convert", str(ours), str(tmp_path / "with"), "--to-original", "--code-from", str(download)]) == 0
@@ -331,6 +336,10 @@ def test_code_from_copies_the_original_code_and_its_relative_imports(fixtures, t
     caplog.clear()
     assert cli(["convert", str(ours), str(tmp_path / "without"), "--to-original"]) == 0
     assert "--code-from" in caplog.text and not list((tmp_path / "without").glob("*.py"))
+    # this package's own folder has code files of the same names, which the original format's auto_map cannot load
+    assert cli(["convert", str(ours), str(tmp_path / "x"), "--to-original", "--code-from", str(ours)]) == 2
+    assert "modeling_bd3lm.py defines no class BD3LM, so it is not the original" in caplog.text
+    assert not (tmp_path / "x").exists()
     (download / "modeling_bd3lm.py").unlink()
     assert cli(["convert", str(ours), str(tmp_path / "x"), "--to-original", "--code-from", str(download)]) == 2
 
@@ -343,6 +352,23 @@ def test_layer_norm_eps_the_original_cannot_express_is_refused(fixtures, tmp_pat
     config.layer_norm_eps = 1e-6
     with pytest.raises(ConversionError, match="layer_norm_eps=1e-06 cannot be expressed"):
         config_to_original(config)
+    config.layer_norm_eps, config.rope_theta = 1e-5, 500000.0  # written, it would not convert back
+    with pytest.raises(ConversionError, match="rope_theta=500000.0 cannot be expressed .* allowed: 10000"):
+        config_to_original(config)
+
+
+def test_a_bf16_model_keeps_its_dtype_through_the_original_format(fixtures, tmp_path):
+    """The original folder of a bf16 model holds bf16 weights; converting it back built an fp32 model (twice the
+    size), so the next conversion to the original format was not byte-identical."""
+    ours = tmp_path / "ours"
+    load_original(fixtures / "bd3lm_public").to(torch.bfloat16).save_pretrained(ours)
+    assert cli(["convert", str(ours), str(tmp_path / "original"), "--to-original"]) == 0
+    assert cli(["convert", str(tmp_path / "original"), str(tmp_path / "back")]) == 0
+    assert cli(["convert", str(tmp_path / "back"), str(tmp_path / "again"), "--to-original"]) == 0
+    back = load_original(tmp_path / "original")
+    assert back.dtype == torch.bfloat16 and back.model.rotary_emb.inv_freq.dtype == torch.float32
+    assert (tmp_path / "again" / "model.safetensors").read_bytes() == \
+        (tmp_path / "original" / "model.safetensors").read_bytes()
 
 
 def _truncate_weights(folder):
@@ -478,3 +504,19 @@ def test_a_checkpoint_of_another_model_or_ema_is_named_not_a_key_error(fixtures,
     torch.save(checkpoint, tmp_path / "other_ema.ckpt")
     with pytest.raises(ConversionError, match="holds no list 'shadow_params'.*--no-ema"):
         load_original(tmp_path / "other_ema.ckpt", {"block_size": 4, "model_length": 32})
+
+
+def test_a_config_file_is_never_emptied_away_nor_contradicted_by_a_flag(fixtures, tmp_path, capfd):
+    """`--config OUT/config.json --overwrite` emptied OUT, the config file with it; `--block-size` silently won over
+    the --config file's block_size."""
+    out = tmp_path / "out"
+    out.mkdir()
+    config = out / "cfg.json"
+    shutil.copy(fixtures / "bd3lm_public" / "config.json", config)
+    assert cli(["convert", str(fixtures / "bd3lm_public"), str(out), "--config", str(config), "--overwrite"]) == 2
+    assert "is or contains the input" in capfd.readouterr().err and config.is_file()
+    block_size = json.loads(config.read_text())["block_size"]
+    assert cli(["convert", str(fixtures / "bd3lm_public"), str(tmp_path / "new"), "--config", str(config),
+                "--block-size", str(2 * block_size)]) == 2
+    assert f"contradicts block_size={block_size} in --config" in capfd.readouterr().err
+    assert not (tmp_path / "new").exists()

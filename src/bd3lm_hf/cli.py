@@ -193,13 +193,19 @@ def run_convert(args) -> None:
         return
     if args.code_from is not None:
         raise ValueError("--code-from copies the original code into a --to-original output; it has no use here.")
+    if args.config:  # read into memory below, but still the user's file: never inside a folder to be emptied
+        from .output_folder import check_output_folder
+
+        check_output_folder(args.dst, args.overwrite, (args.src, args.config))
     original_config = read_json_object(args.config, "--config") if args.config else {}
-    if args.block_size is not None:
-        original_config["block_size"] = args.block_size
-    if args.model_length is not None:
-        original_config["model_length"] = args.model_length
-    if args.mask_token_id is not None:
-        original_config["mask_token_id"] = args.mask_token_id
+    for name in ("block_size", "model_length", "mask_token_id"):
+        flag = getattr(args, name)
+        if flag is None:
+            continue
+        if original_config.get(name, flag) != flag:
+            raise ValueError(f"--{name.replace('_', '-')} {flag} contradicts {name}={original_config[name]} in "
+                             f"--config {args.config}: give one of them.")
+        original_config[name] = flag
     tokenizer = None
     if args.with_gpt2_tokenizer:
         from .tokenization import gpt2_tokenizer_with_mask

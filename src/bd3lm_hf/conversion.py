@@ -35,6 +35,7 @@ CLIP_KEYS = ("sampling_eps_min", "sampling_eps_max")
 BERT_VOCAB_SIZE, BERT_MASK_ID = 30522, 103
 # Hard-coded in the original code (its LayerNorm), so a model with another value has no original form.
 ORIGINAL_LAYER_NORM_EPS = 1e-5
+ORIGINAL_ROPE_THETA = 10000.0  # the original's Rotary(dim, base=10_000)
 
 GLOBAL_KEY_MAP = {
     "vocab_embed.embedding": "model.embed_tokens.weight",
@@ -157,13 +158,19 @@ def config_to_original(config: BD3LMConfig, dtype: str = "float32") -> dict:
 
 def _check_expressible_in_original(config: BD3LMConfig) -> None:
     """Refuse what the original format cannot record (it would be lost silently and change the logits)."""
-    if config.mask_token_id not in (config.vocab_size - 1, BERT_MASK_ID if config.vocab_size == BERT_VOCAB_SIZE
-                                    else None):
-        raise ConversionError(f"mask_token_id={config.mask_token_id} cannot be expressed in the original format "
-                              "(which assumes the last id, or 103 for the bert-base-uncased vocabulary).")
+    # the original records no mask id: the last id, except for bert-base-uncased's vocabulary (its own [MASK])
+    implied = BERT_MASK_ID if config.vocab_size == BERT_VOCAB_SIZE else config.vocab_size - 1
+    if config.mask_token_id != implied:
+        raise ConversionError(f"mask_token_id={config.mask_token_id} cannot be expressed in the original format, "
+                              f"which records none and implies {implied} for vocab_size={config.vocab_size} (the "
+                              f"last id, or {BERT_MASK_ID} for the bert-base-uncased vocabulary); allowed: {implied}.")
     if config.layer_norm_eps != ORIGINAL_LAYER_NORM_EPS:
         raise ConversionError(f"layer_norm_eps={config.layer_norm_eps} cannot be expressed in the original format "
                               f"(whose code hard-codes {ORIGINAL_LAYER_NORM_EPS}); allowed: {ORIGINAL_LAYER_NORM_EPS}.")
+    if config.rope_theta != ORIGINAL_ROPE_THETA:
+        raise ConversionError(f"rope_theta={config.rope_theta} cannot be expressed in the original format (whose "
+                              f"code hard-codes the rotary base {ORIGINAL_ROPE_THETA:g}); allowed: "
+                              f"{ORIGINAL_ROPE_THETA:g}.")
 
 
 def expected_shapes(config: BD3LMConfig) -> dict[str, torch.Size]:
@@ -270,7 +277,19 @@ def load_original(src: str | os.PathLike, original_config: dict | None = None,
     weights = convert_original_state_dict(state_dict, config)
     model = BD3LMForBlockDiffusion(config)
     model.load_state_dict(weights, strict=True)
-    return model.eval()
+    # in the weights' dtype (bf16 weights stay bf16: the round trip is byte-identical, the folder no larger); the
+    # rotary frequencies stay fp32, as `.to()` keeps them
+    return model.to(weights_dtype(weights)).eval()
+
+
+def weights_dtype(state_dict: dict[str, torch.Tensor]) -> torch.dtype:
+    """The dtype of most floating-point weights (a checkpoint's fp32 buffers, such as the rotary frequencies, do not
+    decide it)."""
+    counts = {}
+    for tensor in state_dict.values():
+        if tensor.is_floating_point():
+            counts[tensor.dtype] = counts.get(tensor.dtype, 0) + tensor.numel()
+    return max(counts, key=counts.get, default=torch.float32)
 
 
 def merge_config_fields(recorded: dict, given: dict | None) -> dict:
@@ -470,6 +489,11 @@ def original_code_files(code_from: Path, auto_map: dict) -> set[Path]:
         raise ConversionError(f"--code-from {code_from} lacks {missing}: pass the folder of a download of an "
                               "original bd3lms Hub repo (e.g. `hf download kuleshov-group/bd3lm-owt-block_size16 "
                               "--local-dir FOLDER`).")
+    for module, name in (entry.split("--")[-1].rsplit(".", 1) for entry in auto_map.values()):
+        if f"class {name}(" not in (code_from / f"{module}.py").read_text(encoding="utf-8", errors="replace"):
+            raise ConversionError(f"--code-from {code_from}: {module}.py defines no class {name}, so it is not the "
+                                  "original bd3lms code (this package's own code files have the same names): pass "
+                                  "the folder of a download of an original bd3lms Hub repo.")
     files = set(named)
     for path in named:
         files.update(Path(imported) for imported in get_relative_import_files(str(path)))
