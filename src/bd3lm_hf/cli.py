@@ -193,10 +193,6 @@ def run_convert(args) -> None:
         return
     if args.code_from is not None:
         raise ValueError("--code-from copies the original code into a --to-original output; it has no use here.")
-    if args.config:  # read into memory below, but still the user's file: never inside a folder to be emptied
-        from .output_folder import check_output_folder
-
-        check_output_folder(args.dst, args.overwrite, (args.src, args.config))
     original_config = read_json_object(args.config, "--config") if args.config else {}
     for name in ("block_size", "model_length", "mask_token_id"):
         flag = getattr(args, name)
@@ -212,7 +208,7 @@ def run_convert(args) -> None:
 
         tokenizer = gpt2_tokenizer_with_mask()
     convert_to_ours(args.src, args.dst, original_config or None, tokenizer, overwrite=args.overwrite,
-                    use_ema=not args.no_ema)
+                    use_ema=not args.no_ema, sources=(args.config,))  # the config file is the user's too
 
 
 def run_train(argv: list[str]) -> None:

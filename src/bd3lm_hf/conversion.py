@@ -377,12 +377,14 @@ def config_fields_from_weights(state_dict: dict[str, torch.Tensor]) -> dict:
 
 
 def convert_to_ours(src: str | os.PathLike, dst: str | os.PathLike, original_config: dict | None = None,
-                    tokenizer=None, overwrite: bool = False, use_ema: bool = True) -> BD3LMForBlockDiffusion:
+                    tokenizer=None, overwrite: bool = False, use_ema: bool = True,
+                    sources=()) -> BD3LMForBlockDiffusion:
     """Original folder or `.ckpt` -> our Hub folder (config, code, weights, and a generation config holding the
     original's sampling, `ORIGINAL_SAMPLING`; with `tokenizer`, also the tokenizer and a model card, so that the
     folder is ready for `bd3lm-hf push`). `dst` must be new or empty, or
-    `overwrite` empties it (never when it holds `src`). `use_ema`: see `load_original`."""
-    check_output_folder(dst, overwrite, (src,), ConversionError)
+    `overwrite` empties it (never when it holds `src` or one of `sources`: other files the conversion came from,
+    such as the config file `original_config` was read from). `use_ema`: see `load_original`."""
+    check_output_folder(dst, overwrite, (src, *sources), ConversionError)
     model = load_original(src, original_config, use_ema)
     model.generation_config.update(**ORIGINAL_SAMPLING)
     if tokenizer is not None:

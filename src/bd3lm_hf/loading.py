@@ -102,9 +102,8 @@ def local_folder_or_hub_id(name: str) -> str:
     if folder.exists():
         raise ValueError(f"{name} is a file, not a model folder (a saved model is the folder save_pretrained wrote).")
     if looks_like_a_local_path(name):
-        owner_here = name.count("/") == 1 and Path(name.split("/")[0]).is_dir()
         reason = (f"{name.split('/')[0]} is a folder here, so {name} was not looked up on the Hub: for the Hub repo, "
-                  "run from another folder" if owner_here else "a Hub id is NAME or OWNER/NAME")
+                  "run from another folder" if owner_is_a_folder_here(name) else "a Hub id is NAME or OWNER/NAME")
         raise ValueError(f"model folder {name} does not exist ({reason}).")
     return name
 
@@ -114,4 +113,9 @@ def looks_like_a_local_path(name: str) -> bool:
     one / can only mean a folder; so does "owner/name" where "owner" is a folder here (`out/run`, a typo of a run
     folder, would otherwise be looked up on the Hub, offline an error about the connection)."""
     return (name.startswith((".", "/", "~")) or os.sep in name.replace("/", "") or name.count("/") > 1
-            or (name.count("/") == 1 and Path(name.split("/")[0]).is_dir()))
+            or owner_is_a_folder_here(name))
+
+
+def owner_is_a_folder_here(name: str) -> bool:
+    """"owner/name" whose "owner" is a folder of the working directory."""
+    return name.count("/") == 1 and Path(name.split("/")[0]).is_dir()

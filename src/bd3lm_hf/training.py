@@ -41,9 +41,10 @@ class BD3LMTrainingConfig:
                             metadata={"help": "data files (.txt/.md: one document each; .json/.jsonl rows), or "
                                               "'shakespeare' for the bundled plays"})
     eval_data: list[str] = field(default_factory=list, metadata={"help": "held-out files (default: see eval_split)"})
-    eval_split: float = field(default=DEFAULT_EVAL_SPLIT, metadata={"help": "fraction of training sequences held out when the "
-                                                              "run evaluates (do_eval, eval_on_start) and no eval_data "
-                                                              "is given (shakespeare: whole plays)"})
+    eval_split: float = field(default=DEFAULT_EVAL_SPLIT,
+                              metadata={"help": "fraction of training sequences held out when the run evaluates "
+                                                "(do_eval, eval_on_start) and no eval_data is given (shakespeare: "
+                                                "whole plays)"})
     shakespeare_plays: int = field(default=12, metadata={"help": "plays to train on; the next 2 are held out"})
     streaming: bool = field(default=False, metadata={"help": "read the training data as a stream, tokenized as "
                                                              "training goes (nothing held in memory); needs "
@@ -328,9 +329,10 @@ def build_trainer(config: BD3LMTrainingConfig, args: TrainingArguments, train_se
             tokenizer = build_tokenizer(config, training_texts(config, raw_train))
         train_set = tokenize(config, raw_train, tokenizer)
         eval_set = tokenize(config, raw_eval, tokenizer) if raw_eval is not None else None
-        if eval_set is None and not config.streaming and evaluation_asked(args):
+        evaluating = evaluation_asked(args)
+        if eval_set is None and not config.streaming and evaluating:
             train_set, eval_set = split_off_eval(train_set, config.eval_split)  # (otherwise train on all of it)
-        elif not evaluation_asked(args) and (config.eval_data or config.eval_split != DEFAULT_EVAL_SPLIT):
+        elif not evaluating and (config.eval_data or config.eval_split != DEFAULT_EVAL_SPLIT):
             unused = "eval_data is given" if config.eval_data else f"eval_split={config.eval_split} is set"
             logger.warning(f"{unused} but this run does not evaluate (do_eval False): set --do_eval true or an "
                            "--eval_strategy to hold data out and score it.")
