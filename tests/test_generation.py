@@ -808,6 +808,7 @@ def record_bars(monkeypatch) -> list:
     ({"max_new_tokens": 6}, {"max_length": 40}),  # max_new_tokens wins
     ({}, {"generation_config": GenerationConfig(max_new_tokens=5)}),
     ({"max_length": 12}, {}),  # decided per prompt: no total
+    ({"max_new_tokens": 6}, {"max_new_tokens": None}),  # set to None: max_length decides, no pipeline default
 ])
 def test_the_progress_bars_total_is_what_the_pipeline_generates(exported, monkeypatch, model_setting, call_setting):
     """Without max_new_tokens in the call, the bar reads the model's generation config, then the pipeline's default,
@@ -822,7 +823,7 @@ def test_the_progress_bars_total_is_what_the_pipeline_generates(exported, monkey
     result = sample_with_pipeline(model, tokenizer, prompts, do_sample=False, sampler="first_hitting",
                                   eos_token_id=[], **call_setting)  # fixed length: no row stops early
     (bar,) = bars
-    if "max_length" in model_setting:
+    if "max_length" in model_setting or call_setting.get("max_new_tokens", 0) is None:
         assert bar.total is None and sum(bar.updates) == result["new_tokens"] > 0
     else:
         assert bar.total == result["new_tokens"] == sum(bar.updates)

@@ -72,6 +72,17 @@ def test_integer_metrics_are_in_the_cards_table(tmp_path):
     assert "| eval_perplexity | 12 |" in card and "| eval_samples | 123456 |" in card and "| flag |" not in card
 
 
+def test_the_cards_table_shows_the_perplexity_of_its_model_index(tmp_path):
+    """The table rounded to 4 significant digits (160.1) where model-index keeps 3 decimals (160.123): one rule now,
+    with small values kept to 3 significant digits."""
+    folder = export_for_hub(gpt2_vocabulary_model(), gpt2_tokenizer_with_mask(), tmp_path / "digits",
+                            metrics={"eval_perplexity": 160.12345, "eval_loss": 0.000123456, "eval_nelbo": 5.07551})
+    card = ModelCard.load(folder / "README.md")
+    assert card.data.to_dict()["model-index"][0]["results"][0]["metrics"][0]["value"] == 160.123
+    assert "| eval_perplexity | 160.123 |" in card.text and "| eval_nelbo | 5.076 |" in card.text
+    assert "| eval_loss | 0.000123 |" in card.text
+
+
 def test_card_snippets_run_on_the_folder_without_the_package(exported, tmp_path):
     """The usage, then the finetuning snippet (LoRA, the loss from the folder's own noising functions)."""
     card = ModelCard.load(exported / "README.md").text

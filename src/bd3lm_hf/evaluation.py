@@ -247,10 +247,11 @@ def expected_new_tokens(generation_config, generate_kwargs: dict) -> int | None:
     settings = generation_config.to_diff_dict()
     if generate_kwargs.get("generation_config") is not None:
         settings.update(generate_kwargs["generation_config"].to_diff_dict())
-    settings.update({name: value for name, value in generate_kwargs.items() if value is not None})
-    if settings.get("max_new_tokens") is not None:
+    # a setting passed as None is still set: the pipeline then adds no default, and `max_length` decides
+    settings.update({name: value for name, value in generate_kwargs.items() if name != "generation_config"})
+    if "max_new_tokens" in settings:
         return settings["max_new_tokens"]
-    if settings.get("max_length") is not None:
+    if "max_length" in settings:
         return None
     return TextGenerationPipeline._default_generation_config.max_new_tokens
 

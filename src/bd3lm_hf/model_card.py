@@ -1,5 +1,6 @@
 """Model cards: the card of an exported or converted folder, and of the paper's released checkpoints."""
 
+import math
 import re
 from importlib import resources
 
@@ -60,7 +61,7 @@ def render_card(config: BD3LMConfig, repo_id: str, num_parameters: int, summary:
         eval_results = [EvalResult(task_type="text-generation", dataset_type=(datasets or ["text"])[0],
                                    dataset_name=(datasets or ["held-out text"])[0], metric_type="perplexity",
                                    metric_name="NELBO perplexity (upper bound)",
-                                   metric_value=round(float(metrics["eval_perplexity"]), 3))]
+                                   metric_value=shown_metric(float(metrics["eval_perplexity"])))]
     card_data = ModelCardData(library_name="transformers", pipeline_tag="text-generation", tags=list(TAGS),
                               license=license, datasets=datasets, model_name=repo_id.split("/")[-1],
                               eval_results=eval_results)
@@ -95,9 +96,17 @@ def sampling_defaults(settings: dict | None) -> str:
     return "`" + ", ".join(written) + "`" + (f" (otherwise {', '.join(unset)})" if unset else "")
 
 
+def shown_metric(value: int | float) -> int | float:
+    """A metric as the card shows it, in its table and in model-index alike: ints as they are, floats to 3 decimals
+    (3 significant digits below 0.1, where 3 decimals would round a small loss away)."""
+    if isinstance(value, int) or not math.isfinite(value):
+        return value
+    return round(value, 3) if abs(value) >= 0.1 else float(f"{value:.3g}")
+
+
 def _metrics_table(metrics: dict | None) -> str:
     """The card's table of the numeric metrics; no section when there is none (a run without final evaluation)."""
-    rows = "\n".join(f"| {name} | {value if isinstance(value, int) else format(value, '.4g')} |"
+    rows = "\n".join(f"| {name} | {shown_metric(value)} |"
                      for name, value in (metrics or {}).items()
                      if isinstance(value, (int, float)) and not isinstance(value, bool))
     return f"## Evaluation (last run)\n\n| metric | value |\n|---|---|\n{rows}\n" if rows else ""
