@@ -51,6 +51,14 @@ GENERATE_ARGUMENTS_OFF = {
 }
 
 
+def refuse_segment_ids(token_type_ids) -> None:
+    """BERT-style tokenizers (the LM1B checkpoints') return `token_type_ids`, all 0 for one text per row. BD3-LM has
+    no segment embedding: a single segment is accepted (and has no effect), several are refused."""
+    if token_type_ids is not None and bool((torch.as_tensor(token_type_ids) != 0).any()):
+        raise ValueError("token_type_ids must be all 0 (one segment per row): BD3-LM has no segment embedding; "
+                         "leave them out, or encode one text per row.")
+
+
 class ContextExceededError(ValueError):
     """The prompt and `max_new_tokens` need more positions than a generation can hold: the static cache's capacity
     (the context), or one block of a one-block (MDLM) model. `most_new_tokens`: the most that fit;
@@ -358,6 +366,8 @@ class BD3LMGenerationMixin(GenerationMixin):
     def refuse_unused_arguments(self, unused: dict) -> None:
         """transformers' generate() arguments this loop has no use for are refused, unless neutral (None, or what
         `GENERATE_ARGUMENTS_OFF` lists)."""
+        unused = dict(unused)
+        refuse_segment_ids(unused.pop("token_type_ids", None))  # `model.generate(**bert_tokenizer(text))`
         unused = {name: value for name, value in unused.items()
                   if not (name in GENERATE_ARGUMENTS_OFF and (value is None or value in GENERATE_ARGUMENTS_OFF[name]))}
         if unused.get("synced_gpus") is True and fsdp_modules(self):
@@ -637,6 +647,9 @@ class BD3LMGenerationMixin(GenerationMixin):
             kind = input_ids.dtype if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
             raise ValueError(f"input_ids must be an integer torch.Tensor (batch, seq_len), got {kind}; e.g. "
                              "tokenizer(texts, return_tensors='pt', padding=True).")
+        if input_ids is not None and (input_ids.dim() != 2 or input_ids.shape[0] == 0):
+            raise ValueError(f"input_ids must be (batch, seq_len) with at least one row, got shape "
+                             f"{tuple(input_ids.shape)}.")
         if input_ids is None or input_ids.shape[-1] == 0:
             if config.bos_token_id is None:
                 raise ValueError("an empty prompt needs a bos_token_id (in the model or generation config) to start.")
@@ -644,8 +657,6 @@ class BD3LMGenerationMixin(GenerationMixin):
             device = self.device if input_ids is None else input_ids.device  # no prompt at all: the model's
             input_ids = torch.full((batch, 1), config.bos_token_id, dtype=torch.long, device=device)
             attention_mask = torch.ones_like(input_ids)
-        if input_ids.dim() != 2:
-            raise ValueError(f"input_ids must be (batch, seq_len), got shape {tuple(input_ids.shape)}.")
         if attention_mask is None:
             attention_mask = infer_attention_mask(input_ids, config.pad_token_id, config.eos_token_id)
         if attention_mask.shape != input_ids.shape:

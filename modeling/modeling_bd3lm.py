@@ -28,7 +28,7 @@ from transformers.utils.generic import can_return_tuple
 from .cache_bd3lm import BD3LMCache, BD3LMStaticCache
 from .configuration_bd3lm import BD3LMConfig
 from .diffusion_bd3lm import block_diffusion_nelbo, first_block_noise_level, sigma_from_noise_level
-from .generation_bd3lm import BD3LMGenerationMixin
+from .generation_bd3lm import BD3LMGenerationMixin, refuse_segment_ids
 from .generation_config_bd3lm import BD3LMGenerationConfig
 from .masking_bd3lm import (concat_descriptors, dense_block_diffusion_mask, dense_training_mask,
                             flex_block_diffusion_mask, flex_training_mask, real_token_positions, token_descriptors)
@@ -537,7 +537,7 @@ class BD3LMForBlockDiffusion(BD3LMPreTrainedModel, BD3LMGenerationMixin):
         self.check_input_ids(input_ids)
         _check_position_ids(position_ids, input_ids)
         self.check_training_inputs(labels, noise_levels, kwargs.get("block_size"))
-        _check_store_kv(store_kv)
+        _check_store_kv(store_kv, input_ids.shape[1])
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
         past_key_values = cache_for_call(past_key_values, use_cache, store_kv, input_ids.shape[1])
@@ -699,11 +699,13 @@ def cache_for_call(past_key_values, use_cache, store_kv, num_tokens: int):
 
 def refuse_unsupported_inputs(kwargs: dict, config) -> None:
     """transformers inputs this model does not implement: a ValueError when set (None / False = unset), also
-    `output_attentions` when it comes from the config (`from_pretrained(..., output_attentions=True)`)."""
+    `output_attentions` when it comes from the config (`from_pretrained(..., output_attentions=True)`), and
+    `token_type_ids` of more than one segment."""
     for name in ("inputs_embeds", "output_attentions"):
         if kwargs.get(name) is not None and kwargs.get(name) is not False:
             raise ValueError(f"{name} is not supported by BD3-LM (pass input_ids; attention weights are not "
                              "returned).")
+    refuse_segment_ids(kwargs.get("token_type_ids"))
     if kwargs.get("output_attentions") is None and getattr(config, "output_attentions", False):
         raise ValueError("config.output_attentions=True is not supported by BD3-LM (attention weights are not "
                          "returned): set model.config.output_attentions = False.")
@@ -717,9 +719,10 @@ def _check_position_ids(position_ids, input_ids) -> None:
                          f"{tuple(position_ids.shape)}.")
 
 
-def _check_store_kv(store_kv) -> None:
-    """`store_kv`: True, False, or the number of leading tokens to commit (an int >= 0)."""
+def _check_store_kv(store_kv, num_tokens: int) -> None:
+    """`store_kv`: True, False, or the number of leading tokens of the call to commit (an int from 0 to T)."""
     if isinstance(store_kv, bool):
         return
-    if not isinstance(store_kv, int) or store_kv < 0:
-        raise ValueError(f"store_kv must be True, False or an int >= 0 (tokens to commit), got {store_kv!r}.")
+    if not isinstance(store_kv, int) or not 0 <= store_kv <= num_tokens:
+        raise ValueError(f"store_kv must be True, False or an int from 0 to the call's {num_tokens} tokens (the "
+                         f"leading tokens to commit), got {store_kv!r}.")

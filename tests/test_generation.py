@@ -413,12 +413,29 @@ def test_empty_prompt_starts_from_bos(gen_model):
         (dict(max_new_tokens=4.0), "max_new_tokens must be an int"),
         (dict(confidence_threshold="high"), "confidence_threshold must be a number"),
         (dict(entropy_stop="yes"), "entropy_stop must be True or False"),
+        (dict(input_ids=torch.ones(0, 3, dtype=torch.long)), r"at least one row, got shape \(0, 3\)"),  # was a RuntimeError
+        (dict(input_ids=torch.ones(3, dtype=torch.long)), r"\(batch, seq_len\) .*got shape \(3,\)"),
+        (dict(input_ids=torch.ones(1, 3, dtype=torch.long), token_type_ids=torch.tensor([[0, 1, 1]])),
+         "token_type_ids must be all 0"),
     ],
 )
 def test_bad_generate_inputs(gen_model, kwargs, message):
     kwargs = {"input_ids": torch.ones(1, 3, dtype=torch.long), "max_new_tokens": 4, **kwargs}
     with pytest.raises(ValueError, match=message):
         gen_model.generate(**kwargs)
+
+
+def test_a_bert_tokenizers_single_segment_ids_are_accepted(gen_model):
+    """`model.generate(**bert_tokenizer(text, return_tensors="pt"))` passes token_type_ids (all 0): it was refused as
+    an unused argument; a single segment changes nothing, in generate and in forward."""
+    prompt = torch.tensor([[5, 6, 7]])
+    segments = torch.zeros_like(prompt)
+    plain = gen_model.generate(prompt, max_new_tokens=4, do_sample=False)
+    assert torch.equal(gen_model.generate(input_ids=prompt, token_type_ids=segments, max_new_tokens=4,
+                                          do_sample=False), plain)
+    assert torch.equal(gen_model(prompt, token_type_ids=segments).logits, gen_model(prompt).logits)
+    with pytest.raises(ValueError, match="token_type_ids must be all 0"):
+        gen_model(prompt, token_type_ids=torch.ones_like(prompt))
 
 
 def test_untrained_block_size_warns_but_generates(gen_model, caplog):

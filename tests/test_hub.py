@@ -231,6 +231,11 @@ def test_demo_refuses_an_export_dir_holding_other_files_before_training(tmp_path
     assert not (tmp_path / "run").exists()
     with pytest.raises(SystemExit):  # argparse's choices: refused before training
         demo(["--sampler", "greedy", "--output_dir", str(tmp_path / "run")])
+    own_text = tmp_path / "own.txt"
+    own_text.write_text("To be, or not to be: that is the question.\n" * 50)
+    with pytest.raises(ValueError, match="pass --eval_data with --data"):  # was found after training and export
+        demo(["--data", str(own_text), "--output_dir", str(tmp_path / "run"), "--export_dir", str(tmp_path / "e")])
+    assert not (tmp_path / "run").exists() and not (tmp_path / "e").exists()
 
 
 def test_demo_steps_run_shortened(tmp_path):

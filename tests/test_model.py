@@ -247,6 +247,8 @@ def test_dropout_is_active_in_train_mode_only():
          "left padding in multiples of block_size=4"),
         (dict(input_ids=torch.zeros(1, 4)), "integer token ids"),
         (dict(input_ids=torch.zeros(1, 4, dtype=torch.long), use_cache=True, store_kv=-1), "store_kv must be"),
+        # more than the call's tokens: the static cache's cursor ran past the keys it wrote (stale keys read later)
+        (dict(input_ids=torch.zeros(1, 4, dtype=torch.long), use_cache=True, store_kv=5), "from 0 to the call's 4"),
         (dict(input_ids=torch.zeros(1, 8, dtype=torch.long), attention_mask=torch.ones(1, 7)), "attention_mask"),
         (dict(input_ids=torch.zeros(1, 4, dtype=torch.long), store_kv=True), "needs a cache"),
         (dict(input_ids=torch.zeros(2, 0, dtype=torch.long)), "holds no tokens"),

@@ -80,6 +80,7 @@ def main(argv: list[str]) -> dict:
     demo, config, args = parse_dataclass_flags((DemoArguments, BD3LMTrainingConfig, TrainingArguments),
                                                training_defaults() + list(argv), "bd3lm-hf demo")
     check_export_dir(demo.export_dir, args.output_dir)
+    eval_files = held_out_files(config)  # before training: a missing --eval_data is known now
     logger.info(f"1/3 training a BD3-LM (block {config.block_size}, L {config.max_position_embeddings}, "
                 f"H {config.hidden_size} x {config.num_hidden_layers}) for {args.max_steps} steps")
     summary = train(config, args)
@@ -92,7 +93,7 @@ def main(argv: list[str]) -> dict:
     logger.info("3/3 reloading it in a fresh process with AutoModelForCausalLM.from_pretrained(dir, "
                 "trust_remote_code=True)")
     layout = ["--wrap-framed"] * config.wrap_framed + ["--ignore-first-token"] * config.ignore_first_token
-    evaluation = fresh_process("eval", str(export), "--data", *held_out_files(config), "--text-column",
+    evaluation = fresh_process("eval", str(export), "--data", *eval_files, "--text-column",
                                config.text_column, "--max-sequences", str(demo.eval_sequences),
                                *layout)  # the data and layout training evaluated with
     generation_flags = ["--prompt", *demo.prompts, "--max-new-tokens", str(demo.max_new_tokens), "--sampler",
