@@ -125,7 +125,7 @@ def tracked_peak_gib(model, optimizer, step) -> float:
     return tracker.peak / 2**30
 
 
-def memory_estimate(shape, block_size: int = 16, batches=(1, 2), target_batch: int = 16) -> str:
+def memory_estimate(shape, block_size: int = 16, batches=(1, 2), target_batch: int = 16) -> dict:
     """The GPU shape's training-step peak on CPU at two small batches, extrapolated linearly to `target_batch`
     (fixed part: weights, gradients, AdamW states; per-row part: activations and temporaries)."""
     peaks = {}

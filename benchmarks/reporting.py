@@ -1,4 +1,4 @@
-"""What both benchmark scripts do with their cases and results: measure them one by one, noting a failed case
+"""What the benchmark scripts do with their cases and results: measure them one by one, noting a failed case
 without losing the others and stopping on SIGTERM with the finished ones kept; then print the section, append it to
 RESULTS.md and fail the run if any case failed."""
 

@@ -113,7 +113,9 @@ class BD3LMConfig(PretrainedConfig):
         self.max_position_embeddings = max_position_embeddings
         self.block_size = block_size
         # The original OWT checkpoints append [MASK] as the last id.
-        self.mask_token_id = vocab_size - 1 if mask_token_id is None else mask_token_id
+        if mask_token_id is None and isinstance(vocab_size, int):  # else validate_bd3lm names vocab_size
+            mask_token_id = vocab_size - 1
+        self.mask_token_id = mask_token_id
         self.time_conditioning = time_conditioning
         self.hidden_dropout = hidden_dropout
         self.rope_theta = rope_theta
@@ -157,7 +159,7 @@ class BD3LMConfig(PretrainedConfig):
         for name in ("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "cond_dim",
                      "max_position_embeddings", "block_size"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            if not is_int(value) or value < 1:
                 raise ValueError(f"BD3LMConfig.{name} must be a positive int, got {value!r}.")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
@@ -168,14 +170,14 @@ class BD3LMConfig(PretrainedConfig):
             raise ValueError(
                 f"block_size={self.block_size} must divide max_position_embeddings={self.max_position_embeddings}; "
                 f"allowed: the divisors of {self.max_position_embeddings}.")
-        if not 0 <= self.mask_token_id < self.vocab_size:
-            raise ValueError(f"mask_token_id={self.mask_token_id} must be in [0, vocab_size={self.vocab_size}).")
+        if not is_int(self.mask_token_id) or not 0 <= self.mask_token_id < self.vocab_size:
+            raise ValueError(f"mask_token_id={self.mask_token_id!r} must be an int in [0, vocab_size={self.vocab_size}).")
         check_clip_range(self.sampling_eps_min, self.sampling_eps_max, ("sampling_eps_min", "sampling_eps_max"))
-        if not 0.0 <= self.hidden_dropout < 1.0:
-            raise ValueError(f"hidden_dropout must be in [0, 1), got {self.hidden_dropout}.")
+        if not is_number(self.hidden_dropout) or not 0.0 <= self.hidden_dropout < 1.0:
+            raise ValueError(f"hidden_dropout must be a number in [0, 1), got {self.hidden_dropout!r}.")
         for name in ("rope_theta", "layer_norm_eps"):  # zero or negative: NaN logits
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            if not is_number(value) or not value > 0:
                 raise ValueError(f"BD3LMConfig.{name} must be a positive number, got {value!r}.")
         if not isinstance(self.time_conditioning, bool):  # a string such as "no" would switch it on
             raise ValueError(f"BD3LMConfig.time_conditioning must be True or False, got {self.time_conditioning!r}.")
@@ -214,6 +216,14 @@ class BD3LMConfig(PretrainedConfig):
             modeling_module = auto_map["AutoModelForCausalLM"].rsplit(".", 1)[0]
             auto_map.setdefault("AutoModel", f"{modeling_module}.BD3LMModel")
         return output
+
+
+def is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
 def _take_original_fields(kwargs: dict) -> dict:

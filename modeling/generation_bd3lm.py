@@ -278,7 +278,8 @@ class BD3LMGenerationMixin(GenerationMixin):
                 at the first new token that completes one of them, which is kept, and is padded after it.
             generator (`torch.Generator`, optional): the source of every random draw when sampling (on the
                 prompts' device); by default torch's global generator (`set_seed`).
-            attention_mask (`LongTensor` (B, L), optional): 1 for real tokens; padding is read from here only.
+            attention_mask (`LongTensor` (B, L), optional): 1 for real tokens; without it, padding is inferred as
+                transformers does (`input_ids != pad_token_id`, where the pad id occurs and differs from EOS).
             use_cache (`bool`, defaults to True; a generation setting): False recomputes the whole prefix at every
                 call (reference).
 
@@ -465,11 +466,8 @@ class BD3LMGenerationMixin(GenerationMixin):
         it (a second thread) runs with a dynamic cache (the same tokens, uncompiled): never a shared one.
         """
         implementation = getattr(config, "cache_implementation", None)
-        if implementation in (None, "dynamic"):
+        if implementation in (None, "dynamic"):  # any other than "static" was refused by `validate_for`
             return BD3LMCache()
-        if implementation != "static":
-            raise ValueError(f"cache_implementation={implementation!r} is not supported; allowed: None, 'dynamic', "
-                             "'static'.")
         with _HELD_CACHE_CLAIMS:
             cache = getattr(self, "_bd3lm_static_cache", None)
             if cache is not None and cache.in_use:
@@ -521,8 +519,8 @@ class BD3LMGenerationMixin(GenerationMixin):
     def compiles_steps(self, cache, config, device, logits_processor=None) -> bool:
         """transformers' rule for compiling a decoding step: a static cache, on CUDA/XPU (elsewhere only when
         `compile_config._compile_all_devices` is set, as in transformers' own tests), unless `disable_compile`, an
-        offloaded model or a quantizer that cannot compile; and here no custom logits processors (arbitrary Python,
-        run eagerly)."""
+        offloaded model or a quantizer that cannot compile; and here no logits processors (custom ones, or those that
+        settings such as repetition_penalty make: arbitrary Python, run eagerly)."""
         if config.disable_compile:
             return False
         if not isinstance(cache, BD3LMStaticCache):

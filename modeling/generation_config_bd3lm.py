@@ -14,6 +14,7 @@ WARPER_DEFAULTS = {"temperature": 1.0, "top_k": 50, "top_p": 1.0}
 SWITCH_DEFAULTS = {"do_sample": False, "use_cache": True, "num_return_sequences": 1}
 BD3LM_DEFAULTS = {"sampler": "ddpm", "confidence_threshold": 0.9, "entropy_stop": False, "output_history": False}
 BD3LM_FIELDS = ("block_size", "num_steps", *BD3LM_DEFAULTS)  # the fields this class adds to GenerationConfig
+CACHE_IMPLEMENTATIONS = (None, "dynamic", "static")  # BD3LMCache (None, "dynamic") or BD3LMStaticCache
 DEFAULT_MAX_NEW_TOKENS = 20  # transformers' default when neither max_new_tokens nor max_length is set anywhere
 # Standard generation settings block diffusion does not implement, with the values that leave them off (None, or
 # the neutral default of older transformers versions): set to anything else, they raise instead of being ignored.
@@ -116,6 +117,10 @@ class BD3LMGenerationConfig(GenerationConfig):
                 allowed = " or ".join(repr(off) for off in (None, *neutral))
                 raise ValueError(f"{name}={value!r} is not supported by block-diffusion generation (allowed: "
                                  f"{allowed}).")
+        implementation = getattr(self, "cache_implementation", None)
+        if implementation not in CACHE_IMPLEMENTATIONS:  # checked with use_cache=False too, where it goes unused
+            raise ValueError(f"cache_implementation={implementation!r} is not supported; allowed: "
+                             f"{', '.join(map(repr, CACHE_IMPLEMENTATIONS))}.")
         if not 0 <= model_config.mask_token_id < model_config.vocab_size:  # a config edited after construction
             raise ValueError(f"the model's mask_token_id={model_config.mask_token_id} is outside its vocabulary "
                              f"(vocab_size={model_config.vocab_size}); generation needs an id in [0, "

@@ -6,8 +6,9 @@ Every token (query or key) is described by three tensors of shape (B, N):
   valid  - False for padding.
 A query may see a key (True = attend) iff the key is valid and
   (same block and same half)                               # M_BD: bidirectional inside a block
-  or (key is clean and key block <  query block)           # M_OBC / M_BC: earlier clean blocks
-  or (key is clean and query is clean and same block)      # M_BC: the clean half is block-causal over itself.
+  or (key is clean and key block <  query block)           # M_OBC / M_BC: earlier clean blocks.
+The paper's third term, M_BC (a clean query sees the clean keys of its own and earlier blocks), needs no rule of its
+own: its same-block part is M_BD's (both clean: same half), its earlier-block part the second line's.
 At inference every token is clean, so this is block-causal attention. Padding queries see themselves only, so that
 no softmax row is empty (their outputs are never used).
 """
@@ -52,8 +53,7 @@ def may_attend(q_block, q_clean, q_valid, kv_block, kv_clean, kv_valid):
     same_block = q_block == kv_block
     earlier_clean = kv_clean & (kv_block < q_block)
     same_half = q_clean == kv_clean
-    clean_block_causal = kv_clean & q_clean & same_block
-    return kv_valid & ((same_block & same_half) | earlier_clean | clean_block_causal)
+    return kv_valid & ((same_block & same_half) | earlier_clean)
 
 
 def dense_block_diffusion_mask(queries, keys, query_offset: int) -> torch.Tensor:

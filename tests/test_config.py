@@ -62,7 +62,10 @@ def test_save_and_reload(tmp_path):
     [
         (dict(block_size=5), "block_size=5 must divide max_position_embeddings=1024"),
         (dict(num_attention_heads=5), "num_attention_heads=5 must divide hidden_size=768"),
-        (dict(mask_token_id=50258), r"mask_token_id=50258 must be in \[0, vocab_size=50258\)"),
+        (dict(mask_token_id=50258), r"mask_token_id=50258 must be an int in \[0, vocab_size=50258\)"),
+        (dict(mask_token_id="3"), r"mask_token_id='3' must be an int"),  # these three were TypeErrors
+        (dict(vocab_size="3"), "vocab_size must be a positive int, got '3'"),
+        (dict(hidden_dropout="0.1"), r"hidden_dropout must be a number in \[0, 1\), got '0.1'"),
         (dict(sampling_eps_min=0.5, sampling_eps_max=0.4), "sampling_eps_min < sampling_eps_max"),
         (dict(hidden_size=0), "hidden_size must be a positive int"),
         (dict(num_attention_heads=0), "num_attention_heads must be a positive int"),  # was a ZeroDivisionError
@@ -87,8 +90,8 @@ def test_invalid_config_raises(fields, message):
 
 @pytest.mark.parametrize("override, message", [
     (dict(block_size=5), "block_size=5 must divide"),
-    (dict(mask_token_id=500), "mask_token_id=500 must be in"),
-    (dict(hidden_dropout=1.5), "hidden_dropout must be in"),
+    (dict(mask_token_id=500), "mask_token_id=500 must be an int in"),
+    (dict(hidden_dropout=1.5), "hidden_dropout must be a number in"),
 ])
 def test_overrides_at_load_time_are_checked(tmp_path, override, message):
     from transformers import AutoConfig

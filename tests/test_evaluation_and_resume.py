@@ -336,3 +336,28 @@ def test_resume_on_a_streamed_train_set_is_exact(tmp_path, small_data, accumulat
     assert resumed.data_collator.batch_index["train"] == whole.data_collator.batch_index["train"]
     for a, b in zip(whole.model.parameters(), resumed.model.parameters()):
         assert torch.equal(a, b)
+
+
+def test_state_files_without_their_fields_are_refused_by_name(tmp_path):
+    """A hand-made or truncated checkpoint state gave a KeyError (or a TypeError for a file without metadata)."""
+    from safetensors.torch import save_file
+
+    from bd3lm_hf.collator import DataCollatorForBlockDiffusion
+
+    callback = EMACallback()
+    callback.shadow = {"weight": torch.zeros(2)}
+    save_file({"weight": torch.ones(2)}, str(tmp_path / EMA_FILE))  # no metadata
+    with pytest.raises(ValueError, match=f"{EMA_FILE} has no num_updates"):
+        callback.load(tmp_path / EMA_FILE)
+    save_file({"weight": torch.ones(2)}, str(tmp_path / EMA_FILE), metadata={"num_updates": "7"})
+    callback.load(tmp_path / EMA_FILE)
+    assert callback.num_updates == 7 and torch.equal(callback.shadow["weight"], torch.ones(2))
+
+    resumed = callbacks.BlockDiffusionCallback(DataCollatorForBlockDiffusion(mask_token_id=3, block_size=4))
+    state = tmp_path / callbacks.COLLATOR_STATE
+    state.write_text(json.dumps({"batch_index": 3}))
+    with pytest.raises(ValueError, match="holds neither range_changes nor train_range"):
+        resumed.restore(state)
+    state.write_text(json.dumps({"train_range": [0.3, 0.8]}))  # an older checkpoint's single range
+    resumed.restore(state)
+    assert resumed.collator.range_changes == [(0, (0.3, 0.8))]

@@ -413,6 +413,7 @@ def test_empty_prompt_starts_from_bos(gen_model):
         (dict(max_new_tokens=4.0), "max_new_tokens must be an int"),
         (dict(confidence_threshold="high"), "confidence_threshold must be a number"),
         (dict(entropy_stop="yes"), "entropy_stop must be True or False"),
+        (dict(use_cache=False, cache_implementation="offloaded"), "cache_implementation='offloaded' is not supported"),
         (dict(input_ids=torch.ones(0, 3, dtype=torch.long)), r"at least one row, got shape \(0, 3\)"),  # was a RuntimeError
         (dict(input_ids=torch.ones(3, dtype=torch.long)), r"\(batch, seq_len\) .*got shape \(3,\)"),
         (dict(input_ids=torch.ones(1, 3, dtype=torch.long), token_type_ids=torch.tensor([[0, 1, 1]])),

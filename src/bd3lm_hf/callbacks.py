@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from accelerate.data_loader import DataLoaderDispatcher
 from transformers import TrainerCallback
-from transformers.trainer_utils import has_length  # what Trainer itself asks of a data loader
+from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR, has_length  # has_length: what Trainer asks of a data loader
 from transformers.utils import logging
 
 from .collator import EVAL_RANGE
@@ -76,6 +76,9 @@ class BlockDiffusionCallback(TrainerCallback):
                            COLLATOR_STATE, path.parent, self.collator.train_range)
             return
         saved = json.loads(path.read_text())
+        if not (saved.get("range_changes") or "train_range" in saved):
+            raise ValueError(f"{path} holds neither range_changes nor train_range (BlockDiffusionCallback writes "
+                             "them): resume from a checkpoint it saved.")
         changes = saved.get("range_changes") or [[0, saved["train_range"]]]  # older checkpoints: one range
         self.collator.range_changes = [(int(start), tuple(bounds)) for start, bounds in changes]
 
@@ -218,7 +221,7 @@ def add_perplexity(metrics, state) -> None:
 def checkpoint_folder(args, state, resume_from: str | None = None) -> Path:
     """The checkpoint folder of this step: `resume_from` when given (a resumed run's source), else where Trainer
     writes it, `output_dir/checkpoint-<step>`."""
-    return Path(resume_from) if resume_from else Path(args.output_dir) / f"checkpoint-{state.global_step}"
+    return Path(resume_from) if resume_from else Path(args.output_dir) / f"{PREFIX_CHECKPOINT_DIR}-{state.global_step}"
 
 
 def candidate_intervals(widths=(0.5, 0.6, 0.7, 0.8, 0.9), delta: float = 0.05,

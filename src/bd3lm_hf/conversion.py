@@ -419,7 +419,8 @@ def convert_to_original(src: str | os.PathLike, dst: str | os.PathLike,
         raise ConversionError(f"{src} holds original (`backbone.`) weights: it is already in the original format; "
                               "convert it without --to-original.")
     _raise_if_any(state_dict_problems(state_dict, config))
-    original_config = config_to_original(config, _dtype_name(state_dict))  # refuses what it cannot express
+    dtype_name = str(weights_dtype(state_dict)).removeprefix("torch.")  # what load_original brings back
+    original_config = config_to_original(config, dtype_name)  # refuses what it cannot express
     # checked before the output folder is emptied: a mistyped --code-from must not cost a previous conversion
     code_files = None if code_from is None else original_code_files(Path(code_from), original_config["auto_map"])
     clear_output_folder(dst)
@@ -468,11 +469,6 @@ def read_folder_weights(folder: Path) -> dict[str, torch.Tensor]:
     for shard in sorted(set(weight_map.values())):
         state_dict.update(read_safetensors(folder / shard))
     return state_dict
-
-
-def _dtype_name(state_dict: dict[str, torch.Tensor]) -> str:
-    dtypes = {tensor.dtype for tensor in state_dict.values() if tensor.is_floating_point()}
-    return str(dtypes.pop() if len(dtypes) == 1 else torch.float32).removeprefix("torch.")
 
 
 def _code_files(auto_map: dict) -> list[str]:

@@ -170,7 +170,7 @@ def wrap_tokenize(dataset: Dataset | IterableDataset, tokenizer, seq_len: int, b
     `seq_len` tokens; a sequence may start inside a document, and only the stream's final incomplete sequence is
     dropped.
 
-    Default: each document as BOS + text + EOS (EOS only when BOS is EOS, as for GPT-2), sequences cut straight
+    Default: each document as BOS + text + EOS, or text + EOS when BOS is EOS (GPT-2: one <|endoftext|> between documents), sequences cut straight
     from the stream. `framed=True` lays the data out as the original bd3lms wrap mode does: each document as
     text + EOS, and every sequence framed as BOS + seq_len - 2 stream tokens + EOS, its BOS never noised nor scored
     (`prompt_length` = 1, as the original's first token).

@@ -135,6 +135,9 @@ class EMACallback(TrainerCallback):
         loaded = load_file(str(path))
         if set(loaded) != set(self.shadow):
             raise ValueError(f"EMA state {path} does not match the model's trainable parameters.")
+        if "num_updates" not in (metadata or {}):
+            raise ValueError(f"EMA state {path} has no num_updates in its metadata (EMACallback writes it); resume "
+                             "from a checkpoint EMACallback saved, or remove the file to restart the EMA there.")
         self.shadow = {name: shard_like(tensor, self.shadow[name]) for name, tensor in loaded.items()}
         self.num_updates = int(metadata["num_updates"])
         logger.info("resumed the EMA from %s (%d updates)", path, self.num_updates)

@@ -145,7 +145,8 @@ def is_count(value) -> bool:
 
 
 def scorer_context(scorer) -> int:
-    """The scorer's context: `max_position_embeddings` (GPT-2 calls it `n_positions`)."""
+    """The scorer's context: `max_position_embeddings` (GPT-2's `n_positions` answers to that name too), else an
+    `n_positions` of a config that maps no such name."""
     config = scorer.config
     context = getattr(config, "max_position_embeddings", None) or getattr(config, "n_positions", None)
     if context is None:

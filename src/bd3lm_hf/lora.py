@@ -38,6 +38,6 @@ def add_lora(model, config=None):
 
     register_peft_defaults()
     peft_model = get_peft_model(model, config or lora_config())
-    trainable = sum(p.numel() for p in peft_model.parameters() if p.requires_grad)
-    logger.info("LoRA: %d trainable parameters", trainable)
+    trainable, total = peft_model.get_nb_trainable_parameters()
+    logger.info("LoRA: %d trainable parameters of %d", trainable, total)
     return peft_model

@@ -235,7 +235,7 @@ def check_streaming(config: BD3LMTrainingConfig, args: TrainingArguments, tokeni
         return
     if args.max_steps <= 0:
         raise ValueError("streaming=True: a stream has no length, so set max_steps (the number of optimizer steps).")
-    if tokenizer is None and (config.tokenizer or config.init_from or "bpe") == "bpe":
+    if tokenizer is None and tokenizer_name(config) == "bpe":
         raise ValueError("streaming=True cannot train a BPE on the data before training: pass tokenizer='gpt2', a "
                          "tokenizer folder, or init_from (its tokenizer).")
     has_eval_data = config.eval_data or config.data == ["shakespeare"]
