@@ -236,3 +236,18 @@ def test_candidate_top_p_takes_transformers_path_on_flat_rows_and_when_compiled(
                                          epsilon_cutoff=None, eta_cutoff=None))()
     assert [type(w) for w in sampling_warpers(settings, torch.device("cpu"))] == [CandidateTopPLogitsWarper]
     assert [type(w) for w in sampling_warpers(settings, "cuda")] == [TopPLogitsWarper]  # built, not run: no GPU
+
+
+@pytest.mark.parametrize("top_p, min_tokens_to_keep", [(0.0, 1), (0.0, 5), (0.3, 40)])
+def test_candidate_top_p_keeps_min_tokens_and_fills_with_filter_value(top_p, min_tokens_to_keep):
+    """transformers' floor of kept tokens (top_p = 0 keeps the argmax, or `min_tokens_to_keep` tokens) and its
+    `filter_value` for the removed ones hold on the candidate path too (peaked rows, settled by the candidates)."""
+    from transformers.generation import TopPLogitsWarper
+
+    from bd3lm_hf.modeling.sampling_bd3lm import CandidateTopPLogitsWarper
+
+    scores = torch.randn(4, 50258, generator=torch.Generator().manual_seed(3)) * 10
+    settings = dict(top_p=top_p, min_tokens_to_keep=min_tokens_to_keep, filter_value=-1e4)
+    fast = CandidateTopPLogitsWarper(**settings)(None, scores)
+    assert torch.equal(fast, TopPLogitsWarper(**settings)(None, scores))
+    assert ((fast > -1e4).sum(-1) >= min_tokens_to_keep).all() and not torch.isinf(fast).any()
