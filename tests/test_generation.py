@@ -153,6 +153,26 @@ def test_eos_stops_a_row_and_pads_it(gen_model):
     assert not (late[0, : first + 1] == eos).any()
 
 
+def test_a_generation_ends_once_every_row_has_stopped(gen_model):
+    """Rows that all stopped early end the generation (fewer model calls), whichever rule stopped them: EOS, or the
+    entropy rule without any EOS id. The host reads the rows' state only from the first column where one of the
+    rules can stop a row (`first_stop_column`); a rule left out of that column would generate to max_new_tokens."""
+    prompt = torch.tensor([[5, 6, 7, 8]])
+    free = gen_model.generate(prompt, max_new_tokens=40, do_sample=False, eos_token_id=[],
+                              return_dict_in_generate=True)
+    new = free.sequences[0, 4:]
+    eos = int(new[2])
+    first = int((new == eos).nonzero()[0])
+    stopped = gen_model.generate(prompt, max_new_tokens=40, do_sample=False, eos_token_id=eos, pad_token_id=0,
+                                 return_dict_in_generate=True)
+    assert first < 8 and stopped.nfe < free.nfe and (stopped.sequences[0, 4 + first + 1:] == 0).all()
+
+    repetitive = random_model(seed=0, std=0.5, max_position_embeddings=512)  # collapses onto one token
+    prompt = torch.randint(0, MASK, (1, 4), generator=torch.Generator().manual_seed(0))
+    settings = dict(max_new_tokens=300, do_sample=False, eos_token_id=[], pad_token_id=0, return_dict_in_generate=True)
+    assert repetitive.generate(prompt, entropy_stop=True, **settings).nfe < repetitive.generate(prompt, **settings).nfe
+
+
 def test_stopping_criteria_stop_rows(gen_model):
     class AfterFive(StoppingCriteria):
         def __call__(self, input_ids, scores, **kwargs):
