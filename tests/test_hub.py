@@ -143,6 +143,22 @@ def test_push_failure_never_shows_the_token(exported, monkeypatch, tmp_path, cap
     assert (exported / "README.md").read_text() == card  # nothing pushed: the card still names its own repo
 
 
+def test_a_push_error_quoting_the_token_is_redacted(exported, monkeypatch):
+    """Offline, the error above never held the token: here the Hub's error quotes it (as a request's headers
+    might), and the message shows *** instead."""
+    import huggingface_hub
+
+    secret = "hf_anotherSecretToken0987654321"
+
+    def create_repo(self, *args, **kwargs):
+        raise RuntimeError(f"401 Unauthorized: Authorization: Bearer {secret}")
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "create_repo", create_repo)
+    with pytest.raises(HubError) as error:
+        push_to_hub(exported, "someone/tiny-bd3lm", token=secret)
+    assert secret not in str(error.value) and "Bearer ***" in str(error.value)
+
+
 @pytest.mark.parametrize("repo_id", ["no-namespace", "bad//slashes", "white space/x", "a/b" + "c" * 100])
 def test_invalid_repo_ids(exported, repo_id, tmp_path):
     with pytest.raises(HubError, match="invalid repo id"):
@@ -600,3 +616,33 @@ def test_export_takes_the_special_ids_the_model_config_lacks_from_the_tokenizer(
     kept = random_model(seed=3, std=0.05, vocab_size=50258, max_position_embeddings=64, eos_token_id=7)
     export_for_hub(kept, gpt2_tokenizer_with_mask(), tmp_path / "kept")
     assert json.loads((tmp_path / "kept" / "config.json").read_text())["eos_token_id"] == 7
+
+
+def test_emptying_an_output_folder_never_follows_a_link_out_of_it(tmp_path):
+    """`--overwrite` empties the folder: a link in it to another folder is removed, never what it points to."""
+    from bd3lm_hf.output_folder import clear_output_folder
+
+    elsewhere = tmp_path / "elsewhere"
+    (elsewhere / "inner").mkdir(parents=True)
+    (elsewhere / "keep.txt").write_text("not ours")
+    out = tmp_path / "out"
+    (out / "old_dir").mkdir(parents=True)
+    (out / "old_dir" / "x.bin").write_text("old")
+    (out / "linked").symlink_to(elsewhere, target_is_directory=True)
+    (out / "linked_file").symlink_to(elsewhere / "keep.txt")
+    clear_output_folder(out)
+    assert out.is_dir() and not any(out.iterdir())
+    assert (elsewhere / "keep.txt").read_text() == "not ours" and (elsewhere / "inner").is_dir()
+
+
+def test_only_a_bd3lm_export_and_nothing_else_counts_as_an_exported_folder(exported, tmp_path):
+    """What `demo` may replace: another model's export, or an export holding a folder, is not its own."""
+    from bd3lm_hf.output_folder import is_exported_model_folder
+
+    assert is_exported_model_folder(exported)
+    other_model = shutil.copytree(exported, tmp_path / "other")
+    config = json.loads((other_model / "config.json").read_text())
+    (other_model / "config.json").write_text(json.dumps({**config, "model_type": "llama"}))
+    with_folder = shutil.copytree(exported, tmp_path / "with_folder")
+    (with_folder / "model-00009.safetensors").mkdir()  # a folder named as an export's file
+    assert not is_exported_model_folder(other_model) and not is_exported_model_folder(with_folder)
