@@ -1,6 +1,7 @@
 """Original checkpoints <-> this format: strict key map, clip range, EMA from .ckpt, bit-identical round trip."""
 
 import json
+import logging
 import shutil
 
 import pytest
@@ -170,6 +171,31 @@ def test_lightning_checkpoint_with_a_broken_ema_names_the_way_out(fixtures, tmp_
     with pytest.raises(ConversionError, match=r"pass use_ema=False \(CLI: --no-ema\)"):
         load_original(tmp_path / "broken.ckpt", config)
     assert load_original(tmp_path / "broken.ckpt", config, use_ema=False) is not None
+    checkpoint = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    checkpoint["ema"]["shadow_params"][0] = checkpoint["ema"]["shadow_params"][0][:1]  # a tensor of another shape
+    torch.save(checkpoint, tmp_path / "misshapen.ckpt")
+    with pytest.raises(ConversionError, match=r"EMA tensor for .* has shape \(1,"):
+        load_original(tmp_path / "misshapen.ckpt", config)
+
+
+def test_lightning_checkpoint_of_a_compiled_model_and_one_without_ema(fixtures, tmp_path, caplog):
+    """A run trained with torch.compile saves its keys under `_orig_mod.`: the same weights come out. A checkpoint
+    without EMA gives its raw weights, with a warning (the EMA is the default)."""
+    state = _lightning_checkpoint(fixtures, tmp_path / "last.ckpt")
+    checkpoint = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    config = {"block_size": 4, "model_length": 32}
+    plain = load_original(tmp_path / "last.ckpt", config)
+    checkpoint["state_dict"] = {key.replace("backbone.", "backbone._orig_mod.", 1): value
+                                for key, value in checkpoint["state_dict"].items()}
+    torch.save(checkpoint, tmp_path / "compiled.ckpt")
+    compiled = load_original(tmp_path / "compiled.ckpt", config)
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), compiled.state_dict().values()))
+    del checkpoint["ema"]
+    torch.save(checkpoint, tmp_path / "no_ema.ckpt")
+    with caplog.at_level(logging.WARNING):
+        raw = load_original(tmp_path / "no_ema.ckpt", config)
+    assert "has no EMA weights; exporting the raw weights" in caplog.text
+    assert torch.equal(raw.model.embed_tokens.weight, state["backbone.vocab_embed.embedding"])
 
 
 def test_lightning_checkpoint_needs_block_size(fixtures, tmp_path):
