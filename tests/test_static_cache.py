@@ -376,6 +376,28 @@ def test_static_cache_is_reused_in_place_and_reset(gen_model):
     assert third is not first and third.layers[0].keys.shape[0] == 2  # another batch size: a cache of its own
 
 
+def test_the_static_cache_follows_a_dtype_change_and_inference_mode(gen_model):
+    """A model cast to bf16 after a static generation, or a cache made under `torch.inference_mode()` and reused
+    outside it: the kept cache does not fit (its buffers' dtype; inference tensors cannot be updated outside that
+    mode), so a new one is made, with the tokens of a cache made for them."""
+    import copy
+
+    model = copy.deepcopy(gen_model)
+    ids, mask = prompts()
+    settings = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, return_dict_in_generate=True)
+    with torch.inference_mode():
+        made_inside = model.generate(ids, cache_implementation="static", **settings).past_key_values
+    outside = model.generate(ids, cache_implementation="static", **settings)
+    assert outside.past_key_values is not made_inside
+    assert torch.equal(outside.sequences, model.generate(ids, **settings).sequences)
+    model.to(torch.bfloat16)
+    cast = model.generate(ids, cache_implementation="static", **settings)
+    assert cast.past_key_values is not outside.past_key_values
+    assert cast.past_key_values.layers[0].keys.dtype == torch.bfloat16
+    model.release_static_cache()  # bf16 static and dynamic tokens may differ (near-ties): a fresh static cache's
+    assert torch.equal(cast.sequences, model.generate(ids, cache_implementation="static", **settings).sequences)
+
+
 def test_compile_config_on_cpu_warns_and_runs_eagerly(gen_model, caplog):
     logging.Logger.warning_once.cache_clear()  # transformers warns once per process: an earlier test may have
     ids, mask = prompts()
