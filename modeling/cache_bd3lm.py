@@ -3,6 +3,20 @@
 import torch
 from transformers import DynamicCache, StaticCache
 from transformers.cache_utils import Cache, StaticLayer
+from transformers.modeling_outputs import CausalLMOutputWithPast
+
+# transformers 5.24 renamed `past_key_values` to `cache`, in model arguments and in output fields. The outputs here
+# name the field as the installed transformers does (its ModelOutput maps the other name onto it from 5.24 on, and
+# refuses a field declared under the old one); the model's forward takes either name.
+CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
+
+def cache_argument(cache, past_key_values):
+    """The KV cache a call was given as `cache=` (transformers >= 5.24) or `past_key_values=` (the earlier name)."""
+    if cache is not None and past_key_values is not None:
+        raise ValueError("pass the KV cache once: as cache= or as past_key_values= (its name before transformers "
+                         "5.24), not both.")
+    return cache if cache is not None else past_key_values
 
 
 class BD3LMCache(DynamicCache):

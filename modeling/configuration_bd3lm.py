@@ -71,7 +71,8 @@ class BD3LMConfig(PretrainedConfig):
 
     model_type = "bd3lm"
     _auto_class = "AutoConfig"  # what `register_for_auto_class()` sets: save_pretrained writes the auto_map entry
-    keys_to_ignore_at_inference = ["past_key_values"]
+    # the outputs' cache field (Trainer's evaluation leaves it out of the logits): its name before / from transformers 5.24
+    keys_to_ignore_at_inference = ["past_key_values", "cache"]
 
     def __init__(
         self,

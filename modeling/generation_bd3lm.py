@@ -17,7 +17,7 @@ from transformers.generation import (CompileConfig, LogitsProcessorList, MaxTime
                                       StopStringCriteria)
 from transformers.utils import ModelOutput, logging
 
-from .cache_bd3lm import BD3LMCache, BD3LMStaticCache
+from .cache_bd3lm import CACHE_FIELD, BD3LMCache, BD3LMStaticCache
 from .diffusion_bd3lm import sigma_from_noise_level
 from .fsdp_bd3lm import fsdp_modules, gathers_fsdp_weights
 from .generation_config_bd3lm import (BD3LM_DEFAULTS, DEFAULT_MAX_NEW_TOKENS, SWITCH_DEFAULTS, WARPER_DEFAULTS,
@@ -45,7 +45,7 @@ _HELD_CACHE_CLAIMS = threading.Lock()
 # (None, or those listed): generic callers (Seq2SeqTrainer's synced_gpus, wrappers forwarding every argument) pass
 # them so; anything else raises.
 GENERATE_ARGUMENTS_OFF = {
-    "past_key_values": (), "synced_gpus": (False,), "assistant_model": (), "assistant_tokenizer": (),
+    "past_key_values": (), "cache": (), "synced_gpus": (False,), "assistant_model": (), "assistant_tokenizer": (),
     "prefix_allowed_tokens_fn": (), "negative_prompt_ids": (), "negative_prompt_attention_mask": (),
     "custom_generate": (), "use_model_defaults": (True,),
 }
@@ -73,14 +73,19 @@ class ContextExceededError(ValueError):
 class BD3LMGenerateOutput(ModelOutput):
     """
     sequences (`LongTensor` (B, prompt + max_new_tokens)): the prompts as given, then the new tokens (padded after
-        EOS). nfe (`int`): model calls, every one counted. past_key_values (`BD3LMCache` or `BD3LMStaticCache`): the
-        committed blocks (a static cache is the model's own, reset by its next static generation).
-        history (`tuple[LongTensor]`): the canvas (block-aligned layout) after every denoising step, when asked.
+        EOS). nfe (`int`): model calls, every one counted. cache, named past_key_values before transformers 5.24
+        (`BD3LMCache` or `BD3LMStaticCache`): the committed blocks (a static cache is the model's own, reset by its
+        next static generation). history (`tuple[LongTensor]`): the canvas (block-aligned layout) after every
+        denoising step, when asked.
     """
 
     sequences: torch.LongTensor | None = None
     nfe: int | None = None
-    past_key_values: BD3LMCache | BD3LMStaticCache | None = None
+    # the installed transformers' name, as in its own generate outputs (see cache_bd3lm.CACHE_FIELD)
+    if CACHE_FIELD == "cache":
+        cache: BD3LMCache | BD3LMStaticCache | None = None
+    else:
+        past_key_values: BD3LMCache | BD3LMStaticCache | None = None
     history: tuple[torch.LongTensor, ...] | None = None
 
 
@@ -362,7 +367,7 @@ class BD3LMGenerationMixin(GenerationMixin):
         if not config.return_dict_in_generate:
             return sequences
         history = tuple(state["history"]) if state["history"] is not None else None
-        return BD3LMGenerateOutput(sequences=sequences, nfe=state["nfe"], past_key_values=cache, history=history)
+        return BD3LMGenerateOutput(sequences=sequences, nfe=state["nfe"], history=history, **{CACHE_FIELD: cache})
 
     def refuse_unused_arguments(self, unused: dict) -> None:
         """transformers' generate() arguments this loop has no use for are refused, unless neutral (None, or what
@@ -373,9 +378,10 @@ class BD3LMGenerationMixin(GenerationMixin):
                   if not (name in GENERATE_ARGUMENTS_OFF and (value is None or value in GENERATE_ARGUMENTS_OFF[name]))}
         if unused.get("synced_gpus") is True and fsdp_modules(self):
             del unused["synced_gpus"]  # the weights are gathered: the ranks make no collective call to keep in step
-        if "past_key_values" in unused:
-            raise ValueError("generate() starts from a prompt and builds its own cache: continuing from "
-                             "past_key_values is not supported; pass the whole text so far as the prompt.")
+        for name in ("past_key_values", "cache"):
+            if name in unused:
+                raise ValueError(f"generate() starts from a prompt and builds its own cache: continuing from "
+                                 f"{name} is not supported; pass the whole text so far as the prompt.")
         if unused:
             raise ValueError(f"generate() got arguments it does not use: {sorted(unused)}.")
 

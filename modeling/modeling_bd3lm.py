@@ -25,7 +25,7 @@ from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import logging
 from transformers.utils.generic import can_return_tuple
 
-from .cache_bd3lm import BD3LMCache, BD3LMStaticCache
+from .cache_bd3lm import CACHE_FIELD, BD3LMCache, BD3LMStaticCache, cache_argument
 from .configuration_bd3lm import BD3LMConfig
 from .diffusion_bd3lm import block_diffusion_nelbo, first_block_noise_level, sigma_from_noise_level
 from .generation_bd3lm import BD3LMGenerationMixin, refuse_segment_ids
@@ -357,13 +357,15 @@ class BD3LMModel(BD3LMPreTrainedModel):
     @can_return_tuple
     def forward(self, input_ids, attention_mask=None, position_ids=None, x0_ids=None, timesteps=None,
                 past_key_values: Cache | None = None, store_kv=False, output_hidden_states=None, modulations=None,
-                block_size: int | None = None, **kwargs):
+                block_size: int | None = None, cache: Cache | None = None, **kwargs):
         """With `x0_ids` (the 2L training pass) returns the hidden states of the x_t half only. `modulations`: the
         output of `adaln_modulations` for these timesteps, when the caller already has it. `block_size`: the width
         of the mask's blocks (default `config.block_size`); generation passes its own, which may differ, so that
         cached and recomputed keys see the same blocks. `output_hidden_states` defaults to the config's and
-        `return_dict=False` gives a tuple, as in transformers' backbones."""
+        `return_dict=False` gives a tuple, as in transformers' backbones. `cache` is `past_key_values`' name from
+        transformers 5.24 on (either may be passed)."""
         refuse_unsupported_inputs(kwargs, self.config)
+        past_key_values = cache_argument(cache, past_key_values)
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
         batch, seq_len = input_ids.shape
@@ -423,8 +425,8 @@ class BD3LMModel(BD3LMPreTrainedModel):
         hidden_states = hidden_states[:, :seq_len]
         shift, scale = modulations[-1].chunk(2, dim=-1)
         hidden_states = modulate(self.norm(hidden_states), shift, scale)
-        return BaseModelOutputWithPast(last_hidden_state=hidden_states, past_key_values=past_key_values,
-                                       hidden_states=all_hidden_states)
+        return BaseModelOutputWithPast(last_hidden_state=hidden_states, hidden_states=all_hidden_states,
+                                       **{CACHE_FIELD: past_key_values})
 
     def static_cache_layout(self, cache, attention_mask, position_ids, batch: int, seq_len: int, block_size: int,
                             device):
@@ -507,7 +509,7 @@ class BD3LMForBlockDiffusion(BD3LMPreTrainedModel, BD3LMGenerationMixin):
     @can_return_tuple
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, labels=None, noise_levels=None,
                 timesteps=None, past_key_values=None, use_cache=None, store_kv=False, output_hidden_states=None,
-                num_items_in_batch=None, logits_to_keep=0, **kwargs):
+                num_items_in_batch=None, logits_to_keep=0, cache=None, **kwargs):
         r"""
         input_ids (`LongTensor` (B, L)): x_t in training, the sequence (or the current block) at inference.
         labels (`LongTensor` (B, L), optional): switches on the 2L training pass with
@@ -516,7 +518,9 @@ class BD3LMForBlockDiffusion(BD3LMPreTrainedModel, BD3LMGenerationMixin):
         timesteps (`FloatTensor` (B,), optional): sigma for time-conditioned (MDLM) models; derived from
             noise_levels when training; without either, sigma = 0 (with a warning). Ignored when
             `config.time_conditioning` is False.
-        past_key_values (`BD3LMCache` or `BD3LMStaticCache`, optional) / use_cache: attend to committed blocks
+        past_key_values or cache (`BD3LMCache` or `BD3LMStaticCache`, optional; `cache` is its name from
+            transformers 5.24 on, and outputs name the field as the installed transformers does) / use_cache: attend
+            to committed blocks
             (the static cache: fixed shapes for compiled calls, see `static_cache_layout`). store_kv: `True` commits
             this call's keys/values, an int n commits its first n tokens (a finished block sent along with the first
             denoising step of the next one), `False` commits nothing.
@@ -540,7 +544,8 @@ class BD3LMForBlockDiffusion(BD3LMPreTrainedModel, BD3LMGenerationMixin):
         _check_store_kv(store_kv, input_ids.shape[1])
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
-        past_key_values = cache_for_call(past_key_values, use_cache, store_kv, input_ids.shape[1])
+        past_key_values = cache_for_call(cache_argument(cache, past_key_values), use_cache, store_kv,
+                                         input_ids.shape[1])
         x0_ids = None
         if labels is not None:
             if past_key_values is not None:
@@ -576,8 +581,8 @@ class BD3LMForBlockDiffusion(BD3LMPreTrainedModel, BD3LMGenerationMixin):
                                 "folder's diffusion_bd3lm.sample_block_noise_levels and q_xt).")
         if labels is not None and noise_levels is not None:
             loss = self.nelbo(logits, input_ids, x0_ids, labels, noise_levels, attention_mask, num_items_in_batch)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=outputs.past_key_values,
-                                      hidden_states=outputs.hidden_states)
+        return CausalLMOutputWithPast(loss=loss, logits=logits, hidden_states=outputs.hidden_states,
+                                      **{CACHE_FIELD: past_key_values})
 
     def check_training_inputs(self, labels, noise_levels, block_size: int | None) -> None:
         if labels is not None and block_size not in (None, self.config.block_size):

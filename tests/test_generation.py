@@ -317,7 +317,7 @@ def test_transformers_generate_arguments_left_off_are_accepted(gen_model):
     pass those arguments with the values that leave them off; set, they are refused."""
     prompt = torch.randint(0, MASK, (1, 4))
     expected = gen_model.generate(prompt, max_new_tokens=6)
-    off = dict(synced_gpus=False, past_key_values=None, assistant_model=None, prefix_allowed_tokens_fn=None,
+    off = dict(synced_gpus=False, past_key_values=None, cache=None, assistant_model=None, prefix_allowed_tokens_fn=None,
                tokenizer=None, negative_prompt_ids=None, negative_prompt_attention_mask=None, custom_generate=None,
                use_model_defaults=True)
     assert torch.equal(gen_model.generate(prompt, max_new_tokens=6, **off), expected)
@@ -428,6 +428,7 @@ def test_empty_prompt_starts_from_bos(gen_model):
         (dict(length_penalty=2.0), "length_penalty"),
         (dict(diversity_penalty=0.5), "diversity_penalty"),
         (dict(past_key_values=BD3LMCache()), "continuing from past_key_values is not supported"),
+        (dict(cache=BD3LMCache()), "continuing from cache is not supported"),  # the name from transformers 5.24
         (dict(input_ids=[[1, 2, 3]]), "integer torch.Tensor"),
         (dict(input_ids=torch.ones(1, 3)), "integer torch.Tensor"),
         (dict(max_new_tokens=4.0), "max_new_tokens must be an int"),
@@ -573,6 +574,12 @@ def test_generate_output_type(gen_model):
     out = gen_model.generate(torch.ones(1, 3, dtype=torch.long), max_new_tokens=4, return_dict_in_generate=True)
     assert isinstance(out, BD3LMGenerateOutput) and out.history is None
     assert gen_model.can_generate()
+    # the cache field is named as in the installed transformers' own generate outputs (`cache` from 5.24 on)
+    from transformers.generation.utils import GenerateDecoderOnlyOutput
+
+    field = "cache" if "cache" in GenerateDecoderOnlyOutput.__dataclass_fields__ else "past_key_values"
+    assert list(out.keys()) == ["sequences", "nfe", field]
+    assert isinstance(out[field], BD3LMCache) and out[field].get_seq_length() > 0
 
 
 def test_logits_processors_apply_per_position_with_the_sequence_so_far(gen_model):

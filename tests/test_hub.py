@@ -581,7 +581,11 @@ def test_export_refuses_a_model_that_carries_adapters(tmp_path):
     from bd3lm_hf.lora import lora_config
 
     model = random_model(vocab_size=50258, max_position_embeddings=64)
-    model.add_adapter(lora_config(r=2))
+    try:
+        model.add_adapter(lora_config(r=2))
+    except ValueError as error:  # transformers 5.24's adapter integration needs peft >= 0.22 (unreleased today)
+        assert "version of PEFT" in str(error)
+        pytest.skip(f"transformers' add_adapter refuses the installed peft ({error}): no model can carry its adapters")
     with pytest.raises(HubError, match="carries PEFT adapters"):
         export_for_hub(model, gpt2_tokenizer_with_mask(), tmp_path / "hub")
     assert not (tmp_path / "hub").exists()

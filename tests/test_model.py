@@ -132,6 +132,30 @@ def test_cache_reads_without_committing_and_matches_no_cache(model):
 
 
 @torch.no_grad()
+def test_the_cache_is_taken_under_either_name_and_returned_under_transformers_name(model):
+    """transformers 5.24 renamed past_key_values to cache: the forward takes both names (never both at once) and
+    its outputs use the installed transformers' field name."""
+    from transformers.modeling_outputs import CausalLMOutputWithPast
+
+    field = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+    x0, xt = noisy_batch()
+    bs = model.config.block_size
+    logits = {}
+    for name in ("past_key_values", "cache"):
+        cache = BD3LMCache()
+        committed = model(input_ids=x0[:, :bs], use_cache=True, store_kv=True, **{name: cache})
+        assert committed[field] is cache and cache.get_seq_length() == bs
+        logits[name] = model(input_ids=xt[:, bs:2 * bs], use_cache=True, **{name: cache}).logits
+        assert cache.get_seq_length() == bs
+        base = model.model(x0[:, bs:2 * bs], store_kv=True, **{name: cache})
+        assert base[field] is cache and cache.get_seq_length() == 2 * bs
+    assert torch.equal(logits["past_key_values"], logits["cache"])
+    for forward in (model, model.model):
+        with pytest.raises(ValueError, match="not both"):
+            forward(input_ids=x0[:, :bs], cache=BD3LMCache(), past_key_values=BD3LMCache())
+
+
+@torch.no_grad()
 def test_use_cache_without_cache_starts_one(model):
     x0, _ = noisy_batch()
     out = model(input_ids=x0[:, :8], use_cache=True, store_kv=True)
