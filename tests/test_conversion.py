@@ -362,6 +362,13 @@ def test_code_from_copies_the_original_code_and_its_relative_imports(fixtures, t
     caplog.clear()
     assert cli(["convert", str(ours), str(tmp_path / "without"), "--to-original"]) == 0
     assert "--code-from" in caplog.text and not list((tmp_path / "without").glob("*.py"))
+    # a download kept inside the output folder: --overwrite would delete it before its files are copied
+    inside = tmp_path / "with" / "download"
+    shutil.copytree(download, inside)
+    caplog.clear()
+    assert cli(["convert", str(ours), str(tmp_path / "with"), "--to-original", "--overwrite",
+                "--code-from", str(inside)]) == 2
+    assert "is or contains the input" in caplog.text and (inside / "helpers.py").read_text() == "X = 2\n"
     # this package's own folder has code files of the same names, which the original format's auto_map cannot load
     assert cli(["convert", str(ours), str(tmp_path / "x"), "--to-original", "--code-from", str(ours)]) == 2
     assert "modeling_bd3lm.py defines no class BD3LM, so it is not the original" in caplog.text

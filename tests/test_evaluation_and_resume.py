@@ -12,7 +12,8 @@ from transformers import TrainerCallback
 
 import bd3lm_hf.callbacks as callbacks
 from bd3lm_hf.ema import EMA_FILE, EMACallback
-from bd3lm_hf.training import build_trainer, refuse_earlier_checkpoints, resume_checkpoint, train
+from bd3lm_hf.training import (build_trainer, refuse_earlier_checkpoints, refuse_finished_checkpoint,
+                               resume_checkpoint, train)
 from test_training import arguments, shakespeare_sets, small_config
 
 
@@ -165,6 +166,18 @@ def test_train_refuses_another_runs_checkpoints_and_a_finished_checkpoint(tmp_pa
     assert longer["steps"] == 3
     (tmp_path / "other" / "checkpoint-best").mkdir(parents=True)  # not a folder Trainer resumes from
     refuse_earlier_checkpoints(tmp_path / "other")
+
+
+def test_a_checkpoint_at_max_steps_is_refused_whatever_max_steps(tmp_path):
+    """One step is a run too: its checkpoint at max_steps=1 is finished. max_steps=-1 (epochs decide) is never
+    finished by its step count."""
+    checkpoint = tmp_path / "checkpoint-1"
+    checkpoint.mkdir()
+    (checkpoint / "trainer_state.json").write_text(json.dumps({"global_step": 1}))
+    with pytest.raises(ValueError, match="already reached max_steps=1"):
+        refuse_finished_checkpoint(checkpoint, arguments(tmp_path, max_steps=1))
+    refuse_finished_checkpoint(checkpoint, arguments(tmp_path, max_steps=2))
+    refuse_finished_checkpoint(checkpoint, arguments(tmp_path, num_train_epochs=1))
 
 
 def test_a_checkpoint_is_evaluated_and_exported_with_its_ema_weights(tmp_path, small_data):

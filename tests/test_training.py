@@ -19,7 +19,7 @@ from bd3lm_hf.data import load_text_dataset, shakespeare_files, wrap_tokenize
 from bd3lm_hf.tokenization import train_bpe_tokenizer
 from bd3lm_hf.compilation import decoder_layers, should_compile_layers
 from bd3lm_hf.ema import EMACallback
-from bd3lm_hf.training import BD3LMTrainingConfig, build_model, build_trainer
+from bd3lm_hf.training import BD3LMTrainingConfig, build_model, build_trainer, tokens_trained
 
 SCRIPTS = Path(__file__).parent / "scripts"
 sys.path.insert(0, str(SCRIPTS))
@@ -110,6 +110,14 @@ def test_two_processes_match_one_process(tmp_path):
     assert ddp["world_size"] == 2
     assert single["losses"] == pytest.approx(ddp["losses"], abs=1e-5)
     assert single["checksum"] == pytest.approx(ddp["checksum"], rel=1e-6)
+
+
+def test_the_token_count_of_a_run_counts_every_process(tmp_path, monkeypatch):
+    """train()'s summary: steps x sequences per step (batch x accumulation x processes) x context."""
+    args = arguments(tmp_path, per_device_train_batch_size=3, gradient_accumulation_steps=5)
+    assert tokens_trained(7, args, 32) == 7 * 3 * 5 * 32
+    monkeypatch.setattr(TrainingArguments, "world_size", property(lambda self: 2))
+    assert tokens_trained(7, args, 32) == 7 * 3 * 5 * 2 * 32
 
 
 def test_resume_reproduces_the_uninterrupted_run(tmp_path, small_data):
@@ -449,7 +457,8 @@ def test_finetuning_keeps_the_base_models_shape_unless_told(tmp_path, small_data
     with pytest.raises(ValueError, match="hidden_size describes a new model"):
         BD3LMTrainingConfig(init_from=str(tmp_path / "base"), hidden_size=256)
     with pytest.raises(ValueError, match="longer than the context of init_from"):
-        BD3LMTrainingConfig(init_from=str(tmp_path / "base"), max_position_embeddings=64)
+        BD3LMTrainingConfig(init_from=str(tmp_path / "base"), max_position_embeddings=33)
+    assert BD3LMTrainingConfig(init_from=str(tmp_path / "base"), max_position_embeddings=32).block_size == 8
     fresh = BD3LMTrainingConfig()
     assert (fresh.max_position_embeddings, fresh.block_size, fresh.hidden_size) == (64, 4, 128)
 

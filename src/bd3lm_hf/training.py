@@ -414,8 +414,7 @@ def train(config: BD3LMTrainingConfig, args: TrainingArguments, resume_from_chec
         drop_earlier_evaluation(args.output_dir)
     summary = {
         "steps": result.global_step,
-        "tokens": result.global_step * args.train_batch_size * args.gradient_accumulation_steps
-        * args.world_size * config.max_position_embeddings,
+        "tokens": tokens_trained(result.global_step, args, config.max_position_embeddings),
         "train_loss": result.training_loss,
         "eval_nelbo": metrics.get("eval_loss"),
         "eval_perplexity": metrics.get("eval_perplexity"),
@@ -428,6 +427,12 @@ def train(config: BD3LMTrainingConfig, args: TrainingArguments, resume_from_chec
             "training done: %d steps, %d tokens, eval NELBO %s (perplexity %s), saved to %s", summary["steps"],
             summary["tokens"], _fmt(summary["eval_nelbo"]), _fmt(ppl), summary["saved_to"])
     return summary
+
+
+def tokens_trained(steps: int, args, context: int) -> int:
+    """Tokens (padding included) in `steps` optimizer steps of every process: each step takes
+    `gradient_accumulation_steps` batches of `train_batch_size` sequences per process."""
+    return steps * args.train_batch_size * args.gradient_accumulation_steps * args.world_size * context
 
 
 def drop_earlier_evaluation(output_dir) -> None:
