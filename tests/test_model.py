@@ -132,15 +132,19 @@ def test_cache_reads_without_committing_and_matches_no_cache(model):
 
 
 @torch.no_grad()
-def test_the_cache_is_taken_under_either_name_and_returned_under_transformers_name(model):
+def test_the_cache_is_taken_under_either_name_and_returned_under_transformers_name(model, caplog):
     """transformers 5.24 renamed past_key_values to cache: the forward takes both names (never both at once) and
-    its outputs use the installed transformers' field name."""
+    its outputs use the installed transformers' field name (building them under the other name makes 5.24 warn)."""
+    import logging
+
     from transformers.modeling_outputs import CausalLMOutputWithPast
 
     field = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
     x0, xt = noisy_batch()
     bs = model.config.block_size
     logits = {}
+    logging.Logger.warning_once.cache_clear()  # transformers' loggers warn once per message and process
+    caplog.set_level(logging.WARNING)
     for name in ("past_key_values", "cache"):
         cache = BD3LMCache()
         committed = model(input_ids=x0[:, :bs], use_cache=True, store_kv=True, **{name: cache})
@@ -150,6 +154,7 @@ def test_the_cache_is_taken_under_either_name_and_returned_under_transformers_na
         base = model.model(x0[:, bs:2 * bs], store_kv=True, **{name: cache})
         assert base[field] is cache and cache.get_seq_length() == 2 * bs
     assert torch.equal(logits["past_key_values"], logits["cache"])
+    assert "deprecated" not in caplog.text
     for forward in (model, model.model):
         with pytest.raises(ValueError, match="not both"):
             forward(input_ids=x0[:, :bs], cache=BD3LMCache(), past_key_values=BD3LMCache())
