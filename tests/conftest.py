@@ -12,6 +12,7 @@ import torch  # noqa: E402
 from transformers.utils import logging as hf_logging  # noqa: E402
 
 from bd3lm_hf import BD3LMConfig, BD3LMForBlockDiffusion  # noqa: E402
+from bd3lm_hf.modeling.cache_bd3lm import CACHE_FIELD  # noqa: E402
 
 hf_logging.enable_propagation()  # let pytest's caplog see transformers' warnings
 
@@ -23,6 +24,12 @@ def tiny_config(**overrides) -> BD3LMConfig:
                   max_position_embeddings=32, block_size=4, hidden_dropout=0.0)
     fields.update(overrides)
     return BD3LMConfig(**fields)
+
+
+def cache_of(output):
+    """An output's KV cache, under the installed transformers' field name (`cache` from 5.24 on, whose
+    `past_key_values` alias warns and is due to go)."""
+    return getattr(output, CACHE_FIELD)
 
 
 def random_model(seed: int = 0, std: float = 0.3, **overrides) -> BD3LMForBlockDiffusion:

@@ -5,7 +5,7 @@ import copy
 
 import pytest
 import torch
-from conftest import random_model
+from conftest import cache_of, random_model
 from test_generation import prompts
 from test_static_cache import counting_compile_config
 
@@ -78,13 +78,13 @@ def test_static_cache_holds_them_in_place_and_follows_new_weights(gen_model, mon
     settings = dict(attention_mask=mask, max_new_tokens=21, cache_implementation="static",
                     compile_config=counting_compile_config([]), return_dict_in_generate=True)
     first = model.generate(ids, **settings)
-    addresses = [tensor.data_ptr() for tensor in first.past_key_values.constants]
+    addresses = [tensor.data_ptr() for tensor in cache_of(first).constants]
     with torch.no_grad():
         for layer in model.model.layers:
             layer.adaln_modulation.bias.add_(0.5)
     with torch.compiler.set_stance("fail_on_recompile"):
         second = model.generate(ids, **settings)
-    assert [tensor.data_ptr() for tensor in second.past_key_values.constants] == addresses
+    assert [tensor.data_ptr() for tensor in cache_of(second).constants] == addresses
     monkeypatch.setattr(type(model), "constant_modulations", lambda self, cache, device, batch_size: None)
     per_call = model.generate(ids, attention_mask=mask, max_new_tokens=21, cache_implementation="static",
                               disable_compile=True)

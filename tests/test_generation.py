@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from conftest import random_model
+from conftest import cache_of, random_model
 from transformers import (AutoModelForCausalLM, AutoTokenizer, CompileConfig, GenerationConfig, LogitsProcessorList,
                           NoBadWordsLogitsProcessor, NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor,
                           SequenceBiasLogitsProcessor, StoppingCriteria, StoppingCriteriaList,
@@ -128,13 +128,13 @@ def test_ddpm_steps_that_reveal_nothing_reuse_probabilities(gen_model):
 def test_fused_commit_leaves_the_cache_as_separate_commits(gen_model):
     prompt = torch.randint(0, MASK, (1, 6))
     out = gen_model.generate(prompt, max_new_tokens=14, do_sample=False, return_dict_in_generate=True)
-    committed = out.past_key_values.get_seq_length()
+    committed = cache_of(out).get_seq_length()
     assert committed == 16  # prompt 6 + 14 new = 20 = 5 blocks; the last block is never needed again
     reference = BD3LMCache()
     for start in range(0, committed, 4):  # one commit call per block, as the original does
         gen_model(input_ids=out.sequences[:, start:start + 4], past_key_values=reference, use_cache=True,
                   store_kv=True)
-    for ours, theirs in zip(out.past_key_values.layers, reference.layers):
+    for ours, theirs in zip(cache_of(out).layers, reference.layers):
         torch.testing.assert_close(ours.keys, theirs.keys, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(ours.values, theirs.values, atol=1e-5, rtol=1e-5)
 
@@ -721,7 +721,7 @@ def test_generation_past_the_context_slides_the_cache():
     short = model.generate(ids, attention_mask=mask, max_new_tokens=13, do_sample=False)
     assert long.sequences.shape == (3, 70) and not (long.sequences == MASK).any()
     assert torch.equal(long.sequences[:, : short.shape[1]], short)
-    assert long.past_key_values.get_seq_length() <= 32 - 4
+    assert cache_of(long).get_seq_length() <= 32 - 4
     for row in range(3):
         alone = ids[row, mask[row].bool()][None]
         single = model.generate(alone, max_new_tokens=60, do_sample=False)
@@ -1026,7 +1026,7 @@ def test_static_cache_generation_under_autocast_gives_the_dynamic_caches_tokens(
     assert tokens["static"].shape == tokens[None].shape and agreement >= 0.8
     # what is stored is exact: the first layer's keys/values of the prompt's whole blocks (committed by the first
     # call, whose tokens are the same in both paths and whose first layer does not attend yet) are equal
-    dynamic, static = (outputs[cache].past_key_values.layers[0] for cache in (None, "static"))
+    dynamic, static = (cache_of(outputs[cache]).layers[0] for cache in (None, "static"))
     prompt_blocks = 8  # prompts of 7, 4 and 10 tokens in blocks of 4: two whole blocks before the first to denoise
     assert static.keys.dtype == torch.float32
     for stored, reference in ((static.keys, dynamic.keys), (static.values, dynamic.values)):
@@ -1087,7 +1087,7 @@ def test_an_explicit_none_for_a_switch_means_its_default(gen_model):
     out = gen_model.generate(prompt, max_new_tokens=8, num_return_sequences=None, use_cache=None,
                              return_dict_in_generate=True)
     assert torch.equal(out.sequences, expected.sequences) and out.nfe == expected.nfe
-    assert out.past_key_values is not None and out.past_key_values.get_seq_length() > 0  # cached, the default
+    assert cache_of(out) is not None and cache_of(out).get_seq_length() > 0  # cached, the default
 
 
 def test_generate_says_when_a_compiled_forward_or_a_compile_config_goes_unused(gen_model, caplog):

@@ -4,7 +4,7 @@ import copy
 
 import pytest
 import torch
-from conftest import random_model, tiny_config
+from conftest import cache_of, random_model, tiny_config
 
 from bd3lm_hf import BD3LMCache, BD3LMForBlockDiffusion
 from bd3lm_hf.diffusion import q_xt
@@ -116,6 +116,12 @@ def test_flash_attention_needs_flash_attn_installed():
         pytest.skip("flash-attn is installed: covered by the GPU tests")
 
 
+def enable_checkpointing(model) -> None:
+    """transformers 5.24 renamed gradient_checkpointing_enable (now a deprecated alias) to
+    activation_checkpointing_enable; Trainer calls the new name where it exists."""
+    (getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable)()
+
+
 @torch.no_grad()
 def test_cache_reads_without_committing_and_matches_no_cache(model):
     x0, xt = noisy_batch()
@@ -164,7 +170,7 @@ def test_the_cache_is_taken_under_either_name_and_returned_under_transformers_na
 def test_use_cache_without_cache_starts_one(model):
     x0, _ = noisy_batch()
     out = model(input_ids=x0[:, :8], use_cache=True, store_kv=True)
-    assert isinstance(out.past_key_values, BD3LMCache) and out.past_key_values.get_seq_length() == 8
+    assert isinstance(cache_of(out), BD3LMCache) and cache_of(out).get_seq_length() == 8
 
 
 @torch.no_grad()
@@ -230,7 +236,7 @@ def test_gradient_checkpointing_gives_the_same_gradients():
     for checkpointing in (False, True):
         model = random_model(std=0.1).train()
         if checkpointing:
-            model.gradient_checkpointing_enable()
+            enable_checkpointing(model)
         model(input_ids=xt, labels=x0, noise_levels=t).loss.backward()
         grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
     torch.testing.assert_close(grads[0], grads[1], atol=1e-6, rtol=1e-5)
@@ -349,7 +355,7 @@ def test_2l_pass_with_position_ids_equals_per_block_computation(model):
 def test_gradient_checkpointing_refuses_a_cache_in_training(model):
     from bd3lm_hf import BD3LMCache
 
-    model.gradient_checkpointing_enable()
+    enable_checkpointing(model)
     model.train()
     with pytest.raises(ValueError, match="gradient checkpointing"):
         model(input_ids=torch.zeros(1, 4, dtype=torch.long), past_key_values=BD3LMCache(), store_kv=True)
@@ -365,7 +371,7 @@ def test_generate_during_checkpointed_training_gives_the_eval_tokens(model):
     prompt = torch.randint(0, 40, (2, 5), generator=torch.Generator().manual_seed(0))
     expected = {cache: model.generate(prompt, max_new_tokens=7, cache_implementation=cache)
                 for cache in (None, "static")}
-    model.gradient_checkpointing_enable()
+    enable_checkpointing(model)
     model.train()
     for cache, tokens in expected.items():
         assert torch.equal(model.generate(prompt, max_new_tokens=7, cache_implementation=cache), tokens)

@@ -6,7 +6,7 @@ import threading
 
 import pytest
 import torch
-from conftest import random_model
+from conftest import cache_of, random_model
 from test_generation import SAMPLERS, prompts
 
 from transformers import StaticCache
@@ -36,7 +36,7 @@ def test_static_cache_generates_the_tokens_of_the_dynamic_cache(gen_model, sampl
                                                      do_sample=do_sample, cache_implementation=implementation,
                                                      return_dict_in_generate=True)
     assert torch.equal(outputs[None].sequences, outputs["static"].sequences)
-    assert isinstance(outputs["static"].past_key_values, BD3LMStaticCache)
+    assert isinstance(cache_of(outputs["static"]), BD3LMStaticCache)
     assert outputs["static"].nfe >= outputs[None].nfe  # static: one call per step, no reuse
 
 
@@ -364,15 +364,15 @@ def test_a_deep_copy_compiles_its_own_step(gen_model):
 
 def test_static_cache_is_reused_in_place_and_reset(gen_model):
     ids, mask = prompts()
-    first = gen_model.generate(ids, attention_mask=mask, max_new_tokens=9, cache_implementation="static",
-                               return_dict_in_generate=True).past_key_values
+    first = cache_of(gen_model.generate(ids, attention_mask=mask, max_new_tokens=9, cache_implementation="static",
+                                        return_dict_in_generate=True))
     addresses = [layer.keys.data_ptr() for layer in first.layers]
     assert first.capacity == gen_model.config.max_position_embeddings
-    second = gen_model.generate(ids[:, -3:], attention_mask=mask[:, -3:], max_new_tokens=5,
-                                cache_implementation="static", return_dict_in_generate=True).past_key_values
+    second = cache_of(gen_model.generate(ids[:, -3:], attention_mask=mask[:, -3:], max_new_tokens=5,
+                                         cache_implementation="static", return_dict_in_generate=True))
     assert second is first and [layer.keys.data_ptr() for layer in second.layers] == addresses
-    third = gen_model.generate(ids[:2], attention_mask=mask[:2], max_new_tokens=5, cache_implementation="static",
-                               return_dict_in_generate=True).past_key_values
+    third = cache_of(gen_model.generate(ids[:2], attention_mask=mask[:2], max_new_tokens=5,
+                                        cache_implementation="static", return_dict_in_generate=True))
     assert third is not first and third.layers[0].keys.shape[0] == 2  # another batch size: a cache of its own
 
 
@@ -386,14 +386,14 @@ def test_the_static_cache_follows_a_dtype_change_and_inference_mode(gen_model):
     ids, mask = prompts()
     settings = dict(attention_mask=mask, max_new_tokens=6, do_sample=False, return_dict_in_generate=True)
     with torch.inference_mode():
-        made_inside = model.generate(ids, cache_implementation="static", **settings).past_key_values
+        made_inside = cache_of(model.generate(ids, cache_implementation="static", **settings))
     outside = model.generate(ids, cache_implementation="static", **settings)
-    assert outside.past_key_values is not made_inside
+    assert cache_of(outside) is not made_inside
     assert torch.equal(outside.sequences, model.generate(ids, **settings).sequences)
     model.to(torch.bfloat16)
     cast = model.generate(ids, cache_implementation="static", **settings)
-    assert cast.past_key_values is not outside.past_key_values
-    assert cast.past_key_values.layers[0].keys.dtype == torch.bfloat16
+    assert cache_of(cast) is not cache_of(outside)
+    assert cache_of(cast).layers[0].keys.dtype == torch.bfloat16
     model.release_static_cache()  # bf16 static and dynamic tokens may differ (near-ties): a fresh static cache's
     assert torch.equal(cast.sequences, model.generate(ids, cache_implementation="static", **settings).sequences)
 
@@ -420,11 +420,11 @@ def test_static_cache_is_selected_by_the_generation_config(gen_model, tmp_path):
     model.generation_config.cache_implementation = "static"
     ids, mask = prompts()
     out = model.generate(ids, attention_mask=mask, max_new_tokens=9, return_dict_in_generate=True)
-    assert isinstance(out.past_key_values, BD3LMStaticCache)
+    assert isinstance(cache_of(out), BD3LMStaticCache)
     model.save_pretrained(tmp_path)
     reloaded = BD3LMForBlockDiffusion.from_pretrained(tmp_path)
     again = reloaded.generate(ids, attention_mask=mask, max_new_tokens=9, return_dict_in_generate=True)
-    assert isinstance(again.past_key_values, BD3LMStaticCache) and torch.equal(again.sequences, out.sequences)
+    assert isinstance(cache_of(again), BD3LMStaticCache) and torch.equal(again.sequences, out.sequences)
 
 
 def test_sampling_draws_into_the_static_cache_noise_buffers(gen_model):
@@ -435,13 +435,13 @@ def test_sampling_draws_into_the_static_cache_noise_buffers(gen_model):
     compiled = dict(cache_implementation="static", compile_config=counting_compile_config([]))
     torch.manual_seed(5)
     first = gen_model.generate(ids, **compiled, **settings)
-    buffers = first.past_key_values.noise
+    buffers = cache_of(first).noise
     assert [tuple(t.shape) for t in buffers] == [(3, 4, 50), (3, 4)]
     addresses = [t.data_ptr() for t in buffers]
     torch.manual_seed(5)
     with torch.compiler.set_stance("fail_on_recompile"):
         second = gen_model.generate(ids, **compiled, **settings)
-    assert [t.data_ptr() for t in second.past_key_values.noise] == addresses
+    assert [t.data_ptr() for t in cache_of(second).noise] == addresses
     torch.manual_seed(5)
     dynamic = gen_model.generate(ids, **settings)
     assert torch.equal(first.sequences, second.sequences) and torch.equal(first.sequences, dynamic.sequences)
@@ -517,7 +517,7 @@ def test_a_generation_in_another_thread_gets_its_own_static_cache(gen_model, cap
     assert "another generation (e.g. in another thread) is using this model's static cache" in caplog.text
     assert "uses a dynamic cache, uncompiled" in caplog.text
     assert gen_model._bd3lm_static_cache is held and not held.in_use  # free again, and reused by the next one
-    assert gen_model.generate(second, return_dict_in_generate=True, **settings).past_key_values is held
+    assert cache_of(gen_model.generate(second, return_dict_in_generate=True, **settings)) is held
 
 
 def test_a_copy_of_a_model_made_during_a_generation_has_its_static_cache_free():
@@ -540,7 +540,7 @@ def test_release_static_cache_frees_it_and_the_next_generation_makes_a_new_one(g
     assert not hasattr(gen_model, "_bd3lm_static_cache")
     gen_model.release_static_cache()  # nothing held: no error
     output = gen_model.generate(ids[:1], return_dict_in_generate=True, **settings)
-    assert torch.equal(output.sequences, expected) and output.past_key_values is not held
+    assert torch.equal(output.sequences, expected) and cache_of(output) is not held
 
 
 def test_a_step_this_torch_cannot_compile_runs_eagerly_with_the_reason(caplog):
