@@ -168,6 +168,18 @@ def test_invalid_repo_ids(exported, repo_id, tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_push_names_what_a_folder_lacks(exported, tmp_path):
+    """A converted folder has a config.json but no card: the error names only the card."""
+    import shutil
+
+    shutil.copytree(exported, tmp_path / "folder")
+    (tmp_path / "folder" / "README.md").unlink()
+    with pytest.raises(HubError, match=r"is not an exported folder \(no README.md\)"):
+        push_to_hub(tmp_path / "folder", "me/x", dry_run=True)
+    with pytest.raises(HubError, match=r"\(no config.json / README.md\)"):
+        push_to_hub(tmp_path / "empty", "me/x", dry_run=True)
+
+
 def test_export_refuses_an_existing_folder_and_a_missing_tokenizer(exported, tmp_path):
     model = random_model(vocab_size=50258)  # fits the GPT-2 + [MASK] tokenizer
     with pytest.raises(HubError, match="exists and is not empty"):
@@ -397,14 +409,16 @@ def test_export_overwrite_never_deletes_its_input(exported, tmp_path, layout, ca
 @pytest.mark.parametrize("metrics, message", [([1, 2], "must hold a JSON object"),
                                               ({"eval_perplexity": "n/a"}, "eval_perplexity must be a finite number"),
                                               ('{"eval_perplexity": NaN}', "eval_perplexity must be a finite number"),
-                                              ("{bad json", "is not valid JSON")])
+                                              ("{bad json", "is not valid JSON"),
+                                              # a config.json, not a run's eval_results.json
+                                              ({"block_size": 4, "hidden_size": 8}, "hold no evaluation result")])
 def test_export_checks_its_metrics_file_before_writing_anything(exported, tmp_path, capfd, metrics, message):
     path = tmp_path / "metrics.json"
     path.write_text(metrics if isinstance(metrics, str) else json.dumps(metrics))
     assert cli(["export", str(exported), str(tmp_path / "out"), "--metrics", str(path)]) == 2
     err = capfd.readouterr().err
     assert message in err and "Traceback" not in err and not (tmp_path / "out").exists()
-    if message != "eval_perplexity must be a finite number":
+    if message not in ("eval_perplexity must be a finite number", "hold no evaluation result"):
         assert str(path) in err
 
 

@@ -140,6 +140,25 @@ def test_resume_reproduces_the_uninterrupted_run(tmp_path, small_data):
         assert torch.equal(a, b)
 
 
+def test_every_process_copies_the_ema_weights_and_one_says_so(caplog):
+    import logging
+
+    from conftest import random_model
+
+    args = TrainingArguments("unused", report_to="none")
+    for main_process in (False, True):
+        model, callback = random_model(), EMACallback()
+        state = type("State", (), {"global_step": 0, "is_world_process_zero": main_process})
+        callback.on_train_begin(args, state, None, model=model)
+        callback.shadow = {name: tensor + 1 for name, tensor in callback.shadow.items()}
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="bd3lm_hf"):
+            callback.on_train_end(args, state, None, model=model)
+        name, parameter = next(iter(model.named_parameters()))
+        assert torch.equal(parameter, callback.shadow[name])
+        assert ("copied the EMA weights" in caplog.text) == main_process
+
+
 def test_ema_follows_the_warmed_up_formula_and_is_what_gets_evaluated():
     from conftest import random_model
 
@@ -149,6 +168,7 @@ def test_ema_follows_the_warmed_up_formula_and_is_what_gets_evaluated():
 
     class State:
         global_step = 0
+        is_world_process_zero = True
 
     class Control:
         should_evaluate = False

@@ -98,7 +98,8 @@ class EMACallback(TrainerCallback):
                 return
             self.load(best)
         self.copy_to(model)
-        logger.info("copied the EMA weights (%d updates) into the model", self.num_updates)
+        if state.is_world_process_zero:  # every process copies; one says so
+            logger.info("copied the EMA weights (%d updates) into the model", self.num_updates)
 
     @torch.no_grad()
     def copy_to(self, model):

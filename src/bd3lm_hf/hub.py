@@ -81,6 +81,9 @@ def _check_metrics(metrics) -> None:
     if not isinstance(metrics, dict):
         raise HubError(f"metrics must be a dict of metric name -> number (as eval_results.json), got "
                        f"{type(metrics).__name__}.")
+    if metrics and not any(str(name).startswith("eval_") for name in metrics):  # e.g. --metrics config.json
+        raise HubError(f"metrics hold no evaluation result (no eval_* entry; got {sorted(metrics)[:5]}): pass the "
+                       "eval_results.json of a run that evaluated.")
     perplexity = metrics.get("eval_perplexity")
     if perplexity is not None and (isinstance(perplexity, bool) or not isinstance(perplexity, (int, float))
                                    or not math.isfinite(perplexity)):  # JSON's NaN / Infinity read as floats
@@ -131,8 +134,9 @@ def push_to_hub(folder, repo_id: str, private: bool = False, dry_run: bool = Fal
     token."""
     folder = Path(folder)
     validate_repo_id(repo_id)
-    if not (folder / "config.json").is_file() or not (folder / "README.md").is_file():
-        raise HubError(f"{folder} is not an exported folder (no config.json / README.md): run `bd3lm-hf export`.")
+    missing = [name for name in ("config.json", "README.md") if not (folder / name).is_file()]
+    if missing:
+        raise HubError(f"{folder} is not an exported folder (no {' / '.join(missing)}): run `bd3lm-hf export`.")
     card_path = folder / "README.md"
     written = card_path.read_text(encoding="utf-8")
     card = card_for_repo(written, repo_id)

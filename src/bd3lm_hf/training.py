@@ -376,7 +376,8 @@ def final_evaluation(trainer, args: TrainingArguments) -> dict:
     `eval_strategy` other than "no", or by `--do_eval true` alone); {} otherwise. On a large held-out set this pass can
     take longer than a short run itself, so `--eval_strategy no` alone skips it."""
     if not args.do_eval:
-        logger.info("no final evaluation: do_eval is False (set --do_eval true, or an --eval_strategy, for one)")
+        if trainer.is_world_process_zero():
+            logger.info("no final evaluation: do_eval is False (set --do_eval true, or an --eval_strategy, for one)")
         return {}
     return trainer.evaluate()
 
