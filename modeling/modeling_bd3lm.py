@@ -519,9 +519,9 @@ class BD3LMForBlockDiffusion(BD3LMPreTrainedModel, BD3LMGenerationMixin):
             noise_levels when training; without either, sigma = 0 (with a warning). Ignored when
             `config.time_conditioning` is False.
         past_key_values or cache (`BD3LMCache` or `BD3LMStaticCache`, optional; `cache` is its name from
-            transformers 5.24 on, and outputs name the field as the installed transformers does) / use_cache: attend
-            to committed blocks
-            (the static cache: fixed shapes for compiled calls, see `static_cache_layout`). store_kv: `True` commits
+            transformers 5.24 on, and outputs name the field as the installed transformers does) / use_cache:
+            attend to committed blocks (the static cache: fixed shapes for compiled calls, see
+            `static_cache_layout`). store_kv: `True` commits
             this call's keys/values, an int n commits its first n tokens (a finished block sent along with the first
             denoising step of the next one), `False` commits nothing.
         output_hidden_states (`bool`, optional; default `config.output_hidden_states`): also return the embeddings
