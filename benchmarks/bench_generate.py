@@ -326,11 +326,11 @@ def hbm_bandwidth(device_name: str) -> tuple[str, float]:
                 ("H100", dict(HBM_BYTES_PER_S)["H100"]))
 
 
-def streamed_bytes_per_call(shape, batch: int, context: int) -> int:
+def streamed_bytes_per_call(shape, batch: int, context: int, block_size: int) -> int:
     """What one bf16 call must read from HBM: every weight but the embedding table (only its rows are gathered) and
-    the keys and values of the whole static capacity."""
+    the keys and values of the whole static capacity (a multiple of `block_size`, which the config checks)."""
     with torch.device("meta"):
-        model = build_bd3lm(shape, 16, context, "meta", torch.bfloat16)
+        model = build_bd3lm(shape, block_size, context, "meta", torch.bfloat16)
     weights = sum(p.numel() for p in model.parameters()) - model.model.embed_tokens.weight.numel()
     cache = 2 * shape["num_hidden_layers"] * batch * context * shape["hidden_size"]
     return 2 * (weights + cache)
@@ -339,8 +339,9 @@ def streamed_bytes_per_call(shape, batch: int, context: int) -> int:
 def hbm_floor_lines(rows, shape, device_name: str) -> list[str]:
     name, rate = hbm_bandwidth(device_name)
     lines = []
-    for batch, context in sorted({(row["batch"], context_for(row)) for row in rows if row["kind"] != "ar"}):
-        floor = 1000 * streamed_bytes_per_call(shape, batch, context) / rate
+    cases = {(row["batch"], context_for(row)): row["block_size"] for row in rows if row["kind"] != "ar"}
+    for (batch, context), block_size in sorted(cases.items()):
+        floor = 1000 * streamed_bytes_per_call(shape, batch, context, block_size) / rate
         lines.append(f"HBM floor per call at batch {batch}, context {context} (bf16 weights without the embedding "
                      f"table + the static cache's keys/values, at {name}'s {rate / 1e12:.2f} TB/s): {floor:.3f} ms")
     if device_name != ORIGINAL_DEVICE:

@@ -82,6 +82,8 @@ def main(argv=None):
     parser.add_argument("--block", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--sampler", default="first_hitting")
+    parser.add_argument("--num-steps", type=int, default=None, help="ddpm's steps per block (the benchmark's: 4)")
+    parser.add_argument("--trace", default=None, help="also write the profiler's Chrome trace (JSON) here")
     parser.add_argument("--rows", type=int, default=25)
     parser.add_argument("--greedy", action="store_true", help="greedy instead of the benchmark's pure sampling")
     parser.add_argument("--context", type=int, default=None,
@@ -90,7 +92,10 @@ def main(argv=None):
     parser.add_argument("--attn", default="sdpa", choices=["sdpa", "flex_attention"])
     add_compile_arguments(parser, default_mode="reduce-overhead")
     args = parser.parse_args(argv)
+    if args.num_steps is not None and args.sampler != "ddpm":
+        parser.error(f"--num-steps applies to --sampler ddpm only, not {args.sampler!r}")
     extra = dict(decoding({"do_sample": not args.greedy}),
+                 **({} if args.num_steps is None else {"num_steps": args.num_steps}),
                  compile_config=generation_compile_config(compile_kwargs(args.compile_mode, args.inductor_option)))
     device, dtype, shape = ("cuda", torch.bfloat16, GPU_MODEL) if args.gpu else ("cpu", torch.float32,
                                                                                   CPU_MODELS["tiny"])
@@ -98,6 +103,8 @@ def main(argv=None):
     model = build_bd3lm(shape, args.block, context + -context % args.block, device, dtype, args.attn)
     profiler, nfe, wall = profile_generation(model, args.batch, args.new_tokens, args.sampler, **extra)
     text = summary(profiler, nfe, device, args.rows, wall)
+    if args.trace:
+        profiler.export_chrome_trace(args.trace)
     print(text)
     return text
 

@@ -1,6 +1,7 @@
 """The benchmark scripts run (their GPU case lists on CPU, tiny model, `--smoke`) and write their tables: what a
 session with a GPU machine runs must not have rotted. Speed itself is never asserted here."""
 
+import json
 import sys
 from pathlib import Path
 
@@ -132,11 +133,14 @@ def test_block_4_rows_also_run_4_steps_per_block_and_the_ar_baseline_has_the_sam
 def test_hbm_floor_reads_the_streamed_weights_and_the_cache_at_the_devices_bandwidth():
     shape = bench_generate.GPU_MODEL
     weights = 169_627_218 - 50258 * 768  # the paper model's parameters, without the embedding table
-    assert bench_generate.streamed_bytes_per_call(shape, 1, 1040) == 2 * (weights + 2 * 12 * 1040 * 768)
-    rows = [dict(batch=1, kind="cached", new_tokens=1024, block_size=16)]
+    assert bench_generate.streamed_bytes_per_call(shape, 1, 1040, 16) == 2 * (weights + 2 * 12 * 1040 * 768)
+    # block-4 rows have a context (1032) that 16 does not divide (block 16: 1056): the meta model is built with each row's block size
+    rows = [dict(batch=1, kind="cached", new_tokens=1024, block_size=16),
+            dict(batch=1, kind="cached", new_tokens=1024, block_size=4)]
     h100 = bench_generate.hbm_floor_lines(rows, shape, "NVIDIA H100 80GB HBM3")
     h200 = bench_generate.hbm_floor_lines(rows, shape, "NVIDIA H200")
-    assert len(h100) == 1 and "3.35 TB/s" in h100[0] and "4.80 TB/s" in h200[0]
+    assert len(h100) == 2 and "context 1032" in h100[0] and "context 1056" in h100[1]
+    assert "3.35 TB/s" in h100[0] and "4.80 TB/s" in h200[0]
     assert "not the H100 SXM" in h200[-1]
 
 
@@ -281,6 +285,18 @@ def test_profile_step_smoke():
     flex = profile_step.main(["--smoke", "--new-tokens", "8", "--rows", "40", "--context", "64",
                               "--attn", "flex_attention"])
     assert "model calls (NFE): 16" in flex and "FlexAttention" in flex
+
+
+def test_profile_step_runs_ddpm_steps_and_writes_a_trace(tmp_path):
+    import profile_step
+
+    trace = tmp_path / "trace.json"
+    text = profile_step.main(["--smoke", "--new-tokens", "8", "--rows", "5", "--sampler", "ddpm", "--num-steps", "4",
+                              "--trace", str(trace)])
+    assert "model calls (NFE): 4" in text  # one block of 16, 4 steps
+    assert json.loads(trace.read_text())["traceEvents"]
+    with pytest.raises(SystemExit):
+        profile_step.main(["--smoke", "--num-steps", "4"])  # first hitting takes no number of steps
 
 
 def test_profile_kernel_breakdown_lists_each_kernel_per_call():
