@@ -600,16 +600,19 @@ class BD3LMGenerationMixin(GenerationMixin):
 
     def give_up_compiling(self, key: tuple, error) -> None:
         """The step cannot be compiled with these settings in this torch (e.g. flex_attention's mask built inside a
-        graph needs a recent torch): generations with them run eagerly from now on (until `release_static_cache`),
+        graph: torch < 2.8 cannot trace it, torch 2.11's inductor cannot lower it on CUDA): generations with them run eagerly from now on (until `release_static_cache`),
         and the user is told why. Out of memory while compiling is raised, not taken for that."""
         inner = getattr(error, "inner_exception", None) or error  # a backend's own error, inside dynamo's
         if isinstance(inner, torch.OutOfMemoryError):
             raise error
         self._bd3lm_uncompilable = getattr(self, "_bd3lm_uncompilable", set()) | {key}
         cause = (str(inner).strip().splitlines() or [""])[0]
+        attention = self.config._attn_implementation
+        # torch 2.11's inductor cannot lower flex_attention with a mask computed in the same graph (session 20, H100)
+        alternative = " or model.set_attn_implementation('sdpa') (compiles)" if attention == "flex_attention" else ""
         logger.warning_once(f"the denoising step cannot be compiled here (torch {torch.__version__}, attention "
-                            f"{self.config._attn_implementation}): {type(inner).__name__}: {cause}. Generation runs "
-                            "eagerly (the same tokens, slower); pass disable_compile=True to skip the attempt.")
+                            f"{attention}): {type(inner).__name__}: {cause}. Generation runs eagerly (the same tokens, "
+                            f"slower); pass disable_compile=True to skip the attempt{alternative}.")
 
     def compiled_denoise_step(self, compile_config=None):
         """`torch.compile(self.denoise_step)`, built once per compile settings and kept on the model (keyed by the

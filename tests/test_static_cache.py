@@ -587,6 +587,14 @@ def test_a_step_this_torch_cannot_compile_runs_eagerly_with_the_reason(caplog):
     model.set_attn_implementation("sdpa")
     model.generate(ids, attention_mask=mask, max_new_tokens=13, cache_implementation="static", compile_config=config)
     assert len(attempts) == 3
+    assert "set_attn_implementation" not in caplog.text  # sdpa is the backend to switch to, not from
+    caplog.clear()
+    model.set_attn_implementation("flex_attention")  # torch 2.11's inductor cannot lower it on CUDA: sdpa is named
+    with caplog.at_level(logging.WARNING):
+        got = model.generate(ids, attention_mask=mask, max_new_tokens=13, cache_implementation="static",
+                             compile_config=config)
+    assert torch.equal(got, expected) and len(attempts) == 4
+    assert "set_attn_implementation('sdpa')" in caplog.text
 
 
 def test_a_model_with_a_compiled_step_pickles_and_its_copies_compile_their_own(fresh_dynamo):
