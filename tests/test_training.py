@@ -309,6 +309,28 @@ def test_finetuning_keeps_the_base_models_tokenizer(tmp_path, small_data):
         build_trainer(small_config(lora=True), arguments(tmp_path), train_set, eval_set, tokenizer)
 
 
+def test_ddp_does_not_search_for_unused_parameters_unless_asked(tmp_path, small_data):
+    """Every trainable parameter takes part in each step (2-process DDP with False: ddp_train.py, and checked by hand
+    for MDLM and LoRA in session 20), so build_trainer turns off DDP's per-step search; an explicit choice stays."""
+    train_set, eval_set, tokenizer = small_data
+    trainer = build_trainer(small_config(), arguments(tmp_path), train_set, eval_set, tokenizer)
+    assert trainer.args.ddp_find_unused_parameters is False
+    asked = arguments(tmp_path, ddp_find_unused_parameters=True)
+    assert build_trainer(small_config(), asked, train_set, eval_set, tokenizer).args.ddp_find_unused_parameters
+
+
+def test_lora_without_a_pretrained_model_is_refused_before_the_data_is_read(tmp_path, monkeypatch):
+    """The refusal needs only the config: it came after loading and tokenizing the corpus."""
+    import bd3lm_hf.training as training
+
+    def no_data(config):
+        raise AssertionError("the data was read before the LoRA refusal")
+
+    monkeypatch.setattr(training, "load_datasets", no_data)
+    with pytest.raises(ValueError, match="lora=True finetunes a pretrained model"):
+        build_trainer(small_config(lora=True), arguments(tmp_path))
+
+
 def test_given_data_without_a_tokenizer_takes_the_configs_or_is_refused(tmp_path, small_data):
     """Tokenized data passed to build_trainer come without their tokenizer: the config's named one (or init_from's)
     is loaded; a BPE trained on the data cannot be rebuilt from ids, so it is asked for (was a TypeError)."""

@@ -319,6 +319,10 @@ def batch_padding_id(model_config) -> int | None:
 def build_trainer(config: BD3LMTrainingConfig, args: TrainingArguments, train_set=None, eval_set=None,
                   tokenizer=None, model=None) -> Trainer:
     """Everything but the loop: data (unless given), tokenizer, model, collator, callbacks, Trainer."""
+    if config.lora and not (config.init_from or model is not None):
+        # a fresh model's output layer and adaLN gates start at zero and stay frozen: the adapters would get no
+        # gradient
+        raise ValueError("lora=True finetunes a pretrained model: pass init_from (a BD3-LM folder) or model.")
     compile_layers = should_compile_layers(config.compile_layers)
     if tokenizer is not None:  # before any tokenizing or model building
         require_mask_token(tokenizer)
@@ -338,10 +342,6 @@ def build_trainer(config: BD3LMTrainingConfig, args: TrainingArguments, train_se
                            "--eval_strategy to hold data out and score it.")
     elif tokenizer is None and model is None:
         tokenizer = tokenizer_of_given_data(config)
-    if config.lora and not (config.init_from or model is not None):
-        # a fresh model's output layer and adaLN gates start at zero and stay frozen: the adapters would get no
-        # gradient
-        raise ValueError("lora=True finetunes a pretrained model: pass init_from (a BD3-LM folder) or model.")
     set_seed(args.seed)  # the model's init too must follow the seed (Trainer seeds only after it is built)
     model = model if model is not None else build_model(config, tokenizer)  # (a compiled model has no bool())
     if tokenizer is not None:
@@ -367,6 +367,11 @@ def build_trainer(config: BD3LMTrainingConfig, args: TrainingArguments, train_se
     if compile_layers:
         compile_decoder_layers(model)
     args.remove_unused_columns = False  # prompt_length reaches the collator
+    if args.ddp_find_unused_parameters is None:
+        # Every trainable parameter (the DiT and its adaLN, or the LoRA adapters; BD3-LM and MDLM) takes part in each
+        # step: DDP's search for unused ones, transformers' default, costs a graph traversal per step and warns on
+        # every rank. An explicit setting is kept.
+        args.ddp_find_unused_parameters = False
     return Trainer(model=model, args=args, train_dataset=train_set, eval_dataset=eval_set, data_collator=collator,
                    processing_class=tokenizer, callbacks=callbacks)
 

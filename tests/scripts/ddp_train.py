@@ -43,7 +43,8 @@ def main(out: str, per_device: int, accumulation: int) -> None:
                              gradient_accumulation_steps=accumulation, learning_rate=5e-3, logging_steps=1,
                              save_strategy="no", report_to="none", seed=0, disable_tqdm=True,
                              use_cpu=not torch.cuda.is_available(),
-                             remove_unused_columns=False, dataloader_drop_last=True)
+                             remove_unused_columns=False, dataloader_drop_last=True,
+                             ddp_find_unused_parameters=False)  # build_trainer's default: no parameter is unused
     set_seed(0)
     config = BD3LMConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, cond_dim=16,
                          max_position_embeddings=LENGTH, block_size=BLOCK, hidden_dropout=0.0)
