@@ -299,6 +299,18 @@ def test_profile_step_runs_ddpm_steps_and_writes_a_trace(tmp_path):
         profile_step.main(["--smoke", "--num-steps", "4"])  # first hitting takes no number of steps
 
 
+def test_profile_counts_graph_replays_and_single_kernel_launches_per_call():
+    import profile_step
+
+    class Event:
+        def __init__(self, key, count):
+            self.key, self.count = key, count
+
+    events = [Event("cudaGraphLaunch", 16), Event("cudaLaunchKernel", 300), Event("cuLaunchKernel", 20),
+              Event("aten::mm", 999)]
+    assert profile_step.host_launches(events, 16) == "host launches per call: 1.00 CUDA graph replays, 20.0 single kernels"
+
+
 def test_profile_kernel_breakdown_lists_each_kernel_per_call():
     import profile_step
 
