@@ -69,9 +69,10 @@ KERNEL_LAUNCHES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", 
 
 def host_launches(events, nfe: int) -> str:
     """CUDA graph replays and single kernel launches the host made, per model call. A compiled step replays one
-    graph per call and launches only the eager ops between calls (~30 per block, session 20): a call whose kernels
-    are each launched from the host ran without its graph (~1.2 ms at batch 1 against ~0.75 replayed). Session 20's
-    rows fit a block's first call (2 blocks wide, it commits the previous block) costing ~1.27 ms: this tells."""
+    graph per call and launches only the eager ops between calls (~40 per block at 4 steps, counted on CPU in
+    session 20: docs/NOTES.md): a call whose kernels are each launched from the host ran without its graph (~1.2 ms
+    at batch 1 against ~0.75 replayed). Session 20's rows fit a block's first call (2 blocks wide: it commits the
+    previous block) costing ~1.27 ms; this line tells whether that call replays its graph."""
     count = {name: sum(event.count for event in events if event.key == name)
              for name in (GRAPH_LAUNCH, *KERNEL_LAUNCHES)}
     kernels = sum(count[name] for name in KERNEL_LAUNCHES)

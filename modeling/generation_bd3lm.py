@@ -600,8 +600,9 @@ class BD3LMGenerationMixin(GenerationMixin):
 
     def give_up_compiling(self, key: tuple, error) -> None:
         """The step cannot be compiled with these settings in this torch (e.g. flex_attention's mask built inside a
-        graph: torch < 2.8 cannot trace it, torch 2.11's inductor cannot lower it on CUDA): generations with them run eagerly from now on (until `release_static_cache`),
-        and the user is told why. Out of memory while compiling is raised, not taken for that."""
+        graph: torch < 2.8 cannot trace it, torch 2.11's inductor cannot lower it on CUDA): generations with them run
+        eagerly from now on (until `release_static_cache`), and the user is told why. Out of memory while compiling
+        is raised, not taken for that."""
         inner = getattr(error, "inner_exception", None) or error  # a backend's own error, inside dynamo's
         if isinstance(inner, torch.OutOfMemoryError):
             raise error

@@ -134,7 +134,8 @@ def test_hbm_floor_reads_the_streamed_weights_and_the_cache_at_the_devices_bandw
     shape = bench_generate.GPU_MODEL
     weights = 169_627_218 - 50258 * 768  # the paper model's parameters, without the embedding table
     assert bench_generate.streamed_bytes_per_call(shape, 1, 1040, 16) == 2 * (weights + 2 * 12 * 1040 * 768)
-    # block-4 rows have a context (1032) that 16 does not divide (block 16: 1056): the meta model is built with each row's block size
+    # block-4 rows have a context (1032) that 16 does not divide (block 16: 1056): the meta model is built with each
+    # row's block size
     rows = [dict(batch=1, kind="cached", new_tokens=1024, block_size=16),
             dict(batch=1, kind="cached", new_tokens=1024, block_size=4)]
     h100 = bench_generate.hbm_floor_lines(rows, shape, "NVIDIA H100 80GB HBM3")
@@ -308,7 +309,8 @@ def test_profile_counts_graph_replays_and_single_kernel_launches_per_call():
 
     events = [Event("cudaGraphLaunch", 16), Event("cudaLaunchKernel", 300), Event("cuLaunchKernel", 20),
               Event("aten::mm", 999)]
-    assert profile_step.host_launches(events, 16) == "host launches per call: 1.00 CUDA graph replays, 20.0 single kernels"
+    expected = "host launches per call: 1.00 CUDA graph replays, 20.0 single kernels"
+    assert profile_step.host_launches(events, 16) == expected
 
 
 def test_profile_kernel_breakdown_lists_each_kernel_per_call():
